@@ -1,0 +1,209 @@
+//! The command line: `liederiv train | eval | lee | data | report`. Parsing (clap) and config
+//! resolution live here; each command's body is in its own file. Errors from every command end
+//! up in [`main`], which prints the whole context chain once and sets the exit code.
+
+use crate::config::Config;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "liederiv",
+    version,
+    about = "Fine-tune ViTs and equivariant CNNs on rotated MNIST and measure learned equivariance with the Lie derivative."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes: the config file and its overrides.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// TOML config file (see configs/). Without it the built-in defaults are used.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Override one config value, e.g. `--set train.base_lr=5e-4 --set model.kind=cnn`
+    /// (repeatable; applied after the file, in order; unknown keys and wrong types are errors).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Print the fully resolved config and exit without doing any work.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl ConfigArgs {
+    /// Read, override and validate the config (errors name the key, file and line).
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        Ok(Config::resolve(self.config.as_deref(), &self.overrides)?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train (optionally MAE-pretrain, then fine-tune) a model, logging accuracy and LEE on
+    /// train / test / OOD splits to `<output.dir>/<name>/`.
+    Train(TrainArgs),
+    /// Loss, accuracy and LEE per split for a checkpoint (or the config's initial weights).
+    Eval(EvalArgs),
+    /// Measure the local equivariance error (paper Eq. 4) of a model, optionally layerwise.
+    Lee(LeeArgs),
+    /// Build or inspect the MNIST-rot and OOD sets.
+    Data(DataArgs),
+    /// Tables and plots from finished runs.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Continue the run in `<output.dir>/<name>/` from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Checkpoint (`.safetensors` with its `.json` sidecar); default: the config's initial weights.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Comma-separated splits (train, val, test, ood_<name>); default: eval.splits.
+    #[arg(long, value_delimiter = ',')]
+    pub splits: Vec<String>,
+    /// Use only the first N images of each split (0 = all).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Write one CSV row per image: split, index, label, predicted class, logits.
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct LeeArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Checkpoint to measure; default: the model as the config initialises it.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Comma-separated transforms; default: lee.transforms.
+    #[arg(long, value_delimiter = ',')]
+    pub transforms: Vec<String>,
+    /// Comma-separated splits; default: lee.splits.
+    #[arg(long, value_delimiter = ',')]
+    pub splits: Vec<String>,
+    /// Images per split; default: lee.limit.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Pixel derivative: central | forward | spectral; default: lee.stencil.
+    #[arg(long)]
+    pub stencil: Option<String>,
+    /// sq = (1/K)Σ(L_X p_k)² (paper) | abs = (1/K)Σ|L_X p_k| (reference CSVs); default: lee.statistic.
+    #[arg(long)]
+    pub statistic: Option<String>,
+    /// Decompose the Lie derivative over the network's steps (paper Eq. 6, Figure 4).
+    #[arg(long)]
+    pub layerwise: bool,
+    /// Comma-separated metrics: lee, consistency, eq_t, eq_t_frac, eq_r, sample.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics: Vec<String>,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    pub action: DataAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataAction {
+    /// Build (or reuse from the cache) every split and print a summary.
+    Prepare(DataInfoArgs),
+    /// Print size, hash and class counts of every split (building it first if needed).
+    Info(DataInfoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DataInfoArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Run directories (each holding metrics.jsonl).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Write a markdown table of the final metrics here.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+/// Parse the command line, run the command, print errors once with their context chain.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Print the resolved config for `--dry-run`; returns true when the command should stop.
+fn dry_run(args: &ConfigArgs, cfg: &Config) -> bool {
+    if args.dry_run {
+        print!("{}", cfg.to_toml());
+    }
+    args.dry_run
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(a) => {
+            let cfg = a.cfg.resolve()?;
+            if dry_run(&a.cfg, &cfg) {
+                return Ok(());
+            }
+            anyhow::bail!("`train` is not built yet")
+        }
+        Command::Eval(a) => {
+            let cfg = a.cfg.resolve()?;
+            if dry_run(&a.cfg, &cfg) {
+                return Ok(());
+            }
+            anyhow::bail!("`eval` is not built yet")
+        }
+        Command::Lee(a) => {
+            let cfg = a.cfg.resolve()?;
+            if dry_run(&a.cfg, &cfg) {
+                return Ok(());
+            }
+            anyhow::bail!("`lee` is not built yet")
+        }
+        Command::Data(a) => {
+            let args = match &a.action {
+                DataAction::Prepare(x) | DataAction::Info(x) => x,
+            };
+            let cfg = args.cfg.resolve()?;
+            if dry_run(&args.cfg, &cfg) {
+                return Ok(());
+            }
+            anyhow::bail!("`data` is not built yet")
+        }
+        Command::Report(_) => anyhow::bail!("`report` is not built yet"),
+    }
+}

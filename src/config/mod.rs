@@ -1,0 +1,570 @@
+//! The one config of a run: typed sections with defaults, a TOML file, then `--set key=value`
+//! overrides, validated once by [`Config::resolve`]. Nothing downstream validates again.
+//!
+//! Follows nanoGPT's configurator (unknown keys and wrong types are errors) and ripgrep's
+//! two-stage arguments (raw text → validated config). Every field documents its units.
+
+mod validate;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub use validate::ConfigError;
+
+/// The environment variable that names the local data root (IDX folders, `.amat` files).
+pub const DATA_DIR_ENV: &str = "LIEDERIV_DATA_DIR";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Run name: outputs go to `<output.dir>/<name>/`.
+    pub name: String,
+    /// Master seed: model init, data order, augmentation, masking, dropout.
+    pub seed: u64,
+    /// "auto" | "cpu" | "cuda" | "cuda:N". `auto` picks CUDA when built with it and a GPU exists.
+    pub device: String,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub init: InitConfig,
+    pub pretrain: PretrainConfig,
+    pub train: TrainConfig,
+    pub augment: AugmentConfig,
+    pub eval: EvalConfig,
+    pub lee: LeeConfig,
+    pub output: OutputConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "run".into(),
+            seed: 0,
+            device: "auto".into(),
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            init: InitConfig::default(),
+            pretrain: PretrainConfig::default(),
+            train: TrainConfig::default(),
+            augment: AugmentConfig::default(),
+            eval: EvalConfig::default(),
+            lee: LeeConfig::default(),
+            output: OutputConfig::default(),
+        }
+    }
+}
+
+/// Where the digits come from and how MNIST-rot is regenerated (DESIGN.md, "MNIST-rot").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Local data root holding `mnist/` (IDX files). Empty: `$LIEDERIV_DATA_DIR`, else the Hub.
+    pub root: String,
+    /// "auto" (IDX under the root if one is set, else the Hub) | "idx" | "hub" | "amat".
+    pub source: String,
+    /// Folder of MNIST IDX files, relative to `root` (or absolute).
+    pub mnist_dir: String,
+    /// Hugging Face dataset repo used when `source` resolves to "hub".
+    pub hub_repo: String,
+    /// Folder with the original `mnist_all_rotation_normalized_float_{train_valid,test}.amat`.
+    pub amat_dir: String,
+    /// Where regenerated MNIST-rot sets are cached (relative to the working directory).
+    pub cache_dir: String,
+    /// Seed of the pool permutation and the rotation angles (independent of the run seed).
+    pub split_seed: u64,
+    /// Images in the train / val / test splits of the 70k pool (paper: 10000 / 2000 / 50000).
+    pub train_size: usize,
+    pub val_size: usize,
+    pub test_size: usize,
+    /// Train on train+val (the literature's protocol for final models); eval "val" still exists.
+    pub train_on_val: bool,
+    /// Use only the first N training images (0 = all); for quick runs.
+    pub train_limit: usize,
+    /// Out-of-distribution eval sets, each an IDX folder (relative to `root` or absolute).
+    pub ood: Vec<OodConfig>,
+    /// Per-channel normalisation applied by the loader: (x - mean) / std, x in [0, 1].
+    pub mean: f64,
+    pub std: f64,
+    /// Side of the images fed to the model in pixels (28 = native; 224 resizes bicubically).
+    pub image_size: usize,
+    /// Input channels fed to the model (1, or 3 to replicate grey for RGB checkpoints).
+    pub channels: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            root: String::new(),
+            source: "auto".into(),
+            mnist_dir: "mnist".into(),
+            hub_repo: "ylecun/mnist".into(),
+            amat_dir: String::new(),
+            cache_dir: ".cache/liederiv".into(),
+            split_seed: 0,
+            train_size: 10_000,
+            val_size: 2_000,
+            test_size: 50_000,
+            train_on_val: true,
+            train_limit: 0,
+            ood: vec![OodConfig::default()],
+            mean: 0.1307,
+            std: 0.3081,
+            image_size: 28,
+            channels: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OodConfig {
+    /// Split name becomes `ood_<name>`.
+    pub name: String,
+    /// IDX folder holding `t10k-images-idx3-ubyte[.gz]` and `t10k-labels-idx1-ubyte[.gz]`.
+    pub path: String,
+    /// Rotate each image by a seeded uniform angle, as MNIST-rot does.
+    pub rotate: bool,
+    /// Use the first N images (0 = all).
+    pub limit: usize,
+}
+
+impl Default for OodConfig {
+    fn default() -> Self {
+        Self {
+            name: "fashion".into(),
+            path: "fashion-mnist".into(),
+            rotate: true,
+            limit: 0,
+        }
+    }
+}
+
+/// Which network, and its shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// "vit" | "cnn" | "gcnn".
+    pub kind: String,
+    pub num_classes: usize,
+    pub vit: VitConfig,
+    pub mae: MaeConfig,
+    pub cnn: CnnConfig,
+    pub gcnn: GcnnConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: "vit".into(),
+            num_classes: 10,
+            vit: VitConfig::default(),
+            mae: MaeConfig::default(),
+            cnn: CnnConfig::default(),
+            gcnn: GcnnConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VitConfig {
+    /// Patch side in pixels; must divide `data.image_size`.
+    pub patch_size: usize,
+    /// Token width.
+    pub dim: usize,
+    pub depth: usize,
+    /// Attention heads; must divide `dim`.
+    pub heads: usize,
+    /// MLP hidden width = mlp_ratio × dim.
+    pub mlp_ratio: f64,
+    pub qkv_bias: bool,
+    /// "cls" | "mean" (mean pooling of patch tokens followed by fc_norm).
+    pub pool: String,
+    /// "learned" | "sincos".
+    pub pos_embed: String,
+    /// Stochastic depth rate at the last block (linear in depth), in [0, 1).
+    pub drop_path: f64,
+    pub ln_eps: f64,
+}
+
+impl Default for VitConfig {
+    fn default() -> Self {
+        Self {
+            patch_size: 7,
+            dim: 64,
+            depth: 4,
+            heads: 2,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            pool: "cls".into(),
+            pos_embed: "learned".into(),
+            drop_path: 0.0,
+            ln_eps: 1e-6,
+        }
+    }
+}
+
+/// The MAE decoder and masking (He et al. 2022), used by the `mae` objective.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaeConfig {
+    pub decoder_dim: usize,
+    pub decoder_depth: usize,
+    pub decoder_heads: usize,
+    /// Fraction of patches hidden from the encoder, in (0, 1).
+    pub mask_ratio: f64,
+    /// Normalise each target patch by its own mean and variance (MAE's norm_pix_loss).
+    pub norm_pix_loss: bool,
+}
+
+impl Default for MaeConfig {
+    fn default() -> Self {
+        Self {
+            decoder_dim: 64,
+            decoder_depth: 2,
+            decoder_heads: 2,
+            mask_ratio: 0.75,
+            norm_pix_loss: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CnnConfig {
+    /// Channels of each ResNet stage; every stage after the first halves the resolution.
+    pub widths: Vec<usize>,
+    /// Residual blocks per stage.
+    pub blocks: usize,
+}
+
+impl Default for CnnConfig {
+    fn default() -> Self {
+        Self {
+            widths: vec![32, 64, 128],
+            blocks: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcnnConfig {
+    /// Order N of the rotation group C_N: 4 (exact), 8 or 16 (interpolated filters).
+    pub group_order: usize,
+    /// Fields (each N channels) per layer.
+    pub widths: Vec<usize>,
+    /// Filter side in pixels (odd).
+    pub kernel_size: usize,
+}
+
+impl Default for GcnnConfig {
+    fn default() -> Self {
+        Self {
+            group_order: 8,
+            widths: vec![16, 24, 32, 32],
+            kernel_size: 5,
+        }
+    }
+}
+
+/// Where the starting weights come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InitConfig {
+    /// "random" | "hub" (repo id below) | "file" (safetensors / pytorch_model.bin) | "pretrain"
+    /// (the encoder of this config's own `[pretrain]` stage).
+    pub weights: String,
+    /// Hugging Face model repo, e.g. "facebook/vit-mae-base".
+    pub hub_repo: String,
+    pub hub_revision: String,
+    /// Hub cache folder; empty = hf-hub's default ($HF_HOME/hub).
+    pub hub_cache_dir: String,
+    /// Never touch the network: use only files already in the cache.
+    pub offline: bool,
+    /// Local checkpoint path for `weights = "file"`.
+    pub file: String,
+    /// Key layout of the checkpoint: "hf" | "timm" | "liederiv".
+    pub format: String,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        Self {
+            weights: "random".into(),
+            hub_repo: String::new(),
+            hub_revision: "main".into(),
+            hub_cache_dir: String::new(),
+            offline: false,
+            file: String::new(),
+            format: "hf".into(),
+        }
+    }
+}
+
+/// Optional self-supervised MAE stage run before fine-tuning (reused when already finished).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    pub enabled: bool,
+    /// Optimiser steps of pretraining.
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Base learning rate; the actual lr is base_lr × batch_size / 256.
+    pub base_lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            steps: 2000,
+            batch_size: 128,
+            base_lr: 1.5e-4,
+            min_lr: 0.0,
+            warmup_steps: 200,
+            weight_decay: 0.05,
+        }
+    }
+}
+
+/// Supervised fine-tuning (the `classify` objective).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// "classify" | "mae".
+    pub objective: String,
+    /// Optimiser steps (each = accum_steps micro-batches).
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimiser step.
+    pub accum_steps: usize,
+    /// Base learning rate; the actual lr is base_lr × batch_size × accum_steps / 256.
+    pub base_lr: f64,
+    /// Floor of the cosine schedule.
+    pub min_lr: f64,
+    /// Linear warm-up length in steps.
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Layer-wise lr decay (MAE fine-tuning): block i gets lr × layer_decay^(depth+1−i). 1 = off.
+    pub layer_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub label_smoothing: f64,
+    /// Clip the global gradient norm to this value (0 = off).
+    pub grad_clip: f64,
+    /// λ of the λ·LEE penalty added to the loss (0 = off).
+    pub lee_penalty: f64,
+    /// Transforms whose LEE the penalty sums.
+    pub lee_penalty_transforms: Vec<String>,
+    /// Evaluate every N steps (and at the end).
+    pub eval_every: usize,
+    /// Write a checkpoint every N steps (and at the end).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            objective: "classify".into(),
+            steps: 1000,
+            batch_size: 128,
+            accum_steps: 1,
+            base_lr: 1e-3,
+            min_lr: 1e-6,
+            warmup_steps: 100,
+            weight_decay: 0.05,
+            layer_decay: 1.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            label_smoothing: 0.0,
+            grad_clip: 0.0,
+            lee_penalty: 0.0,
+            lee_penalty_transforms: vec!["rotate".into()],
+            eval_every: 200,
+            checkpoint_every: 200,
+        }
+    }
+}
+
+/// On-the-fly augmentation of training batches (all off by default).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Random rotation of each image by an angle uniform in [-rotate_deg, rotate_deg] (degrees;
+    /// 180 = full circle, 0 = off).
+    pub rotate_deg: f64,
+    /// Random translation, uniform in [-t, t] of the normalised [-1, 1] coordinates (0 = off).
+    pub translate: f64,
+    /// Random isotropic scale factor in [1 - s, 1 + s] (0 = off).
+    pub scale: f64,
+    /// Mixup Beta(α, α) parameter (0 = off).
+    pub mixup_alpha: f64,
+    /// CutMix Beta(α, α) parameter (0 = off). With both on, each batch picks one at random.
+    pub cutmix_alpha: f64,
+    /// Probability of random erasing per image (0 = off).
+    pub erase_prob: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            rotate_deg: 0.0,
+            translate: 0.0,
+            scale: 0.0,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            erase_prob: 0.0,
+        }
+    }
+}
+
+/// Periodic and final evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Splits whose loss and accuracy are measured: "train", "val", "test", "ood_<name>".
+    pub splits: Vec<String>,
+    /// Images per split for periodic accuracy (0 = all). The final eval always uses all.
+    pub limit: usize,
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            splits: vec!["val".into(), "test".into()],
+            limit: 2000,
+            batch_size: 256,
+        }
+    }
+}
+
+/// The local equivariance error (paper Eq. 4) and how it is measured.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeeConfig {
+    /// Transforms measured: translate_x, translate_y, rotate, shear_x, shear_y, stretch_x,
+    /// stretch_y, scale, hyperbolic, saturate.
+    pub transforms: Vec<String>,
+    /// Splits measured, each on the same fixed first `limit` images every time.
+    pub splits: Vec<String>,
+    /// Images per split (0 = all).
+    pub limit: usize,
+    /// Pixel derivative: "central" | "forward" | "spectral".
+    pub stencil: String,
+    /// "sq": (1/K)Σ(L_X p_k)² (paper Eq. 4) | "abs": (1/K)Σ|L_X p_k| (the reference code's CSVs).
+    pub statistic: String,
+    /// Differentiate the logits instead of the softmax probabilities.
+    pub use_logits: bool,
+    pub batch_size: usize,
+}
+
+impl Default for LeeConfig {
+    fn default() -> Self {
+        Self {
+            transforms: vec!["rotate".into(), "translate_x".into(), "translate_y".into()],
+            splits: vec!["train".into(), "test".into(), "ood_fashion".into()],
+            limit: 256,
+            stencil: "central".into(),
+            statistic: "sq".into(),
+            use_logits: false,
+            batch_size: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Root of run directories.
+    pub dir: String,
+    /// Write PNG and SVG plots at the end of a run.
+    pub plots: bool,
+    /// Show progress bars (off automatically when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            dir: "runs".into(),
+            plots: true,
+            progress: true,
+        }
+    }
+}
+
+impl Config {
+    /// Read `path`, apply `overrides` (`dotted.key=value`), deserialize strictly and validate.
+    pub fn resolve(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source: e,
+                })?;
+                (text, p.display().to_string())
+            }
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        Self::resolve_str(&text, &origin, overrides)
+    }
+
+    /// As [`Config::resolve`], from in-memory TOML (tests feed strings).
+    pub fn resolve_str(text: &str, origin: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        // Parse the file alone first so that its errors carry the file's line numbers.
+        let file_cfg: Config = validate::deserialize_str(text, origin)?;
+        let cfg = if overrides.is_empty() {
+            file_cfg
+        } else {
+            let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin: origin.into(),
+                message: e.to_string(),
+            })?;
+            for o in overrides {
+                validate::apply_override(&mut table, o)?;
+            }
+            validate::deserialize_table(table, "--set")?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The local data root: `data.root`, else `$LIEDERIV_DATA_DIR`, else none (use the Hub).
+    pub fn data_root(&self) -> Option<PathBuf> {
+        if !self.data.root.is_empty() {
+            return Some(PathBuf::from(&self.data.root));
+        }
+        std::env::var_os(DATA_DIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    }
+
+    /// Actual peak learning rate of fine-tuning: base_lr × effective batch / 256 (MAE's rule).
+    pub fn lr(&self) -> f64 {
+        self.train.base_lr * (self.train.batch_size * self.train.accum_steps) as f64 / 256.0
+    }
+
+    /// Actual peak learning rate of MAE pretraining.
+    pub fn pretrain_lr(&self) -> f64 {
+        self.pretrain.base_lr * self.pretrain.batch_size as f64 / 256.0
+    }
+
+    /// The run directory `<output.dir>/<name>`.
+    pub fn run_dir(&self) -> PathBuf {
+        Path::new(&self.output.dir).join(&self.name)
+    }
+
+    /// The resolved config as TOML (saved in every run directory and checkpoint).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not serialise config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

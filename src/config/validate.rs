@@ -1,0 +1,415 @@
+//! Strict parsing (unknown keys and wrong types name the key, file and line), `--set` overrides,
+//! and the range checks every value must pass before any work starts.
+
+use super::Config;
+use serde::de::DeserializeOwned;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: not valid TOML: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin}{line}: config key `{key}`: {message}")]
+    Key {
+        origin: String,
+        line: String,
+        key: String,
+        message: String,
+    },
+    #[error("--set {text:?}: expected `dotted.key=value`, e.g. `--set train.base_lr=5e-4`")]
+    OverrideSyntax { text: String },
+    #[error("config key `{key}` = {value} is out of range: {allowed}")]
+    OutOfRange {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(s) if !text.is_empty() => format!(":{}", text[..s.start.min(text.len())].matches('\n').count() + 1),
+        _ => String::new(),
+    }
+}
+
+/// Deserialize TOML text strictly; errors name the dotted key and the line.
+pub(super) fn deserialize_str<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = line_of(text, inner.span());
+        if key == "." || key.is_empty() {
+            ConfigError::Parse {
+                origin: origin.into(),
+                message: inner.message().to_string(),
+            }
+        } else {
+            ConfigError::Key {
+                origin: origin.into(),
+                line,
+                key,
+                message: inner.message().to_string(),
+            }
+        }
+    })
+}
+
+/// Deserialize an already-merged table (after overrides); errors name the dotted key.
+pub(super) fn deserialize_table<T: DeserializeOwned>(table: toml::Table, origin: &str) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError::Key {
+            origin: origin.into(),
+            line: String::new(),
+            key,
+            message: e.into_inner().message().to_string(),
+        }
+    })
+}
+
+/// Apply one `dotted.key=value`. The value is read as a TOML value (`5e-4`, `true`, `[1, 2]`,
+/// `"text"`), falling back to a bare string so `--set model.kind=cnn` works.
+pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<(), ConfigError> {
+    let (key, raw) = text
+        .split_once('=')
+        .ok_or_else(|| ConfigError::OverrideSyntax { text: text.into() })?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(ConfigError::OverrideSyntax { text: text.into() });
+    }
+    let raw = raw.trim();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| ConfigError::Key {
+            origin: "--set".into(),
+            line: String::new(),
+            key: key.into(),
+            message: format!("`{part}` is a value, not a section"),
+        })?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            key: key.into(),
+            value: format!("{value:?}"),
+            allowed: format!("one of {allowed:?}"),
+        })
+    }
+}
+
+fn check(ok: bool, key: &str, value: impl std::fmt::Display, allowed: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            key: key.into(),
+            value: value.to_string(),
+            allowed: allowed.into(),
+        })
+    }
+}
+
+/// Names of the continuous transforms of the paper (DESIGN.md, "Coordinates and transforms").
+pub const TRANSFORMS: &[&str] = &[
+    "translate_x",
+    "translate_y",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "stretch_x",
+    "stretch_y",
+    "scale",
+    "hyperbolic",
+    "saturate",
+];
+
+impl Config {
+    /// Every range check, in one place. Called by `resolve`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(
+            !self.name.is_empty() && !self.name.contains(['/', '\\']),
+            "name",
+            format!("{:?}", self.name),
+            "a non-empty name without slashes",
+        )?;
+        let dev_ok = matches!(self.device.as_str(), "auto" | "cpu" | "cuda")
+            || self
+                .device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        check(
+            dev_ok,
+            "device",
+            format!("{:?}", self.device),
+            "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"",
+        )?;
+
+        let d = &self.data;
+        one_of("data.source", &d.source, &["auto", "idx", "hub", "amat"])?;
+        check(d.train_size > 0, "data.train_size", d.train_size, "at least 1")?;
+        check(d.test_size > 0, "data.test_size", d.test_size, "at least 1")?;
+        let pool = d.train_size + d.val_size + d.test_size;
+        check(
+            pool <= 70_000,
+            "data.test_size",
+            pool,
+            "train_size + val_size + test_size ≤ 70000 (the MNIST pool)",
+        )?;
+        check(d.std > 0.0, "data.std", d.std, "> 0")?;
+        check(d.image_size >= 8, "data.image_size", d.image_size, "at least 8 pixels")?;
+        check(
+            d.channels == 1 || d.channels == 3,
+            "data.channels",
+            d.channels,
+            "1 or 3",
+        )?;
+        for (i, o) in d.ood.iter().enumerate() {
+            let ok = !o.name.is_empty() && o.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            check(
+                ok,
+                &format!("data.ood[{i}].name"),
+                format!("{:?}", o.name),
+                "letters, digits and _",
+            )?;
+        }
+
+        let m = &self.model;
+        one_of("model.kind", &m.kind, &["vit", "cnn", "gcnn"])?;
+        check(m.num_classes >= 2, "model.num_classes", m.num_classes, "at least 2")?;
+        let v = &m.vit;
+        check(
+            v.patch_size > 0 && d.image_size.is_multiple_of(v.patch_size),
+            "model.vit.patch_size",
+            v.patch_size,
+            &format!("a divisor of data.image_size = {}", d.image_size),
+        )?;
+        check(
+            v.dim > 0 && v.heads > 0 && v.dim.is_multiple_of(v.heads),
+            "model.vit.heads",
+            v.heads,
+            &format!("a divisor of model.vit.dim = {}", v.dim),
+        )?;
+        check(v.depth > 0, "model.vit.depth", v.depth, "at least 1")?;
+        check(v.mlp_ratio > 0.0, "model.vit.mlp_ratio", v.mlp_ratio, "> 0")?;
+        one_of("model.vit.pool", &v.pool, &["cls", "mean"])?;
+        one_of("model.vit.pos_embed", &v.pos_embed, &["learned", "sincos"])?;
+        check(
+            (0.0..1.0).contains(&v.drop_path),
+            "model.vit.drop_path",
+            v.drop_path,
+            "in [0, 1)",
+        )?;
+        check(v.ln_eps > 0.0, "model.vit.ln_eps", v.ln_eps, "> 0")?;
+        let a = &m.mae;
+        check(
+            a.mask_ratio > 0.0 && a.mask_ratio < 1.0,
+            "model.mae.mask_ratio",
+            a.mask_ratio,
+            "in (0, 1)",
+        )?;
+        check(
+            a.decoder_dim > 0 && a.decoder_heads > 0 && a.decoder_dim.is_multiple_of(a.decoder_heads),
+            "model.mae.decoder_heads",
+            a.decoder_heads,
+            "a divisor of model.mae.decoder_dim",
+        )?;
+        check(
+            !m.cnn.widths.is_empty() && m.cnn.widths.iter().all(|&w| w > 0),
+            "model.cnn.widths",
+            format!("{:?}", m.cnn.widths),
+            "a non-empty list of positive widths",
+        )?;
+        check(m.cnn.blocks > 0, "model.cnn.blocks", m.cnn.blocks, "at least 1")?;
+        check(
+            matches!(m.gcnn.group_order, 4 | 8 | 16),
+            "model.gcnn.group_order",
+            m.gcnn.group_order,
+            "4, 8 or 16",
+        )?;
+        check(
+            m.gcnn.kernel_size % 2 == 1,
+            "model.gcnn.kernel_size",
+            m.gcnn.kernel_size,
+            "odd",
+        )?;
+        check(
+            !m.gcnn.widths.is_empty() && m.gcnn.widths.iter().all(|&w| w > 0),
+            "model.gcnn.widths",
+            format!("{:?}", m.gcnn.widths),
+            "a non-empty list of positive widths",
+        )?;
+
+        let i = &self.init;
+        one_of("init.weights", &i.weights, &["random", "hub", "file", "pretrain"])?;
+        one_of("init.format", &i.format, &["hf", "timm", "liederiv"])?;
+        check(
+            i.weights != "hub" || !i.hub_repo.is_empty(),
+            "init.hub_repo",
+            "\"\"",
+            "a repo id such as \"facebook/vit-mae-base\" when init.weights = \"hub\"",
+        )?;
+        check(
+            i.weights != "file" || !i.file.is_empty(),
+            "init.file",
+            "\"\"",
+            "a checkpoint path when init.weights = \"file\"",
+        )?;
+        check(
+            i.weights != "pretrain" || self.pretrain.enabled,
+            "init.weights",
+            "\"pretrain\"",
+            "\"pretrain\" only with pretrain.enabled = true",
+        )?;
+
+        let p = &self.pretrain;
+        if p.enabled {
+            check(
+                m.kind == "vit",
+                "pretrain.enabled",
+                "true",
+                "MAE pretraining needs model.kind = \"vit\"",
+            )?;
+            check(p.steps > 0, "pretrain.steps", p.steps, "at least 1")?;
+            check(p.batch_size > 0, "pretrain.batch_size", p.batch_size, "at least 1")?;
+            check(
+                p.base_lr > 0.0 && p.base_lr.is_finite(),
+                "pretrain.base_lr",
+                p.base_lr,
+                "> 0",
+            )?;
+        }
+
+        let t = &self.train;
+        one_of("train.objective", &t.objective, &["classify", "mae"])?;
+        check(t.batch_size > 0, "train.batch_size", t.batch_size, "at least 1")?;
+        check(t.accum_steps > 0, "train.accum_steps", t.accum_steps, "at least 1")?;
+        check(
+            t.base_lr > 0.0 && t.base_lr.is_finite(),
+            "train.base_lr",
+            t.base_lr,
+            "> 0 (the actual lr is base_lr × batch / 256)",
+        )?;
+        check(
+            t.min_lr >= 0.0 && t.min_lr <= t.base_lr * (t.batch_size * t.accum_steps) as f64 / 256.0,
+            "train.min_lr",
+            t.min_lr,
+            "in [0, actual lr]",
+        )?;
+        check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay, "≥ 0")?;
+        check(
+            t.layer_decay > 0.0 && t.layer_decay <= 1.0,
+            "train.layer_decay",
+            t.layer_decay,
+            "in (0, 1]",
+        )?;
+        check((0.0..1.0).contains(&t.beta1), "train.beta1", t.beta1, "in [0, 1)")?;
+        check((0.0..1.0).contains(&t.beta2), "train.beta2", t.beta2, "in [0, 1)")?;
+        check(t.eps > 0.0, "train.eps", t.eps, "> 0")?;
+        check(
+            (0.0..1.0).contains(&t.label_smoothing),
+            "train.label_smoothing",
+            t.label_smoothing,
+            "in [0, 1)",
+        )?;
+        check(t.grad_clip >= 0.0, "train.grad_clip", t.grad_clip, "≥ 0 (0 = off)")?;
+        check(
+            t.lee_penalty >= 0.0,
+            "train.lee_penalty",
+            t.lee_penalty,
+            "≥ 0 (0 = off)",
+        )?;
+        check(t.eval_every > 0, "train.eval_every", t.eval_every, "at least 1")?;
+        check(
+            t.checkpoint_every > 0,
+            "train.checkpoint_every",
+            t.checkpoint_every,
+            "at least 1",
+        )?;
+        for (k, tr) in t.lee_penalty_transforms.iter().enumerate() {
+            one_of(&format!("train.lee_penalty_transforms[{k}]"), tr, TRANSFORMS)?;
+        }
+
+        let g = &self.augment;
+        check(
+            (0.0..=180.0).contains(&g.rotate_deg),
+            "augment.rotate_deg",
+            g.rotate_deg,
+            "in [0, 180] degrees",
+        )?;
+        check(
+            (0.0..=1.0).contains(&g.translate),
+            "augment.translate",
+            g.translate,
+            "in [0, 1]",
+        )?;
+        check((0.0..1.0).contains(&g.scale), "augment.scale", g.scale, "in [0, 1)")?;
+        check(g.mixup_alpha >= 0.0, "augment.mixup_alpha", g.mixup_alpha, "≥ 0")?;
+        check(g.cutmix_alpha >= 0.0, "augment.cutmix_alpha", g.cutmix_alpha, "≥ 0")?;
+        check(
+            (0.0..=1.0).contains(&g.erase_prob),
+            "augment.erase_prob",
+            g.erase_prob,
+            "in [0, 1]",
+        )?;
+
+        check(
+            self.eval.batch_size > 0,
+            "eval.batch_size",
+            self.eval.batch_size,
+            "at least 1",
+        )?;
+        let l = &self.lee;
+        for (k, tr) in l.transforms.iter().enumerate() {
+            one_of(&format!("lee.transforms[{k}]"), tr, TRANSFORMS)?;
+        }
+        one_of("lee.stencil", &l.stencil, &["central", "forward", "spectral"])?;
+        one_of("lee.statistic", &l.statistic, &["sq", "abs"])?;
+        check(l.batch_size > 0, "lee.batch_size", l.batch_size, "at least 1")?;
+        let splits = self.split_names();
+        for (k, s) in self.eval.splits.iter().enumerate() {
+            check(
+                splits.contains(s),
+                &format!("eval.splits[{k}]"),
+                format!("{s:?}"),
+                &format!("one of {splits:?}"),
+            )?;
+        }
+        for (k, s) in l.splits.iter().enumerate() {
+            check(
+                splits.contains(s),
+                &format!("lee.splits[{k}]"),
+                format!("{s:?}"),
+                &format!("one of {splits:?}"),
+            )?;
+        }
+        check(!self.output.dir.is_empty(), "output.dir", "\"\"", "a directory path")?;
+        Ok(())
+    }
+
+    /// Every split name this config defines: train, val, test and `ood_<name>` per OOD set.
+    pub fn split_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = ["train", "val", "test"].iter().map(|s| s.to_string()).collect();
+        v.extend(self.data.ood.iter().map(|o| format!("ood_{}", o.name)));
+        v
+    }
+}

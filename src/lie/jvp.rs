@@ -1,0 +1,177 @@
+//! Forward-mode JVP: the contract every layer and model implements, and the tape that turns one
+//! JVP pass into the layerwise decomposition of the paper's Eq. 6.
+//!
+//! Tangents carry a leading axis of T directions: `x: (B, ...)`, `dx: (T, B, ...)`. One primal
+//! pass then pushes several tangents at once (every transform of an LEE measurement, or every
+//! step's error in the layerwise decomposition). Tangents are made of ordinary differentiable
+//! candle ops, so backprop through them gives the gradient of LEE (LEE-regularised training).
+
+use crate::transforms::{lie_derivative, Stencil, Transform};
+use candle_core::{Result, Tensor};
+
+/// A layer or model that can push tangents through itself.
+pub trait Jvp {
+    /// `x: (B, ...)`, `dx: (T, B, ...)` → `(y, dy)` with `dy: (T, B, ...)` = J(x)·dx, eval mode.
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)>;
+}
+
+/// What a step's output is, so that its own ("canonical") Lie derivative can be formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repr {
+    /// `(B, C, H, W)` feature map on an H×W grid.
+    Image,
+    /// `(B, [1 +] h·w, C)` tokens on an h×w grid, with an optional leading cls token
+    /// (the cls token is not spatial: its Lie derivative is zero).
+    Tokens { h: usize, w: usize, cls: bool },
+    /// `(B, C, N, H, W)` C_N group feature map: the grid derivative acts on the last two axes;
+    /// the orientation axis has no infinitesimal generator for a finite group and is left alone.
+    Group,
+    /// A value the transforms act on trivially (pooled features, logits, probabilities).
+    Invariant,
+}
+
+/// The kind of a network step, for the layerwise report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    PatchEmbed,
+    PosEmbed,
+    ClsToken,
+    Norm,
+    Attention,
+    Linear,
+    Activation,
+    Residual,
+    Conv,
+    GroupConv,
+    Pool,
+    GroupPool,
+    Head,
+    Softmax,
+}
+
+/// One step of the layerwise decomposition, in network order.
+#[derive(Clone, Debug)]
+pub struct StepRecord {
+    pub name: String,
+    pub kind: StepKind,
+    /// Index of this step's error in the tangent axis (its contribution at the output).
+    pub channel: usize,
+}
+
+/// The layerwise state: the transform whose decomposition is computed and the steps seen.
+#[derive(Debug)]
+pub struct Layerwise {
+    pub transform: Transform,
+    pub stencil: Stencil,
+    pub steps: Vec<StepRecord>,
+}
+
+/// Passed through every `jvp`. Off, it costs nothing. In layerwise mode each step replaces its
+/// local tangent (channel 0) by the canonical Lie derivative L_X y of its own output and appends
+/// its error e_i = J_i·L_X y_{i-1} − L_X y_i as a new channel, which the rest of the network then
+/// carries to the output: channel i at the output is J_{N:i+1}·e_i, and the channels sum to the
+/// end-to-end Lie derivative (telescoping; the final output is invariant so its L_X is 0).
+#[derive(Debug, Default)]
+pub struct Tape {
+    layerwise: Option<Layerwise>,
+}
+
+impl Tape {
+    /// Plain JVP: steps pass tangents through untouched.
+    pub fn off() -> Self {
+        Self { layerwise: None }
+    }
+
+    /// Layerwise decomposition for one transform; the input tangent must have T = 1.
+    pub fn layerwise(transform: Transform, stencil: Stencil) -> Self {
+        Self {
+            layerwise: Some(Layerwise {
+                transform,
+                stencil,
+                steps: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn is_layerwise(&self) -> bool {
+        self.layerwise.is_some()
+    }
+
+    /// The recorded steps (empty when off).
+    pub fn steps(&self) -> &[StepRecord] {
+        self.layerwise.as_ref().map_or(&[], |l| &l.steps)
+    }
+
+    /// Called by a layer once it has its output `y: (B, ...)` and propagated tangent
+    /// `dy: (T, B, ...)`. Returns the tangent the rest of the network should carry.
+    pub fn step(&mut self, name: &str, kind: StepKind, repr: Repr, y: &Tensor, dy: Tensor) -> Result<Tensor> {
+        let Some(lw) = self.layerwise.as_mut() else {
+            return Ok(dy);
+        };
+        let local = dy.narrow(0, 0, 1)?; // (1, B, ...)
+        let canonical = lie_derivative(y, repr, lw.transform, lw.stencil)?.unsqueeze(0)?;
+        let error = (local - &canonical)?;
+        let channel = lw.steps.len() + 1;
+        lw.steps.push(StepRecord {
+            name: name.to_string(),
+            kind,
+            channel,
+        });
+        // Earlier channels keep their places; missing ones (from other branches) are zero.
+        let t = dy.dim(0)?;
+        let mut parts = vec![canonical];
+        if t > 1 {
+            parts.push(dy.narrow(0, 1, t - 1)?);
+        }
+        if t < channel {
+            parts.push(zeros_channels(&dy, channel - t)?);
+        }
+        parts.push(error);
+        Tensor::cat(&parts, 0)
+    }
+}
+
+fn zeros_channels(like: &Tensor, n: usize) -> Result<Tensor> {
+    let mut shape = like.dims().to_vec();
+    shape[0] = n;
+    Tensor::zeros(shape, like.dtype(), like.device())
+}
+
+/// Pad a tangent with zero channels up to `t` (channels missing from one branch are zero).
+pub fn pad_channels(dx: &Tensor, t: usize) -> Result<Tensor> {
+    let have = dx.dim(0)?;
+    if have >= t {
+        return Ok(dx.clone());
+    }
+    Tensor::cat(&[dx.clone(), zeros_channels(dx, t - have)?], 0)
+}
+
+/// Sum of two tangents whose channel counts may differ (a residual add of two branches).
+pub fn add_tangents(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let t = a.dim(0)?.max(b.dim(0)?);
+    pad_channels(a, t)? + pad_channels(b, t)?
+}
+
+/// Broadcast a primal-shaped factor `(B, ...)` against a tangent `(T, B, ...)`.
+pub fn tangent_mul(dx: &Tensor, factor: &Tensor) -> Result<Tensor> {
+    dx.broadcast_mul(&factor.unsqueeze(0)?)
+}
+
+/// Merge the tangent axis into the batch: `(T, B, ...)` → `(T·B, ...)`, for ops that need a
+/// fixed rank (conv2d). Returns the merged tensor and T.
+pub fn merge_tangent(dx: &Tensor) -> Result<(Tensor, usize)> {
+    let dims = dx.dims();
+    let t = dims[0];
+    let mut shape = vec![t * dims[1]];
+    shape.extend_from_slice(&dims[2..]);
+    Ok((dx.reshape(shape)?, t))
+}
+
+/// Undo [`merge_tangent`]: `(T·B, ...)` → `(T, B, ...)`.
+pub fn split_tangent(dx: &Tensor, t: usize) -> Result<Tensor> {
+    let dims = dx.dims();
+    let mut shape = vec![t, dims[0] / t];
+    shape.extend_from_slice(&dims[1..]);
+    dx.reshape(shape)
+}

@@ -1,0 +1,1 @@
+//! Reporting: metrics logs (JSON lines, CSV), tables, plots.

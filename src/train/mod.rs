@@ -1,0 +1,1 @@
+//! Training: the loop, AdamW with parameter groups, the lr schedule, augmentation, checkpoints.
