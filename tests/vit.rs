@@ -389,6 +389,57 @@ fn pos_embed_interpolation_is_identity_on_same_grid_and_runs_at_56px() {
     assert!(vit28.forward(&x28).unwrap().dims() == [2, 10]);
 }
 
+/// Expected values from PyTorch (the resampling of MAE's / timm's `interpolate_pos_embed`):
+/// ```python
+/// import torch, torch.nn.functional as F
+/// D, old = 2, 3
+/// i = torch.arange(1 + old * old, dtype=torch.float64)[:, None]
+/// d = torch.arange(D, dtype=torch.float64)[None, :]
+/// pos = torch.sin(0.7 * i + 1.3 * d)[None]  # (1, 1+9, 2)
+/// for new in (5, 2):
+///     tok = pos[:, 1:].reshape(-1, old, old, D).permute(0, 3, 1, 2)
+///     tok = F.interpolate(tok, size=(new, new), mode="bicubic", align_corners=False)
+///     tok = tok.permute(0, 2, 3, 1).flatten(1, 2)
+///     out = torch.cat((pos[:, :1], tok), dim=1)
+///     print(new, [round(v, 15) for v in out[0, 1:].flatten().tolist()])
+/// ```
+#[test]
+fn interpolate_pos_embed_matches_pytorch_bicubic() {
+    let (d, old) = (2usize, 3usize);
+    let data: Vec<f64> = (0..1 + old * old)
+        .flat_map(|i| (0..d).map(move |k| (0.7 * i as f64 + 1.3 * k as f64).sin()))
+        .collect();
+    let pos = Tensor::from_vec(data, (1, 1 + old * old, d), &DEV).unwrap();
+    let up: [f64; 50] = [
+        0.631680583169252, 1.124210607865876, 0.850602092277932, 0.932735518725113,
+        1.113728093925555, 0.564040151184518, 1.094000084043641, 0.052095259548745,
+        1.021686722021908, -0.286873784030761, 0.631755358297586, 0.226806612333225,
+        0.593907448767315, 0.043886756511535, 0.48718614794252, -0.238326896397333,
+        0.25673396786743, -0.460012563104682, 0.091489078960928, -0.580611010911475,
+        0.400822202429075, -0.801199911278352, 0.106405918771968, -0.908222408594837,
+        -0.35078322768962, -0.996164608835841, -0.718883804265565, -0.831110447316929,
+        -0.921571856707089, -0.67764039437691, -0.481540741798966, -0.527069264157511,
+        -0.554030106183372, -0.38425782372223, -0.618647847674254, -0.135001935635745,
+        -0.526147324488881, 0.148540453138919, -0.436863068206623, 0.326654290579066,
+        -1.152197378388967, -0.08375424686197, -0.988783229689836, 0.246702682561068,
+        -0.658193045249861, 0.729601784217708, -0.160441284995126, 1.027203601365978,
+        0.175087375098464, 1.166872956369289,
+    ];
+    let down: [f64; 8] = [
+        0.645725106552624, 0.408159689628166, 0.498937454213589, -0.32634585498817,
+        -0.689664808342114, -0.21528733930996, -0.326290162873774, 0.498981132965265,
+    ];
+    for (new, want) in [(5usize, &up[..]), (2, &down[..])] {
+        let got = interpolate_pos_embed(&pos, (old, old), (new, new)).unwrap();
+        assert_eq!(got.dims(), &[1, 1 + new * new, d]);
+        let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(got[..d], [0.0f64.sin(), 1.3f64.sin()], "cls slot must be untouched");
+        for (g, w) in got[d..].iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{new}×{new}: {g} vs PyTorch {w}");
+        }
+    }
+}
+
 /// Read the first `n` MNIST training images as `(n, 1, 28, 28)` f32 in [0, 1].
 fn mnist_images(n: usize) -> Tensor {
     use std::io::Read;
