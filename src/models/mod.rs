@@ -2,6 +2,11 @@
 //! C_N group-equivariant CNN. Models know nothing of the trainer; every model implements the
 //! forward + [`Jvp`] contract that the LEE code needs.
 
+pub mod init;
+pub mod layers;
+pub mod mae;
+pub mod vit;
+
 use crate::lie::Jvp;
 use candle_core::{Result, Tensor};
 
@@ -15,5 +20,3 @@ pub trait Model: Jvp {
     /// Training-mode logits (drop path, batch statistics; running statistics are updated).
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
-
-pub mod init;
