@@ -701,3 +701,17 @@ fn timing_tiny_and_small_vit() {
         eprintln!("{label}: {params} params; batch 128: forward {fwd:.1} ms, forward+backward {fwd_bwd:.1} ms, jvp (T=1) {jvp:.1} ms");
     }
 }
+
+#[test]
+fn vit_rejects_an_image_of_another_size_with_a_clear_error() {
+    let vm = VarMap::new();
+    let vit = Vit::new(&VitConfig::tiny_mnist(), 28, 1, 10, vb(&vm)).unwrap();
+    let err = vit
+        .forward(&randn(&[1, 1, 56, 56], &mut rng(81)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("4×4 token grid") && err.contains("interpolate_pos_embed"),
+        "{err}"
+    );
+}

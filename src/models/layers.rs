@@ -284,9 +284,8 @@ impl Jvp for Mlp {
 /// (D, C, p, p)`), and much faster to differentiate on CPU than candle's conv2d.
 #[derive(Clone, Debug)]
 pub struct PatchEmbed {
-    /// `(D, C·p·p)`, the conv weight flattened in (C, kh, kw) order.
-    weight: Tensor,
-    bias: Tensor,
+    /// Weight `(D, C·p·p)`: the conv weight flattened in (C, kh, kw) order.
+    proj: Linear,
     patch: usize,
 }
 
@@ -298,8 +297,7 @@ pub fn patch_embed(in_chans: usize, dim: usize, patch: usize, vb: VarBuilder) ->
     let weight = vb.get_with_hints((dim, in_chans, patch, patch), "weight", Init::Uniform { lo: -a, up: a })?;
     let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
     Ok(PatchEmbed {
-        weight: weight.reshape((dim, k))?,
-        bias,
+        proj: Linear::new(weight.reshape((dim, k))?, Some(bias)),
         patch,
     })
 }
@@ -321,15 +319,14 @@ impl PatchEmbed {
 
     /// `x: (B, C, H, W)` → tokens `(B, h·w, D)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Linear::new(self.weight.clone(), Some(self.bias.clone())).forward(&self.patchify(x)?)
+        self.proj.forward(&self.patchify(x)?)
     }
 }
 
 impl Jvp for PatchEmbed {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let lin = Linear::new(self.weight.clone(), Some(self.bias.clone()));
         let (dxm, t) = merge_tangent(dx)?; // (T·B, C, H, W)
-        let (y, dy) = lin.jvp(&self.patchify(x)?, &self.patchify(&dxm)?, tape)?;
+        let (y, dy) = self.proj.jvp(&self.patchify(x)?, &self.patchify(&dxm)?, tape)?;
         Ok((y, split_tangent(&dy, t)?))
     }
 }

@@ -295,10 +295,23 @@ impl Vit {
         self.grid
     }
 
+    /// The position embedding is laid out for one token grid: say so instead of a shape error.
+    fn check_grid(&self, n: usize) -> Result<()> {
+        let (h, w) = self.grid;
+        if n != h * w {
+            candle_core::bail!(
+                "this ViT was built for a {h}×{w} token grid but the input gives {n} patches; build it for the \
+                 new image size and resample the position embedding with interpolate_pos_embed"
+            );
+        }
+        Ok(())
+    }
+
     /// Tokens after the blocks, `(B, 1 + N, D)`; `rng = None` is eval mode.
     fn tokens(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let t = self.patch_embed.forward(x)?; // (B, N, D)
-        let (b, _, d) = t.dims3()?;
+        let (b, n, d) = t.dims3()?;
+        self.check_grid(n)?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let mut t = Tensor::cat(&[&cls, &t], 1)?.broadcast_add(&self.pos_embed)?;
         for blk in &self.blocks {
@@ -334,6 +347,7 @@ impl Jvp for Vit {
         let (h, w) = self.grid;
         let tokens = Repr::Tokens { h, w, cls: true };
         let (y, dy) = self.patch_embed.jvp(x, dx, tape)?; // (B, N, D), (T, B, N, D)
+        self.check_grid(y.dim(1)?)?;
         let dy = tape.step(
             "patch_embed",
             StepKind::PatchEmbed,
