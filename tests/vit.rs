@@ -673,9 +673,10 @@ fn timing_tiny_and_small_vit() {
         let params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
         let x = randn(&[128, 1, 28, 28], &mut rng(100)).to_dtype(DType::F32).unwrap();
         let dx = randn(&[1, 128, 1, 28, 28], &mut rng(101)).to_dtype(DType::F32).unwrap();
+        // one warm-up call, then the mean of 3
         let time = |f: &dyn Fn()| {
             f();
-            let reps = 5;
+            let reps = 3;
             let t = Instant::now();
             for _ in 0..reps {
                 f();

@@ -172,7 +172,7 @@ pub struct Block {
 }
 
 pub fn block(dim: usize, heads: usize, cfg: &VitConfig, drop_path: f64, vb: VarBuilder) -> Result<Block> {
-    let hidden = (dim as f64 * cfg.mlp_ratio).round() as usize;
+    let hidden = (dim as f64 * cfg.mlp_ratio) as usize; // int(dim * mlp_ratio), as timm
     Ok(Block {
         name: vb.prefix(),
         norm1: layer_norm(dim, cfg.ln_eps, vb.pp("norm1"))?,
