@@ -2,6 +2,8 @@
 //! C_N group-equivariant CNN. Models know nothing of the trainer; every model implements the
 //! forward + [`Jvp`] contract that the LEE code needs.
 
+pub mod weights;
+
 use crate::lie::Jvp;
 use candle_core::{Result, Tensor};
 
