@@ -4,9 +4,12 @@
 //! layouts, split q/k/v with torch.chunk). The oracle for the HF key map is therefore timm's own
 //! state dict: every HF fixture must map back to exactly those tensors.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use liederiv::config::{InitConfig, VitConfig};
 use liederiv::hub::HubError;
+use liederiv::models::vit::Vit;
+use liederiv::models::Model;
 use liederiv::models::weights::{
     self, adapt, check, expected_shapes, hf_to_timm, load_pretrained, read_checkpoint, Layout,
     Pretrained, WeightsError,
@@ -66,6 +69,22 @@ fn assert_same_tensors(got: &HashMap<String, Tensor>, want: &HashMap<String, Ten
     for (k, t) in got {
         assert_eq!(max_abs_diff(t, &want[k]), 0.0, "{k}");
     }
+}
+
+/// Our ViT built on a VarMap pre-filled with `tensors` (as the trainer does: insert, then build,
+/// so that absent parameters get initialised).
+fn build_vit(tensors: &HashMap<String, Tensor>, vit: &VitConfig, image_size: usize) -> Vit {
+    let vm = VarMap::new();
+    {
+        let mut data = vm.data().lock().unwrap();
+        for (k, t) in tensors {
+            data.insert(k.clone(), Var::from_tensor(t).unwrap());
+        }
+    }
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let model = Vit::new(vit, image_size, 1, 10, vb).unwrap();
+    assert_eq!(vm.all_vars().len(), tensors.len(), "the model created parameters of its own");
+    model
 }
 
 fn file_init(path: &Path, format: &str) -> InitConfig {
@@ -256,7 +275,7 @@ fn wrong_shapes_list_every_mismatch_and_missing_key() {
     // A key the model has no use for is unexpected, not silently dropped.
     let mut t = timm_tensors();
     t.insert("blocks.0.ls1.gamma".into(), Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap());
-    let err = check(&t, &expected_shapes(&tiny(), 28, 1, 10)).unwrap_err();
+    let err = check(&t, &expected_shapes(&tiny(), 28, 1, 10).unwrap()).unwrap_err();
     assert!(
         matches!(&err, WeightsError::Shapes { unexpected, .. } if unexpected == &vec!["blocks.0.ls1.gamma".to_string()]),
         "{err:?}"
@@ -293,7 +312,7 @@ fn rgb_patch_embedding_summed_for_grey_input() {
         tensors,
         notes: Vec::new(),
     };
-    let grey = expected_shapes(&tiny(), 28, 1, 10);
+    let grey = expected_shapes(&tiny(), 28, 1, 10).unwrap();
     let got = adapt(pre, &grey).unwrap();
     check(&got.tensors, &grey).unwrap();
     let w1 = &got.tensors["patch_embed.proj.weight"];
@@ -312,7 +331,7 @@ fn rgb_patch_embedding_summed_for_grey_input() {
         tensors: got.tensors,
         notes: Vec::new(),
     };
-    let rgb_model = expected_shapes(&tiny(), 28, 3, 10);
+    let rgb_model = expected_shapes(&tiny(), 28, 3, 10).unwrap();
     let back = adapt(pre, &rgb_model).unwrap();
     check(&back.tensors, &rgb_model).unwrap();
     let c = rgb.conv2d(&back.tensors["patch_embed.proj.weight"], 0, 7, 1, 1).unwrap();
@@ -345,4 +364,48 @@ fn broken_hf_checkpoints_are_named() {
     // A missing file names the path.
     let err = read_checkpoint(Path::new("/nonexistent/model.safetensors")).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/model.safetensors"), "{err}");
+}
+
+/// timm's logits (eval mode) for the fixture's weights and input, made by
+/// scripts/fixtures/make_timm_fixture.py:
+///   model = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, embed_dim=32,
+///       depth=2, num_heads=2, in_chans=1, num_classes=10, global_pool="token").eval()
+///   logits = model(x)
+#[test]
+fn timm_checkpoint_gives_timms_logits() {
+    let io = read_checkpoint(&fixture("timm_vit/io.safetensors")).unwrap();
+    let init = file_init(&fixture("timm_vit/model.safetensors"), "timm");
+    let got = load_pretrained(&init, &tiny(), 28, 1, 10).unwrap();
+    let logits = build_vit(&got.tensors, &tiny(), 28).forward(&io["x"]).unwrap();
+    let err = max_abs_diff(&logits, &io["logits"]);
+    assert!(err < 1e-4, "max |ours - timm| = {err}");
+}
+
+/// The same weights at 35x35 input (4x4 -> 5x5 token grid): the position embedding is resampled
+/// as MAE's interpolate_pos_embed does (torch.nn.functional.interpolate, bicubic,
+/// align_corners=False), and the model gives timm's logits at that resolution:
+///   pos35 = resample_abs_pos_embed(pos, new_size=(5, 5), num_prefix_tokens=1, antialias=False)
+#[test]
+fn pos_embed_interpolated_to_a_larger_grid() {
+    let io = read_checkpoint(&fixture("timm_vit/io.safetensors")).unwrap();
+    let init = file_init(&fixture("timm_vit/model.safetensors"), "timm");
+    let got = load_pretrained(&init, &tiny(), 35, 1, 10).unwrap();
+    assert_eq!(
+        got.notes,
+        vec!["pos_embed: interpolated from a 4x4 to a 5x5 token grid".to_string()]
+    );
+    let err = max_abs_diff(&got.tensors["pos_embed"], &io["pos_embed_35"]);
+    assert!(err < 1e-5, "pos_embed max diff {err}");
+    let logits = build_vit(&got.tensors, &tiny(), 35).forward(&io["x35"]).unwrap();
+    let err = max_abs_diff(&logits, &io["logits35"]);
+    assert!(err < 1e-4, "max |ours - timm| at 35 px = {err}");
+
+    // A fixed sin-cos model has no pos_embed parameter: the checkpoint's is dropped.
+    let sincos = VitConfig {
+        pos_embed: "sincos".into(),
+        ..tiny()
+    };
+    let got = load_pretrained(&init, &sincos, 28, 1, 10).unwrap();
+    assert!(!got.tensors.contains_key("pos_embed"));
+    assert!(got.notes[0].contains("sin-cos"), "{:?}", got.notes);
 }

@@ -2,6 +2,9 @@
 //! C_N group-equivariant CNN. Models know nothing of the trainer; every model implements the
 //! forward + [`Jvp`] contract that the LEE code needs.
 
+pub mod layers;
+pub mod mae;
+pub mod vit;
 pub mod weights;
 
 use crate::lie::Jvp;
@@ -17,6 +20,3 @@ pub trait Model: Jvp {
     /// Training-mode logits (drop path, batch statistics; running statistics are updated).
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
-pub mod layers;
-pub mod mae;
-pub mod vit;

@@ -16,7 +16,9 @@
 
 use crate::config::{InitConfig, VitConfig};
 use crate::hub::{self, HubError, HubSource, RepoKind};
+use crate::models::vit::{interpolate_pos_embed, Vit};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -325,56 +327,43 @@ impl HfVitConfig {
     }
 }
 
-/// MLP hidden width of a block: `round(mlp_ratio × dim)`, as timm computes it.
+/// MLP hidden width of a block: `round(mlp_ratio × dim)`, as timm (and `vit::block`) compute it.
 fn mlp_hidden(vit: &VitConfig) -> usize {
     (vit.mlp_ratio * vit.dim as f64).round() as usize
 }
 
-/// The shape of every parameter of our ViT (names as in the module docs of `models::vit`).
-/// `pos_embed` is a parameter only when `vit.pos_embed = "learned"`; the norm after the last
-/// block is `norm` for cls pooling and `fc_norm` for mean pooling.
+/// The name and shape of every parameter of our ViT, read off a dry construction of
+/// [`Vit::new`] on a fresh `VarMap` (so the checked layout is the model's own, by construction).
+/// A fixed sin-cos `pos_embed` is no parameter; the last norm is `norm` (cls pooling) or
+/// `fc_norm` (mean pooling).
 pub fn expected_shapes(
     vit: &VitConfig,
     image_size: usize,
     in_chans: usize,
     num_classes: usize,
-) -> BTreeMap<String, Vec<usize>> {
-    let (d, p) = (vit.dim, vit.patch_size);
-    let grid = image_size / p;
-    let hidden = mlp_hidden(vit);
-    let mut s: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    s.insert("patch_embed.proj.weight".into(), vec![d, in_chans, p, p]);
-    s.insert("patch_embed.proj.bias".into(), vec![d]);
-    s.insert("cls_token".into(), vec![1, 1, d]);
-    if vit.pos_embed == "learned" {
-        s.insert("pos_embed".into(), vec![1, 1 + grid * grid, d]);
-    }
-    for i in 0..vit.depth {
-        let b = format!("blocks.{i}");
-        for norm in ["norm1", "norm2"] {
-            s.insert(format!("{b}.{norm}.weight"), vec![d]);
-            s.insert(format!("{b}.{norm}.bias"), vec![d]);
-        }
-        s.insert(format!("{b}.attn.qkv.weight"), vec![3 * d, d]);
-        if vit.qkv_bias {
-            s.insert(format!("{b}.attn.qkv.bias"), vec![3 * d]);
-        }
-        s.insert(format!("{b}.attn.proj.weight"), vec![d, d]);
-        s.insert(format!("{b}.attn.proj.bias"), vec![d]);
-        s.insert(format!("{b}.mlp.fc1.weight"), vec![hidden, d]);
-        s.insert(format!("{b}.mlp.fc1.bias"), vec![hidden]);
-        s.insert(format!("{b}.mlp.fc2.weight"), vec![d, hidden]);
-        s.insert(format!("{b}.mlp.fc2.bias"), vec![d]);
-    }
-    let last = if vit.pool == "mean" { "fc_norm" } else { "norm" };
-    s.insert(format!("{last}.weight"), vec![d]);
-    s.insert(format!("{last}.bias"), vec![d]);
-    s.insert("head.weight".into(), vec![num_classes, d]);
-    s.insert("head.bias".into(), vec![num_classes]);
-    s
+) -> Result<BTreeMap<String, Vec<usize>>, WeightsError> {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    Vit::new(vit, image_size, in_chans, num_classes, vb)?;
+    let data = vm.data().lock().map_err(|_| {
+        WeightsError::Candle(candle_core::Error::Msg("VarMap lock poisoned".into()))
+    })?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect())
+}
+
+/// The square token grid side of a position embedding `(1, 1 + g², D)`, if it is square.
+fn square_grid(dims: &[usize]) -> Option<usize> {
+    let n = dims.get(1)?.checked_sub(1)?;
+    let g = (n as f64).sqrt().round() as usize;
+    (g * g == n).then_some(g)
 }
 
 /// Make checkpoint tensors (in our names) fit the model whose parameter shapes are `expected`:
+/// - position embedding on another square token grid: bicubic interpolation
+///   ([`interpolate_pos_embed`]);
 /// - patch embedding with 3 input channels into a 1-channel model: sum the weight over channels
 ///   (a grey image replicated to RGB gives the same patch embedding); 1 → 3: replicate / 3;
 /// - head whose shape differs: dropped, the model makes a fresh one;
@@ -401,6 +390,18 @@ pub fn adapt(
                 "{PATCH}: adapted from {have_c} to {want_c} input channels"
             ));
             pre.tensors.insert(PATCH.into(), a);
+        }
+    }
+    // (1, 1 + g_old², D) -> (1, 1 + g_new², D): bicubic, the cls slot kept (MAE's fine-tuning).
+    if let (Some(pos), Some(want)) = (pre.tensors.get("pos_embed"), expected.get("pos_embed")) {
+        if let (Some(old), Some(new)) = (square_grid(pos.dims()), square_grid(want)) {
+            if old != new && pos.dims()[2] == want[2] {
+                let resampled = interpolate_pos_embed(pos, (old, old), (new, new))?;
+                pre.notes.push(format!(
+                    "pos_embed: interpolated from a {old}x{old} to a {new}x{new} token grid"
+                ));
+                pre.tensors.insert("pos_embed".into(), resampled);
+            }
         }
     }
     let head_fits = pre
@@ -469,7 +470,8 @@ pub fn check(
     }
 }
 
-/// Rename (by layout), adapt and check a checkpoint for a ViT of the given shape.
+/// Rename (by layout), adapt and check a checkpoint for a ViT of the given shape
+/// (`image_size` in pixels, `in_chans` input channels, `num_classes` logits).
 pub fn convert(
     ckpt: HashMap<String, Tensor>,
     layout: Layout,
@@ -485,7 +487,7 @@ pub fn convert(
             notes: Vec::new(),
         },
     };
-    let expected = expected_shapes(vit, image_size, in_chans, num_classes);
+    let expected = expected_shapes(vit, image_size, in_chans, num_classes)?;
     let pre = adapt(pre, &expected)?;
     check(&pre.tensors, &expected)?;
     Ok(pre)
