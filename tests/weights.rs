@@ -9,20 +9,17 @@ use candle_nn::{VarBuilder, VarMap};
 use liederiv::config::{InitConfig, VitConfig};
 use liederiv::hub::HubError;
 use liederiv::models::vit::Vit;
-use liederiv::models::Model;
 use liederiv::models::weights::{
-    self, adapt, check, expected_shapes, hf_to_timm, load_pretrained, read_checkpoint, Layout,
-    Pretrained, WeightsError,
+    self, adapt, check, expected_shapes, hf_to_timm, load_pretrained, read_checkpoint, Layout, Pretrained, WeightsError,
 };
+use liederiv::models::Model;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
 /// The fixtures' encoder: img 28, patch 7, dim 32, depth 2, heads 2, mlp 4×, cls pooling.
@@ -83,7 +80,11 @@ fn build_vit(tensors: &HashMap<String, Tensor>, vit: &VitConfig, image_size: usi
     }
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let model = Vit::new(vit, image_size, 1, 10, vb).unwrap();
-    assert_eq!(vm.all_vars().len(), tensors.len(), "the model created parameters of its own");
+    assert_eq!(
+        vm.all_vars().len(),
+        tensors.len(),
+        "the model created parameters of its own"
+    );
     model
 }
 
@@ -133,6 +134,13 @@ fn timm_checkpoint_loads_unchanged() {
     .unwrap();
     assert!(got.notes.is_empty(), "{:?}", got.notes);
     assert_same_tensors(&got.tensors, &timm_tensors(), &[]);
+}
+
+#[test]
+fn mae_style_wrapped_pth_is_unwrapped() {
+    // torch.save({"model": state_dict, "epoch": 0}) as facebookresearch/mae saves checkpoints.
+    let got = read_checkpoint(&fixture("timm_vit/mae_style.pth")).unwrap();
+    assert_same_tensors(&got, &timm_tensors(), &[]);
 }
 
 #[test]
@@ -196,17 +204,21 @@ fn hub_cache_safetensors_first_then_bin_fallback() {
 #[test]
 fn hub_offline_without_cache_names_repo_and_remedy() {
     let cache = tempfile::tempdir().unwrap();
-    let err = load_pretrained(&hub_init("facebook/vit-mae-base", cache.path()), &tiny(), 28, 1, 10)
-        .unwrap_err();
+    let err = load_pretrained(&hub_init("facebook/vit-mae-base", cache.path()), &tiny(), 28, 1, 10).unwrap_err();
     match &err {
         WeightsError::HubWeights { safetensors, bin, .. } => {
-            assert!(matches!(safetensors, HubError::NotCached { .. }), "{safetensors:?}");
-            assert!(matches!(bin, HubError::NotCached { .. }), "{bin:?}");
+            assert!(matches!(**safetensors, HubError::NotCached { .. }), "{safetensors:?}");
+            assert!(matches!(**bin, HubError::NotCached { .. }), "{bin:?}");
         }
         other => panic!("expected HubWeights, got {other:?}"),
     }
     let msg = err.to_string();
-    for needle in ["facebook/vit-mae-base", "model.safetensors", "pytorch_model.bin", "huggingface-cli download"] {
+    for needle in [
+        "facebook/vit-mae-base",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "huggingface-cli download",
+    ] {
         assert!(msg.contains(needle), "message lacks {needle:?}: {msg}");
     }
 
@@ -274,7 +286,10 @@ fn wrong_shapes_list_every_mismatch_and_missing_key() {
 
     // A key the model has no use for is unexpected, not silently dropped.
     let mut t = timm_tensors();
-    t.insert("blocks.0.ls1.gamma".into(), Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "blocks.0.ls1.gamma".into(),
+        Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = check(&t, &expected_shapes(&tiny(), 28, 1, 10).unwrap()).unwrap_err();
     assert!(
         matches!(&err, WeightsError::Shapes { unexpected, .. } if unexpected == &vec!["blocks.0.ls1.gamma".to_string()]),
@@ -334,7 +349,9 @@ fn rgb_patch_embedding_summed_for_grey_input() {
     let rgb_model = expected_shapes(&tiny(), 28, 3, 10).unwrap();
     let back = adapt(pre, &rgb_model).unwrap();
     check(&back.tensors, &rgb_model).unwrap();
-    let c = rgb.conv2d(&back.tensors["patch_embed.proj.weight"], 0, 7, 1, 1).unwrap();
+    let c = rgb
+        .conv2d(&back.tensors["patch_embed.proj.weight"], 0, 7, 1, 1)
+        .unwrap();
     assert!(max_abs_diff(&b, &c) < 1e-5);
 }
 
@@ -342,7 +359,10 @@ fn rgb_patch_embedding_summed_for_grey_input() {
 fn broken_hf_checkpoints_are_named() {
     let mut hf = read_checkpoint(&fixture("hf_vit_mae/model.safetensors")).unwrap();
     hf.remove("vit.encoder.layer.1.attention.attention.key.bias");
-    hf.insert("vit.encoder.layer.0.crossattention.weight".into(), Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap());
+    hf.insert(
+        "vit.encoder.layer.0.crossattention.weight".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = hf_to_timm(hf).unwrap_err();
     let WeightsError::HfKeys { problems } = &err else {
         panic!("expected HfKeys, got {err:?}");
@@ -378,6 +398,7 @@ fn timm_checkpoint_gives_timms_logits() {
     let got = load_pretrained(&init, &tiny(), 28, 1, 10).unwrap();
     let logits = build_vit(&got.tensors, &tiny(), 28).forward(&io["x"]).unwrap();
     let err = max_abs_diff(&logits, &io["logits"]);
+    eprintln!("max |ours - timm| logits at 28 px: {err:.2e}");
     assert!(err < 1e-4, "max |ours - timm| = {err}");
 }
 
@@ -395,9 +416,11 @@ fn pos_embed_interpolated_to_a_larger_grid() {
         vec!["pos_embed: interpolated from a 4x4 to a 5x5 token grid".to_string()]
     );
     let err = max_abs_diff(&got.tensors["pos_embed"], &io["pos_embed_35"]);
+    eprintln!("max |ours - torch| interpolated pos_embed: {err:.2e}");
     assert!(err < 1e-5, "pos_embed max diff {err}");
     let logits = build_vit(&got.tensors, &tiny(), 35).forward(&io["x35"]).unwrap();
     let err = max_abs_diff(&logits, &io["logits35"]);
+    eprintln!("max |ours - timm| logits at 35 px: {err:.2e}");
     assert!(err < 1e-4, "max |ours - timm| at 35 px = {err}");
 
     // A fixed sin-cos model has no pos_embed parameter: the checkpoint's is dropped.

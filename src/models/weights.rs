@@ -32,17 +32,11 @@ const NEW_KEYS: [&str; 4] = ["head.weight", "head.bias", "fc_norm.weight", "fc_n
 #[non_exhaustive]
 pub enum WeightsError {
     #[error("cannot read checkpoint {path}: {source}. Give a `.safetensors` file or a PyTorch `pytorch_model.bin` / `.pth` state dict")]
-    Read {
-        path: PathBuf,
-        source: candle_core::Error,
-    },
+    Read { path: PathBuf, source: candle_core::Error },
     #[error("cannot read the model config {path}: {message}")]
     HfConfig { path: PathBuf, message: String },
     #[error("checkpoint config {path} does not match model.vit; set these keys (e.g. with --set) or pick another checkpoint: {}", .mismatches.join("; "))]
-    ConfigMismatch {
-        path: PathBuf,
-        mismatches: Vec<String>,
-    },
+    ConfigMismatch { path: PathBuf, mismatches: Vec<String> },
     #[error("cannot map the Hugging Face checkpoint to ViT names: {}", .problems.join("; "))]
     HfKeys { problems: Vec<String> },
     #[error("checkpoint does not fit the model ({} shape mismatches, {} missing, {} unexpected keys):{}{}{}",
@@ -60,8 +54,8 @@ pub enum WeightsError {
     #[error("Hugging Face repo {repo:?} has neither model.safetensors ({safetensors}) nor pytorch_model.bin ({bin})")]
     HubWeights {
         repo: String,
-        safetensors: HubError,
-        bin: HubError,
+        safetensors: Box<HubError>,
+        bin: Box<HubError>,
     },
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -91,9 +85,7 @@ impl Layout {
         match format {
             "hf" => Ok(Self::Hf),
             "timm" => Ok(Self::Timm),
-            _ => Err(WeightsError::Format {
-                format: format.into(),
-            }),
+            _ => Err(WeightsError::Format { format: format.into() }),
         }
     }
 }
@@ -127,9 +119,7 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>, WeightsEr
             plain
         }
     };
-    raw.into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
-        .collect()
+    raw.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect()
 }
 
 /// Rename a Hugging Face ViT / ViTMAE checkpoint to our names. Encoder keys may carry the `vit.`
@@ -161,11 +151,8 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
             };
             Some((format!("{ours}.{renamed}.{param}"), None))
         };
-        let mapped: Option<(String, Option<(usize, String)>)> = if let Some(rest) =
-            k.strip_prefix("encoder.layer.")
-        {
-            rest.split_once('.')
-                .and_then(|(i, r)| block(r, format!("blocks.{i}")))
+        let mapped: Option<(String, Option<(usize, String)>)> = if let Some(rest) = k.strip_prefix("encoder.layer.") {
+            rest.split_once('.').and_then(|(i, r)| block(r, format!("blocks.{i}")))
         } else if let Some(rest) = k.strip_prefix("decoder.decoder_layers.") {
             rest.split_once('.')
                 .and_then(|(i, r)| block(r, format!("decoder_blocks.{i}")))
@@ -215,10 +202,7 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
                     .filter(|(_, p)| p.is_none())
                     .map(|(n, _)| *n)
                     .collect();
-                problems.push(format!(
-                    "{prefix}: attention {param} lacks {}",
-                    absent.join(", ")
-                ));
+                problems.push(format!("{prefix}: attention {param} lacks {}", absent.join(", ")));
             }
         }
     }
@@ -345,13 +329,11 @@ pub fn expected_shapes(
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     Vit::new(vit, image_size, in_chans, num_classes, vb)?;
-    let data = vm.data().lock().map_err(|_| {
-        WeightsError::Candle(candle_core::Error::Msg("VarMap lock poisoned".into()))
-    })?;
-    Ok(data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
-        .collect())
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| WeightsError::Candle(candle_core::Error::Msg("VarMap lock poisoned".into())))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect())
 }
 
 /// The square token grid side of a position embedding `(1, 1 + g², D)`, if it is square.
@@ -371,10 +353,7 @@ fn square_grid(dims: &[usize]) -> Option<usize> {
 ///   `pos_embed`): dropped.
 ///
 /// Each change adds a note. What still does not fit is left for [`check`] to report.
-pub fn adapt(
-    mut pre: Pretrained,
-    expected: &BTreeMap<String, Vec<usize>>,
-) -> Result<Pretrained, WeightsError> {
+pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Result<Pretrained, WeightsError> {
     const PATCH: &str = "patch_embed.proj.weight";
     if let (Some(w), Some(want)) = (pre.tensors.get(PATCH), expected.get(PATCH)) {
         let (have_c, want_c) = (w.dim(1)?, want[1]);
@@ -386,9 +365,8 @@ pub fn adapt(
             _ => None,
         };
         if let Some(a) = adapted {
-            pre.notes.push(format!(
-                "{PATCH}: adapted from {have_c} to {want_c} input channels"
-            ));
+            pre.notes
+                .push(format!("{PATCH}: adapted from {have_c} to {want_c} input channels"));
             pre.tensors.insert(PATCH.into(), a);
         }
     }
@@ -426,8 +404,7 @@ pub fn adapt(
             continue; // unexpected: reported by `check`
         };
         if let Some(t) = pre.tensors.remove(&key) {
-            pre.notes
-                .push(format!("dropped {key} {:?}: {why}", t.dims()));
+            pre.notes.push(format!("dropped {key} {:?}: {why}", t.dims()));
         }
     }
     Ok(pre)
@@ -436,28 +413,20 @@ pub fn adapt(
 /// Compare every tensor with the model's shapes. Fails listing ALL shape mismatches
 /// (`name: checkpoint [..] vs model [..]`), every missing key other than the new head / fc_norm,
 /// and every key the model does not have.
-pub fn check(
-    tensors: &HashMap<String, Tensor>,
-    expected: &BTreeMap<String, Vec<usize>>,
-) -> Result<(), WeightsError> {
+pub fn check(tensors: &HashMap<String, Tensor>, expected: &BTreeMap<String, Vec<usize>>) -> Result<(), WeightsError> {
     let mut mismatches = Vec::new();
     let mut missing = Vec::new();
     for (name, shape) in expected {
         match tensors.get(name) {
-            Some(t) if t.dims() != shape.as_slice() => mismatches.push(format!(
-                "{name}: checkpoint {:?} vs model {shape:?}",
-                t.dims()
-            )),
+            Some(t) if t.dims() != shape.as_slice() => {
+                mismatches.push(format!("{name}: checkpoint {:?} vs model {shape:?}", t.dims()))
+            }
             Some(_) => {}
             None if NEW_KEYS.contains(&name.as_str()) => {}
             None => missing.push(name.clone()),
         }
     }
-    let mut unexpected: Vec<String> = tensors
-        .keys()
-        .filter(|k| !expected.contains_key(*k))
-        .cloned()
-        .collect();
+    let mut unexpected: Vec<String> = tensors.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
     unexpected.sort();
     if mismatches.is_empty() && missing.is_empty() && unexpected.is_empty() {
         Ok(())
@@ -508,19 +477,14 @@ pub fn hub_source(init: &InitConfig) -> HubSource<'_> {
 
 /// The checkpoint files of a Hugging Face model repo: `model.safetensors`, else
 /// `pytorch_model.bin`, and `config.json` when the layout is HF. Returns (weights, config).
-pub fn fetch_hub_files(
-    src: &HubSource,
-    layout: Layout,
-) -> Result<(PathBuf, Option<PathBuf>), WeightsError> {
+pub fn fetch_hub_files(src: &HubSource, layout: Layout) -> Result<(PathBuf, Option<PathBuf>), WeightsError> {
     let weights = match hub::fetch(src, "model.safetensors") {
         Ok(p) => p,
-        Err(safetensors) => {
-            hub::fetch(src, "pytorch_model.bin").map_err(|bin| WeightsError::HubWeights {
-                repo: src.repo.to_string(),
-                safetensors,
-                bin,
-            })?
-        }
+        Err(safetensors) => hub::fetch(src, "pytorch_model.bin").map_err(|bin| WeightsError::HubWeights {
+            repo: src.repo.to_string(),
+            safetensors: Box::new(safetensors),
+            bin: Box::new(bin),
+        })?,
     };
     let config = match layout {
         Layout::Hf => Some(hub::fetch(src, "config.json")?),
@@ -550,11 +514,7 @@ pub fn load_pretrained(
             let config = (layout == Layout::Hf && beside.is_file()).then_some(beside);
             (file, config)
         }
-        other => {
-            return Err(WeightsError::NotPretrained {
-                weights: other.into(),
-            })
-        }
+        other => return Err(WeightsError::NotPretrained { weights: other.into() }),
     };
     if let Some(path) = config {
         let mismatches = HfVitConfig::read(&path)?.mismatches(vit);
