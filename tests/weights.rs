@@ -202,6 +202,27 @@ fn hub_cache_safetensors_first_then_bin_fallback() {
 }
 
 #[test]
+fn hub_timm_repo_and_hf_classifier_head() {
+    // A timm-layout Hub repo (as timm/* repos are): model.safetensors only, no config.json needed.
+    let repo = "someone/tiny-timm-vit";
+    let cache = populated_cache(repo, &[("model.safetensors", fixture("timm_vit/model.safetensors"))]);
+    let init = InitConfig {
+        format: "timm".into(),
+        ..hub_init(repo, cache.path())
+    };
+    let got = load_pretrained(&init, &tiny(), 28, 1, 10).unwrap();
+    assert_same_tensors(&got.tensors, &timm_tensors(), &[]);
+
+    // ViTForImageClassification's `classifier` becomes our head, kept when the classes agree.
+    let timm = timm_tensors();
+    let mut hf = read_checkpoint(&fixture("hf_vit_bin/pytorch_model.bin")).unwrap();
+    hf.insert("classifier.weight".into(), timm["head.weight"].clone());
+    hf.insert("classifier.bias".into(), timm["head.bias"].clone());
+    let got = weights::convert(hf, Layout::Hf, &tiny(), 28, 1, 10).unwrap();
+    assert_same_tensors(&got.tensors, &timm, &[]);
+}
+
+#[test]
 fn hub_offline_without_cache_names_repo_and_remedy() {
     let cache = tempfile::tempdir().unwrap();
     let err = load_pretrained(&hub_init("facebook/vit-mae-base", cache.path()), &tiny(), 28, 1, 10).unwrap_err();

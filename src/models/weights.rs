@@ -81,6 +81,7 @@ pub enum Layout {
 }
 
 impl Layout {
+    /// `init.format` → layout; "liederiv" (our own checkpoints) and anything else is refused.
     pub fn parse(format: &str) -> Result<Self, WeightsError> {
         match format {
             "hf" => Ok(Self::Hf),
@@ -250,6 +251,7 @@ impl Default for HfVitConfig {
 }
 
 impl HfVitConfig {
+    /// Parse a `config.json`; unknown fields are ignored (transformers writes dozens).
     pub fn read(path: &Path) -> Result<Self, WeightsError> {
         let err = |message: String| WeightsError::HfConfig {
             path: path.to_path_buf(),
