@@ -258,6 +258,7 @@ fn config_json_must_match_model_config() {
     let init = file_init(&fixture("hf_vit_mae/model.safetensors"), "hf");
     let vit = VitConfig {
         heads: 4,
+        mlp_ratio: 2.0,
         ln_eps: 1e-12,
         ..tiny()
     };
@@ -269,6 +270,7 @@ fn config_json_must_match_model_config() {
         mismatches,
         &vec![
             "model.vit.heads = 4, checkpoint has 2".to_string(),
+            "model.vit.mlp_ratio = 2, checkpoint has 4 (intermediate_size 128 / hidden_size 32)".to_string(),
             "model.vit.ln_eps = 1e-12, checkpoint has 1e-6".to_string(),
         ]
     );

@@ -291,12 +291,14 @@ impl HfVitConfig {
         cmp("depth", vit.depth.to_string(), want.depth.to_string());
         cmp("heads", vit.heads.to_string(), want.heads.to_string());
         cmp("qkv_bias", vit.qkv_bias.to_string(), want.qkv_bias.to_string());
-        cmp(
-            "mlp_ratio (hidden width)",
-            mlp_hidden(vit).to_string(),
-            self.intermediate_size.to_string(),
-        );
-        // eps is a float written by Python: compare to relative precision, print as given.
+        // Floats: compare to relative precision. (The MLP width the ratio gives is the model's
+        // business, `vit::block`; the shape check after loading catches any disagreement.)
+        if (vit.mlp_ratio - want.mlp_ratio).abs() > 1e-9 * want.mlp_ratio {
+            out.push(format!(
+                "model.vit.mlp_ratio = {}, checkpoint has {} (intermediate_size {} / hidden_size {})",
+                vit.mlp_ratio, want.mlp_ratio, self.intermediate_size, self.hidden_size
+            ));
+        }
         if (vit.ln_eps - self.layer_norm_eps).abs() > 1e-3 * self.layer_norm_eps.abs() {
             out.push(format!(
                 "model.vit.ln_eps = {:e}, checkpoint has {:e}",
@@ -311,11 +313,6 @@ impl HfVitConfig {
         }
         out
     }
-}
-
-/// MLP hidden width of a block: `round(mlp_ratio × dim)`, as timm (and `vit::block`) compute it.
-fn mlp_hidden(vit: &VitConfig) -> usize {
-    (vit.mlp_ratio * vit.dim as f64).round() as usize
 }
 
 /// The name and shape of every parameter of our ViT, read off a dry construction of
