@@ -4,7 +4,7 @@
 //! layouts, split q/k/v with torch.chunk). The oracle for the HF key map is therefore timm's own
 //! state dict: every HF fixture must map back to exactly those tensors.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use liederiv::config::{InitConfig, VitConfig};
 use liederiv::hub::HubError;
@@ -68,21 +68,16 @@ fn assert_same_tensors(got: &HashMap<String, Tensor>, want: &HashMap<String, Ten
     }
 }
 
-/// Our ViT built on a VarMap pre-filled with `tensors` (as the trainer does: insert, then build,
-/// so that absent parameters get initialised).
-fn build_vit(tensors: &HashMap<String, Tensor>, vit: &VitConfig, image_size: usize) -> Vit {
+/// Our ViT built on a VarMap pre-filled with the loaded tensors (insert, then build, so that
+/// absent parameters get initialised).
+fn build_vit(pre: &Pretrained, vit: &VitConfig, image_size: usize) -> Vit {
     let vm = VarMap::new();
-    {
-        let mut data = vm.data().lock().unwrap();
-        for (k, t) in tensors {
-            data.insert(k.clone(), Var::from_tensor(t).unwrap());
-        }
-    }
+    pre.insert_into(&vm, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let model = Vit::new(vit, image_size, 1, 10, vb).unwrap();
     assert_eq!(
         vm.all_vars().len(),
-        tensors.len(),
+        pre.tensors.len(),
         "the model created parameters of its own"
     );
     model
@@ -419,7 +414,7 @@ fn timm_checkpoint_gives_timms_logits() {
     let io = read_checkpoint(&fixture("timm_vit/io.safetensors")).unwrap();
     let init = file_init(&fixture("timm_vit/model.safetensors"), "timm");
     let got = load_pretrained(&init, &tiny(), 28, 1, 10).unwrap();
-    let logits = build_vit(&got.tensors, &tiny(), 28).forward(&io["x"]).unwrap();
+    let logits = build_vit(&got, &tiny(), 28).forward(&io["x"]).unwrap();
     let err = max_abs_diff(&logits, &io["logits"]);
     eprintln!("max |ours - timm| logits at 28 px: {err:.2e}");
     assert!(err < 1e-4, "max |ours - timm| = {err}");
@@ -441,7 +436,7 @@ fn pos_embed_interpolated_to_a_larger_grid() {
     let err = max_abs_diff(&got.tensors["pos_embed"], &io["pos_embed_35"]);
     eprintln!("max |ours - torch| interpolated pos_embed: {err:.2e}");
     assert!(err < 1e-5, "pos_embed max diff {err}");
-    let logits = build_vit(&got.tensors, &tiny(), 35).forward(&io["x35"]).unwrap();
+    let logits = build_vit(&got, &tiny(), 35).forward(&io["x35"]).unwrap();
     let err = max_abs_diff(&logits, &io["logits35"]);
     eprintln!("max |ours - timm| logits at 35 px: {err:.2e}");
     assert!(err < 1e-4, "max |ours - timm| at 35 px = {err}");

@@ -17,7 +17,7 @@
 use crate::config::{InitConfig, VitConfig};
 use crate::hub::{self, HubError, HubSource, RepoKind};
 use crate::models::vit::{interpolate_pos_embed, Vit};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -97,6 +97,22 @@ pub struct Pretrained {
     pub tensors: HashMap<String, Tensor>,
     /// One line per adaptation or dropped key ("dropped pooler.dense.weight: not used by ViT").
     pub notes: Vec<String>,
+}
+
+impl Pretrained {
+    /// Insert every tensor into `vm` as a trainable `Var` on `device`, replacing any of the same
+    /// name. Do this *before* building the model on `vm`: the constructor then reuses these and
+    /// initialises only what is absent (the new head / fc_norm).
+    pub fn insert_into(&self, vm: &VarMap, device: &Device) -> Result<(), WeightsError> {
+        let mut data = vm
+            .data()
+            .lock()
+            .map_err(|_| WeightsError::Candle(candle_core::Error::Msg("VarMap lock poisoned".into())))?;
+        for (name, t) in &self.tensors {
+            data.insert(name.clone(), Var::from_tensor(&t.to_device(device)?)?);
+        }
+        Ok(())
+    }
 }
 
 /// Read every tensor of a checkpoint file as f32 on the CPU: `.safetensors`, or a PyTorch pickle
