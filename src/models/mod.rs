@@ -9,6 +9,7 @@ pub mod init;
 pub mod layers;
 pub mod mae;
 pub mod vit;
+pub mod weights;
 
 use crate::config::Config;
 use crate::lie::Jvp;
@@ -25,6 +26,7 @@ pub trait Model: Jvp {
     /// Training-mode logits (drop path, batch statistics; running statistics are updated).
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
+<<<<<<< HEAD
 
 /// Build the classifier the config describes on the variables of `varmap` (tensors already in
 /// the map, e.g. pretrained weights, are used; missing ones are initialised from `cfg.seed`).
@@ -39,9 +41,27 @@ pub fn build_with(cfg: &Config, varmap: &VarMap, dtype: DType, device: &Device) 
     })
 }
 
-/// The model as the config initialises it (f32), with its variables.
+/// The model as the config initialises it (f32), with its variables: pretrained ViT weights from
+/// the Hub or a file when `init.weights` says so (checked and adapted by [`weights`]), the rest
+/// initialised from `cfg.seed`. `init.weights = "pretrain"` is resolved by the trainer.
 pub fn build_model(cfg: &Config, device: &Device) -> Result<(VarMap, Box<dyn Model>)> {
     let varmap = VarMap::new();
+    if matches!(cfg.init.weights.as_str(), "hub" | "file") {
+        if cfg.model.kind != "vit" {
+            candle_core::bail!(
+                "init.weights = {:?} loads ViT checkpoints only; model.kind is {:?} (use init.weights = \"random\")",
+                cfg.init.weights,
+                cfg.model.kind
+            );
+        }
+        let (m, d) = (&cfg.model, &cfg.data);
+        let pre = weights::load_pretrained(&cfg.init, &m.vit, d.image_size, d.channels, m.num_classes)
+            .map_err(candle_core::Error::wrap)?;
+        for note in &pre.notes {
+            eprintln!("weights: {note}");
+        }
+        pre.insert_into(&varmap, device).map_err(candle_core::Error::wrap)?;
+    }
     let model = build_with(cfg, &varmap, DType::F32, device)?;
     Ok((varmap, model))
 }

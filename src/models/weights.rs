@@ -1,0 +1,542 @@
+//! Pretrained ViT weights: read a Hugging Face (`ViTModel` / `ViTMAEModel`) or timm checkpoint,
+//! rename its tensors to our (timm) parameter names, adapt them to the model we are about to build
+//! (input channels, position-embedding grid, class count) and check every shape against it.
+//!
+//! Owns the key maps and the checked loading of MAE's fine-tuning recipe
+//! (facebookresearch/mae `main_finetune.py`: drop a head whose shape differs, interpolate the
+//! position embeddings, then require that the only missing keys are the new head / fc_norm).
+//! It does not own the network (`models::vit`), the Hub client (`crate::hub`) or our own
+//! checkpoints (`train`). The result is a `HashMap<String, Tensor>` in our names (on the CPU, f32)
+//! for the caller to insert into its `VarMap` *before* building the model, so that the new
+//! weights (head, fc_norm) get initialised by the constructor (DESIGN.md, "Candle facts").
+//!
+//! HF names follow transformers' `modeling_vit.py` / `modeling_vit_mae.py`; the `vit.` prefix is
+//! optional and the separate query / key / value projections are concatenated into timm's fused
+//! `attn.qkv` (rows q | k | v).
+
+use crate::config::{InitConfig, VitConfig};
+use crate::hub::{self, HubError, HubSource, RepoKind};
+use crate::models::vit::{interpolate_pos_embed, Vit};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Parameters the fine-tuning model creates fresh when the checkpoint lacks them (MAE's
+/// `assert set(msg.missing_keys) == {'head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias'}`).
+const NEW_KEYS: [&str; 4] = ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"];
+
+/// Everything that can go wrong turning a checkpoint into our model's tensors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WeightsError {
+    #[error("cannot read checkpoint {path}: {source}. Give a `.safetensors` file or a PyTorch `pytorch_model.bin` / `.pth` state dict")]
+    Read { path: PathBuf, source: candle_core::Error },
+    #[error("cannot read the model config {path}: {message}")]
+    HfConfig { path: PathBuf, message: String },
+    #[error("checkpoint config {path} does not match model.vit; set these keys (e.g. with --set) or pick another checkpoint: {}", .mismatches.join("; "))]
+    ConfigMismatch { path: PathBuf, mismatches: Vec<String> },
+    #[error("cannot map the Hugging Face checkpoint to ViT names: {}", .problems.join("; "))]
+    HfKeys { problems: Vec<String> },
+    #[error("checkpoint does not fit the model ({} shape mismatches, {} missing, {} unexpected keys):{}{}{}",
+        .mismatches.len(), .missing.len(), .unexpected.len(),
+        list("shape mismatches", .mismatches), list("missing", .missing), list("unexpected", .unexpected))]
+    Shapes {
+        mismatches: Vec<String>,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+    },
+    #[error("init.weights = {weights:?} does not name pretrained weights (use \"hub\" or \"file\")")]
+    NotPretrained { weights: String },
+    #[error("init.format = {format:?} is not a pretrained-ViT layout here (\"hf\" or \"timm\"); our own checkpoints load through the checkpoint module")]
+    Format { format: String },
+    #[error("Hugging Face repo {repo:?} has neither model.safetensors ({safetensors}) nor pytorch_model.bin ({bin})")]
+    HubWeights {
+        repo: String,
+        safetensors: Box<HubError>,
+        bin: Box<HubError>,
+    },
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error("adapting checkpoint tensors: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+fn list(title: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(" {title}: [{}].", items.join(", "))
+    }
+}
+
+/// Key layout of a checkpoint (`init.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers' ViTModel / ViTMAEModel / ViTForImageClassification.
+    Hf,
+    /// timm's VisionTransformer (our own names).
+    Timm,
+}
+
+impl Layout {
+    /// `init.format` → layout; "liederiv" (our own checkpoints) and anything else is refused.
+    pub fn parse(format: &str) -> Result<Self, WeightsError> {
+        match format {
+            "hf" => Ok(Self::Hf),
+            "timm" => Ok(Self::Timm),
+            _ => Err(WeightsError::Format { format: format.into() }),
+        }
+    }
+}
+
+/// Tensors in our names plus what was done to them, for the caller to print.
+#[derive(Debug)]
+pub struct Pretrained {
+    pub tensors: HashMap<String, Tensor>,
+    /// One line per adaptation or dropped key ("dropped pooler.dense.weight: not used by ViT").
+    pub notes: Vec<String>,
+}
+
+impl Pretrained {
+    /// Insert every tensor into `vm` as a trainable `Var` on `device`, replacing any of the same
+    /// name. Do this *before* building the model on `vm`: the constructor then reuses these and
+    /// initialises only what is absent (the new head / fc_norm).
+    pub fn insert_into(&self, vm: &VarMap, device: &Device) -> Result<(), WeightsError> {
+        let mut data = vm
+            .data()
+            .lock()
+            .map_err(|_| WeightsError::Candle(candle_core::Error::Msg("VarMap lock poisoned".into())))?;
+        for (name, t) in &self.tensors {
+            data.insert(name.clone(), Var::from_tensor(&t.to_device(device)?)?);
+        }
+        Ok(())
+    }
+}
+
+/// Read every tensor of a checkpoint file as f32 on the CPU: `.safetensors`, or a PyTorch pickle
+/// (`pytorch_model.bin`, `.pth`, `.pt`; a `{"model": state_dict}` wrapper as MAE saves is unwrapped).
+pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError> {
+    let read = |e| WeightsError::Read {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    let raw: Vec<(String, Tensor)> = if is_safetensors {
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(read)?
+            .into_iter()
+            .collect()
+    } else {
+        let plain = candle_core::pickle::read_all(path).map_err(read)?;
+        if plain.is_empty() {
+            candle_core::pickle::read_all_with_key(path, Some("model")).map_err(read)?
+        } else {
+            plain
+        }
+    };
+    raw.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect()
+}
+
+/// Rename a Hugging Face ViT / ViTMAE checkpoint to our names. Encoder keys may carry the `vit.`
+/// prefix or not; `decoder.*` (ViTMAEForPreTraining) maps to `decoder_embed`, `mask_token`,
+/// `decoder_pos_embed`, `decoder_blocks.{i}.*`, `decoder_norm`, `decoder_pred`; `classifier` maps
+/// to `head`. The pooler and a ViTModel's `embeddings.mask_token` are dropped (with a note).
+pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsError> {
+    let mut tensors = HashMap::new();
+    let mut notes = Vec::new();
+    let mut problems = Vec::new();
+    // (our block prefix, "weight" | "bias") -> [q, k, v]
+    let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
+    for (key, t) in ckpt {
+        let k = key.strip_prefix("vit.").unwrap_or(&key);
+        let block = |rest: &str, ours: String| -> Option<(String, Option<(usize, String)>)> {
+            // (name in our layout, or a q/k/v part: (index, param) under `ours`)
+            let (head, param) = rest.rsplit_once('.')?;
+            let qkv_part = |i| Some((ours.clone(), Some((i, param.to_string()))));
+            let renamed = match head {
+                "attention.attention.query" => return qkv_part(0),
+                "attention.attention.key" => return qkv_part(1),
+                "attention.attention.value" => return qkv_part(2),
+                "attention.output.dense" => "attn.proj",
+                "intermediate.dense" => "mlp.fc1",
+                "output.dense" => "mlp.fc2",
+                "layernorm_before" => "norm1",
+                "layernorm_after" => "norm2",
+                _ => return None,
+            };
+            Some((format!("{ours}.{renamed}.{param}"), None))
+        };
+        let mapped: Option<(String, Option<(usize, String)>)> = if let Some(rest) = k.strip_prefix("encoder.layer.") {
+            rest.split_once('.').and_then(|(i, r)| block(r, format!("blocks.{i}")))
+        } else if let Some(rest) = k.strip_prefix("decoder.decoder_layers.") {
+            rest.split_once('.')
+                .and_then(|(i, r)| block(r, format!("decoder_blocks.{i}")))
+        } else if k.starts_with("pooler.") || k == "embeddings.mask_token" {
+            notes.push(format!("dropped {key}: not used by ViT"));
+            continue;
+        } else {
+            let plain = match k {
+                "embeddings.cls_token" => Some("cls_token".to_string()),
+                "embeddings.position_embeddings" => Some("pos_embed".to_string()),
+                "decoder.mask_token" => Some("mask_token".to_string()),
+                "decoder.decoder_pos_embed" => Some("decoder_pos_embed".to_string()),
+                _ => [
+                    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+                    ("layernorm.", "norm."),
+                    ("classifier.", "head."),
+                    ("decoder.decoder_embed.", "decoder_embed."),
+                    ("decoder.decoder_norm.", "decoder_norm."),
+                    ("decoder.decoder_pred.", "decoder_pred."),
+                ]
+                .iter()
+                .find_map(|(from, to)| k.strip_prefix(from).map(|p| format!("{to}{p}"))),
+            };
+            plain.map(|name| (name, None))
+        };
+        match mapped {
+            Some((prefix, Some((i, param)))) => {
+                qkv.entry((prefix, param)).or_default()[i] = Some(t);
+            }
+            Some((name, None)) => {
+                tensors.insert(name, t);
+            }
+            None => problems.push(format!("unrecognised key {key}")),
+        }
+    }
+    for ((prefix, param), parts) in qkv {
+        match parts {
+            [Some(q), Some(k), Some(v)] => {
+                // three (D, D) / (D,) -> (3D, D) / (3D,), rows q | k | v as timm's fused qkv
+                let fused = Tensor::cat(&[&q, &k, &v], 0)?;
+                tensors.insert(format!("{prefix}.attn.qkv.{param}"), fused);
+            }
+            _ => {
+                let absent: Vec<&str> = ["query", "key", "value"]
+                    .iter()
+                    .zip(&parts)
+                    .filter(|(_, p)| p.is_none())
+                    .map(|(n, _)| *n)
+                    .collect();
+                problems.push(format!("{prefix}: attention {param} lacks {}", absent.join(", ")));
+            }
+        }
+    }
+    if problems.is_empty() {
+        notes.sort();
+        Ok(Pretrained { tensors, notes })
+    } else {
+        problems.sort();
+        Err(WeightsError::HfKeys { problems })
+    }
+}
+
+/// The subset of transformers' `ViTConfig` / `ViTMAEConfig` (config.json) that fixes the encoder's
+/// shape. Missing fields take transformers' defaults (ViT-Base/16 at 224).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HfVitConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub patch_size: usize,
+    pub image_size: usize,
+    pub num_channels: usize,
+    pub qkv_bias: bool,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+}
+
+impl Default for HfVitConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            patch_size: 16,
+            image_size: 224,
+            num_channels: 3,
+            qkv_bias: true,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+        }
+    }
+}
+
+impl HfVitConfig {
+    /// Parse a `config.json`; unknown fields are ignored (transformers writes dozens).
+    pub fn read(path: &Path) -> Result<Self, WeightsError> {
+        let err = |message: String| WeightsError::HfConfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// `base` with the encoder shape of this checkpoint (pooling, position embedding and drop
+    /// path are fine-tuning choices and stay as in `base`).
+    pub fn vit_config(&self, base: &VitConfig) -> VitConfig {
+        VitConfig {
+            patch_size: self.patch_size,
+            dim: self.hidden_size,
+            depth: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            mlp_ratio: self.intermediate_size as f64 / self.hidden_size as f64,
+            qkv_bias: self.qkv_bias,
+            ln_eps: self.layer_norm_eps,
+            ..base.clone()
+        }
+    }
+
+    /// Every field where `vit` differs from this checkpoint, as "model.vit.KEY = ours, checkpoint
+    /// has VALUE". Input channels and image size are adapted, so they are not compared.
+    pub fn mismatches(&self, vit: &VitConfig) -> Vec<String> {
+        let want = self.vit_config(vit);
+        let mut out = Vec::new();
+        let mut cmp = |key: &str, ours: String, theirs: String| {
+            if ours != theirs {
+                out.push(format!("model.vit.{key} = {ours}, checkpoint has {theirs}"));
+            }
+        };
+        cmp("patch_size", vit.patch_size.to_string(), want.patch_size.to_string());
+        cmp("dim", vit.dim.to_string(), want.dim.to_string());
+        cmp("depth", vit.depth.to_string(), want.depth.to_string());
+        cmp("heads", vit.heads.to_string(), want.heads.to_string());
+        cmp("qkv_bias", vit.qkv_bias.to_string(), want.qkv_bias.to_string());
+        // Floats: compare to relative precision. (The MLP width the ratio gives is the model's
+        // business, `vit::block`; the shape check after loading catches any disagreement.)
+        if (vit.mlp_ratio - want.mlp_ratio).abs() > 1e-9 * want.mlp_ratio {
+            out.push(format!(
+                "model.vit.mlp_ratio = {}, checkpoint has {} (intermediate_size {} / hidden_size {})",
+                vit.mlp_ratio, want.mlp_ratio, self.intermediate_size, self.hidden_size
+            ));
+        }
+        if (vit.ln_eps - self.layer_norm_eps).abs() > 1e-3 * self.layer_norm_eps.abs() {
+            out.push(format!(
+                "model.vit.ln_eps = {:e}, checkpoint has {:e}",
+                vit.ln_eps, self.layer_norm_eps
+            ));
+        }
+        if !self.hidden_act.starts_with("gelu") {
+            out.push(format!(
+                "hidden_act: ViT uses GELU, checkpoint has {:?}",
+                self.hidden_act
+            ));
+        }
+        out
+    }
+}
+
+/// The name and shape of every parameter of our ViT, read off a dry construction of
+/// [`Vit::new`] on a fresh `VarMap` (so the checked layout is the model's own, by construction).
+/// A fixed sin-cos `pos_embed` is no parameter; the last norm is `norm` (cls pooling) or
+/// `fc_norm` (mean pooling).
+pub fn expected_shapes(
+    vit: &VitConfig,
+    image_size: usize,
+    in_chans: usize,
+    num_classes: usize,
+) -> Result<BTreeMap<String, Vec<usize>>, WeightsError> {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    Vit::new(vit, image_size, in_chans, num_classes, vb)?;
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| WeightsError::Candle(candle_core::Error::Msg("VarMap lock poisoned".into())))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect())
+}
+
+/// The square token grid side of a position embedding `(1, 1 + g², D)`, if it is square.
+fn square_grid(dims: &[usize]) -> Option<usize> {
+    let n = dims.get(1)?.checked_sub(1)?;
+    let g = (n as f64).sqrt().round() as usize;
+    (g * g == n).then_some(g)
+}
+
+/// Make checkpoint tensors (in our names) fit the model whose parameter shapes are `expected`:
+/// - position embedding on another square token grid: bicubic interpolation
+///   ([`interpolate_pos_embed`]);
+/// - patch embedding with 3 input channels into a 1-channel model: sum the weight over channels
+///   (a grey image replicated to RGB gives the same patch embedding); 1 → 3: replicate / 3;
+/// - head whose shape differs: dropped, the model makes a fresh one;
+/// - keys the classifier does not use (MAE decoder, `norm` under mean pooling, a fixed sin-cos
+///   `pos_embed`): dropped.
+///
+/// Each change adds a note. What still does not fit is left for [`check`] to report.
+pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Result<Pretrained, WeightsError> {
+    const PATCH: &str = "patch_embed.proj.weight";
+    if let (Some(w), Some(want)) = (pre.tensors.get(PATCH), expected.get(PATCH)) {
+        let (have_c, want_c) = (w.dim(1)?, want[1]);
+        let adapted = match (have_c, want_c) {
+            // (D, 3, p, p) -> (D, 1, p, p)
+            (3, 1) => Some(w.sum_keepdim(1)?),
+            // (D, 1, p, p) -> (D, 3, p, p), each channel a third so grey RGB input is unchanged
+            (1, 3) => Some((w.repeat((1, 3, 1, 1))? / 3.0)?),
+            _ => None,
+        };
+        if let Some(a) = adapted {
+            pre.notes
+                .push(format!("{PATCH}: adapted from {have_c} to {want_c} input channels"));
+            pre.tensors.insert(PATCH.into(), a);
+        }
+    }
+    // (1, 1 + g_old², D) -> (1, 1 + g_new², D): bicubic, the cls slot kept (MAE's fine-tuning).
+    if let (Some(pos), Some(want)) = (pre.tensors.get("pos_embed"), expected.get("pos_embed")) {
+        if let (Some(old), Some(new)) = (square_grid(pos.dims()), square_grid(want)) {
+            if old != new && pos.dims()[2] == want[2] {
+                let resampled = interpolate_pos_embed(pos, (old, old), (new, new))?;
+                pre.notes.push(format!(
+                    "pos_embed: interpolated from a {old}x{old} to a {new}x{new} token grid"
+                ));
+                pre.tensors.insert("pos_embed".into(), resampled);
+            }
+        }
+    }
+    let head_fits = pre
+        .tensors
+        .get("head.weight")
+        .is_some_and(|w| expected.get("head.weight").is_some_and(|e| w.dims() == e));
+    let mut keys: Vec<String> = pre.tensors.keys().cloned().collect();
+    keys.sort();
+    for key in keys {
+        if expected.contains_key(&key) && (head_fits || !key.starts_with("head.")) {
+            continue;
+        }
+        let why = if key.starts_with("head.") {
+            "fresh head for the model's classes"
+        } else if key.starts_with("decoder_") || key == "mask_token" {
+            "MAE decoder, not used by the classifier"
+        } else if key.starts_with("norm.") && expected.contains_key("fc_norm.weight") {
+            "mean pooling uses a fresh fc_norm instead"
+        } else if key == "pos_embed" {
+            "the model uses fixed sin-cos position embeddings"
+        } else {
+            continue; // unexpected: reported by `check`
+        };
+        if let Some(t) = pre.tensors.remove(&key) {
+            pre.notes.push(format!("dropped {key} {:?}: {why}", t.dims()));
+        }
+    }
+    Ok(pre)
+}
+
+/// Compare every tensor with the model's shapes. Fails listing ALL shape mismatches
+/// (`name: checkpoint [..] vs model [..]`), every missing key other than the new head / fc_norm,
+/// and every key the model does not have.
+pub fn check(tensors: &HashMap<String, Tensor>, expected: &BTreeMap<String, Vec<usize>>) -> Result<(), WeightsError> {
+    let mut mismatches = Vec::new();
+    let mut missing = Vec::new();
+    for (name, shape) in expected {
+        match tensors.get(name) {
+            Some(t) if t.dims() != shape.as_slice() => {
+                mismatches.push(format!("{name}: checkpoint {:?} vs model {shape:?}", t.dims()))
+            }
+            Some(_) => {}
+            None if NEW_KEYS.contains(&name.as_str()) => {}
+            None => missing.push(name.clone()),
+        }
+    }
+    let mut unexpected: Vec<String> = tensors.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
+    unexpected.sort();
+    if mismatches.is_empty() && missing.is_empty() && unexpected.is_empty() {
+        Ok(())
+    } else {
+        Err(WeightsError::Shapes {
+            mismatches,
+            missing,
+            unexpected,
+        })
+    }
+}
+
+/// Rename (by layout), adapt and check a checkpoint for a ViT of the given shape
+/// (`image_size` in pixels, `in_chans` input channels, `num_classes` logits).
+pub fn convert(
+    ckpt: HashMap<String, Tensor>,
+    layout: Layout,
+    vit: &VitConfig,
+    image_size: usize,
+    in_chans: usize,
+    num_classes: usize,
+) -> Result<Pretrained, WeightsError> {
+    let pre = match layout {
+        Layout::Hf => hf_to_timm(ckpt)?,
+        Layout::Timm => Pretrained {
+            tensors: ckpt,
+            notes: Vec::new(),
+        },
+    };
+    let expected = expected_shapes(vit, image_size, in_chans, num_classes)?;
+    let pre = adapt(pre, &expected)?;
+    check(&pre.tensors, &expected)?;
+    Ok(pre)
+}
+
+/// Where `init` says the Hub repo is (`init.hub_repo` at `init.hub_revision`, cache
+/// `init.hub_cache_dir` or hf-hub's default, `init.offline`).
+pub fn hub_source(init: &InitConfig) -> HubSource<'_> {
+    HubSource {
+        repo: &init.hub_repo,
+        kind: RepoKind::Model,
+        revision: &init.hub_revision,
+        cache_dir: (!init.hub_cache_dir.is_empty()).then(|| Path::new(&init.hub_cache_dir)),
+        offline: init.offline,
+        endpoint: None,
+    }
+}
+
+/// The checkpoint files of a Hugging Face model repo: `model.safetensors`, else
+/// `pytorch_model.bin`, and `config.json` when the layout is HF. Returns (weights, config).
+pub fn fetch_hub_files(src: &HubSource, layout: Layout) -> Result<(PathBuf, Option<PathBuf>), WeightsError> {
+    let weights = match hub::fetch(src, "model.safetensors") {
+        Ok(p) => p,
+        Err(safetensors) => hub::fetch(src, "pytorch_model.bin").map_err(|bin| WeightsError::HubWeights {
+            repo: src.repo.to_string(),
+            safetensors: Box::new(safetensors),
+            bin: Box::new(bin),
+        })?,
+    };
+    let config = match layout {
+        Layout::Hf => Some(hub::fetch(src, "config.json")?),
+        Layout::Timm => None,
+    };
+    Ok((weights, config))
+}
+
+/// The config-driven path: `init.weights = "hub"` (repo `init.hub_repo`) or `"file"`
+/// (`init.file`, with a `config.json` beside it checked when present), `init.format = "hf" |
+/// "timm"`. For HF checkpoints, `config.json` must describe the same encoder as `vit`.
+/// Returns f32 CPU tensors in our names for a ViT of (`vit`, `image_size`, `in_chans`,
+/// `num_classes`), plus notes on what was adapted or dropped.
+pub fn load_pretrained(
+    init: &InitConfig,
+    vit: &VitConfig,
+    image_size: usize,
+    in_chans: usize,
+    num_classes: usize,
+) -> Result<Pretrained, WeightsError> {
+    let layout = Layout::parse(&init.format)?;
+    let (weights, config) = match init.weights.as_str() {
+        "hub" => fetch_hub_files(&hub_source(init), layout)?,
+        "file" => {
+            let file = PathBuf::from(&init.file);
+            let beside = file.with_file_name("config.json");
+            let config = (layout == Layout::Hf && beside.is_file()).then_some(beside);
+            (file, config)
+        }
+        other => return Err(WeightsError::NotPretrained { weights: other.into() }),
+    };
+    if let Some(path) = config {
+        let mismatches = HfVitConfig::read(&path)?.mismatches(vit);
+        if !mismatches.is_empty() {
+            return Err(WeightsError::ConfigMismatch { path, mismatches });
+        }
+    }
+    let ckpt = read_checkpoint(&weights)?;
+    convert(ckpt, layout, vit, image_size, in_chans, num_classes)
+}
