@@ -26,7 +26,6 @@ pub trait Model: Jvp {
     /// Training-mode logits (drop path, batch statistics; running statistics are updated).
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
-<<<<<<< HEAD
 
 /// Build the classifier the config describes on the variables of `varmap` (tensors already in
 /// the map, e.g. pretrained weights, are used; missing ones are initialised from `cfg.seed`).
