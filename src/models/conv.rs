@@ -98,9 +98,14 @@ pub fn param(vb: &VarBuilder, shape: &[usize], name: &str, init: ParamInit) -> R
         (0..n).map(|_| rng.random_range(-std_or_bound..std_or_bound)).collect()
     };
     let v = Tensor::from_vec(vals, shape, t.device())?.to_dtype(t.dtype())?;
-    // The VarMap's tensor is a Var sharing storage with `t`: set it in place.
-    Var::from_tensor(&t)?.set(&v)?;
-    Ok(t)
+    if t.is_variable() {
+        // The VarMap's tensor is a Var sharing storage with `t`: set it in place.
+        Var::from_tensor(&t)?.set(&v)?;
+        Ok(t)
+    } else {
+        // A builder without storage of its own (not a VarMap): the value is all there is.
+        Ok(v)
+    }
 }
 
 /// Spatial padding of a convolution.
