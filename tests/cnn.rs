@@ -464,8 +464,8 @@ fn layerwise_steps_sum_to_the_end_to_end_lie_derivative() {
     let x = blobs(2, 12, 4, DType::F64);
     let (_m, cnn) = small_cnn(DType::F64);
     warm_up(&cnn, 4, 12, DType::F64);
-    // stem 3 + stage1 (2 blocks × 7) + stage2 (block0 9 with shortcut, block1 7) + pool + head.
-    assert_layerwise_sums("CNN", &cnn, &x, 3 + 14 + 16 + 2);
+    // stem 3 + 2 stages × (block0 9 with its shortcut, block1 7) + pool + head.
+    assert_layerwise_sums("CNN", &cnn, &x, 3 + 2 * 16 + 2);
     let (_m, g) = small_gcnn(8, DType::F64);
     warm_up(&g, 4, 12, DType::F64);
     // 3 blocks × (conv, bn, relu) + 2 pools (12 → 6 → 3) + group pool + pool + head.

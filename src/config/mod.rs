@@ -231,7 +231,7 @@ impl Default for MaeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CnnConfig {
-    /// Channels of each ResNet stage; every stage after the first halves the resolution.
+    /// Channels of each ResNet stage; every stage halves the resolution (28 → 14 → 7 → 4 → 2).
     pub widths: Vec<usize>,
     /// Residual blocks per stage.
     pub blocks: usize,
