@@ -231,7 +231,7 @@ impl Default for MaeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CnnConfig {
-    /// Channels of each ResNet stage; every stage after the first halves the resolution.
+    /// Channels of each ResNet stage; every stage halves the resolution (28 → 14 → 7 → 4 → 2).
     pub widths: Vec<usize>,
     /// Residual blocks per stage.
     pub blocks: usize,
@@ -240,7 +240,7 @@ pub struct CnnConfig {
 impl Default for CnnConfig {
     fn default() -> Self {
         Self {
-            widths: vec![32, 64, 128],
+            widths: vec![16, 32, 64, 128],
             blocks: 2,
         }
     }
@@ -261,7 +261,7 @@ impl Default for GcnnConfig {
     fn default() -> Self {
         Self {
             group_order: 8,
-            widths: vec![16, 24, 32, 32],
+            widths: vec![8, 16, 16, 16],
             kernel_size: 5,
         }
     }

@@ -44,7 +44,7 @@ struct Rotator {
 
 impl Rotator {
     fn new(n: usize, k: usize, like: &Tensor) -> Result<Self> {
-        if n == 0 || n % 4 != 0 {
+        if n == 0 || !n.is_multiple_of(4) {
             candle_core::bail!("G-CNN group order {n}: must be a multiple of 4 (4, 8 or 16)");
         }
         let mask = if n == 4 {
