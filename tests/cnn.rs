@@ -58,7 +58,7 @@ fn blobs(b: usize, s: usize, seed: u64, dtype: DType) -> Tensor {
 }
 
 fn vb(map: &VarMap, dtype: DType) -> VarBuilder<'static> {
-    VarBuilder::from_varmap(map, dtype, &DEV)
+    liederiv::models::init::SeededVarMap::var_builder(map, 0, dtype, &DEV)
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {

@@ -6,15 +6,12 @@
 //!
 //! Layers do the maths only; the model that owns a layer records the step on the [`Tape`]
 //! (through [`Flow::apply`]), because only the model knows the step's name and representation.
-//! Parameter initialisation is seeded per parameter by its full name (see [`param`]), never by
-//! candle's device RNG, so a model is a deterministic function of its config.
+//! Parameter values come from the VarBuilder's init hints; models built through
+//! [`crate::models::build_model`] draw them from the run seed (see [`crate::models::init`]).
 
 use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
-use crate::models::Rng;
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
-use rand::{Rng as _, SeedableRng};
-use rand_distr::{Distribution, Normal};
 
 /// A layer's primal forward, in training (`train = true`: batch statistics, running-statistic
 /// updates) or eval mode. Its [`Jvp`] is always eval mode.
@@ -66,46 +63,15 @@ pub enum ParamInit {
     Uniform(f64),
 }
 
-/// FNV-1a: a stable seed from a parameter's full name.
-fn name_seed(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
-}
-
-/// Fetch parameter `name` from `vb`, or create it: values are drawn on the host from a ChaCha8
-/// RNG seeded by the parameter's full path, so initialisation is deterministic and independent
-/// of construction order. A VarMap-backed builder keeps the new tensor as a trainable Var.
+/// Fetch parameter `name` from `vb`, or create it with `init` (a VarBuilder from
+/// [`crate::models::init::SeededVarMap`] draws the values from the run seed and the name).
 pub fn param(vb: &VarBuilder, shape: &[usize], name: &str, init: ParamInit) -> Result<Tensor> {
-    if vb.contains_tensor(name) {
-        return vb.get(shape, name);
-    }
-    let std_or_bound = match init {
-        ParamInit::Const(c) => return vb.get_with_hints(shape, name, Init::Const(c)),
-        ParamInit::Normal(s) | ParamInit::Uniform(s) => s,
+    let hint = match init {
+        ParamInit::Const(c) => Init::Const(c),
+        ParamInit::Normal(std) => Init::Randn { mean: 0.0, stdev: std },
+        ParamInit::Uniform(b) => Init::Uniform { lo: -b, up: b },
     };
-    let t = vb.get_with_hints(shape, name, Init::Const(0.0))?;
-    let full = if vb.prefix().is_empty() {
-        name.to_string()
-    } else {
-        format!("{}.{name}", vb.prefix())
-    };
-    let mut rng = Rng::seed_from_u64(name_seed(&full));
-    let n: usize = shape.iter().product();
-    let vals: Vec<f64> = if let ParamInit::Normal(_) = init {
-        let dist = Normal::new(0.0, std_or_bound).map_err(|e| candle_core::Error::Msg(format!("init {full}: {e}")))?;
-        (0..n).map(|_| dist.sample(&mut rng)).collect()
-    } else {
-        (0..n).map(|_| rng.random_range(-std_or_bound..std_or_bound)).collect()
-    };
-    let v = Tensor::from_vec(vals, shape, t.device())?.to_dtype(t.dtype())?;
-    if t.is_variable() {
-        // The VarMap's tensor is a Var sharing storage with `t`: set it in place.
-        Var::from_tensor(&t)?.set(&v)?;
-        Ok(t)
-    } else {
-        // A builder without storage of its own (not a VarMap): the value is all there is.
-        Ok(v)
-    }
+    vb.get_with_hints(shape, name, hint)
 }
 
 /// Spatial padding of a convolution.
