@@ -250,7 +250,8 @@ fn rotate_with(images: &[f32], h: usize, w: usize, angles: &[f64], bar: &Progres
             let x = Tensor::from_slice(imgs, (ts.len(), 1, h, w), &Device::Cpu)?;
             let y = apply(&x, Transform::Rotate, ts, Padding::Zeros)?;
             bar.inc(ts.len() as u64);
-            y.flatten_all()?.to_vec1::<f32>()
+            // Bilinear weights can sum to 1 + 1 ulp in f32: keep pixels in [0, 1] exactly.
+            y.clamp(0f32, 1f32)?.flatten_all()?.to_vec1::<f32>()
         })
         .collect::<candle_core::Result<_>>()?;
     Ok(chunks.concat())
