@@ -682,7 +682,7 @@ fn batch_normalizes_replicates_and_resizes() {
     for (i, row) in r.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
             let (si, sj) = (src(i), src(j));
-            if si >= 1.0 && si <= 25.0 && sj >= 1.0 && sj <= 25.0 {
+            if (1.0..=25.0).contains(&si) && (1.0..=25.0).contains(&sj) {
                 let e = si * 0.01 + sj * 0.02;
                 assert!((*v as f64 - e).abs() < 1e-5, "({i},{j}) {v} vs {e}");
                 checked += 1;
