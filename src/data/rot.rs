@@ -423,10 +423,11 @@ fn write_split(path: &Path, s: &Split) -> Result<(), DataError> {
         buf.extend_from_slice(&v.to_le_bytes());
     }
     buf.extend_from_slice(&s.labels);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&buf).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
+    // No fsync: the rename makes the file appear whole or not at all, and a file damaged by a
+    // crash fails the length check in `read_split` and is rebuilt.
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&buf))
+        .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
