@@ -140,7 +140,7 @@ fn ood_dir(cfg: &Config, o: &OodConfig) -> Result<PathBuf, DataError> {
         })
 }
 
-/// Cache directory and the source files it depends on, for split `name`.
+/// The cache directory of split `name`: its key hashes the parameters and the source files.
 fn locate(cfg: &Config, name: &str) -> Result<PathBuf, DataError> {
     let d = &cfg.data;
     let root = Path::new(&d.cache_dir);
@@ -281,7 +281,7 @@ fn build_main(cfg: &Config) -> Result<Vec<Split>, DataError> {
     let (tr, va, te) = (d.train_size, d.val_size, d.test_size);
     let src = source(cfg)?;
     let pool = match &src {
-        Source::Amat(_) => return build_amat(cfg),
+        Source::Amat(dir) => return build_amat(cfg, dir),
         Source::Idx(dir) => {
             let (train, _) = idx::read_pair(dir, "train")?;
             let (test, _) = idx::read_pair(dir, "t10k")?;
@@ -340,14 +340,8 @@ fn join_pool(mut a: Digits, b: Digits, what: &str) -> Result<Digits, DataError> 
 
 /// The original files: train = first `train_size` rows of train_valid, val = the next
 /// `val_size` (with the defaults, its last 2,000), test = the first `test_size` rows of test.
-fn build_amat(cfg: &Config) -> Result<Vec<Split>, DataError> {
+fn build_amat(cfg: &Config, dir: &Path) -> Result<Vec<Split>, DataError> {
     let d = &cfg.data;
-    let Source::Amat(dir) = source(cfg)? else {
-        return Err(DataError::NoRoot {
-            source_kind: "amat".into(),
-            key: "amat_dir",
-        });
-    };
     let side = 28;
     let hw = amat::PIXELS;
     let tv_path = dir.join(amat::TRAIN_VALID);
