@@ -682,7 +682,7 @@ fn batch_normalizes_replicates_and_resizes() {
     for (i, row) in r.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
             let (si, sj) = (src(i), src(j));
-            if si >= 1.0 && si <= 25.0 && sj >= 1.0 && sj <= 25.0 {
+            if (1.0..=25.0).contains(&si) && (1.0..=25.0).contains(&sj) {
                 let e = si * 0.01 + sj * 0.02;
                 assert!((*v as f64 - e).abs() < 1e-5, "({i},{j}) {v} vs {e}");
                 checked += 1;
@@ -848,4 +848,45 @@ fn real_mnist_rot_splits() {
             s.len()
         );
     }
+}
+
+#[test]
+fn data_info_json_from_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    synthetic_root(root.path());
+    let cache = tempfile::tempdir().unwrap();
+    let sets = [
+        format!("data.root={:?}", root.path().display().to_string()),
+        format!("data.cache_dir={:?}", cache.path().display().to_string()),
+        "data.train_size=30".into(),
+        "data.val_size=10".into(),
+        "data.test_size=25".into(),
+    ];
+    let run = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liederiv"));
+        cmd.args(["data", "info", "--json"]);
+        for s in &sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run();
+    assert_eq!(first, run(), "a second run must print the same hashes");
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let splits = v["splits"].as_object().unwrap();
+    let cfg = small_cfg(root.path(), cache.path(), &[]);
+    for (name, n) in [("train", 30), ("val", 10), ("test", 25), ("ood_fashion", 15)] {
+        let s = data::load_split(&cfg, name).unwrap();
+        assert_eq!(splits[name]["n"], n);
+        assert_eq!(splits[name]["sha256"], s.sha256());
+        assert_eq!(splits[name]["class_counts"], serde_json::json!(s.class_counts()));
+    }
+    // The documented order: train, val, test, then the OOD sets.
+    let order: Vec<usize> = ["\"train\"", "\"val\"", "\"test\"", "\"ood_fashion\""]
+        .iter()
+        .map(|k| first.find(k).unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{first}");
 }

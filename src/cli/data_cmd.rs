@@ -11,21 +11,23 @@ use std::time::Instant;
 /// Build every split of `cfg` (train, val, test, ood_<name>...) and print the summary.
 /// `prepare` only changes the wording: both build what is not cached.
 pub fn run(cfg: &Config, prepare: bool, json: bool) -> anyhow::Result<()> {
-    let mut splits = serde_json::Map::new();
+    let mut entries = Vec::new();
     let mut rows = Vec::new();
     for name in cfg.split_names() {
         let t0 = Instant::now();
         let s = data::load_split(cfg, &name).with_context(|| format!("building split {name}"))?;
         let path = data::cache_path(cfg, &name).with_context(|| format!("locating split {name}"))?;
         let (n, sha, counts) = (s.len(), s.sha256(), s.class_counts());
-        splits.insert(
-            name.clone(),
-            serde_json::json!({"n": n, "sha256": sha, "class_counts": counts}),
-        );
+        // Written by hand so the splits keep the config's order (train, val, test, ood_*).
+        entries.push(format!(
+            "{}: {{\"n\": {n}, \"sha256\": \"{sha}\", \"class_counts\": {}}}",
+            serde_json::Value::from(name.as_str()),
+            serde_json::Value::from(counts.clone())
+        ));
         rows.push((name, n, sha, counts, t0.elapsed().as_secs_f64(), path));
     }
     if json {
-        println!("{}", serde_json::json!({ "splits": splits }));
+        println!("{{\"splits\": {{{}}}}}", entries.join(", "));
         return Ok(());
     }
     if prepare {

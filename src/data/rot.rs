@@ -140,7 +140,7 @@ fn ood_dir(cfg: &Config, o: &OodConfig) -> Result<PathBuf, DataError> {
         })
 }
 
-/// Cache directory and the source files it depends on, for split `name`.
+/// The cache directory of split `name`: its key hashes the parameters and the source files.
 fn locate(cfg: &Config, name: &str) -> Result<PathBuf, DataError> {
     let d = &cfg.data;
     let root = Path::new(&d.cache_dir);
@@ -250,7 +250,8 @@ fn rotate_with(images: &[f32], h: usize, w: usize, angles: &[f64], bar: &Progres
             let x = Tensor::from_slice(imgs, (ts.len(), 1, h, w), &Device::Cpu)?;
             let y = apply(&x, Transform::Rotate, ts, Padding::Zeros)?;
             bar.inc(ts.len() as u64);
-            y.flatten_all()?.to_vec1::<f32>()
+            // Bilinear weights can sum to 1 + 1 ulp in f32: keep pixels in [0, 1] exactly.
+            y.clamp(0f32, 1f32)?.flatten_all()?.to_vec1::<f32>()
         })
         .collect::<candle_core::Result<_>>()?;
     Ok(chunks.concat())
@@ -280,7 +281,7 @@ fn build_main(cfg: &Config) -> Result<Vec<Split>, DataError> {
     let (tr, va, te) = (d.train_size, d.val_size, d.test_size);
     let src = source(cfg)?;
     let pool = match &src {
-        Source::Amat(_) => return build_amat(cfg),
+        Source::Amat(dir) => return build_amat(cfg, dir),
         Source::Idx(dir) => {
             let (train, _) = idx::read_pair(dir, "train")?;
             let (test, _) = idx::read_pair(dir, "t10k")?;
@@ -339,14 +340,8 @@ fn join_pool(mut a: Digits, b: Digits, what: &str) -> Result<Digits, DataError> 
 
 /// The original files: train = first `train_size` rows of train_valid, val = the next
 /// `val_size` (with the defaults, its last 2,000), test = the first `test_size` rows of test.
-fn build_amat(cfg: &Config) -> Result<Vec<Split>, DataError> {
+fn build_amat(cfg: &Config, dir: &Path) -> Result<Vec<Split>, DataError> {
     let d = &cfg.data;
-    let Source::Amat(dir) = source(cfg)? else {
-        return Err(DataError::NoRoot {
-            source_kind: "amat".into(),
-            key: "amat_dir",
-        });
-    };
     let side = 28;
     let hw = amat::PIXELS;
     let tv_path = dir.join(amat::TRAIN_VALID);
@@ -422,10 +417,11 @@ fn write_split(path: &Path, s: &Split) -> Result<(), DataError> {
         buf.extend_from_slice(&v.to_le_bytes());
     }
     buf.extend_from_slice(&s.labels);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&buf).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
+    // No fsync: the rename makes the file appear whole or not at all, and a file damaged by a
+    // crash fails the length check in `read_split` and is rebuilt.
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&buf))
+        .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
