@@ -51,14 +51,19 @@ pub fn input_tangents(x: &Tensor, transforms: &[Transform], stencil: Stencil) ->
     Tensor::stack(&parts, 0)
 }
 
+/// Softmax over the last axis from differentiable ops.
+pub fn softmax(logits: &Tensor) -> Result<Tensor> {
+    // The max shift cancels in the softmax; detaching it keeps its gradient out of the graph.
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
+    let e = shifted.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
 /// Softmax over the last axis and its JVP, from differentiable ops (candle's fused softmax has
 /// no backward). `logits: (B, K)`, `dlogits: (T, B, K)` → `p: (B, K)`, `dp: (T, B, K)` with
 /// dp = p ⊙ (dl − Σ_k p_k dl_k).
 pub fn softmax_jvp(logits: &Tensor, dlogits: &Tensor) -> Result<(Tensor, Tensor)> {
-    // The max shift cancels in the softmax; detaching it keeps its gradient out of the graph.
-    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
-    let e = shifted.exp()?;
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let p = softmax(logits)?;
     let p_t = p.unsqueeze(0)?; // (1, B, K)
     let mean_dl = dlogits.broadcast_mul(&p_t)?.sum_keepdim(D::Minus1)?; // (T, B, 1)
     let dp = dlogits.broadcast_sub(&mean_dl)?.broadcast_mul(&p_t)?;

@@ -14,6 +14,7 @@ pub use layerwise::{
     LayerwiseReport, StepContribution,
 };
 pub use lee::{
-    input_tangents, lee_penalty, lee_per_image, lee_split, output_lie_derivative, reduce_statistic, softmax_jvp,
-    LeeSpec, LeeSummary, MeanStderr, Statistic,
+    input_tangents, lee_penalty, lee_per_image, lee_split, output_lie_derivative, reduce_statistic, softmax,
+    softmax_jvp, LeeSpec, LeeSummary, MeanStderr, Statistic,
 };
+pub use metrics::{lanczos_warp, metric_per_image, metrics_split, roll, Metric, MetricStat, Output};
