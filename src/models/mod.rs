@@ -15,3 +15,6 @@ pub trait Model: Jvp {
     /// Training-mode logits (drop path, batch statistics; running statistics are updated).
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
+pub mod layers;
+pub mod mae;
+pub mod vit;
