@@ -153,8 +153,16 @@ fn cnn_and_gcnn_contributions_sum_to_end_to_end_in_f32() {
     let mut r = rng(28);
     let x = blob_images(3, 1, 28, 3, DType::F32, &mut r);
     let cases = [
-        vec!["model.kind=\"cnn\"".to_string(), "model.cnn.widths=[8, 12]".into(), "model.cnn.blocks=1".into()],
-        vec!["model.kind=\"gcnn\"".to_string(), "model.gcnn.widths=[4, 4]".into(), "model.gcnn.group_order=4".into()],
+        vec![
+            "model.kind=\"cnn\"".to_string(),
+            "model.cnn.widths=[8, 12]".into(),
+            "model.cnn.blocks=1".into(),
+        ],
+        vec![
+            "model.kind=\"gcnn\"".to_string(),
+            "model.gcnn.widths=[4, 4]".into(),
+            "model.gcnn.group_order=4".into(),
+        ],
     ];
     for o in cases {
         let cfg = Config::resolve_str("", "test.toml", &o).unwrap();
@@ -163,7 +171,11 @@ fn cnn_and_gcnn_contributions_sum_to_end_to_end_in_f32() {
             let d = decompose(model.as_ref(), &x, tr, Stencil::Central, false).unwrap();
             let sum = d.contributions.sum(0).unwrap();
             let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
-            println!("{} {tr}: {} steps, sum rel error {rel:e}", cfg.model.kind, d.steps.len());
+            println!(
+                "{} {tr}: {} steps, sum rel error {rel:e}",
+                cfg.model.kind,
+                d.steps.len()
+            );
             assert!(norm(&d.end_to_end) > 0.0);
             assert!(rel < 1e-4, "{} {tr}: {rel:e}", cfg.model.kind);
         }

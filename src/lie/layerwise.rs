@@ -139,6 +139,11 @@ impl LayerwiseAccumulator {
         }
     }
 
+    /// The transform being decomposed.
+    pub fn transform(&self) -> Transform {
+        self.transform
+    }
+
     pub fn push(&mut self, d: &Decomposition, rng: &mut Rng) -> Result<()> {
         let names: Vec<(String, StepKind)> = d.steps.iter().map(|s| (s.name.clone(), s.kind)).collect();
         if self.names.is_empty() {

@@ -180,33 +180,70 @@ pub struct LeeSpec {
     pub batch_size: usize,
 }
 
-/// LEE (and accuracy, given labels) over a whole split `images: (N, C, H, W)`, in batches of
-/// `spec.batch_size`. Fails on a non-finite Lie derivative, naming the batch.
-pub fn lee_split(model: &dyn Model, images: &Tensor, labels: Option<&Tensor>, spec: &LeeSpec) -> Result<LeeSummary> {
-    let n = images.dim(0)?;
-    let mut lee: Vec<(Transform, MeanStderr)> = spec.transforms.iter().map(|&t| (t, MeanStderr::new())).collect();
-    let mut correct = 0usize;
-    let bs = spec.batch_size.max(1);
-    for start in (0..n).step_by(bs) {
-        let len = bs.min(n - start);
-        let x = images.narrow(0, start, len)?;
-        let (logits, d) = output_lie_derivative(model, &x, &spec.transforms, spec.stencil, spec.use_logits)?;
+/// Accumulates LEE and accuracy over the batches of a split.
+#[derive(Clone, Debug)]
+pub struct LeeAccumulator {
+    lee: Vec<(Transform, MeanStderr)>,
+    correct: usize,
+    labelled: usize,
+    n: usize,
+}
+
+impl LeeAccumulator {
+    pub fn new(transforms: &[Transform]) -> Self {
+        Self {
+            lee: transforms.iter().map(|&t| (t, MeanStderr::new())).collect(),
+            correct: 0,
+            labelled: 0,
+            n: 0,
+        }
+    }
+
+    /// Measure one batch `x: (B, C, H, W)` (labels `(B,)`, optional). Fails on a non-finite
+    /// Lie derivative, naming the images.
+    pub fn push(&mut self, model: &dyn Model, x: &Tensor, labels: Option<&Tensor>, spec: &LeeSpec) -> Result<()> {
+        let len = x.dim(0)?;
+        let (logits, d) = output_lie_derivative(model, x, &spec.transforms, spec.stencil, spec.use_logits)?;
         let per: Vec<Vec<f64>> = reduce_statistic(&d, spec.statistic)?.to_dtype(DType::F64)?.to_vec2()?;
-        for ((t, acc), vals) in lee.iter_mut().zip(per) {
+        for ((t, acc), vals) in self.lee.iter_mut().zip(per) {
             if let Some(v) = vals.iter().find(|v| !v.is_finite()) {
-                candle_core::bail!("non-finite {t} Lie derivative ({v}) in images {start}..{}", start + len);
+                candle_core::bail!(
+                    "non-finite {t} Lie derivative ({v}) in images {}..{}",
+                    self.n,
+                    self.n + len
+                );
             }
             acc.extend(vals);
         }
         if let Some(labels) = labels {
             let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-            let y = labels.narrow(0, start, len)?.to_dtype(DType::U32)?;
-            correct += pred.eq(&y)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+            let y = labels.to_dtype(DType::U32)?;
+            self.correct += pred.eq(&y)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+            self.labelled += len;
+        }
+        self.n += len;
+        Ok(())
+    }
+
+    pub fn finish(self) -> LeeSummary {
+        LeeSummary {
+            n: self.n,
+            accuracy: (self.labelled > 0).then(|| self.correct as f64 / self.labelled as f64),
+            lee: self.lee,
         }
     }
-    Ok(LeeSummary {
-        n,
-        accuracy: labels.map(|_| if n == 0 { 0.0 } else { correct as f64 / n as f64 }),
-        lee,
-    })
+}
+
+/// LEE (and accuracy, given labels) over a whole split `images: (N, C, H, W)`, in batches of
+/// `spec.batch_size`.
+pub fn lee_split(model: &dyn Model, images: &Tensor, labels: Option<&Tensor>, spec: &LeeSpec) -> Result<LeeSummary> {
+    let n = images.dim(0)?;
+    let bs = spec.batch_size.max(1);
+    let mut acc = LeeAccumulator::new(&spec.transforms);
+    for start in (0..n).step_by(bs) {
+        let len = bs.min(n - start);
+        let y = labels.map(|l| l.narrow(0, start, len)).transpose()?;
+        acc.push(model, &images.narrow(0, start, len)?, y.as_ref(), spec)?;
+    }
+    Ok(acc.finish())
 }

@@ -265,24 +265,28 @@ pub fn metric_per_image(
     )])
 }
 
-/// Every metric in `metrics` over `images: (N, C, H, W)` for a classifier's probabilities.
-pub fn metrics_split(
-    model: &dyn Model,
-    images: &Tensor,
-    metrics: &[Metric],
+/// Accumulates metrics of a classifier's probabilities over the batches of a split.
+#[derive(Clone, Debug)]
+pub struct MetricsAccumulator {
+    metrics: Vec<Metric>,
     draws: usize,
-    batch_size: usize,
-    rng: &mut Rng,
-) -> Result<Vec<MetricStat>> {
-    let probs = |x: &Tensor| softmax(&model.forward(x)?);
-    let n = images.dim(0)?;
-    let bs = batch_size.max(1);
-    let mut out: Vec<MetricStat> = Vec::new();
-    for &metric in metrics {
-        let mut accs: Vec<(String, MeanStderr)> = Vec::new();
-        for start in (0..n).step_by(bs) {
-            let x = images.narrow(0, start, bs.min(n - start))?;
-            for (k, (name, vals)) in metric_per_image(metric, &probs, Output::Invariant, &x, draws, rng)?
+    /// Per metric, its named series.
+    accs: Vec<Vec<(String, MeanStderr)>>,
+}
+
+impl MetricsAccumulator {
+    pub fn new(metrics: &[Metric], draws: usize) -> Self {
+        Self {
+            metrics: metrics.to_vec(),
+            draws: draws.max(1),
+            accs: vec![Vec::new(); metrics.len()],
+        }
+    }
+
+    pub fn push(&mut self, model: &dyn Model, x: &Tensor, rng: &mut Rng) -> Result<()> {
+        let probs = |x: &Tensor| softmax(&model.forward(x)?);
+        for (&metric, accs) in self.metrics.iter().zip(&mut self.accs) {
+            for (k, (name, vals)) in metric_per_image(metric, &probs, Output::Invariant, x, self.draws, rng)?
                 .into_iter()
                 .enumerate()
             {
@@ -292,16 +296,44 @@ pub fn metrics_split(
                 accs[k].1.extend(vals);
             }
         }
-        out.extend(accs.into_iter().map(|(name, stat)| MetricStat {
-            // A per-shift consistency series is one fixed shift; the overall mean is all of them.
-            draws: match metric {
-                Metric::Consistency if name == "consistency" => 2 * (CONSISTENCY_MAX_SHIFT + 1),
-                Metric::Consistency => 1,
-                _ => draws.max(1),
-            },
-            name,
-            stat,
-        }));
+        Ok(())
     }
-    Ok(out)
+
+    pub fn finish(self) -> Vec<MetricStat> {
+        let draws = self.draws;
+        self.metrics
+            .into_iter()
+            .zip(self.accs)
+            .flat_map(|(metric, accs)| {
+                accs.into_iter().map(move |(name, stat)| MetricStat {
+                    // A per-shift consistency series is one fixed shift; the overall mean is all of them.
+                    draws: match metric {
+                        Metric::Consistency if name == "consistency" => 2 * (CONSISTENCY_MAX_SHIFT + 1),
+                        Metric::Consistency => 1,
+                        _ => draws,
+                    },
+                    name,
+                    stat,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Every metric in `metrics` over `images: (N, C, H, W)` for a classifier's probabilities.
+pub fn metrics_split(
+    model: &dyn Model,
+    images: &Tensor,
+    metrics: &[Metric],
+    draws: usize,
+    batch_size: usize,
+    rng: &mut Rng,
+) -> Result<Vec<MetricStat>> {
+    let n = images.dim(0)?;
+    let bs = batch_size.max(1);
+    let mut acc = MetricsAccumulator::new(metrics, draws);
+    for start in (0..n).step_by(bs) {
+        acc.push(model, &images.narrow(0, start, bs.min(n - start))?, rng)?;
+    }
+    Ok(acc.finish())
 }

@@ -15,6 +15,8 @@ pub use layerwise::{
 };
 pub use lee::{
     input_tangents, lee_penalty, lee_per_image, lee_split, output_lie_derivative, reduce_statistic, softmax,
-    softmax_jvp, LeeSpec, LeeSummary, MeanStderr, Statistic,
+    softmax_jvp, LeeAccumulator, LeeSpec, LeeSummary, MeanStderr, Statistic,
 };
-pub use metrics::{lanczos_warp, metric_per_image, metrics_split, roll, Metric, MetricStat, Output};
+pub use metrics::{
+    lanczos_warp, metric_per_image, metrics_split, roll, Metric, MetricStat, MetricsAccumulator, Output,
+};
