@@ -3,6 +3,7 @@
 //! up in [`main`], which prints the whole context chain once and sets the exit code.
 
 pub mod data_cmd;
+pub mod lee_cmd;
 
 use crate::config::Config;
 use clap::{Args, Parser, Subcommand};
@@ -194,7 +195,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if dry_run(&a.cfg, &cfg) {
                 return Ok(());
             }
-            anyhow::bail!("`lee` is not built yet")
+            lee_cmd::run(&cfg, &a)
         }
         Command::Data(a) => {
             let (args, prepare) = match &a.action {

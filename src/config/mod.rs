@@ -462,6 +462,11 @@ pub struct LeeConfig {
     /// Differentiate the logits instead of the softmax probabilities.
     pub use_logits: bool,
     pub batch_size: usize,
+    /// Layerwise decomposition: Rademacher probes of the Hutchinson estimate of each step's
+    /// ‖contribution‖² (0 = exact norms, fine for K up to a few thousand classes).
+    pub layerwise_probes: usize,
+    /// Random transforms drawn per image by the EQ-T, EQ-T_frac, EQ-R and sampled metrics.
+    pub metric_draws: usize,
 }
 
 impl Default for LeeConfig {
@@ -474,6 +479,8 @@ impl Default for LeeConfig {
             statistic: "sq".into(),
             use_logits: false,
             batch_size: 64,
+            layerwise_probes: 0,
+            metric_draws: 4,
         }
     }
 }

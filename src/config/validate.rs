@@ -385,6 +385,18 @@ impl Config {
         one_of("lee.stencil", &l.stencil, &["central", "forward", "spectral"])?;
         one_of("lee.statistic", &l.statistic, &["sq", "abs"])?;
         check(l.batch_size > 0, "lee.batch_size", l.batch_size, "at least 1")?;
+        check(
+            l.layerwise_probes <= 1_000_000,
+            "lee.layerwise_probes",
+            l.layerwise_probes,
+            "0 (exact) to 1000000",
+        )?;
+        check(
+            (1..=1000).contains(&l.metric_draws),
+            "lee.metric_draws",
+            l.metric_draws,
+            "1 to 1000",
+        )?;
         let splits = self.split_names();
         for (k, s) in self.eval.splits.iter().enumerate() {
             check(
