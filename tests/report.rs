@@ -198,3 +198,118 @@ fn bad_inputs_are_clear_errors() {
     // Nothing was written for the refused record.
     assert!(read_jsonl(&path).unwrap().is_empty());
 }
+
+/// A run whose accuracy rises and whose LEE falls, as the plots should show.
+fn training_run() -> Vec<EvalRecord> {
+    (0..8)
+        .map(|i| {
+            let mut r = record(i * 250, false);
+            let decay = 0.5f64.powi(i as i32);
+            for (k, split) in r.splits.values_mut().enumerate() {
+                for m in split.lee.values_mut() {
+                    m.mean = (k + 1) as f64 * 1e-3 * decay;
+                    m.stderr = m.mean * 0.1;
+                }
+                if let Some(a) = split.accuracy.as_mut() {
+                    *a = 0.5 + 0.45 * (1.0 - decay);
+                }
+                if let Some(l) = split.loss.as_mut() {
+                    *l = 2.0 * decay + 0.05;
+                }
+            }
+            r
+        })
+        .collect()
+}
+
+/// Decode a PNG; return (width, height, number of distinct colours).
+fn decode_png(path: &Path) -> (u32, u32, usize) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(bytes.len() > 10_000, "{} is only {} bytes", path.display(), bytes.len());
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let colours: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    (info.width, info.height, colours.len())
+}
+
+fn svg_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn training_plots_are_written_and_labelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let stems = liederiv::report::plot_training(dir.path(), "synthetic", &training_run()).unwrap();
+    assert_eq!(stems.len(), 2);
+    for stem in &stems {
+        let (w, h, colours) = decode_png(&stem.with_extension("png"));
+        assert!(w >= 1000 && h >= 500, "{w}x{h}");
+        // White background, black text and axes, three split colours and their bands, antialiasing.
+        assert!(colours > 20, "{} has only {colours} colours", stem.display());
+    }
+    let acc = svg_text(&dir.path().join("accuracy.svg"));
+    for label in ["training step", "accuracy (%)", "loss (nats, log scale)", "synthetic", "test", "train (running)"] {
+        assert!(acc.contains(label), "accuracy.svg lacks {label:?}");
+    }
+    let lee = svg_text(&dir.path().join("lee.svg"));
+    for label in ["transform: rotate", "transform: translate_x", "LEE (mean", "ood_fashion", "training step"] {
+        assert!(lee.contains(label), "lee.svg lacks {label:?}");
+    }
+    // Only the two figures (and no temporary files) are left behind.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["accuracy.png", "accuracy.svg", "lee.png", "lee.svg"]);
+
+    let err = liederiv::report::plot_training(dir.path(), "empty", &[]).unwrap_err().to_string();
+    assert!(err.contains("no metrics records"), "{err}");
+}
+
+#[test]
+fn layerwise_plot_is_written_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps: Vec<String> = ["patch_embed", "pos_embed", "blocks.0.attn", "blocks.0.mlp.act", "norm", "head"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let transforms = vec![
+        ("rotate".to_string(), vec![5.0, 0.1, 1.0, 2.0, 0.2, 0.0]),
+        ("translate_x".to_string(), vec![1.0, 0.0, 0.5, 3.0, 0.1, 0.0]),
+    ];
+    let stem = dir.path().join("layerwise");
+    liederiv::report::plot_layerwise(&stem, &transforms, &steps).unwrap();
+    let (w, h, colours) = decode_png(&dir.path().join("layerwise.png"));
+    assert!(w >= 1000 && h >= 700 && colours > 20, "{w}x{h} {colours}");
+    let svg = svg_text(&dir.path().join("layerwise.svg"));
+    for label in ["cumulative share", "patch_embed", "blocks.0.mlp.act", "rotate (Σ = 8.30e0)"] {
+        assert!(svg.contains(label), "layerwise.svg lacks {label:?}");
+    }
+    let short = vec![("rotate".to_string(), vec![1.0; 5])];
+    let err = liederiv::report::plot_layerwise(&stem, &short, &steps).unwrap_err().to_string();
+    assert!(err.contains("5 contributions for 6 steps"), "{err}");
+}
+
+#[test]
+fn error_vs_lee_scatter_is_written() {
+    use liederiv::report::ScatterPoint;
+    let dir = tempfile::tempdir().unwrap();
+    let points = [("mae_vit", 1.5, 2e-4), ("vit_scratch", 4.0, 9e-4), ("gcnn_c8", 2.2, 1e-6)]
+        .map(|(label, err, lee)| ScatterPoint {
+            label: label.into(),
+            test_error_pct: err,
+            lee,
+            lee_stderr: lee * 0.1,
+        });
+    let stem = dir.path().join("error_vs_lee");
+    liederiv::report::plot_error_vs_lee(&stem, "rotate", &points).unwrap();
+    let (_, _, colours) = decode_png(&dir.path().join("error_vs_lee.png"));
+    assert!(colours > 10);
+    let svg = svg_text(&dir.path().join("error_vs_lee.svg"));
+    for label in ["test error (%)", "test LEE, rotate", "mae_vit", "gcnn_c8"] {
+        assert!(svg.contains(label), "error_vs_lee.svg lacks {label:?}");
+    }
+}

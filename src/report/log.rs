@@ -11,41 +11,20 @@ use super::{write_atomic, ReportError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File names inside a run directory.
 pub const METRICS_JSONL: &str = "metrics.jsonl";
 pub const METRICS_CSV: &str = "metrics.csv";
 
-/// A mean over images with its standard error (sample std / √n; 0 when n < 2).
+/// A mean over images with its standard error (sample std / √n), as logged. The LEE engine
+/// accumulates these (`lie::lee::MeanStderr`); this is its plain, serialisable snapshot.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 pub struct MeanStderr {
     pub mean: f64,
     pub stderr: f64,
     pub n: usize,
-}
-
-impl MeanStderr {
-    /// Mean and standard error of per-image values (two-pass, f64).
-    pub fn from_samples(xs: &[f64]) -> Self {
-        let n = xs.len();
-        if n == 0 {
-            return Self {
-                mean: 0.0,
-                stderr: 0.0,
-                n,
-            };
-        }
-        let mean = xs.iter().sum::<f64>() / n as f64;
-        let stderr = if n < 2 {
-            0.0
-        } else {
-            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-            (var / n as f64).sqrt()
-        };
-        Self { mean, stderr, n }
-    }
 }
 
 /// What one eval measured on one split (`train`, `val`, `test`, `ood_<name>`).
@@ -395,16 +374,6 @@ fn csv_text(columns: &[Column], records: &[EvalRecord]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stderr_matches_hand_computation() {
-        // Samples 1, 2, 3, 4: mean 2.5, sample variance 5/3, stderr sqrt(5/3 / 4).
-        let m = MeanStderr::from_samples(&[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(m.n, 4);
-        assert!((m.mean - 2.5).abs() < 1e-15);
-        assert!((m.stderr - (5.0f64 / 12.0).sqrt()).abs() < 1e-15);
-        assert_eq!(MeanStderr::from_samples(&[7.0]).stderr, 0.0);
-    }
 
     #[test]
     fn column_order_is_canonical() {

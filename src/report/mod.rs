@@ -5,8 +5,10 @@
 //! the numbers come from the trainer and the LEE engine.
 
 pub mod log;
+pub mod plot;
 
 pub use log::{read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL};
+pub use plot::{plot_error_vs_lee, plot_layerwise, plot_training, ScatterPoint};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,10 @@ pub enum ReportError {
     Serialize(serde_json::Error),
     #[error("metrics at step {step}: `{field}` is {value}, not finite; refusing to log it (the run should stop on non-finite values)")]
     NonFinite { step: usize, field: String, value: f64 },
+    #[error("cannot draw {path}: {message}")]
+    Plot { path: PathBuf, message: String },
+    #[error("{what}: {message}")]
+    Invalid { what: String, message: String },
 }
 
 impl ReportError {
