@@ -313,3 +313,90 @@ fn error_vs_lee_scatter_is_written() {
         assert!(svg.contains(label), "error_vs_lee.svg lacks {label:?}");
     }
 }
+
+/// Write a run directory as the trainer leaves it.
+fn synthetic_run(root: &Path, dir: &str, name: &str, test_acc: f64, lee_scale: f64, summary: bool) -> std::path::PathBuf {
+    let run = root.join(dir);
+    let mut log = MetricsLog::create(&run).unwrap();
+    for mut r in training_run() {
+        for m in r.splits.values_mut() {
+            for v in m.lee.values_mut() {
+                v.mean *= lee_scale;
+                v.stderr *= lee_scale;
+            }
+        }
+        r.splits.get_mut("test").unwrap().accuracy = Some(test_acc);
+        log.append(&r).unwrap();
+    }
+    std::fs::write(run.join("config.toml"), format!("name = \"{name}\"\nseed = 3\n")).unwrap();
+    if summary {
+        std::fs::write(
+            run.join("summary.json"),
+            r#"{"params": 215000, "wall_time_s": 125.0, "seed": 3, "images_per_sec": 900.0}"#,
+        )
+        .unwrap();
+    }
+    run
+}
+
+#[test]
+fn report_command_builds_table_and_plots() {
+    use liederiv::cli::{report_cmd, ReportArgs};
+    let root = tempfile::tempdir().unwrap();
+    let a = synthetic_run(root.path(), "a", "mae_vit", 0.985, 1.0, true);
+    let b = synthetic_run(root.path(), "b", "gcnn_c8", 0.97, 1e-3, false);
+    let md = root.path().join("results").join("RESULTS.md");
+    report_cmd::run(&ReportArgs {
+        runs: vec![a.clone(), b.clone()],
+        markdown: Some(md.clone()),
+    })
+    .unwrap();
+
+    let table = std::fs::read_to_string(&md).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    let cells = |l: &str| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect::<Vec<_>>();
+    let header = cells(lines[0]);
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap_or_else(|| panic!("no {name}: {header:?}"));
+    let (ra, rb) = (cells(lines[2]), cells(lines[3]));
+    assert_eq!(ra.len(), header.len());
+    assert_eq!(ra[col("run")], "mae_vit");
+    assert_eq!(ra[col("params")], "215.0k");
+    assert_eq!(ra[col("test error (%)")], "1.50");
+    assert_eq!(ra[col("wall time")], "2.1 min");
+    assert_eq!(ra[col("step")], "1750");
+    // The table shows the last record's values, formatted as documented.
+    let last = read_jsonl(&a.join(METRICS_JSONL)).unwrap().pop().unwrap();
+    let m = last.splits["test"].lee["rotate"];
+    assert_eq!(ra[col("LEE rotate (test)")], format!("{:.2e} ± {:.1e}", m.mean, m.stderr));
+    let gap = last.gaps()["ood_fashion_minus_train_lee_rotate"];
+    assert_eq!(ra[col("ood_fashion − train, rotate")], format!("{gap:+.2e}"));
+    assert_eq!(rb[col("run")], "gcnn_c8");
+    assert_eq!(rb[col("test error (%)")], "3.00");
+    assert_eq!(rb[col("params")], "–");
+
+    for run in [&a, &b] {
+        for f in ["accuracy.png", "accuracy.svg", "lee.png", "lee.svg"] {
+            assert!(run.join(f).is_file(), "{} missing", run.join(f).display());
+        }
+    }
+    for t in ["rotate", "translate_x"] {
+        let stem = md.with_file_name(format!("RESULTS_error_vs_lee_{t}"));
+        decode_png(&stem.with_extension("png"));
+        assert!(svg_text(&stem.with_extension("svg")).contains("gcnn_c8"));
+    }
+
+    // A missing run directory is named in the error.
+    let err = report_cmd::run(&ReportArgs {
+        runs: vec![a, root.path().join("no_such_run")],
+        markdown: None,
+    })
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("no_such_run") && msg.contains("does not exist"), "{msg}");
+    // A directory without metrics says so.
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let msg = format!("{:#}", report_cmd::run(&ReportArgs { runs: vec![empty], markdown: None }).unwrap_err());
+    assert!(msg.contains("has no metrics.jsonl"), "{msg}");
+}

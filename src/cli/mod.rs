@@ -2,6 +2,8 @@
 //! resolution live here; each command's body is in its own file. Errors from every command end
 //! up in [`main`], which prints the whole context chain once and sets the exit code.
 
+pub mod report_cmd;
+
 use crate::config::Config;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -204,6 +206,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             anyhow::bail!("`data` is not built yet")
         }
-        Command::Report(_) => anyhow::bail!("`report` is not built yet"),
+        Command::Report(a) => report_cmd::run(&a),
     }
 }

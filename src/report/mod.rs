@@ -6,9 +6,11 @@
 
 pub mod log;
 pub mod plot;
+pub mod table;
 
 pub use log::{read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL};
 pub use plot::{plot_error_vs_lee, plot_layerwise, plot_training, ScatterPoint};
+pub use table::{load_run, markdown_table, RunReport, RunSummary, CONFIG_TOML, SUMMARY_JSON};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,4 +60,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
         return Err(ReportError::io(path, e));
     }
     Ok(())
+}
+
+/// Reading order of split names: train, val, test, then the rest (OOD sets).
+pub(crate) fn split_rank(split: &str) -> u8 {
+    match split {
+        "train" => 0,
+        "val" => 1,
+        "test" => 2,
+        _ => 3,
+    }
 }

@@ -8,7 +8,7 @@
 //! - the paper's Figure 1 (right) / Table 1 view: test error against test LEE, one labelled point
 //!   per run ([`plot_error_vs_lee`]).
 
-use super::{EvalRecord, ReportError};
+use super::{split_rank, EvalRecord, ReportError};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle, FontTransform};
@@ -142,6 +142,33 @@ fn sci(v: &f64) -> String {
     format!("{v:.0e}")
 }
 
+/// A tick label: plain decimals (≤ 3 significant figures, no trailing zeros) between 0.01 and
+/// 10⁴, scientific outside.
+fn tick(v: &f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        return "0".into();
+    }
+    if !(1e-2..1e4).contains(&a) {
+        return format!("{v:.1e}").replace(".0e", "e");
+    }
+    let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// Step axes are integers: fractional ticks get no label.
+fn step_tick(v: &f64) -> String {
+    if (v - v.round()).abs() > 1e-9 {
+        return String::new();
+    }
+    format!("{}", v.round() as i64)
+}
+
 fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
     position: SeriesLabelPosition,
@@ -221,7 +248,9 @@ impl Figure for AccuracyFigure<'_> {
         chart
             .configure_mesh()
             .x_desc("training step")
+            .x_label_formatter(&step_tick)
             .y_desc("accuracy (%)")
+            .y_label_formatter(&tick)
             .axis_desc_style(text(18))
             .label_style(text(14))
             .draw()?;
@@ -261,8 +290,9 @@ impl Figure for AccuracyFigure<'_> {
         chart
             .configure_mesh()
             .x_desc("training step")
+            .x_label_formatter(&step_tick)
             .y_desc("loss (nats, log scale)")
-            .y_label_formatter(&|v| format!("{v:.2}"))
+            .y_label_formatter(&tick)
             .axis_desc_style(text(18))
             .label_style(text(14))
             .draw()?;
@@ -339,6 +369,7 @@ impl Figure for LeeFigure<'_> {
             chart
                 .configure_mesh()
                 .x_desc("training step")
+            .x_label_formatter(&step_tick)
                 .y_desc("LEE (mean ± s.e., log scale)")
                 .y_label_formatter(&sci)
                 .axis_desc_style(text(18))
@@ -376,14 +407,8 @@ fn names_of(records: &[EvalRecord]) -> (Vec<String>, Vec<String>) {
             transforms.extend(m.lee.keys().cloned());
         }
     }
-    let rank = |s: &str| match s {
-        "train" => 0,
-        "val" => 1,
-        "test" => 2,
-        _ => 3,
-    };
     let mut splits: Vec<String> = splits.into_iter().collect();
-    splits.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    splits.sort_by(|a, b| split_rank(a).cmp(&split_rank(b)).then(a.cmp(b)));
     (splits, transforms.into_iter().collect())
 }
 
@@ -460,10 +485,11 @@ impl Figure for LayerwiseFigure<'_> {
             .x_labels(n.min(100) * 2)
             .x_label_formatter(&label)
             .x_label_style(text(13).transform(FontTransform::Rotate90))
+            .y_label_style(text(14))
             .x_desc("network step (input → output)")
             .y_desc("cumulative share of Σ contributions (%)")
+            .y_label_formatter(&tick)
             .axis_desc_style(text(18))
-            .label_style(text(14))
             .disable_x_mesh()
             .draw()?;
         for (k, (name, contrib)) in self.transforms.iter().enumerate() {
@@ -564,6 +590,7 @@ impl Figure for ScatterFigure<'_> {
             .configure_mesh()
             .x_desc(format!("test LEE, {} (log scale)", self.transform))
             .y_desc("test error (%)")
+            .y_label_formatter(&tick)
             .x_label_formatter(&sci)
             .axis_desc_style(text(18))
             .label_style(text(14))
