@@ -50,7 +50,7 @@ fn record(step: usize, with_train_acc: bool) -> EvalRecord {
         step,
         epoch: s / 3.0,
         lr: 1e-3 * (1.0 + s).recip(),
-        train_loss: 2.302585092994046 / (1.0 + s),
+        train_loss: (10.0f64).ln() / (1.0 + s),
         images_per_sec: 1234.5678,
         splits,
     }
@@ -86,15 +86,21 @@ fn gaps_are_differences_against_train() {
     let r = record(3, true);
     let g = r.gaps();
     let lee = |s: &str, t: &str| r.splits[s].lee[t].mean;
-    assert_eq!(g["test_minus_train_lee_rotate"], lee("test", "rotate") - lee("train", "rotate"));
+    assert_eq!(
+        g["test_minus_train_lee_rotate"],
+        lee("test", "rotate") - lee("train", "rotate")
+    );
     assert_eq!(
         g["ood_fashion_minus_train_lee_translate_x"],
         lee("ood_fashion", "translate_x") - lee("train", "translate_x")
     );
-    assert_eq!(g["test_minus_train_accuracy"], r.splits["test"].accuracy.unwrap() - 0.99);
+    assert_eq!(
+        g["test_minus_train_accuracy"],
+        r.splits["test"].accuracy.unwrap() - 0.99
+    );
     // 2 transforms × (test, ood) + accuracy; nothing for train against itself.
     assert_eq!(g.len(), 5);
-    assert!(record(3, false).gaps().get("test_minus_train_accuracy").is_none());
+    assert!(!record(3, false).gaps().contains_key("test_minus_train_accuracy"));
 }
 
 #[test]
@@ -128,7 +134,10 @@ fn csv_header_and_rows_agree_with_records() {
         let cell = |name: &str| &row[header.iter().position(|h| h == name).unwrap()];
         assert_eq!(cell("step").parse::<usize>().unwrap(), r.step);
         assert_eq!(cell("lr").parse::<f64>().unwrap(), r.lr);
-        assert_eq!(cell("test_loss").parse::<f64>().unwrap(), r.splits["test"].loss.unwrap());
+        assert_eq!(
+            cell("test_loss").parse::<f64>().unwrap(),
+            r.splits["test"].loss.unwrap()
+        );
         assert_eq!(
             cell("ood_fashion_lee_rotate_stderr").parse::<f64>().unwrap(),
             r.splits["ood_fashion"].lee["rotate"].stderr
@@ -250,11 +259,24 @@ fn training_plots_are_written_and_labelled() {
         assert!(colours > 20, "{} has only {colours} colours", stem.display());
     }
     let acc = svg_text(&dir.path().join("accuracy.svg"));
-    for label in ["training step", "accuracy (%)", "loss (nats, log scale)", "synthetic", "test", "train (running)"] {
+    for label in [
+        "training step",
+        "accuracy (%)",
+        "loss (nats, log scale)",
+        "synthetic",
+        "test",
+        "train (running)",
+    ] {
         assert!(acc.contains(label), "accuracy.svg lacks {label:?}");
     }
     let lee = svg_text(&dir.path().join("lee.svg"));
-    for label in ["transform: rotate", "transform: translate_x", "LEE (mean", "ood_fashion", "training step"] {
+    for label in [
+        "transform: rotate",
+        "transform: translate_x",
+        "LEE (mean",
+        "ood_fashion",
+        "training step",
+    ] {
         assert!(lee.contains(label), "lee.svg lacks {label:?}");
     }
     // Only the two figures (and no temporary files) are left behind.
@@ -265,17 +287,26 @@ fn training_plots_are_written_and_labelled() {
     names.sort();
     assert_eq!(names, ["accuracy.png", "accuracy.svg", "lee.png", "lee.svg"]);
 
-    let err = liederiv::report::plot_training(dir.path(), "empty", &[]).unwrap_err().to_string();
+    let err = liederiv::report::plot_training(dir.path(), "empty", &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no metrics records"), "{err}");
 }
 
 #[test]
 fn layerwise_plot_is_written_and_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let steps: Vec<String> = ["patch_embed", "pos_embed", "blocks.0.attn", "blocks.0.mlp.act", "norm", "head"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let steps: Vec<String> = [
+        "patch_embed",
+        "pos_embed",
+        "blocks.0.attn",
+        "blocks.0.mlp.act",
+        "norm",
+        "head",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let transforms = vec![
         ("rotate".to_string(), vec![5.0, 0.1, 1.0, 2.0, 0.2, 0.0]),
         ("translate_x".to_string(), vec![1.0, 0.0, 0.5, 3.0, 0.1, 0.0]),
@@ -285,11 +316,18 @@ fn layerwise_plot_is_written_and_checked() {
     let (w, h, colours) = decode_png(&dir.path().join("layerwise.png"));
     assert!(w >= 1000 && h >= 700 && colours > 20, "{w}x{h} {colours}");
     let svg = svg_text(&dir.path().join("layerwise.svg"));
-    for label in ["cumulative share", "patch_embed", "blocks.0.mlp.act", "rotate (Σ = 8.30e0)"] {
+    for label in [
+        "cumulative share",
+        "patch_embed",
+        "blocks.0.mlp.act",
+        "rotate (Σ = 8.30e0)",
+    ] {
         assert!(svg.contains(label), "layerwise.svg lacks {label:?}");
     }
     let short = vec![("rotate".to_string(), vec![1.0; 5])];
-    let err = liederiv::report::plot_layerwise(&stem, &short, &steps).unwrap_err().to_string();
+    let err = liederiv::report::plot_layerwise(&stem, &short, &steps)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("5 contributions for 6 steps"), "{err}");
 }
 
@@ -297,13 +335,17 @@ fn layerwise_plot_is_written_and_checked() {
 fn error_vs_lee_scatter_is_written() {
     use liederiv::report::ScatterPoint;
     let dir = tempfile::tempdir().unwrap();
-    let points = [("mae_vit", 1.5, 2e-4), ("vit_scratch", 4.0, 9e-4), ("gcnn_c8", 2.2, 1e-6)]
-        .map(|(label, err, lee)| ScatterPoint {
-            label: label.into(),
-            test_error_pct: err,
-            lee,
-            lee_stderr: lee * 0.1,
-        });
+    let points = [
+        ("mae_vit", 1.5, 2e-4),
+        ("vit_scratch", 4.0, 9e-4),
+        ("gcnn_c8", 2.2, 1e-6),
+    ]
+    .map(|(label, err, lee)| ScatterPoint {
+        label: label.into(),
+        test_error_pct: err,
+        lee,
+        lee_stderr: lee * 0.1,
+    });
     let stem = dir.path().join("error_vs_lee");
     liederiv::report::plot_error_vs_lee(&stem, "rotate", &points).unwrap();
     let (_, _, colours) = decode_png(&dir.path().join("error_vs_lee.png"));
@@ -315,7 +357,14 @@ fn error_vs_lee_scatter_is_written() {
 }
 
 /// Write a run directory as the trainer leaves it.
-fn synthetic_run(root: &Path, dir: &str, name: &str, test_acc: f64, lee_scale: f64, summary: bool) -> std::path::PathBuf {
+fn synthetic_run(
+    root: &Path,
+    dir: &str,
+    name: &str,
+    test_acc: f64,
+    lee_scale: f64,
+    summary: bool,
+) -> std::path::PathBuf {
     let run = root.join(dir);
     let mut log = MetricsLog::create(&run).unwrap();
     for mut r in training_run() {
@@ -355,9 +404,19 @@ fn report_command_builds_table_and_plots() {
     let table = std::fs::read_to_string(&md).unwrap();
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
-    let cells = |l: &str| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect::<Vec<_>>();
+    let cells = |l: &str| {
+        l.trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect::<Vec<_>>()
+    };
     let header = cells(lines[0]);
-    let col = |name: &str| header.iter().position(|h| h == name).unwrap_or_else(|| panic!("no {name}: {header:?}"));
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no {name}: {header:?}"))
+    };
     let (ra, rb) = (cells(lines[2]), cells(lines[3]));
     assert_eq!(ra.len(), header.len());
     assert_eq!(ra[col("run")], "mae_vit");
@@ -368,7 +427,10 @@ fn report_command_builds_table_and_plots() {
     // The table shows the last record's values, formatted as documented.
     let last = read_jsonl(&a.join(METRICS_JSONL)).unwrap().pop().unwrap();
     let m = last.splits["test"].lee["rotate"];
-    assert_eq!(ra[col("LEE rotate (test)")], format!("{:.2e} ± {:.1e}", m.mean, m.stderr));
+    assert_eq!(
+        ra[col("LEE rotate (test)")],
+        format!("{:.2e} ± {:.1e}", m.mean, m.stderr)
+    );
     let gap = last.gaps()["ood_fashion_minus_train_lee_rotate"];
     assert_eq!(ra[col("ood_fashion − train, rotate")], format!("{gap:+.2e}"));
     assert_eq!(rb[col("run")], "gcnn_c8");
@@ -397,6 +459,13 @@ fn report_command_builds_table_and_plots() {
     // A directory without metrics says so.
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let msg = format!("{:#}", report_cmd::run(&ReportArgs { runs: vec![empty], markdown: None }).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        report_cmd::run(&ReportArgs {
+            runs: vec![empty],
+            markdown: None
+        })
+        .unwrap_err()
+    );
     assert!(msg.contains("has no metrics.jsonl"), "{msg}");
 }

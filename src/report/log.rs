@@ -390,7 +390,14 @@ mod tests {
         let names: Vec<String> = sorted.iter().map(|c| c.to_string()).collect();
         assert_eq!(
             names,
-            ["step", "ood_f_loss", "test_accuracy", "test_lee_rotate", "test_lee_rotate_stderr", "a"]
+            [
+                "step",
+                "ood_f_loss",
+                "test_accuracy",
+                "test_lee_rotate",
+                "test_lee_rotate_stderr",
+                "a"
+            ]
         );
     }
 

@@ -11,6 +11,7 @@
 use super::{split_rank, EvalRecord, ReportError};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle, FontTransform};
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,10 @@ static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 const FAMILY: &str = "sans-serif";
 
 type DrawResult = Result<(), Box<dyn Error>>;
+/// (step, value) points of one line.
+type Curve = Vec<(f64, f64)>;
+/// (step, mean, standard error) points of one line with its band.
+type CurveWithError = Vec<(f64, f64, f64)>;
 
 /// One picture, drawable on any backend (PNG and SVG share the code).
 trait Figure {
@@ -105,7 +110,10 @@ fn split_color(name: &str, all: &[String]) -> RGBColor {
         "test" => PALETTE[1],
         "val" => PALETTE[4],
         _ => {
-            let others: Vec<&String> = all.iter().filter(|s| !["train", "test", "val"].contains(&s.as_str())).collect();
+            let others: Vec<&String> = all
+                .iter()
+                .filter(|s| !["train", "test", "val"].contains(&s.as_str()))
+                .collect();
             let i = others.iter().position(|s| *s == name).unwrap_or(0);
             [PALETTE[2], PALETTE[3], PALETTE[5], PALETTE[6], PALETTE[9]][i % 5]
         }
@@ -238,13 +246,16 @@ impl Figure for AccuracyFigure<'_> {
             .map(|s| (s.clone(), t.series(s, |m| m.accuracy.map(|a| 100.0 * a))))
             .filter(|(_, v)| !v.is_empty())
             .collect();
-        let lo = acc.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)).fold(100.0f64, f64::min);
+        let lo = acc
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|p| p.1))
+            .fold(100.0f64, f64::min);
         let mut chart = ChartBuilder::on(&panels[0])
             .caption("accuracy per split", text(20))
             .margin(15)
             .x_label_area_size(50)
             .y_label_area_size(70)
-            .build_cartesian_2d(t.step_range(), (lo - 2.0).max(0.0).min(99.0)..100.0)?;
+            .build_cartesian_2d(t.step_range(), (lo - 2.0).clamp(0.0, 99.0)..100.0)?;
         chart
             .configure_mesh()
             .x_desc("training step")
@@ -269,7 +280,7 @@ impl Figure for AccuracyFigure<'_> {
         }
 
         // Right: loss on a log axis (training loss since the previous eval, and each split's).
-        let mut loss: Vec<(String, RGBColor, Vec<(f64, f64)>)> = vec![(
+        let mut loss: Vec<(String, RGBColor, Curve)> = vec![(
             "train (running)".into(),
             BLACK,
             t.records.iter().map(|r| (r.step as f64, r.train_loss)).collect(),
@@ -341,7 +352,7 @@ impl Figure for LeeFigure<'_> {
             text(26),
         )?;
         for (panel, transform) in root.split_evenly(self.grid()).iter().zip(&self.transforms) {
-            let series: Vec<(String, Vec<(f64, f64, f64)>)> = t
+            let series: Vec<(String, CurveWithError)> = t
                 .splits
                 .iter()
                 .map(|s| {
@@ -369,7 +380,7 @@ impl Figure for LeeFigure<'_> {
             chart
                 .configure_mesh()
                 .x_desc("training step")
-            .x_label_formatter(&step_tick)
+                .x_label_formatter(&step_tick)
                 .y_desc("LEE (mean ± s.e., log scale)")
                 .y_label_formatter(&sci)
                 .axis_desc_style(text(18))
@@ -469,22 +480,9 @@ impl Figure for LayerwiseFigure<'_> {
             .x_label_area_size(230)
             .y_label_area_size(80)
             .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0f64..102.0)?;
-        // Label every step when they fit; otherwise every k-th.
-        let stride = n.div_ceil(100).max(1);
-        let label = |x: &f64| {
-            let i = x.round();
-            let idx = i as usize;
-            if (x - i).abs() < 1e-6 && i >= 0.0 && idx < n && idx % stride == 0 {
-                names[idx].clone()
-            } else {
-                String::new()
-            }
-        };
         chart
             .configure_mesh()
-            .x_labels(n.min(100) * 2)
-            .x_label_formatter(&label)
-            .x_label_style(text(13).transform(FontTransform::Rotate90))
+            .x_labels(0)
             .y_label_style(text(14))
             .x_desc("network step (input → output)")
             .y_desc("cumulative share of Σ contributions (%)")
@@ -492,6 +490,16 @@ impl Figure for LayerwiseFigure<'_> {
             .axis_desc_style(text(18))
             .disable_x_mesh()
             .draw()?;
+        // Step names under the axis, written downwards from their tick (plotters' own rotated
+        // tick labels are centred on the tick and overlap the axis). Every k-th when crowded.
+        let stride = n.div_ceil(100).max(1);
+        let style = text(13)
+            .transform(FontTransform::Rotate90)
+            .pos(Pos::new(HPos::Left, VPos::Center));
+        for (i, name) in names.iter().enumerate().step_by(stride) {
+            let (px, py) = chart.backend_coord(&(i as f64, 0.0));
+            root.draw(&Text::new(name.clone(), (px, py + 8), style.clone()))?;
+        }
         for (k, (name, contrib)) in self.transforms.iter().enumerate() {
             let c = PALETTE[k % PALETTE.len()];
             let total: f64 = contrib.iter().sum();
@@ -600,7 +608,10 @@ impl Figure for ScatterFigure<'_> {
             let x = p.lee.max(xlo);
             let y = p.test_error_pct;
             let (a, b) = ((p.lee - p.lee_stderr).max(xlo), (p.lee + p.lee_stderr).max(xlo));
-            chart.draw_series(std::iter::once(PathElement::new(vec![(a, y), (b, y)], c.stroke_width(2))))?;
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(a, y), (b, y)],
+                c.stroke_width(2),
+            )))?;
             chart.draw_series(std::iter::once(Circle::new((x, y), 6, c.filled())))?;
             chart.draw_series(std::iter::once(
                 EmptyElement::at((x, y)) + Text::new(p.label.clone(), (10, -18), text(16)),

@@ -70,7 +70,9 @@ pub fn load_run(dir: &Path) -> Result<RunReport, ReportError> {
     }
     let records = read_jsonl(&metrics)?;
     if records.is_empty() {
-        return Err(invalid(format!("{METRICS_JSONL} is empty: the run has not logged an eval yet")));
+        return Err(invalid(format!(
+            "{METRICS_JSONL} is empty: the run has not logged an eval yet"
+        )));
     }
     let summary_path = dir.join(SUMMARY_JSON);
     let summary = match std::fs::read_to_string(&summary_path) {
@@ -147,13 +149,20 @@ pub fn markdown_table(runs: &[RunReport]) -> String {
         }
         gap_cols.extend(last.gaps().into_keys().filter(|g| g.contains("_lee_")));
     }
+    // Gap columns: test before the OOD sets, each by transform.
+    let mut gap_cols: Vec<String> = gap_cols.into_iter().collect();
+    gap_cols.sort_by_key(|g| (split_rank(g.split("_minus_train").next().unwrap_or("")), g.clone()));
     let mut header = vec!["run".to_string(), "params".into(), "test error (%)".into()];
     header.extend(lee_cols.iter().map(|(t, _, s)| format!("LEE {t} ({s})")));
     header.extend(gap_cols.iter().map(|g| g.replace("_minus_train_lee_", " − train, ")));
     header.extend(["step".into(), "wall time".into()]);
 
     let mut out = format!("| {} |\n", header.join(" | "));
-    let align: Vec<&str> = header.iter().enumerate().map(|(i, _)| if i == 0 { ":--" } else { "--:" }).collect();
+    let align: Vec<&str> = header
+        .iter()
+        .enumerate()
+        .map(|(i, _)| if i == 0 { ":--" } else { "--:" })
+        .collect();
     out += &format!("| {} |\n", align.join(" | "));
     for r in runs {
         let last = r.last();
