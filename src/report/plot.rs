@@ -143,7 +143,10 @@ fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     if !lo.is_finite() {
         return (1e-6, 1e-5);
     }
-    (lo / 2.0, hi * 2.0)
+    // At least two decades, so the axis always carries labelled decade ticks.
+    let (lo, hi) = (lo / 2.0, hi * 2.0);
+    let widen = (100.0 / (hi / lo)).max(1.0).sqrt();
+    (lo / widen, hi * widen)
 }
 
 fn sci(v: &f64) -> String {
