@@ -4,6 +4,7 @@
 
 pub mod data_cmd;
 pub mod lee_cmd;
+pub mod report_cmd;
 
 use crate::config::Config;
 use clap::{Args, Parser, Subcommand};
@@ -208,6 +209,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             data_cmd::run(&cfg, prepare, args.json)
         }
-        Command::Report(_) => anyhow::bail!("`report` is not built yet"),
+        Command::Report(a) => report_cmd::run(&a),
     }
 }

@@ -1,0 +1,208 @@
+//! The table of final metrics across runs (the shape of the paper's Table 1, plus what it could
+//! not show: LEE per split and the test/OOD − train gaps). A run directory is read as the trainer
+//! leaves it: `metrics.jsonl` (required), `config.toml` (for the run name) and `summary.json`
+//! (parameters, wall time, seed; optional).
+
+use super::{read_jsonl, split_rank, EvalRecord, ReportError, METRICS_JSONL};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// File names the trainer writes beside the metrics.
+pub const SUMMARY_JSON: &str = "summary.json";
+pub const CONFIG_TOML: &str = "config.toml";
+
+/// What the trainer records about a finished run, beyond the per-eval metrics. Unknown keys are
+/// allowed so the trainer can add fields without breaking older reports.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RunSummary {
+    /// Trainable parameters of the model.
+    pub params: Option<usize>,
+    /// Wall-clock seconds of the whole run (pretraining included).
+    pub wall_time_s: Option<f64>,
+    /// The run's master seed.
+    pub seed: Option<u64>,
+}
+
+/// One run as the report sees it.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// `name` from config.toml, else the directory's name.
+    pub name: String,
+    pub dir: PathBuf,
+    pub summary: RunSummary,
+    /// Every eval, in order; the last one is the final result.
+    pub records: Vec<EvalRecord>,
+}
+
+impl RunReport {
+    pub fn last(&self) -> &EvalRecord {
+        // load_run refuses runs without records, so there is always a last one.
+        &self.records[self.records.len() - 1]
+    }
+
+    /// Final test error in percent, when test accuracy was measured.
+    pub fn test_error_pct(&self) -> Option<f64> {
+        self.last()
+            .splits
+            .get("test")
+            .and_then(|s| s.accuracy)
+            .map(|a| 100.0 * (1.0 - a))
+    }
+}
+
+/// Read a run directory; errors name the directory and say what is missing.
+pub fn load_run(dir: &Path) -> Result<RunReport, ReportError> {
+    let invalid = |message: String| ReportError::Invalid {
+        what: format!("run directory {}", dir.display()),
+        message,
+    };
+    if !dir.is_dir() {
+        return Err(invalid(
+            "does not exist or is not a directory; pass the run folder `<output.dir>/<name>`".into(),
+        ));
+    }
+    let metrics = dir.join(METRICS_JSONL);
+    if !metrics.is_file() {
+        return Err(invalid(format!(
+            "has no {METRICS_JSONL}; is it a run directory, and has the run reached its first eval?"
+        )));
+    }
+    let records = read_jsonl(&metrics)?;
+    if records.is_empty() {
+        return Err(invalid(format!(
+            "{METRICS_JSONL} is empty: the run has not logged an eval yet"
+        )));
+    }
+    let summary_path = dir.join(SUMMARY_JSON);
+    let summary = match std::fs::read_to_string(&summary_path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| ReportError::Json {
+            path: summary_path.clone(),
+            line: e.line(),
+            source: e,
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => RunSummary::default(),
+        Err(e) => return Err(ReportError::io(&summary_path, e)),
+    };
+    let name = run_name(dir);
+    Ok(RunReport {
+        name,
+        dir: dir.to_path_buf(),
+        summary,
+        records,
+    })
+}
+
+/// The `name` key of the run's saved config, read leniently (an old config that no longer
+/// validates still names its run); the directory name otherwise.
+fn run_name(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join(CONFIG_TOML))
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("name").and_then(|v| v.as_str()).map(String::from))
+        .unwrap_or_else(|| {
+            dir.canonicalize()
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| dir.display().to_string())
+        })
+}
+
+/// `mean ± stderr` with three significant figures.
+fn pm(mean: f64, stderr: f64) -> String {
+    format!("{mean:.2e} ± {stderr:.1e}")
+}
+
+fn params(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn wall(s: f64) -> String {
+    if s >= 3600.0 {
+        format!("{:.2} h", s / 3600.0)
+    } else if s >= 60.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+const MISSING: &str = "–";
+
+/// A markdown table of the final eval of each run: name, parameters, test error, LEE per
+/// split and transform (mean ± s.e.), the LEE gaps against train, final step and wall time.
+/// Columns are the union over runs; a run without a value shows "–".
+pub fn markdown_table(runs: &[RunReport]) -> String {
+    let mut lee_cols = BTreeSet::new();
+    let mut gap_cols = BTreeSet::new();
+    for r in runs {
+        let last = r.last();
+        for (split, m) in &last.splits {
+            for t in m.lee.keys() {
+                lee_cols.insert((t.clone(), split_rank(split), split.clone()));
+            }
+        }
+        gap_cols.extend(last.gaps().into_keys().filter(|g| g.contains("_lee_")));
+    }
+    // Gap columns: test before the OOD sets, each by transform.
+    let mut gap_cols: Vec<String> = gap_cols.into_iter().collect();
+    gap_cols.sort_by_key(|g| (split_rank(g.split("_minus_train").next().unwrap_or("")), g.clone()));
+    let mut header = vec!["run".to_string(), "params".into(), "test error (%)".into()];
+    header.extend(lee_cols.iter().map(|(t, _, s)| format!("LEE {t} ({s})")));
+    header.extend(gap_cols.iter().map(|g| g.replace("_minus_train_lee_", " − train, ")));
+    header.extend(["step".into(), "wall time".into()]);
+
+    let mut out = format!("| {} |\n", header.join(" | "));
+    let align: Vec<&str> = header
+        .iter()
+        .enumerate()
+        .map(|(i, _)| if i == 0 { ":--" } else { "--:" })
+        .collect();
+    out += &format!("| {} |\n", align.join(" | "));
+    for r in runs {
+        let last = r.last();
+        let gaps = last.gaps();
+        let mut row = vec![
+            r.name.replace('|', "\\|"),
+            r.summary.params.map(params).unwrap_or(MISSING.into()),
+            r.test_error_pct().map(|e| format!("{e:.2}")).unwrap_or(MISSING.into()),
+        ];
+        row.extend(lee_cols.iter().map(|(t, _, s)| {
+            last.splits
+                .get(s)
+                .and_then(|m| m.lee.get(t))
+                .map(|m| pm(m.mean, m.stderr))
+                .unwrap_or(MISSING.into())
+        }));
+        row.extend(
+            gap_cols
+                .iter()
+                .map(|g| gaps.get(g).map(|v| format!("{v:+.2e}")).unwrap_or(MISSING.into())),
+        );
+        row.push(last.step.to_string());
+        row.push(r.summary.wall_time_s.map(wall).unwrap_or(MISSING.into()));
+        out += &format!("| {} |\n", row.join(" | "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(params(5_720_000), "5.72M");
+        assert_eq!(params(21_500), "21.5k");
+        assert_eq!(params(999), "999");
+        assert_eq!(wall(42.0), "42.0 s");
+        assert_eq!(wall(150.0), "2.5 min");
+        assert_eq!(wall(7200.0), "2.00 h");
+        assert_eq!(pm(1.234e-4, 5.6e-6), "1.23e-4 ± 5.6e-6");
+    }
+}
