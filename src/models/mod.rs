@@ -16,4 +16,5 @@ pub trait Model: Jvp {
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
 
+pub mod fused;
 pub mod init;
