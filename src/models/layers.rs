@@ -139,8 +139,7 @@ impl Jvp for Gelu {
     /// d gelu = (Φ(x) + x·φ(x))·dx with φ(x) = exp(−x²/2)/√(2π).
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let cdf = Self::cdf(x)?;
-        let pdf =
-            (x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+        let pdf = (x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
         let factor = (&cdf + (x * pdf?)?)?;
         Ok(((x * cdf)?, tangent_mul(dx, &factor)?))
     }
@@ -183,10 +182,7 @@ pub struct Attention {
 
 pub fn attention(dim: usize, heads: usize, qkv_bias: bool, vb: VarBuilder) -> Result<Attention> {
     if heads == 0 || dim % heads != 0 {
-        candle_core::bail!(
-            "attention at '{}': {heads} heads do not divide the width {dim}",
-            vb.prefix()
-        );
+        candle_core::bail!("attention at '{}': {heads} heads do not divide the width {dim}", vb.prefix());
     }
     Ok(Attention {
         qkv: linear(dim, 3 * dim, qkv_bias, vb.pp("qkv"))?,
@@ -235,7 +231,7 @@ impl Jvp for Attention {
         let (dq, dk, dv) = (split_tangent(&dq, t)?, split_tangent(&dk, t)?, split_tangent(&dv, t)?);
 
         let s = Softmax.forward(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
-                                                       // dA = dq·kᵀ + q·dkᵀ, with q·dkᵀ = (dk·qᵀ)ᵀ
+        // dA = dq·kᵀ + q·dkᵀ, with q·dkᵀ = (dk·qᵀ)ᵀ
         let da = (tangent_matmul(&dq, &k.t()?)? + tangent_matmul(&dk, &q.t()?)?.transpose(2, 3)?)?;
         let ds = Softmax::tangent(&s, &da)?;
         // dO = dS·V + S·dV, with S·dV = (dVᵀ·Sᵀ)ᵀ
