@@ -248,7 +248,7 @@ fn ln_grad_params<T: Real>(
     let d = last_dim(xl);
     let eps = T::from_f64(eps);
     let zero = T::from_f64(0.0);
-    let rows = if d == 0 { 0 } else { x.len() / d };
+    let rows = x.len().checked_div(d).unwrap_or(0);
     // Partial sums per block of rows (in parallel), then a serial reduction of the few partials.
     let rows_per_task = (MIN_TASK_ELEMS / d.max(1)).max(1);
     let partial = |task: usize| {
