@@ -142,7 +142,8 @@ fn bench_kernel(
 ) -> Result<()> {
     let x = Var::from_tensor(&randn(shape, 3)?)?;
     let g = randn(shape, 4)?;
-    let mut line = format!("kernel={name} shape={shape:?}").replace(' ', "");
+    let dims = format!("{shape:?}").replace(' ', ""); // one token: "[128,50,192]"
+    let mut line = format!("kernel={name} shape={dims}");
     for (label, f) in [("composed", composed), ("fused", fused)] {
         let fwd = timed(args.warmup, args.reps, || {
             f(&x)?;
