@@ -2,14 +2,15 @@
 //! erf, as timm), softmax, multi-head self-attention, MLP, patch embedding and drop path.
 //!
 //! Layout and parameter names follow timm's `vision_transformer.py` (and facebookresearch/mae,
-//! which uses timm's `Block`), so timm checkpoints load by name. Every forward is made only of
-//! candle ops that have a backward: candle-nn's fused LayerNorm / softmax / sdpa silently cut the
-//! gradient (DESIGN.md, "Candle facts"). Tangents follow the [`Jvp`] convention `dx: (T, B, ...)`.
+//! which uses timm's `Block`), so timm checkpoints load by name. Every forward has a backward:
+//! candle-nn's fused LayerNorm / softmax / sdpa silently cut the gradient (DESIGN.md, "Candle
+//! facts"), so LayerNorm, softmax and GELU run on `models::fused` (one-pass CPU kernels with their
+//! own backward, composed candle ops on other devices) and the rest on composed candle ops. Tangents follow the [`Jvp`] convention `dx: (T, B, ...)`.
 //! These leaf layers do not call [`Tape::step`]: the composite models (`vit`, `mae`) name the
 //! steps, because only they know the token grid a step's output lives on.
 
 use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Tape};
-use crate::models::Rng;
+use crate::models::{fused, Rng};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rand::Rng as _;
@@ -101,9 +102,9 @@ impl LayerNorm {
         Ok((xc.broadcast_mul(&rstd)?, rstd))
     }
 
+    /// One fused pass on CPU (`models::fused`, with its own backward), composed elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (xhat, _) = self.normalize(x)?;
-        xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -131,7 +132,7 @@ impl Gelu {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x * Self::cdf(x)?
+        fused::gelu_erf(x)
     }
 }
 
@@ -152,8 +153,7 @@ pub struct Softmax;
 
 impl Softmax {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        fused::softmax_last_dim(x)
     }
 
     /// dS = S ⊙ (dA − Σ S ⊙ dA), given the primal output `s`.

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# liederiv vs PyTorch on the same CPU (issue 7): train step, forward, LEE JVP and peak memory per
+# model, ours and PyTorch's, run side by side and alternating so that load drifts hit both alike.
+#
+#   scripts/bench.sh                      # all models, 3 rounds
+#   ROUNDS=5 MODELS=vit_tiny,vit_small scripts/bench.sh
+#
+# Environment: PYTHON (an interpreter with torch; default: .venv-bench/, created and filled with
+# CPU torch on first use), MODELS (vit_tiny,vit_small,cnn,gcnn), ROUNDS (3), REPS (3 timed reps
+# per round, after WARMUP=1), BATCH (128), THREADS (2). Each (impl, model, round) is its own
+# process, so peak memory is per model. Reported times are the median over rounds of each round's
+# median; peak memory is the maximum. The last line is
+#   ratio_train_tiny=X ratio_train_small=Y ratio_lee_small=Z      (ours / PyTorch; lower is better)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODELS=${MODELS:-vit_tiny,vit_small,cnn,gcnn}
+ROUNDS=${ROUNDS:-3}
+REPS=${REPS:-3}
+WARMUP=${WARMUP:-1}
+BATCH=${BATCH:-128}
+THREADS=${THREADS:-2}
+# The ratio line needs these two.
+case ",$MODELS," in *,vit_tiny,*) ;; *) MODELS="vit_tiny,$MODELS" ;; esac
+case ",$MODELS," in *,vit_small,*) ;; *) MODELS="$MODELS,vit_small" ;; esac
+
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ ! -x .venv-bench/bin/python ]]; then
+        echo "bench: no \$PYTHON given; installing CPU PyTorch into .venv-bench/ (once)" >&2
+        python3 -m venv .venv-bench
+        .venv-bench/bin/pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch numpy
+    fi
+    PYTHON=.venv-bench/bin/python
+fi
+"$PYTHON" -c 'import torch' 2>/dev/null || { echo "bench: $PYTHON cannot import torch; set PYTHON to an interpreter that can" >&2; exit 1; }
+
+echo "bench: building the Rust benchmark (release)" >&2
+cargo build --release --quiet --bin bench
+BENCH=${CARGO_TARGET_DIR:-target}/release/bench
+
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
+RESULTS=$(mktemp)
+trap 'rm -f "$RESULTS"' EXIT
+common=(--batch "$BATCH" --warmup "$WARMUP" --reps "$REPS")
+for round in $(seq 1 "$ROUNDS"); do
+    for model in ${MODELS//,/ }; do
+        # Alternate which side goes first, so neither always runs on a warmer (or busier) machine.
+        if (( round % 2 )); then order="ours torch"; else order="torch ours"; fi
+        for impl in $order; do
+            if [[ $impl == ours ]]; then
+                line=$("$BENCH" --models "$model" "${common[@]}")
+            else
+                line=$("$PYTHON" scripts/reference/bench_torch.py --models "$model" --threads "$THREADS" "${common[@]}" 2>/dev/null)
+            fi
+            echo "round=$round $line" | tee -a "$RESULTS" >&2
+        done
+    done
+done
+
+echo "load while measuring: $(uptime)"
+"$PYTHON" - "$RESULTS" "$MODELS" <<'EOF'
+import statistics, sys
+rows = [dict(kv.split("=", 1) for kv in line.split()) for line in open(sys.argv[1]) if line.strip()]
+models = sys.argv[2].split(",")
+
+def stat(impl, model, key):
+    vals = [float(r[key]) for r in rows if r["impl"] == impl and r["model"] == model]
+    return max(vals) if key == "peak_mb" else statistics.median(vals)
+
+keys = [("train_ms", "train ms"), ("forward_ms", "forward ms"), ("lee_ms", "LEE ms"), ("peak_mb", "peak MB")]
+print(f"{'model':<10} {'metric':<11} {'ours':>10} {'pytorch':>10} {'ours/pt':>8}")
+ratio = {}
+for m in models:
+    for key, label in keys:
+        o, t = stat("ours", m, key), stat("torch", m, key)
+        ratio[(m, key)] = o / t
+        print(f"{m:<10} {label:<11} {o:>10.1f} {t:>10.1f} {o / t:>8.2f}")
+print(f"ratio_train_tiny={ratio[('vit_tiny', 'train_ms')]:.2f} "
+      f"ratio_train_small={ratio[('vit_small', 'train_ms')]:.2f} "
+      f"ratio_lee_small={ratio[('vit_small', 'lee_ms')]:.2f}")
+EOF

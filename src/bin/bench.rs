@@ -1,0 +1,193 @@
+//! liederiv's side of `scripts/bench.sh`: the same measurements as
+//! `scripts/reference/bench_torch.py`, in the same output format, on our models (release build).
+//!
+//! Per model, on a `(B, 1, 28, 28)` batch with 10 classes:
+//! - `train_ms`: training-mode forward + cross-entropy + backward + AdamW step;
+//! - `forward_ms`: eval-mode forward;
+//! - `lee_ms`: the JVP of softmax(model(x)) along one input tangent (eval mode), the LEE core;
+//! - `peak_mb`: the process's peak resident set (`VmHWM`), like PyTorch's `ru_maxrss`.
+//!
+//! Each time is the median of `--reps` repetitions after `--warmup` untimed ones. Output: one line
+//! `impl=ours model=NAME train_ms=X forward_ms=X lee_ms=X peak_mb=X`. `--kernels` instead times the
+//! fused row kernels of `models::fused` against their composed candle forms on the small ViT's
+//! shapes (`kernel=NAME ... composed_ms=X fused_ms=X` lines), which is what each fusion buys.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use clap::Parser;
+use liederiv::config::{Config, VitConfig};
+use liederiv::lie::Tape;
+use liederiv::models::{build_model, fused, Rng};
+use rand::SeedableRng;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "Time train step / forward / LEE JVP of liederiv's models (see scripts/bench.sh)")]
+struct Args {
+    /// Comma-separated models: vit_tiny, vit_small, cnn, gcnn.
+    #[arg(long, default_value = "vit_tiny,vit_small,cnn,gcnn")]
+    models: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Untimed repetitions before timing.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Time the fused kernels against their composed forms instead of whole models.
+    #[arg(long)]
+    kernels: bool,
+}
+
+/// The benchmark's config for a model name (defaults elsewhere: 28×28×1, 10 classes).
+fn config_for(name: &str) -> Result<Config> {
+    let mut cfg = Config::default();
+    match name {
+        "vit_tiny" => (cfg.model.kind, cfg.model.vit) = ("vit".into(), VitConfig::tiny_mnist()),
+        "vit_small" => (cfg.model.kind, cfg.model.vit) = ("vit".into(), VitConfig::small_mnist()),
+        "cnn" => cfg.model.kind = "cnn".into(),
+        "gcnn" => cfg.model.kind = "gcnn".into(),
+        other => bail!("unknown model {other:?}: use vit_tiny, vit_small, cnn or gcnn"),
+    }
+    Ok(cfg)
+}
+
+/// Median wall time of `f` in milliseconds.
+fn timed(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut ms = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+/// Peak resident set of this process in MiB (Linux `VmHWM`; 0 where unavailable).
+fn peak_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+fn bench_model(name: &str, args: &Args) -> Result<()> {
+    let cfg = config_for(name)?;
+    let dev = Device::Cpu;
+    let (varmap, model) = build_model(&cfg, &dev).with_context(|| format!("building {name}"))?;
+    let b = args.batch;
+    let x = randn(&[b, 1, 28, 28], 1)?;
+    let dx = randn(&[1, b, 1, 28, 28], 2)?; // one tangent direction: (T=1, B, C, H, W)
+    let labels = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect::<Vec<_>>(), b, &dev)?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: 1e-4,
+            weight_decay: 0.05,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = Rng::seed_from_u64(cfg.seed);
+
+    let train_ms = timed(args.warmup, args.reps, || {
+        let logits = model.forward_train(&x, &mut rng)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    })?;
+    let forward_ms = timed(args.warmup, args.reps, || {
+        model.forward(&x)?;
+        Ok(())
+    })?;
+    let lee_ms = timed(args.warmup, args.reps, || {
+        let (logits, dlogits) = model.jvp(&x, &dx, &mut Tape::off())?;
+        // d softmax = p ⊙ (dl − Σ p ⊙ dl)
+        let p = fused::softmax_last_dim(&logits)?.unsqueeze(0)?;
+        let pdl = dlogits.broadcast_mul(&p)?;
+        let dp = (&pdl - pdl.sum_keepdim(D::Minus1)?.broadcast_mul(&p)?)?;
+        dp.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    println!(
+        "impl=ours model={name} train_ms={train_ms:.2} forward_ms={forward_ms:.2} lee_ms={lee_ms:.2} peak_mb={:.1}",
+        peak_mb()
+    );
+    Ok(())
+}
+
+/// Forward and forward+backward of one row op, composed vs fused.
+fn bench_kernel(
+    name: &str,
+    shape: &[usize],
+    args: &Args,
+    composed: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    fused: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<()> {
+    let x = Var::from_tensor(&randn(shape, 3)?)?;
+    let g = randn(shape, 4)?;
+    let dims = format!("{shape:?}").replace(' ', ""); // one token: "[128,50,192]"
+    let mut line = format!("kernel={name} shape={dims}");
+    for (label, f) in [("composed", composed), ("fused", fused)] {
+        let fwd = timed(args.warmup, args.reps, || {
+            f(&x)?;
+            Ok(())
+        })?;
+        let fwd_bwd = timed(args.warmup, args.reps, || {
+            (f(&x)? * &g)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        line.push_str(&format!(" {label}_fwd_ms={fwd:.2} {label}_fwdbwd_ms={fwd_bwd:.2}"));
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn bench_kernels(args: &Args) -> Result<()> {
+    let b = args.batch;
+    // The small ViT's shapes: tokens (B, 50, 192), attention (B·3, 50, 50), MLP hidden (B, 50, 768).
+    let w = Var::from_tensor(&(randn(&[192], 5)? + 1.0)?)?;
+    let bias = Var::from_tensor(&randn(&[192], 6)?)?;
+    bench_kernel(
+        "layer_norm",
+        &[b, 50, 192],
+        args,
+        &|x| fused::layer_norm_composed(x, &w, &bias, 1e-6),
+        &|x| fused::layer_norm(x, &w, &bias, 1e-6),
+    )?;
+    bench_kernel(
+        "softmax",
+        &[b * 3, 50, 50],
+        args,
+        &fused::softmax_composed,
+        &fused::softmax_last_dim,
+    )?;
+    bench_kernel("gelu", &[b, 50, 768], args, &fused::gelu_erf_composed, &fused::gelu_erf)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.kernels {
+        return bench_kernels(&args);
+    }
+    for name in args.models.split(',') {
+        bench_model(name.trim(), &args)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,474 @@
+//! Fused CPU kernels, with a backward, for the three row-wise ops that dominate a small ViT's
+//! training step once the matmuls are fast: LayerNorm over the last axis, softmax over the last
+//! axis and the exact (erf) GELU.
+//!
+//! Written from candle ops (as `layers.rs` must, because candle-nn's fused LayerNorm / softmax
+//! have no backward), each of these is 4–8 elementwise/reduction kernels forward and 2–3× that
+//! backward, each allocating a full-size temporary. Here each is one candle `CustomOp` whose
+//! forward is one pass over the rows, split across the rayon pool, and whose `bwd` is a second
+//! `CustomOp` of the same kind (timm / PyTorch compute the same formulas in their fused kernels).
+//! The ops are exact rewrites: the tests (`tests/fused.rs`) hold them to the composed versions
+//! and to f64 finite differences.
+//!
+//! On other devices or dtypes (CUDA, f16/bf16) the public functions fall back to the composed,
+//! differentiable form, so callers never need to branch. Second derivatives through the fused
+//! backward are not supported and fail loudly (`BackwardNotSupported`) rather than being cut.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
+};
+use rayon::prelude::*;
+
+/// The float element types the kernels run on.
+trait Real: WithDType {
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
+    fn maximum(self, other: Self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty, $erf:path) => {
+        impl Real for $t {
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+            fn maximum(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+        }
+    };
+}
+// candle's own erf (libm), so the fused GELU matches the composed `x·Φ(x)` bit for bit.
+real!(f32, candle_core::cpu::erf::erf_f32);
+real!(f64, candle_core::cpu::erf::erf_f64);
+
+/// Rows per rayon task: below this many elements a task is not worth its scheduling cost.
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+/// The contiguous data of one operand (the public wrappers make operands contiguous).
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{op}: operand with shape {:?} is not contiguous", l.dims()),
+    }
+}
+
+/// Size of the last axis of a layout (rank ≥ 1 is checked by the wrappers).
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
+}
+
+/// Fill `out` row by row (rows of length `d`), in parallel over blocks of rows.
+fn par_rows<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    if d == 0 {
+        return;
+    }
+    let rows_per_task = (MIN_TASK_ELEMS / d).max(1);
+    let run = |(task, block): (usize, &mut [T])| {
+        for (j, row) in block.chunks_mut(d).enumerate() {
+            f(task * rows_per_task + j, row);
+        }
+    };
+    if out.len() <= MIN_TASK_ELEMS {
+        out.chunks_mut(d * rows_per_task).enumerate().for_each(run);
+    } else {
+        out.par_chunks_mut(d * rows_per_task).enumerate().for_each(run);
+    }
+}
+
+/// Mean and 1/σ of one row (biased variance, as PyTorch), accumulated in the element type.
+fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
+    let n = T::from_f64(x.len() as f64);
+    let mean = x.iter().fold(T::from_f64(0.0), |a, &v| a + v) / n;
+    let var = x.iter().fold(T::from_f64(0.0), |a, &v| a + (v - mean) * (v - mean)) / n;
+    (mean, T::from_f64(1.0) / (var + eps).sqrt())
+}
+
+/// Dispatch a kernel on the dtype of its first operand.
+macro_rules! by_dtype {
+    ($s:expr, $op:expr, $kernel:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $kernel::<f32>($($arg),*),
+            CpuStorage::F64(_) => $kernel::<f64>($($arg),*),
+            _ => bail!("{}: only f32 and f64 are supported by the fused CPU kernel", $op),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+/// `y = (x − mean)/σ · weight + bias` over the last axis; `x: (..., D)`, `weight, bias: (D)`.
+struct LayerNormOp {
+    eps: f64,
+}
+
+fn ln_fwd<T: Real>(
+    eps: f64,
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    bs: &CpuStorage,
+    bl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, w, b) = (
+        slice::<T>(xs, xl, "layer_norm")?,
+        slice::<T>(ws, wl, "layer_norm")?,
+        slice::<T>(bs, bl, "layer_norm")?,
+    );
+    let d = last_dim(xl);
+    let eps = T::from_f64(eps);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, d, |r, y| {
+        let xr = &x[r * d..(r + 1) * d];
+        let (mean, rstd) = moments(xr, eps);
+        for i in 0..d {
+            y[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), ln_fwd(self.eps, xs, xl, ws, wl, bs, bl))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = x.apply_op3(w, &g, LayerNormGradInput { eps: self.eps })?;
+        // (2, D): row 0 is d weight, row 1 is d bias.
+        let dwb = x.apply_op2(&g, LayerNormGradParams { eps: self.eps })?;
+        Ok((Some(dx), Some(dwb.get(0)?), Some(dwb.get(1)?)))
+    }
+}
+
+/// d x = (ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) / σ with ĝ = g ⊙ weight.
+struct LayerNormGradInput {
+    eps: f64,
+}
+
+fn ln_grad_x<T: Real>(
+    eps: f64,
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, w, g) = (
+        slice::<T>(xs, xl, "layer_norm grad")?,
+        slice::<T>(ws, wl, "layer_norm grad")?,
+        slice::<T>(gs, gl, "layer_norm grad")?,
+    );
+    let d = last_dim(xl);
+    let (eps, n) = (T::from_f64(eps), T::from_f64(d as f64));
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, d, |r, dx| {
+        let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+        let (mean, rstd) = moments(xr, eps);
+        let (mut sg, mut sgx) = (T::from_f64(0.0), T::from_f64(0.0));
+        for i in 0..d {
+            let gh = gr[i] * w[i];
+            sg += gh;
+            sgx += gh * (xr[i] - mean) * rstd;
+        }
+        let (mg, mgx) = (sg / n, sgx / n);
+        for i in 0..d {
+            let xhat = (xr[i] - mean) * rstd;
+            dx[i] = (gr[i] * w[i] - mg - xhat * mgx) * rstd;
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp3 for LayerNormGradInput {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), ln_grad_x(self.eps, xs, xl, ws, wl, gs, gl))
+    }
+}
+
+/// `(2, D)`: Σ_rows g ⊙ x̂ (weight gradient) and Σ_rows g (bias gradient).
+struct LayerNormGradParams {
+    eps: f64,
+}
+
+fn ln_grad_params<T: Real>(
+    eps: f64,
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (
+        slice::<T>(xs, xl, "layer_norm grad")?,
+        slice::<T>(gs, gl, "layer_norm grad")?,
+    );
+    let d = last_dim(xl);
+    let eps = T::from_f64(eps);
+    let zero = T::from_f64(0.0);
+    let rows = x.len().checked_div(d).unwrap_or(0);
+    // Partial sums per block of rows (in parallel), then a serial reduction of the few partials.
+    let rows_per_task = (MIN_TASK_ELEMS / d.max(1)).max(1);
+    let partial = |task: usize| {
+        let mut acc = vec![zero; 2 * d];
+        for r in task * rows_per_task..((task + 1) * rows_per_task).min(rows) {
+            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            let (mean, rstd) = moments(xr, eps);
+            for i in 0..d {
+                acc[i] += gr[i] * (xr[i] - mean) * rstd;
+                acc[d + i] += gr[i];
+            }
+        }
+        acc
+    };
+    let tasks = rows.div_ceil(rows_per_task);
+    let partials: Vec<Vec<T>> = if x.len() <= MIN_TASK_ELEMS {
+        (0..tasks).map(partial).collect()
+    } else {
+        (0..tasks).into_par_iter().map(partial).collect()
+    };
+    let mut out = vec![zero; 2 * d];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    Ok((T::to_cpu_storage_owned(out), Shape::from((2, d))))
+}
+
+impl CustomOp2 for LayerNormGradParams {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad-params"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), ln_grad_params(self.eps, xs, xl, gs, gl))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+/// Softmax over the last axis, shifted by the row maximum.
+struct SoftmaxOp;
+
+fn softmax_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(xs, xl, "softmax")?;
+    let d = last_dim(xl);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, d, |r, s| {
+        let xr = &x[r * d..(r + 1) * d];
+        let m = xr.iter().fold(xr[0], |a, &v| a.maximum(v));
+        let mut sum = T::from_f64(0.0);
+        for i in 0..d {
+            s[i] = (xr[i] - m).exp();
+            sum += s[i];
+        }
+        for v in s.iter_mut() {
+            *v /= sum;
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), softmax_fwd(xs, xl))
+    }
+
+    fn bwd(&self, _x: &Tensor, s: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(s.apply_op2(&g.contiguous()?, SoftmaxGrad)?))
+    }
+}
+
+/// d x = s ⊙ (g − Σ s ⊙ g), from the forward's output `s`.
+struct SoftmaxGrad;
+
+fn softmax_grad<T: Real>(ss: &CpuStorage, sl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (s, g) = (slice::<T>(ss, sl, "softmax grad")?, slice::<T>(gs, gl, "softmax grad")?);
+    let d = last_dim(sl);
+    let mut out = vec![T::from_f64(0.0); s.len()];
+    par_rows(&mut out, d, |r, dx| {
+        let (sr, gr) = (&s[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+        let dot = sr.iter().zip(gr).fold(T::from_f64(0.0), |a, (&p, &q)| a + p * q);
+        for i in 0..d {
+            dx[i] = sr[i] * (gr[i] - dot);
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), sl.shape().clone()))
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, ss: &CpuStorage, sl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(ss, self.name(), softmax_grad(ss, sl, gs, gl))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (erf)
+
+/// x·Φ(x), Φ(x) = (1 + erf(x/√2))/2.
+struct GeluOp;
+
+fn gelu_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(xs, xl, "gelu")?;
+    let (half, rsqrt2) = (T::from_f64(0.5), T::from_f64(std::f64::consts::FRAC_1_SQRT_2));
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    // Elementwise: "rows" of one element.
+    par_rows(&mut out, 1, |i, y| y[0] = x[i] * ((x[i] * rsqrt2).erf() * half + half));
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_fwd(xs, xl))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2(&g.contiguous()?, GeluGrad)?))
+    }
+}
+
+/// d x = g·(Φ(x) + x·φ(x)), φ(x) = exp(−x²/2)/√(2π): the exact derivative (candle's own
+/// `gelu_erf` backward truncates 1/√(2π) to 0.398942).
+struct GeluGrad;
+
+fn gelu_grad<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (slice::<T>(xs, xl, "gelu grad")?, slice::<T>(gs, gl, "gelu grad")?);
+    let half = T::from_f64(0.5);
+    let rsqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+    let rsqrt2pi = T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, 1, |i, dx| {
+        let xi = x[i];
+        let cdf = (xi * rsqrt2).erf() * half + half;
+        let pdf = (xi * xi * T::from_f64(-0.5)).exp() * rsqrt2pi;
+        dx[0] = g[i] * (cdf + xi * pdf);
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_grad(xs, xl, gs, gl))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public API
+
+/// Whether the fused kernel can run on this tensor (CPU, f32 / f64).
+fn fusable(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// LayerNorm over the last axis with affine `weight, bias: (D)`: `x: (..., D)` → `(..., D)`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if weight.dims() != [d] || bias.dims() != [d] {
+        bail!(
+            "layer_norm: weight {:?} and bias {:?} must both be ({d}) for input {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        );
+    }
+    if !fusable(x) {
+        return layer_norm_composed(x, weight, bias, eps);
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
+}
+
+/// The same LayerNorm from differentiable candle ops (other devices and dtypes).
+pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    xc.broadcast_mul(&rstd)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last axis: `x: (..., N)` → `(..., N)`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.dim(D::Minus1)?;
+    if !fusable(x) {
+        return softmax_composed(x);
+    }
+    x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+/// The same softmax from differentiable candle ops (the max shift is a constant: detached).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Exact GELU x·Φ(x), elementwise, with the exact derivative.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return gelu_erf_composed(x);
+    }
+    x.contiguous()?.apply_op1(GeluOp)
+}
+
+/// The same GELU from differentiable candle ops (candle's `erf` has an exact backward).
+pub fn gelu_erf_composed(x: &Tensor) -> Result<Tensor> {
+    x * (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?
+}

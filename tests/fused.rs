@@ -1,0 +1,215 @@
+//! The fused CPU kernels (`models::fused`) against two independent oracles: the composed,
+//! differentiable candle versions (forward values and backward gradients, f32 and f64) and
+//! central finite differences in f64 (gradients).
+//!
+//! Tolerances: in f64 the fused and composed forms differ only by summation order, ~1e-15
+//! relative, so 1e-12 is strict. In f32 both round every intermediate to 2^-24 ≈ 6e-8; a row of
+//! D ≤ 256 sums accumulates at most a few ulps times √D, so 2e-6 (absolute, on O(1) values)
+//! bounds them with margin while still catching any formula error (those are O(1e-2) or more).
+//! Finite differences: step 1e-5 in f64 has truncation error O(h²·f''') ≈ 1e-10 and rounding
+//! error O(1e-16/h) ≈ 1e-11, so 1e-7 is safe.
+
+use candle_core::{DType, Device, Tensor, Var};
+use liederiv::models::fused::{
+    gelu_erf, gelu_erf_composed, layer_norm, layer_norm_composed, softmax_composed, softmax_last_dim,
+};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+fn randn(shape: &[usize], scale: f64, seed: u64, dtype: DType) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            scale * z
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// `Σ y ⊙ r` for a fixed random cotangent r, so every output element gets its own weight.
+fn probe(y: &Tensor, seed: u64) -> Tensor {
+    let r = randn(y.dims(), 1.0, seed, y.dtype());
+    (y * r).unwrap().sum_all().unwrap()
+}
+
+type Params = (Var, Var, Var);
+
+fn ln_params(shape: &[usize], dtype: DType) -> Params {
+    let d = *shape.last().unwrap();
+    let x = Var::from_tensor(&randn(shape, 2.0, 1, dtype).affine(1.0, 0.5).unwrap()).unwrap();
+    let w = Var::from_tensor(&randn(&[d], 0.5, 2, dtype).affine(1.0, 1.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&randn(&[d], 0.5, 3, dtype)).unwrap();
+    (x, w, b)
+}
+
+/// Values and gradients (x, w, b) of LayerNorm, fused and composed.
+fn check_layer_norm(shape: &[usize], dtype: DType, tol: f64) {
+    let (x, w, b) = ln_params(shape, dtype);
+    let yf = layer_norm(&x, &w, &b, 1e-6).unwrap();
+    let yc = layer_norm_composed(&x, &w, &b, 1e-6).unwrap();
+    let fwd = max_abs_diff(&yf, &yc);
+    assert!(fwd < tol, "layer_norm {shape:?} {dtype:?} forward differs by {fwd}");
+    let gf = probe(&yf, 9).backward().unwrap();
+    let gc = probe(&yc, 9).backward().unwrap();
+    for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+        let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+        // Parameter gradients are sums over all rows (up to 3200 terms of size O(1)): compare
+        // relative to their largest entry; √rows·ulp ≈ 3.4e-6 in f32 is the typical summation
+        // error, the bound allows 3× that per unit of `tol`.
+        let e = if name == "x" {
+            max_abs_diff(a, c)
+        } else {
+            max_abs_diff(a, c) / max_abs_diff(c, &c.zeros_like().unwrap())
+        };
+        assert!(
+            e < tol,
+            "layer_norm {shape:?} {dtype:?} d{name} differs by {e} (bound {tol})"
+        );
+    }
+}
+
+#[test]
+fn layer_norm_matches_composed_f64_and_f32() {
+    // Small (serial path) and large enough to split rows across the rayon pool.
+    for shape in [&[3usize, 5, 17][..], &[64, 50, 64]] {
+        check_layer_norm(shape, DType::F64, 1e-12);
+        check_layer_norm(shape, DType::F32, 2e-6);
+    }
+}
+
+fn check_softmax(shape: &[usize], dtype: DType, tol: f64) {
+    let x = Var::from_tensor(&randn(shape, 3.0, 4, dtype)).unwrap();
+    let yf = softmax_last_dim(&x).unwrap();
+    let yc = softmax_composed(&x).unwrap();
+    let fwd = max_abs_diff(&yf, &yc);
+    assert!(fwd < tol, "softmax {shape:?} {dtype:?} forward differs by {fwd}");
+    let gf = probe(&yf, 5).backward().unwrap();
+    let gc = probe(&yc, 5).backward().unwrap();
+    let e = max_abs_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
+    assert!(e < tol, "softmax {shape:?} {dtype:?} dx differs by {e}");
+}
+
+#[test]
+fn softmax_matches_composed_f64_and_f32() {
+    for shape in [&[2usize, 3, 7][..], &[96, 50, 50]] {
+        check_softmax(shape, DType::F64, 1e-12);
+        check_softmax(shape, DType::F32, 2e-6);
+    }
+}
+
+#[test]
+fn softmax_is_shift_invariant_and_stable() {
+    // Exact invariance: softmax(x + c) = softmax(x), checked in f64 where x + 1000 keeps
+    // 1e-13 of x; in f32, c = 1000 overflows a naive exp (e^1000) but not a max-shifted one.
+    let x = randn(&[4, 9], 1.0, 6, DType::F64);
+    let a = softmax_last_dim(&x).unwrap();
+    let b = softmax_last_dim(&(&x + 1000.0).unwrap()).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-12);
+    let big = softmax_last_dim(&(x.to_dtype(DType::F32).unwrap() * 1000.0).unwrap()).unwrap();
+    let rows = big.sum(1).unwrap().to_vec1::<f32>().unwrap();
+    assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-6), "{rows:?}");
+}
+
+fn check_gelu(shape: &[usize], dtype: DType, tol: f64) {
+    let x = Var::from_tensor(&randn(shape, 3.0, 7, dtype)).unwrap();
+    let yf = gelu_erf(&x).unwrap();
+    let yc = gelu_erf_composed(&x).unwrap();
+    let fwd = max_abs_diff(&yf, &yc);
+    assert!(fwd < tol, "gelu {shape:?} {dtype:?} forward differs by {fwd}");
+    let gf = probe(&yf, 8).backward().unwrap();
+    let gc = probe(&yc, 8).backward().unwrap();
+    let e = max_abs_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
+    assert!(e < tol, "gelu {shape:?} {dtype:?} dx differs by {e}");
+}
+
+#[test]
+fn gelu_matches_composed_f64_and_f32() {
+    for shape in [&[5usize, 11][..], &[128, 50, 256]] {
+        check_gelu(shape, DType::F64, 1e-12);
+        check_gelu(shape, DType::F32, 2e-6);
+    }
+}
+
+/// Central differences of `f` at x along coordinate `i`.
+fn fd(f: &dyn Fn(&Tensor) -> f64, x: &Tensor, i: usize, h: f64) -> f64 {
+    let mut v = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let v0 = v[i];
+    v[i] = v0 + h;
+    let plus = f(&Tensor::from_vec(v.clone(), x.dims(), &Device::Cpu).unwrap());
+    v[i] = v0 - h;
+    let minus = f(&Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap());
+    (plus - minus) / (2.0 * h)
+}
+
+fn check_fd(name: &str, f: &dyn Fn(&Tensor) -> Tensor, x: &Var) {
+    let scalar = |t: &Tensor| probe(&f(t), 11).to_scalar::<f64>().unwrap();
+    let grads = probe(&f(x), 11).backward().unwrap();
+    let g = grads.get(x).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for i in (0..g.len()).step_by(7) {
+        let num = fd(&scalar, x, i, 1e-5);
+        assert!(
+            (num - g[i]).abs() < 1e-7,
+            "{name}: d/dx[{i}] analytic {} vs finite difference {num}",
+            g[i]
+        );
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_f64() {
+    let (x, w, b) = ln_params(&[3, 4, 10], DType::F64);
+    let (wt, bt) = (w.as_tensor().clone(), b.as_tensor().clone());
+    check_fd("layer_norm x", &|t| layer_norm(t, &wt, &bt, 1e-6).unwrap(), &x);
+    let xt = x.as_tensor().clone();
+    check_fd("layer_norm weight", &|t| layer_norm(&xt, t, &bt, 1e-6).unwrap(), &w);
+    check_fd("layer_norm bias", &|t| layer_norm(&xt, &wt, t, 1e-6).unwrap(), &b);
+    let s = Var::from_tensor(&randn(&[3, 4, 10], 2.0, 12, DType::F64)).unwrap();
+    check_fd("softmax", &|t| softmax_last_dim(t).unwrap(), &s);
+    let g = Var::from_tensor(&randn(&[6, 20], 2.0, 13, DType::F64)).unwrap();
+    check_fd("gelu", &|t| gelu_erf(t).unwrap(), &g);
+}
+
+#[test]
+fn non_contiguous_inputs_and_fallback_dtypes() {
+    // A transposed view: the wrapper makes it contiguous, the result equals the composed one.
+    let x = randn(&[2, 16, 8], 1.0, 14, DType::F32).transpose(1, 2).unwrap();
+    assert!(!x.is_contiguous());
+    assert!(max_abs_diff(&softmax_last_dim(&x).unwrap(), &softmax_composed(&x).unwrap()) < 1e-6);
+    assert!(max_abs_diff(&gelu_erf(&x).unwrap(), &gelu_erf_composed(&x).unwrap()) < 1e-6);
+    let (w, b) = (randn(&[16], 1.0, 15, DType::F32), randn(&[16], 1.0, 16, DType::F32));
+    let e = max_abs_diff(
+        &layer_norm(&x, &w, &b, 1e-5).unwrap(),
+        &layer_norm_composed(&x, &w, &b, 1e-5).unwrap(),
+    );
+    assert!(e < 2e-6, "{e}");
+    // f16 has no fused kernel: the composed form is used, bit for bit.
+    let h = x.to_dtype(DType::F16).unwrap();
+    assert_eq!(
+        max_abs_diff(&gelu_erf(&h).unwrap(), &gelu_erf_composed(&h).unwrap()),
+        0.0
+    );
+    // A weight of the wrong width is a clear error, not a panic.
+    let err = layer_norm(&x, &w.narrow(0, 0, 8).unwrap(), &b, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weight"), "{err}");
+}
