@@ -1,1 +1,12 @@
-//! Training: the loop, AdamW with parameter groups, the lr schedule, augmentation, checkpoints.
+//! Training: AdamW with parameter groups, the lr schedule, augmentation, checkpoints and the loop.
+//! The loop is MAE's engine split (`train_one_epoch`-style steps and `evaluate`), written as one
+//! readable function; the commands in `src/cli/` wire it up.
+
+pub mod augment;
+pub mod checkpoint;
+pub mod optim;
+pub mod schedule;
+
+pub use augment::{soft_targets, Augmented, Augmenter};
+pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
+pub use schedule::Schedule;
