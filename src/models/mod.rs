@@ -15,3 +15,5 @@ pub trait Model: Jvp {
     /// Training-mode logits (drop path, batch statistics; running statistics are updated).
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
+
+pub mod init;
