@@ -57,6 +57,11 @@ pub struct StepRecord {
     pub kind: StepKind,
     /// Index of this step's error in the tangent axis (its contribution at the output).
     pub channel: usize,
+    /// Per image ‖e_i‖², the squared norm of this step's own error at its output (before the
+    /// rest of the network acts on it): the subpixel limit of a layerwise EQ-T_frac.
+    pub error_sq: Vec<f64>,
+    /// Elements per image of this step's output (the N of EQ-T_frac's normalisations).
+    pub numel: usize,
 }
 
 /// The layerwise state: the transform whose decomposition is computed and the steps seen.
@@ -113,10 +118,21 @@ impl Tape {
         let canonical = lie_derivative(y, repr, lw.transform, lw.stencil)?.unsqueeze(0)?;
         let error = (local - &canonical)?;
         let channel = lw.steps.len() + 1;
+        // (1, B, ...) -> (B, numel) -> per-image ‖e_i‖²
+        let b = y.dim(0)?;
+        let numel = y.elem_count() / b.max(1);
+        let error_sq = error
+            .reshape((b, numel))?
+            .sqr()?
+            .sum(1)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?;
         lw.steps.push(StepRecord {
             name: name.to_string(),
             kind,
             channel,
+            error_sq,
+            numel,
         });
         // Earlier channels keep their places; missing ones (from other branches) are zero.
         let t = dy.dim(0)?;

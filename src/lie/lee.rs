@@ -1,0 +1,207 @@
+//! The local equivariance error (LEE, paper Eq. 4): per image (1/K)·Σ_k (L_X p_k)² with
+//! p = softmax(logits), or (1/K)·Σ_k |L_X p_k| (`abs`, what the reference code's CSVs hold).
+//!
+//! Every requested transform is measured in ONE primal pass: the input tangents L_X x of all
+//! transforms are stacked on the tangent axis `(T, B, C, H, W)` and pushed through
+//! [`Model::jvp`](crate::lie::Jvp) together (DESIGN.md, "The Lie derivative"). The softmax JVP is
+//! written from differentiable ops, so [`lee_penalty`] backprops into the weights (LEE-regularised
+//! training). Means and standard errors over images are accumulated in f64 ([`MeanStderr`]).
+//!
+//! `x` is the image the model sees, i.e. the NORMALIZED image; L_X is taken of it.
+
+use crate::lie::Tape;
+use crate::models::Model;
+use crate::transforms::{image_lie_derivative, Stencil, Transform};
+use candle_core::{DType, Result, Tensor, D};
+
+/// How the per-class Lie derivatives of one image are reduced to a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Statistic {
+    /// (1/K)·Σ_k (L_X p_k)²: the paper's Eq. 4.
+    Sq,
+    /// (1/K)·Σ_k |L_X p_k|: the reference code's CSV number.
+    Abs,
+}
+
+impl Statistic {
+    pub fn parse(name: &str) -> Option<Statistic> {
+        match name {
+            "sq" => Some(Statistic::Sq),
+            "abs" => Some(Statistic::Abs),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Statistic::Sq => "sq",
+            Statistic::Abs => "abs",
+        }
+    }
+}
+
+/// Input tangents of every transform stacked on the tangent axis:
+/// `x: (B, C, H, W)` → `(T, B, C, H, W)`.
+pub fn input_tangents(x: &Tensor, transforms: &[Transform], stencil: Stencil) -> Result<Tensor> {
+    let parts = transforms
+        .iter()
+        .map(|&t| image_lie_derivative(x, t, stencil))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&parts, 0)
+}
+
+/// Softmax over the last axis and its JVP, from differentiable ops (candle's fused softmax has
+/// no backward). `logits: (B, K)`, `dlogits: (T, B, K)` → `p: (B, K)`, `dp: (T, B, K)` with
+/// dp = p ⊙ (dl − Σ_k p_k dl_k).
+pub fn softmax_jvp(logits: &Tensor, dlogits: &Tensor) -> Result<(Tensor, Tensor)> {
+    // The max shift cancels in the softmax; detaching it keeps its gradient out of the graph.
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
+    let e = shifted.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let p_t = p.unsqueeze(0)?; // (1, B, K)
+    let mean_dl = dlogits.broadcast_mul(&p_t)?.sum_keepdim(D::Minus1)?; // (T, B, 1)
+    let dp = dlogits.broadcast_sub(&mean_dl)?.broadcast_mul(&p_t)?;
+    Ok((p, dp))
+}
+
+/// One primal pass for all transforms: `(logits (B, K), L_X out (T, B, K))` where `out` is the
+/// probabilities (or the logits with `use_logits`).
+pub fn output_lie_derivative(
+    model: &dyn Model,
+    x: &Tensor,
+    transforms: &[Transform],
+    stencil: Stencil,
+    use_logits: bool,
+) -> Result<(Tensor, Tensor)> {
+    let dx = input_tangents(x, transforms, stencil)?;
+    let (logits, dlogits) = model.jvp(x, &dx, &mut Tape::off())?;
+    if use_logits {
+        return Ok((logits, dlogits));
+    }
+    let (_, dp) = softmax_jvp(&logits, &dlogits)?;
+    Ok((logits, dp))
+}
+
+/// Per-image statistic of an output Lie derivative `d: (T, B, K)` → `(T, B)`.
+pub fn reduce_statistic(d: &Tensor, statistic: Statistic) -> Result<Tensor> {
+    match statistic {
+        Statistic::Sq => d.sqr()?.mean(D::Minus1),
+        Statistic::Abs => d.abs()?.mean(D::Minus1),
+    }
+}
+
+/// LEE of every image for every transform: `result[t][b]`, `x: (B, C, H, W)` normalized.
+pub fn lee_per_image(
+    model: &dyn Model,
+    x: &Tensor,
+    transforms: &[Transform],
+    stencil: Stencil,
+    statistic: Statistic,
+    use_logits: bool,
+) -> Result<Vec<Vec<f64>>> {
+    let (_, d) = output_lie_derivative(model, x, transforms, stencil, use_logits)?;
+    reduce_statistic(&d, statistic)?.to_dtype(DType::F64)?.to_vec2()
+}
+
+/// Differentiable mean squared LEE over images and `transforms`, on the probabilities: a scalar
+/// tensor whose gradient reaches the weights through the tangent's candle ops.
+pub fn lee_penalty(model: &dyn Model, x: &Tensor, transforms: &[Transform], stencil: Stencil) -> Result<Tensor> {
+    let (_, dp) = output_lie_derivative(model, x, transforms, stencil, false)?;
+    dp.sqr()?.mean_all()
+}
+
+/// Running mean and standard error of the mean (Welford, f64).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeanStderr {
+    n: usize,
+    mean: f64,
+    m2: f64,
+}
+
+impl MeanStderr {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, v: f64) {
+        self.n += 1;
+        let delta = v - self.mean;
+        self.mean += delta / self.n as f64;
+        self.m2 += delta * (v - self.mean);
+    }
+
+    pub fn extend<I: IntoIterator<Item = f64>>(&mut self, vs: I) {
+        for v in vs {
+            self.push(v);
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The mean (0 when empty).
+    pub fn mean(&self) -> f64 {
+        self.mean
+    }
+
+    /// Sample standard deviation / √n; 0 with fewer than two values (no spread is measurable).
+    pub fn stderr(&self) -> f64 {
+        if self.n < 2 {
+            return 0.0;
+        }
+        (self.m2 / (self.n - 1) as f64 / self.n as f64).sqrt()
+    }
+}
+
+/// LEE and accuracy of one split.
+#[derive(Clone, Debug)]
+pub struct LeeSummary {
+    pub n: usize,
+    /// Fraction of argmax(logits) == label (`None` without labels).
+    pub accuracy: Option<f64>,
+    /// One accumulator per requested transform, in the requested order.
+    pub lee: Vec<(Transform, MeanStderr)>,
+}
+
+/// What an LEE measurement computes (the `lee` config section, parsed).
+#[derive(Clone, Debug)]
+pub struct LeeSpec {
+    pub transforms: Vec<Transform>,
+    pub stencil: Stencil,
+    pub statistic: Statistic,
+    pub use_logits: bool,
+    pub batch_size: usize,
+}
+
+/// LEE (and accuracy, given labels) over a whole split `images: (N, C, H, W)`, in batches of
+/// `spec.batch_size`. Fails on a non-finite Lie derivative, naming the batch.
+pub fn lee_split(model: &dyn Model, images: &Tensor, labels: Option<&Tensor>, spec: &LeeSpec) -> Result<LeeSummary> {
+    let n = images.dim(0)?;
+    let mut lee: Vec<(Transform, MeanStderr)> = spec.transforms.iter().map(|&t| (t, MeanStderr::new())).collect();
+    let mut correct = 0usize;
+    let bs = spec.batch_size.max(1);
+    for start in (0..n).step_by(bs) {
+        let len = bs.min(n - start);
+        let x = images.narrow(0, start, len)?;
+        let (logits, d) = output_lie_derivative(model, &x, &spec.transforms, spec.stencil, spec.use_logits)?;
+        let per: Vec<Vec<f64>> = reduce_statistic(&d, spec.statistic)?.to_dtype(DType::F64)?.to_vec2()?;
+        for ((t, acc), vals) in lee.iter_mut().zip(per) {
+            if let Some(v) = vals.iter().find(|v| !v.is_finite()) {
+                candle_core::bail!("non-finite {t} Lie derivative ({v}) in images {start}..{}", start + len);
+            }
+            acc.extend(vals);
+        }
+        if let Some(labels) = labels {
+            let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+            let y = labels.narrow(0, start, len)?.to_dtype(DType::U32)?;
+            correct += pred.eq(&y)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+        }
+    }
+    Ok(LeeSummary {
+        n,
+        accuracy: labels.map(|_| if n == 0 { 0.0 } else { correct as f64 / n as f64 }),
+        lee,
+    })
+}
