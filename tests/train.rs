@@ -252,3 +252,210 @@ fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
     assert!(err.is_some_and(|e| e.contains("nope.safetensors") && e.contains("does not exist")));
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// End-to-end runs on real MNIST-rot ($LIEDERIV_DATA_DIR; a test that needs it fails without it).
+
+use liederiv::report::EvalRecord;
+use liederiv::train::{train, TrainError};
+use liederiv::Config;
+use std::path::{Path, PathBuf};
+
+fn data_dir() -> String {
+    match std::env::var("LIEDERIV_DATA_DIR") {
+        Ok(d) if !d.is_empty() => d,
+        _ => panic!("set LIEDERIV_DATA_DIR to the folder holding mnist/ and fashion-mnist/ (IDX files)"),
+    }
+}
+
+/// A tiny ViT on 2,000 training digits; the split cache is shared by the tests of this binary.
+fn tiny_cfg(out: &Path, name: &str, extra: &[&str]) -> Config {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("liederiv-train-cache");
+    let mut o: Vec<String> = vec![
+        format!("name={name:?}"),
+        format!("data.root={:?}", data_dir()),
+        format!("data.cache_dir={:?}", cache.display().to_string()),
+        "data.train_size=2000".into(),
+        "data.val_size=0".into(),
+        "data.test_size=1000".into(),
+        "data.ood=[{name=\"fashion\", path=\"fashion-mnist\", rotate=true, limit=500}]".into(),
+        "model.vit.patch_size=7".into(),
+        "model.vit.dim=32".into(),
+        "model.vit.depth=2".into(),
+        "model.vit.heads=2".into(),
+        "model.vit.pool=\"mean\"".into(),
+        "train.batch_size=32".into(),
+        "train.base_lr=4e-3".into(),
+        "train.min_lr=1e-5".into(),
+        "train.warmup_steps=20".into(),
+        "train.grad_clip=1.0".into(),
+        "eval.splits=[\"test\"]".into(),
+        "eval.limit=500".into(),
+        "lee.transforms=[\"rotate\", \"translate_x\"]".into(),
+        "lee.splits=[\"train\", \"test\", \"ood_fashion\"]".into(),
+        "lee.limit=64".into(),
+        format!("output.dir={:?}", out.display().to_string()),
+        "output.progress=false".into(),
+        "output.plots=false".into(),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    match Config::resolve_str("", "tiny", &o) {
+        Ok(c) => c,
+        Err(e) => panic!("test config: {e}"),
+    }
+}
+
+fn records(dir: &Path) -> Vec<EvalRecord> {
+    match liederiv::report::read_jsonl(&dir.join("metrics.jsonl")) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn training_reaches_accuracy_with_finite_lee_on_every_split() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(out.path(), "acc", &["train.steps=300", "train.eval_every=150", "train.checkpoint_every=300"]);
+    let t0 = std::time::Instant::now();
+    let summary = train(&cfg, false)?;
+    eprintln!("300 steps + 2 evals in {:.1} s", t0.elapsed().as_secs_f64());
+    let recs = records(&summary.run_dir);
+    assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), vec![150, 300]);
+    let last = recs.last().cloned().ok_or_else(|| anyhow::anyhow!("no records"))?;
+    let acc = last.splits["test"].accuracy.unwrap_or(0.0);
+    eprintln!("test accuracy {acc:.3}");
+    assert!(acc > 0.5, "test accuracy {acc} is not well above chance (0.1)");
+    assert_eq!(last.splits["test"].n, 1000, "the final eval uses the whole split");
+    for split in ["train", "test", "ood_fashion"] {
+        for t in ["rotate", "translate_x"] {
+            let v = last.splits[split].lee.get(t).map(|m| (m.mean, m.n));
+            assert!(matches!(v, Some((m, 64)) if m.is_finite() && m > 0.0), "{split} {t}: {v:?}");
+        }
+    }
+    assert!(last.gaps().contains_key("ood_fashion_minus_train_lee_rotate"));
+    assert!(summary.run_dir.join("config.toml").exists() && summary.run_dir.join("metrics.csv").exists());
+    Ok(())
+}
+
+/// Kill a `liederiv train` process after its first checkpoint, resume it, and compare with an
+/// uninterrupted run: same metrics (all but images/s) and bit-identical final weights.
+#[test]
+fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let common = ["train.steps=120", "train.eval_every=40", "train.checkpoint_every=20", "augment.rotate_deg=180"];
+    let whole = train(&tiny_cfg(out.path(), "whole", &common), false)?;
+
+    let cfg = tiny_cfg(out.path(), "killed", &common);
+    let sets: Vec<String> = tiny_set_args(&cfg);
+    let bin = env!("CARGO_BIN_EXE_liederiv");
+    let mut child = std::process::Command::new(bin).arg("train").args(&sets).stderr(std::process::Stdio::null()).spawn()?;
+    let side = out.path().join("killed").join("checkpoint.json");
+    let t0 = std::time::Instant::now();
+    while !side.exists() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill()?;
+    child.wait()?;
+    let meta = checkpoint::load_meta(&out.path().join("killed").join("checkpoint.safetensors"))?;
+    assert!(meta.step < 120, "the run finished before it could be killed (step {})", meta.step);
+    let status = std::process::Command::new(bin).arg("train").args(&sets).arg("--resume").stderr(std::process::Stdio::null()).status()?;
+    assert!(status.success());
+
+    let strip = |mut v: Vec<EvalRecord>| {
+        for r in &mut v {
+            r.images_per_sec = 0.0;
+        }
+        v
+    };
+    let a = strip(records(&whole.run_dir));
+    let b = strip(records(&out.path().join("killed")));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "resumed metrics differ from the uninterrupted run");
+    let dev = Device::Cpu;
+    let wa = candle_core::safetensors::load(whole.run_dir.join("checkpoint.safetensors"), &dev)?;
+    let wb = candle_core::safetensors::load(out.path().join("killed").join("checkpoint.safetensors"), &dev)?;
+    assert_eq!(wa.len(), wb.len());
+    for (k, t) in &wa {
+        let d = (t - &wb[k])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "{k} differs after resume");
+    }
+    Ok(())
+}
+
+/// The `--set` arguments that reproduce a test config on the command line.
+fn tiny_set_args(cfg: &Config) -> Vec<String> {
+    // The resolved config, written as a file, is the exact same run.
+    let path = PathBuf::from(&cfg.output.dir).join(format!("{}.toml", cfg.name));
+    std::fs::create_dir_all(&cfg.output.dir).ok();
+    std::fs::write(&path, cfg.to_toml()).ok();
+    vec!["--config".into(), path.display().to_string()]
+}
+
+#[test]
+fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let common = ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150", "train.lee_penalty_transforms=[\"rotate\"]"];
+    let lee_of = |name: &str, lambda: &str| -> anyhow::Result<f64> {
+        let mut extra = common.to_vec();
+        let set = format!("train.lee_penalty={lambda}");
+        extra.push(&set);
+        let s = train(&tiny_cfg(out.path(), name, &extra), false)?;
+        let last = records(&s.run_dir).pop().ok_or_else(|| anyhow::anyhow!("no records"))?;
+        Ok(last.splits["test"].lee["rotate"].mean)
+    };
+    let plain = lee_of("plain", "0")?;
+    let penalised = lee_of("penalised", "30")?;
+    eprintln!("test rotate LEE: λ=0 {plain:.3e}, λ=30 {penalised:.3e}");
+    assert!(penalised < 0.7 * plain, "penalty did not lower test LEE: {penalised} vs {plain}");
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_fail_before_training() -> anyhow::Result<()> {
+    // A negative learning rate is a config error naming the key.
+    let e = Config::resolve_str("[train]\nbase_lr = -1\n", "bad.toml", &[]).err().map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("train.base_lr") && e.contains("out of range")), "{e:?}");
+    let e = Config::resolve_str("[train]\nlr = -1\n", "bad.toml", &[]).err().map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("train.lr")), "{e:?}");
+
+    // --resume without a checkpoint.
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(out.path(), "fresh", &["train.steps=5"]);
+    match train(&cfg, true) {
+        Err(e @ TrainError::NoCheckpoint { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("checkpoint.safetensors") && msg.contains("without --resume"), "{msg}");
+        }
+        other => panic!("expected NoCheckpoint, got {:?}", other.map(|_| ()).err()),
+    }
+    assert!(!out.path().join("fresh").join("metrics.jsonl").exists(), "training started");
+
+    // An unwritable run directory (its parent is a regular file).
+    let blocker = out.path().join("not-a-dir");
+    std::fs::write(&blocker, "x")?;
+    let mut cfg = tiny_cfg(out.path(), "x", &["train.steps=5"]);
+    cfg.output.dir = blocker.display().to_string();
+    match train(&cfg, false) {
+        Err(e @ TrainError::RunDir { .. }) => assert!(e.to_string().contains("not-a-dir"), "{e}"),
+        other => panic!("expected RunDir, got {:?}", other.map(|_| ()).err()),
+    }
+    Ok(())
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(
+        out.path(),
+        "nan",
+        &["train.steps=200", "train.base_lr=1e33", "train.warmup_steps=0", "train.grad_clip=0.0", "train.checkpoint_every=1", "train.eval_every=1000"],
+    );
+    match train(&cfg, false) {
+        Err(TrainError::NonFinite { step, checkpoint: ckpt, .. }) => {
+            let meta = checkpoint::load_meta(Path::new(&ckpt))?;
+            assert_eq!(meta.step, step - 1, "the kept checkpoint is the last good step");
+        }
+        other => panic!("expected a non-finite loss, got {:?}", other.map(|_| ()).err()),
+    }
+    Ok(())
+}

@@ -2,6 +2,9 @@
 //! resolution live here; each command's body is in its own file. Errors from every command end
 //! up in [`main`], which prints the whole context chain once and sets the exit code.
 
+mod eval_cmd;
+mod train_cmd;
+
 use crate::config::Config;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -178,14 +181,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if dry_run(&a.cfg, &cfg) {
                 return Ok(());
             }
-            anyhow::bail!("`train` is not built yet")
+            train_cmd::run(&a, &cfg)
         }
         Command::Eval(a) => {
             let cfg = a.cfg.resolve()?;
             if dry_run(&a.cfg, &cfg) {
                 return Ok(());
             }
-            anyhow::bail!("`eval` is not built yet")
+            eval_cmd::run(&a, &cfg)
         }
         Command::Lee(a) => {
             let cfg = a.cfg.resolve()?;
