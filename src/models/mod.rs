@@ -2,8 +2,18 @@
 //! C_N group-equivariant CNN. Models know nothing of the trainer; every model implements the
 //! forward + [`Jvp`] contract that the LEE code needs.
 
+pub mod cnn;
+pub mod conv;
+pub mod gcnn;
+pub mod init;
+pub mod layers;
+pub mod mae;
+pub mod vit;
+
+use crate::config::Config;
 use crate::lie::Jvp;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
 
 /// The seeded RNG threaded through everything random in training (dropout, drop path, masking).
 pub type Rng = rand_chacha::ChaCha8Rng;
@@ -16,4 +26,22 @@ pub trait Model: Jvp {
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
 }
 
-pub mod init;
+/// Build the classifier the config describes on the variables of `varmap` (tensors already in
+/// the map, e.g. pretrained weights, are used; missing ones are initialised from `cfg.seed`).
+pub fn build_with(cfg: &Config, varmap: &VarMap, dtype: DType, device: &Device) -> Result<Box<dyn Model>> {
+    let vb = init::SeededVarMap::var_builder(varmap, cfg.seed, dtype, device);
+    let (m, d) = (&cfg.model, &cfg.data);
+    Ok(match m.kind.as_str() {
+        "vit" => Box::new(vit::Vit::new(&m.vit, d.image_size, d.channels, m.num_classes, vb)?),
+        "cnn" => Box::new(cnn::Cnn::new(&m.cnn, d.channels, m.num_classes, vb)?),
+        "gcnn" => Box::new(gcnn::Gcnn::new(&m.gcnn, d.channels, m.num_classes, vb)?),
+        other => candle_core::bail!("unknown model.kind {other:?} (expected vit, cnn or gcnn)"),
+    })
+}
+
+/// The model as the config initialises it (f32), with its variables.
+pub fn build_model(cfg: &Config, device: &Device) -> Result<(VarMap, Box<dyn Model>)> {
+    let varmap = VarMap::new();
+    let model = build_with(cfg, &varmap, DType::F32, device)?;
+    Ok((varmap, model))
+}

@@ -1,0 +1,169 @@
+//! The CNN baseline of Table 1: a small ResNet (He et al. 2016, basic blocks, batch norm) for
+//! 28×28 digits. Stem 3×3 conv; stages of `blocks` residual blocks with widths `cfg.widths`, every
+//! stage after the first starting with a stride-2 conv (and a 1×1 stride-2 projection shortcut);
+//! global average pool; linear head. Convs feeding a batch norm have no bias (torchvision's
+//! choice: the BN shift is the bias, and a bias before BN would get no gradient).
+
+use super::conv::{BatchNorm, Conv2d, ConvSpec, Flow, GlobalAvgPool, Linear, PadMode, Relu};
+use super::{Model, Rng};
+use crate::config::CnnConfig;
+use crate::lie::{add_tangents, Jvp, Repr, StepKind, Tape};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// conv → BN (→ ReLU when part of the main path).
+#[derive(Clone, Debug)]
+struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn load(in_c: usize, out_c: usize, k: usize, stride: usize, vb: VarBuilder, conv: &str, bn: &str) -> Result<Self> {
+        let spec = ConvSpec {
+            stride,
+            padding: k / 2,
+            pad_mode: PadMode::Zeros,
+        };
+        Ok(Self {
+            conv: Conv2d::load(in_c, out_c, k, spec, false, vb.pp(conv))?,
+            bn: BatchNorm::load(out_c, vb.pp(bn))?,
+        })
+    }
+
+    fn run(&self, f: &Flow, p: &str, conv: &str, bn: &str, train: bool, tape: &mut Tape) -> Result<Flow> {
+        let f = f.apply(
+            &self.conv,
+            &format!("{p}.{conv}"),
+            StepKind::Conv,
+            Repr::Image,
+            train,
+            tape,
+        )?;
+        f.apply(&self.bn, &format!("{p}.{bn}"), StepKind::Norm, Repr::Image, train, tape)
+    }
+}
+
+/// A basic residual block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)).
+#[derive(Clone, Debug)]
+struct BasicBlock {
+    a: ConvBn,
+    b: ConvBn,
+    /// 1×1 projection when the shape changes.
+    shortcut: Option<ConvBn>,
+}
+
+impl BasicBlock {
+    fn run(&self, f: &Flow, p: &str, train: bool, tape: &mut Tape) -> Result<Flow> {
+        let h = self.a.run(f, p, "conv1", "bn1", train, tape)?;
+        let h = h.apply(
+            &Relu,
+            &format!("{p}.relu1"),
+            StepKind::Activation,
+            Repr::Image,
+            train,
+            tape,
+        )?;
+        let h = self.b.run(&h, p, "conv2", "bn2", train, tape)?;
+        let s = match &self.shortcut {
+            Some(sc) => sc.run(f, &format!("{p}.shortcut"), "conv", "bn", train, tape)?,
+            None => f.clone(),
+        };
+        let y = (&h.x + &s.x)?;
+        let dy = match (&h.dx, &s.dx) {
+            (Some(a), Some(b)) => Some(tape.step(
+                &format!("{p}.add"),
+                StepKind::Residual,
+                Repr::Image,
+                &y,
+                add_tangents(a, b)?,
+            )?),
+            _ => None,
+        };
+        Flow::new(y, dy).apply(
+            &Relu,
+            &format!("{p}.relu2"),
+            StepKind::Activation,
+            Repr::Image,
+            train,
+            tape,
+        )
+    }
+}
+
+/// The ResNet-style classifier: images `(B, C, H, W)` → logits `(B, K)`.
+#[derive(Clone, Debug)]
+pub struct Cnn {
+    stem: ConvBn,
+    /// `stages[s][b]` is named `stage{s+1}.block{b}`.
+    stages: Vec<Vec<BasicBlock>>,
+    head: Linear,
+}
+
+impl Cnn {
+    /// Parameters: `stem.{conv,bn}`, `stage{s}.block{b}.{conv1,bn1,conv2,bn2}`,
+    /// `stage{s}.block0.shortcut.{conv,bn}`, `head`.
+    pub fn new(cfg: &CnnConfig, in_chans: usize, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+        if cfg.widths.is_empty() || cfg.blocks == 0 {
+            candle_core::bail!("model.cnn needs at least one stage width and one block per stage");
+        }
+        let stem = ConvBn::load(in_chans, cfg.widths[0], 3, 1, vb.pp("stem"), "conv", "bn")?;
+        let mut in_c = cfg.widths[0];
+        let mut stages = Vec::with_capacity(cfg.widths.len());
+        for (s, &w) in cfg.widths.iter().enumerate() {
+            let vs = vb.pp(format!("stage{}", s + 1));
+            let mut blocks = Vec::with_capacity(cfg.blocks);
+            for b in 0..cfg.blocks {
+                let vb = vs.pp(format!("block{b}"));
+                let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let shortcut = if stride != 1 || in_c != w {
+                    Some(ConvBn::load(in_c, w, 1, stride, vb.pp("shortcut"), "conv", "bn")?)
+                } else {
+                    None
+                };
+                blocks.push(BasicBlock {
+                    a: ConvBn::load(in_c, w, 3, stride, vb.clone(), "conv1", "bn1")?,
+                    b: ConvBn::load(w, w, 3, 1, vb, "conv2", "bn2")?,
+                    shortcut,
+                });
+                in_c = w;
+            }
+            stages.push(blocks);
+        }
+        let head = Linear::load(in_c, num_classes, vb.pp("head"))?;
+        Ok(Self { stem, stages, head })
+    }
+
+    fn walk(&self, x: &Tensor, dx: Option<&Tensor>, train: bool, tape: &mut Tape) -> Result<Flow> {
+        let f = Flow::new(x.clone(), dx.cloned());
+        let f = self.stem.run(&f, "stem", "conv", "bn", train, tape)?;
+        let mut f = f.apply(&Relu, "stem.relu", StepKind::Activation, Repr::Image, train, tape)?;
+        for (s, blocks) in self.stages.iter().enumerate() {
+            for (b, block) in blocks.iter().enumerate() {
+                f = block.run(&f, &format!("stage{}.block{b}", s + 1), train, tape)?;
+            }
+        }
+        let f = f.apply(&GlobalAvgPool, "pool", StepKind::Pool, Repr::Invariant, train, tape)?;
+        f.apply(&self.head, "head", StepKind::Head, Repr::Invariant, train, tape)
+    }
+}
+
+impl Model for Cnn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.walk(x, None, false, &mut Tape::off())?.x)
+    }
+
+    /// No stochastic layers: `rng` is unused (batch statistics are the training-mode difference).
+    fn forward_train(&self, x: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
+        Ok(self.walk(x, None, true, &mut Tape::off())?.x)
+    }
+}
+
+impl Jvp for Cnn {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let f = self.walk(x, Some(dx), false, tape)?;
+        let dy =
+            f.dx.ok_or_else(|| candle_core::Error::Msg("CNN jvp lost its tangent".into()))?;
+        Ok((f.x, dy))
+    }
+}

@@ -1,0 +1,278 @@
+//! A rotation-equivariant CNN over the cyclic group C_N (Cohen & Welling 2016, "Group Equivariant
+//! Convolutional Networks"; N = 8/16 with interpolated, disk-masked filters as in Weiler & Cesa's
+//! escnn): the "architectural equivariance" side of the paper's Table 1.
+//!
+//! Feature maps are `(B, C, N, H, W)`: C fields of N orientation channels. The lifting conv's
+//! filter for orientation r is the base filter rotated by 2πr/N; a group conv's filter for output
+//! orientation r is the base filter rotated by 2πr/N and rolled by r along its input-orientation
+//! axis, so rotating the input by 2πg/N rotates every map and rolls the orientation axis by g.
+//! Rotations by multiples of 90° are exact index permutations (rot90); the remainder (N = 8/16) is
+//! a bilinear rotation of the filter with `crate::transforms::apply`, inside a disk mask. Filters
+//! are rebuilt from the base weights by differentiable ops on every call, so training updates the
+//! base filters. Batch norm keeps one statistic (and one affine bias) per field; convs have no
+//! bias of their own (the BN shift is the field bias; a bias before BN gets no gradient).
+//!
+//! Exactness on the grid: "same" zero-padded stride-1 convs and 2×2 average pooling of an even
+//! grid commute with rot90 about the image centre, so the net pools 2×2 after each layer but the
+//! last only while the grid is even (28 → 14 → 7) and never uses strided convs. Then a group
+//! max-pool over orientations and a global spatial mean give C4-invariant logits exactly.
+
+use super::conv::{
+    conv2d_op, max_along, param, AvgPool2d, BatchNorm, ConvSpec, Flow, GlobalAvgPool, Layer, Linear, ParamInit, Relu,
+};
+use super::{Model, Rng};
+use crate::config::GcnnConfig;
+use crate::lie::{merge_tangent, split_tangent, Jvp, Repr, StepKind, Tape};
+use crate::transforms::{apply, Padding, Transform};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Rotate the last two axes of a square filter by 90° (the warp's sense of `rotate(π/2)`):
+/// `out[i][j] = w[k−1−j][i]`.
+pub fn rot90(w: &Tensor) -> Result<Tensor> {
+    let r = w.rank();
+    w.transpose(r - 2, r - 1)?.contiguous()?.flip(&[r - 1])
+}
+
+/// The filter-rotation machinery shared by the lifting and group convolutions.
+#[derive(Clone, Debug)]
+struct Rotator {
+    n: usize,
+    /// `(k, k)` disk of radius k/2 about the centre; `None` for N = 4 (rotations are exact).
+    mask: Option<Tensor>,
+}
+
+impl Rotator {
+    fn new(n: usize, k: usize, like: &Tensor) -> Result<Self> {
+        if n == 0 || n % 4 != 0 {
+            candle_core::bail!("G-CNN group order {n}: must be a multiple of 4 (4, 8 or 16)");
+        }
+        let mask = if n == 4 {
+            None
+        } else {
+            let c = (k as f64 - 1.0) / 2.0;
+            let r2 = (k as f64 / 2.0).powi(2);
+            let m: Vec<f64> = (0..k * k)
+                .map(|p| {
+                    let (i, j) = ((p / k) as f64 - c, (p % k) as f64 - c);
+                    if i * i + j * j <= r2 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (k, k), like.device())?.to_dtype(like.dtype())?)
+        };
+        Ok(Self { n, mask })
+    }
+
+    fn masked(&self, w: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(m) => w.broadcast_mul(m),
+            None => Ok(w.clone()),
+        }
+    }
+
+    /// `w: (.., k, k)` rotated by 2πr/N: rot90^q after a bilinear rotation by the remainder.
+    fn rotate(&self, w: &Tensor, r: usize) -> Result<Tensor> {
+        let quarter = self.n / 4;
+        let (q, m) = (r / quarter, r % quarter);
+        let mut w = self.masked(w)?;
+        if m != 0 {
+            let dims = w.dims().to_vec();
+            let k = dims[dims.len() - 1];
+            // (.., k, k) -> (P, 1, k, k) for the warp, and back.
+            let flat = w.reshape(((), 1, k, k))?;
+            let angle = 2.0 * std::f64::consts::PI * m as f64 / self.n as f64;
+            w = self.masked(&apply(&flat, Transform::Rotate, &[angle], Padding::Zeros)?.reshape(dims)?)?;
+        }
+        for _ in 0..q {
+            w = rot90(&w)?;
+        }
+        Ok(w)
+    }
+}
+
+/// A lifting (`in_fields = None`: input `(B, Cin, H, W)`) or group convolution (input
+/// `(B, Cin, N, H, W)`) to `(B, Cout, N, H, W)`, stride 1, "same" zero padding.
+#[derive(Clone, Debug)]
+pub struct GroupConv {
+    /// `(Cout, Cin, k, k)` (lifting) or `(Cout, Cin, N, k, k)` (group).
+    weight: Tensor,
+    rot: Rotator,
+    lifting: bool,
+    k: usize,
+}
+
+impl GroupConv {
+    pub fn load(in_c: usize, out_c: usize, n: usize, k: usize, lifting: bool, vb: VarBuilder) -> Result<Self> {
+        let (shape, fan_in) = if lifting {
+            (vec![out_c, in_c, k, k], in_c * k * k)
+        } else {
+            (vec![out_c, in_c, n, k, k], in_c * n * k * k)
+        };
+        let std = (2.0 / fan_in as f64).sqrt();
+        let weight = param(&vb, &shape, "weight", ParamInit::Normal(std))?;
+        let rot = Rotator::new(n, k, &weight)?;
+        Ok(Self {
+            weight,
+            rot,
+            lifting,
+            k,
+        })
+    }
+
+    /// The full filter bank `(Cout·N, Cin·[N], k, k)`, output channels ordered (field, r).
+    pub fn bank(&self) -> Result<Tensor> {
+        let n = self.rot.n;
+        let filters = (0..n)
+            .map(|r| {
+                let w = if self.lifting {
+                    self.weight.clone()
+                } else {
+                    // rolled[s] = w[(s − r) mod N] along the input-orientation axis.
+                    self.weight.roll(r as i32, 2)?
+                };
+                self.rot.rotate(&w, r)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bank = Tensor::stack(&filters, 1)?; // (Cout, N, Cin, [N,] k, k)
+        let (cout, cin_all) = (bank.dim(0)?, bank.elem_count() / (bank.dim(0)? * n * self.k * self.k));
+        bank.reshape((cout * n, cin_all, self.k, self.k))
+    }
+
+    fn conv(&self, x: &Tensor, bank: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let (h, w) = (x.dim(x.rank() - 2)?, x.dim(x.rank() - 1)?);
+        let cin_all = x.elem_count() / (b * h * w);
+        // (B, Cin, [N,] H, W) -> (B, Cin·[N], H, W) -> (B, Cout·N, H, W) -> (B, Cout, N, H, W)
+        let y = conv2d_op(&x.reshape((b, cin_all, h, w))?, bank, ConvSpec::same(self.k))?;
+        y.reshape((b, (), self.rot.n, h, w))
+    }
+}
+
+impl Layer for GroupConv {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        self.conv(x, &self.bank()?)
+    }
+}
+
+impl Jvp for GroupConv {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let bank = self.bank()?;
+        let (m, t) = merge_tangent(dx)?; // (T, B, ..) -> (T·B, ..)
+        Ok((self.conv(x, &bank)?, split_tangent(&self.conv(&m, &bank)?, t)?))
+    }
+}
+
+/// Max over the orientation axis: `(B, C, N, H, W)` → `(B, C, H, W)`, an invariant of C_N.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupMaxPool;
+
+impl Layer for GroupMaxPool {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        x.max(2)
+    }
+}
+
+impl Jvp for GroupMaxPool {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        max_along(x, dx, 2)
+    }
+}
+
+/// One layer: group conv, field batch norm, ReLU.
+#[derive(Clone, Debug)]
+struct Block {
+    conv: GroupConv,
+    bn: BatchNorm,
+}
+
+/// The C_N G-CNN classifier: images `(B, C, H, W)` → invariant logits `(B, K)`.
+#[derive(Clone, Debug)]
+pub struct Gcnn {
+    blocks: Vec<Block>,
+    head: Linear,
+}
+
+impl Gcnn {
+    /// Parameters: `block{i}.conv.weight` (block0 lifts), `block{i}.bn.*`, `head.*`.
+    pub fn new(cfg: &GcnnConfig, in_chans: usize, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+        if cfg.widths.is_empty() {
+            candle_core::bail!("model.gcnn.widths is empty: give at least one layer width");
+        }
+        let mut blocks = Vec::with_capacity(cfg.widths.len());
+        let mut in_c = in_chans;
+        for (i, &w) in cfg.widths.iter().enumerate() {
+            let vb = vb.pp(format!("block{i}"));
+            blocks.push(Block {
+                conv: GroupConv::load(in_c, w, cfg.group_order, cfg.kernel_size, i == 0, vb.pp("conv"))?,
+                bn: BatchNorm::load(w, vb.pp("bn"))?,
+            });
+            in_c = w;
+        }
+        let head = Linear::load(in_c, num_classes, vb.pp("head"))?;
+        Ok(Self { blocks, head })
+    }
+
+    fn walk(&self, x: &Tensor, dx: Option<&Tensor>, train: bool, tape: &mut Tape) -> Result<Flow> {
+        let mut f = Flow::new(x.clone(), dx.cloned());
+        let last = self.blocks.len() - 1;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("block{i}");
+            f = f.apply(
+                &b.conv,
+                &format!("{p}.conv"),
+                StepKind::GroupConv,
+                Repr::Group,
+                train,
+                tape,
+            )?;
+            f = f.apply(&b.bn, &format!("{p}.bn"), StepKind::Norm, Repr::Group, train, tape)?;
+            f = f.apply(
+                &Relu,
+                &format!("{p}.relu"),
+                StepKind::Activation,
+                Repr::Group,
+                train,
+                tape,
+            )?;
+            let h = f.x.dim(3)?;
+            if i < last && h % 2 == 0 {
+                let pool = AvgPool2d { k: 2 };
+                f = f.apply(&pool, &format!("{p}.pool"), StepKind::Pool, Repr::Group, train, tape)?;
+            }
+        }
+        f = f.apply(
+            &GroupMaxPool,
+            "group_pool",
+            StepKind::GroupPool,
+            Repr::Image,
+            train,
+            tape,
+        )?;
+        f = f.apply(&GlobalAvgPool, "pool", StepKind::Pool, Repr::Invariant, train, tape)?;
+        f.apply(&self.head, "head", StepKind::Head, Repr::Invariant, train, tape)
+    }
+}
+
+impl Model for Gcnn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.walk(x, None, false, &mut Tape::off())?.x)
+    }
+
+    /// No stochastic layers: `rng` is unused (batch statistics are the training-mode difference).
+    fn forward_train(&self, x: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
+        Ok(self.walk(x, None, true, &mut Tape::off())?.x)
+    }
+}
+
+impl Jvp for Gcnn {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let f = self.walk(x, Some(dx), false, tape)?;
+        let dy =
+            f.dx.ok_or_else(|| candle_core::Error::Msg("G-CNN jvp lost its tangent".into()))?;
+        Ok((f.x, dy))
+    }
+}

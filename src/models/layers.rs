@@ -1,0 +1,371 @@
+//! Transformer building blocks with an exact forward-mode JVP: linear, LayerNorm, GELU (exact
+//! erf, as timm), softmax, multi-head self-attention, MLP, patch embedding and drop path.
+//!
+//! Layout and parameter names follow timm's `vision_transformer.py` (and facebookresearch/mae,
+//! which uses timm's `Block`), so timm checkpoints load by name. Every forward is made only of
+//! candle ops that have a backward: candle-nn's fused LayerNorm / softmax / sdpa silently cut the
+//! gradient (DESIGN.md, "Candle facts"). Tangents follow the [`Jvp`] convention `dx: (T, B, ...)`.
+//! These leaf layers do not call [`Tape::step`]: the composite models (`vit`, `mae`) name the
+//! steps, because only they know the token grid a step's output lives on.
+
+use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Tape};
+use crate::models::Rng;
+use candle_core::{Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use rand::Rng as _;
+
+/// `x: (..., K)` → `(rows, K)` with rows the product of the leading dims.
+fn flatten_rows(x: &Tensor) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    x.reshape((x.elem_count() / k, k))
+}
+
+/// `(T, G, R, K) × (G, K, M)` → `(T, G, R, M)`: a tangent on the left of a primal matrix, as one
+/// batched matmul over G with the T directions folded into the rows (no copy of the primal).
+pub fn tangent_matmul(dx: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (t, g, r, k) = dx.dims4()?;
+    let m = w.dim(2)?;
+    // (T, G, R, K) -> (G, T·R, K)
+    let lhs = dx.transpose(0, 1)?.reshape((g, t * r, k))?;
+    // (G, T·R, M) -> (G, T, R, M) -> (T, G, R, M)
+    lhs.matmul(w)?.reshape((g, t, r, m))?.transpose(0, 1)
+}
+
+/// A fully connected layer `y = x·Wᵀ + b` on the last axis; `weight: (out, in)` (PyTorch layout).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// timm / MAE initialisation: Xavier-uniform weight, zero bias.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let a = (6.0 / (in_dim + out_dim) as f64).sqrt();
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Uniform { lo: -a, up: a })?;
+    let bias = if bias {
+        Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+    } else {
+        None
+    };
+    Ok(Linear { weight, bias })
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `x: (..., in)` → `(..., out)`; the bias is skipped for tangents.
+    fn apply(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
+        let y = flatten_rows(x)?.matmul(&self.weight.t()?)?;
+        let mut shape = x.dims().to_vec();
+        let last = shape.len() - 1; // rank ≥ 1: flatten_rows checked it
+        shape[last] = self.weight.dim(0)?;
+        let y = match (&self.bias, with_bias) {
+            (Some(b), true) => y.broadcast_add(b)?,
+            _ => y,
+        };
+        y.reshape(shape)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+}
+
+impl Jvp for Linear {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        Ok((self.apply(x, true)?, self.apply(dx, false)?))
+    }
+}
+
+/// LayerNorm over the last axis, written from differentiable ops (biased variance, as PyTorch).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+    let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+    Ok(LayerNorm { weight, bias, eps })
+}
+
+impl LayerNorm {
+    /// Normalised input x̂ and 1/σ, both `(..., D)` / `(..., 1)`.
+    fn normalize(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        Ok((xc.broadcast_mul(&rstd)?, rstd))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (xhat, _) = self.normalize(x)?;
+        xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+impl Jvp for LayerNorm {
+    /// d x̂ = (dx − mean(dx) − x̂·mean(x̂ ⊙ dx)) / σ, then scaled by the weight.
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (xhat, rstd) = self.normalize(x)?;
+        let y = xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
+        let dxc = dx.broadcast_sub(&dx.mean_keepdim(D::Minus1)?)?;
+        let proj = tangent_mul(&dxc, &xhat)?.mean_keepdim(D::Minus1)?; // (T, ..., 1)
+        let dxhat = tangent_mul(&(dxc - tangent_mul(&proj, &xhat)?)?, &rstd)?;
+        Ok((y, dxhat.broadcast_mul(&self.weight)?))
+    }
+}
+
+/// Exact GELU, x·Φ(x) with Φ the standard normal CDF (timm's `nn.GELU()`), via candle's `erf`
+/// whose backward is exact (candle's fused `gelu_erf` backward uses a truncated constant).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gelu;
+
+impl Gelu {
+    /// Φ(x) = (1 + erf(x/√2)) / 2.
+    fn cdf(x: &Tensor) -> Result<Tensor> {
+        (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x * Self::cdf(x)?
+    }
+}
+
+impl Jvp for Gelu {
+    /// d gelu = (Φ(x) + x·φ(x))·dx with φ(x) = exp(−x²/2)/√(2π).
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let cdf = Self::cdf(x)?;
+        let pdf = (x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+        let factor = (&cdf + (x * pdf?)?)?;
+        Ok(((x * cdf)?, tangent_mul(dx, &factor)?))
+    }
+}
+
+/// Softmax over the last axis from differentiable ops (the max shift is a constant: detached).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Softmax;
+
+impl Softmax {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    /// dS = S ⊙ (dA − Σ S ⊙ dA), given the primal output `s`.
+    fn tangent(s: &Tensor, da: &Tensor) -> Result<Tensor> {
+        let sda = tangent_mul(da, s)?;
+        let total = sda.sum_keepdim(D::Minus1)?; // (T, ..., 1)
+        sda - tangent_mul(&total, s)?
+    }
+}
+
+impl Jvp for Softmax {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let s = self.forward(x)?;
+        let ds = Self::tangent(&s, dx)?;
+        Ok((s, ds))
+    }
+}
+
+/// Multi-head self-attention with a fused `qkv` projection (timm `Attention`).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+pub fn attention(dim: usize, heads: usize, qkv_bias: bool, vb: VarBuilder) -> Result<Attention> {
+    if heads == 0 || dim % heads != 0 {
+        candle_core::bail!("attention at '{}': {heads} heads do not divide the width {dim}", vb.prefix());
+    }
+    Ok(Attention {
+        qkv: linear(dim, 3 * dim, qkv_bias, vb.pp("qkv"))?,
+        proj: linear(dim, dim, true, vb.pp("proj"))?,
+        heads,
+        scale: ((dim / heads) as f64).powf(-0.5),
+    })
+}
+
+impl Attention {
+    /// `qkv: (B, N, 3D)` → q (scaled), k, v, each `(B·H, N, D/H)`.
+    fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, n, d3) = qkv.dims3()?;
+        let hd = d3 / 3 / self.heads;
+        // (B, N, 3D) -> (B, N, 3, H, hd) -> (3, B, H, N, hd)
+        let qkv = qkv.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
+        let part = |i: usize| qkv.get(i)?.reshape((b * self.heads, n, hd));
+        Ok(((part(0)? * self.scale)?, part(1)?, part(2)?))
+    }
+
+    /// `(B·H, N, hd)` → `(B, N, D)`.
+    fn merge_heads(&self, o: &Tensor) -> Result<Tensor> {
+        let (bh, n, hd) = o.dims3()?;
+        // (B·H, N, hd) -> (B, H, N, hd) -> (B, N, H, hd) -> (B, N, D)
+        o.reshape((bh / self.heads, self.heads, n, hd))?
+            .transpose(1, 2)?
+            .reshape((bh / self.heads, n, self.heads * hd))
+    }
+
+    /// `x: (B, N, D)` → `(B, N, D)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = self.split_heads(&self.qkv.forward(x)?)?;
+        let s = Softmax.forward(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
+        self.proj.forward(&self.merge_heads(&s.matmul(&v)?)?)
+    }
+}
+
+impl Jvp for Attention {
+    /// Product rule through A = q·kᵀ, S = softmax(A) and O = S·V.
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (qkv, dqkv) = self.qkv.jvp(x, dx, tape)?;
+        let (q, k, v) = self.split_heads(&qkv)?;
+        // (T, B, N, 3D) -> (T·B, N, 3D) -> 3 × (T·B·H, N, hd) -> (T, B·H, N, hd)
+        let (dqkv, t) = merge_tangent(&dqkv)?;
+        let (dq, dk, dv) = self.split_heads(&dqkv)?;
+        let (dq, dk, dv) = (split_tangent(&dq, t)?, split_tangent(&dk, t)?, split_tangent(&dv, t)?);
+
+        let s = Softmax.forward(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
+        // dA = dq·kᵀ + q·dkᵀ, with q·dkᵀ = (dk·qᵀ)ᵀ
+        let da = (tangent_matmul(&dq, &k.t()?)? + tangent_matmul(&dk, &q.t()?)?.transpose(2, 3)?)?;
+        let ds = Softmax::tangent(&s, &da)?;
+        // dO = dS·V + S·dV, with S·dV = (dVᵀ·Sᵀ)ᵀ
+        let s_dv = tangent_matmul(&dv.transpose(2, 3)?, &s.t()?)?.transpose(2, 3)?;
+        let d_o = (tangent_matmul(&ds, &v)? + s_dv)?; // (T, B·H, N, hd)
+
+        let o = self.merge_heads(&s.matmul(&v)?)?;
+        // (T, B·H, N, hd) -> (T·B·H, N, hd) -> (T·B, N, D) -> (T, B, N, D)
+        let (d_o, _) = merge_tangent(&d_o)?;
+        let d_o = split_tangent(&self.merge_heads(&d_o)?, t)?;
+        self.proj.jvp(&o, &d_o, tape)
+    }
+}
+
+/// The transformer MLP `fc2(gelu(fc1(x)))` (timm `Mlp`, no dropout).
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub act: Gelu,
+    pub fc2: Linear,
+}
+
+pub fn mlp(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Mlp> {
+    Ok(Mlp {
+        fc1: linear(dim, hidden, true, vb.pp("fc1"))?,
+        act: Gelu,
+        fc2: linear(hidden, dim, true, vb.pp("fc2"))?,
+    })
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+    }
+}
+
+impl Jvp for Mlp {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (h, dh) = self.fc1.jvp(x, dx, tape)?;
+        let (a, da) = self.act.jvp(&h, &dh, tape)?;
+        self.fc2.jvp(&a, &da, tape)
+    }
+}
+
+/// Patch embedding as patchify + matmul: identical to timm's stride-p conv (`proj.weight:
+/// (D, C, p, p)`), and much faster to differentiate on CPU than candle's conv2d.
+#[derive(Clone, Debug)]
+pub struct PatchEmbed {
+    /// `(D, C·p·p)`, the conv weight flattened in (C, kh, kw) order.
+    weight: Tensor,
+    bias: Tensor,
+    patch: usize,
+}
+
+pub fn patch_embed(in_chans: usize, dim: usize, patch: usize, vb: VarBuilder) -> Result<PatchEmbed> {
+    let vb = vb.pp("proj");
+    let k = in_chans * patch * patch;
+    // MAE initialises the conv as a linear layer: Xavier-uniform on the (D, C·p·p) view.
+    let a = (6.0 / (k + dim) as f64).sqrt();
+    let weight = vb.get_with_hints((dim, in_chans, patch, patch), "weight", Init::Uniform { lo: -a, up: a })?;
+    let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+    Ok(PatchEmbed {
+        weight: weight.reshape((dim, k))?,
+        bias,
+        patch,
+    })
+}
+
+impl PatchEmbed {
+    /// `x: (B, C, H, W)` → `(B, h·w, C·p·p)`, patches in row-major grid order.
+    fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, hh, ww) = x.dims4()?;
+        let p = self.patch;
+        if hh % p != 0 || ww % p != 0 {
+            candle_core::bail!("patch embedding: patch size {p} does not divide the {hh}×{ww} image");
+        }
+        let (h, w) = (hh / p, ww / p);
+        // (B, C, h, p, w, p) -> (B, h, w, C, p, p) -> (B, h·w, C·p·p)
+        x.reshape((b, c, h, p, w, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, h * w, c * p * p))
+    }
+
+    /// `x: (B, C, H, W)` → tokens `(B, h·w, D)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Linear::new(self.weight.clone(), Some(self.bias.clone())).forward(&self.patchify(x)?)
+    }
+}
+
+impl Jvp for PatchEmbed {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let lin = Linear::new(self.weight.clone(), Some(self.bias.clone()));
+        let (dxm, t) = merge_tangent(dx)?; // (T·B, C, H, W)
+        let (y, dy) = lin.jvp(&self.patchify(x)?, &self.patchify(&dxm)?, tape)?;
+        Ok((y, split_tangent(&dy, t)?))
+    }
+}
+
+/// Stochastic depth (timm `DropPath`): in training, each sample's residual branch is dropped
+/// with probability `rate` and the kept ones scaled by 1/(1 − rate); identity in eval mode.
+#[derive(Clone, Copy, Debug)]
+pub struct DropPath {
+    pub rate: f64,
+}
+
+impl DropPath {
+    /// `x: (B, ...)`; `rng = None` is eval mode.
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let Some(rng) = rng else { return Ok(x.clone()) };
+        if self.rate <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.rate;
+        let b = x.dim(0)?;
+        let mask: Vec<f64> = (0..b)
+            .map(|_| if rng.random::<f64>() < keep { 1.0 / keep } else { 0.0 })
+            .collect();
+        let mut shape = vec![1; x.rank()];
+        shape[0] = b;
+        let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+        x.broadcast_mul(&mask)
+    }
+}
+
+impl Jvp for DropPath {
+    /// Eval mode: the identity.
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        Ok((x.clone(), dx.clone()))
+    }
+}
+
+/// A zero tangent `(T, ...)` shaped like `like` with T directions, in `like`'s dtype.
+pub(crate) fn zero_tangent(t: usize, like: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![t];
+    shape.extend_from_slice(like.dims());
+    Tensor::zeros(shape, like.dtype(), like.device())
+}

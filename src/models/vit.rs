@@ -1,0 +1,349 @@
+//! Our Vision Transformer (Dosovitskiy et al. 2021), laid out as timm's `VisionTransformer` so that
+//! timm / MAE checkpoints load by name: patch embedding (patchify + matmul), cls token, learned or
+//! fixed 2-D sin-cos position embedding (MAE's `get_2d_sincos_pos_embed`), pre-norm blocks with
+//! drop path, and cls pooling (`norm`) or mean pooling of the patch tokens (`fc_norm`), then `head`.
+//!
+//! The JVP names every operation as a step of the layerwise decomposition (paper Eq. 6), including
+//! the cls concat, position-embedding add and pooling that the reference code leaves out, so the
+//! steps' contributions sum exactly to the end-to-end Lie derivative.
+
+use crate::config::VitConfig;
+use crate::lie::{add_tangents, Jvp, Repr, StepKind, Tape};
+use crate::models::layers::{
+    attention, layer_norm, linear, mlp, patch_embed, zero_tangent, Attention, DropPath, LayerNorm, Linear, Mlp,
+    PatchEmbed,
+};
+use crate::models::{Model, Rng};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+impl VitConfig {
+    /// ViT-Tiny for 28×28 digits: 4×4 patches of 7 px, width 64, depth 4, 2 heads.
+    pub fn tiny_mnist() -> Self {
+        Self {
+            patch_size: 7,
+            dim: 64,
+            depth: 4,
+            heads: 2,
+            ..Self::default()
+        }
+    }
+
+    /// ViT-Small-ish for 28×28 digits: 7×7 patches of 4 px, width 192, depth 6, 3 heads.
+    pub fn small_mnist() -> Self {
+        Self {
+            patch_size: 4,
+            dim: 192,
+            depth: 6,
+            heads: 3,
+            ..Self::default()
+        }
+    }
+}
+
+/// How the token sequence becomes one feature vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// Final `norm` over all tokens, then the cls token.
+    Cls,
+    /// Mean of the patch tokens, then `fc_norm` (timm `global_pool="avg"`, MAE fine-tuning).
+    Mean,
+}
+
+impl Pool {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "cls" => Ok(Self::Cls),
+            "mean" => Ok(Self::Mean),
+            other => candle_core::bail!("model.vit.pool = \"{other}\" is not a pooling; use \"cls\" or \"mean\""),
+        }
+    }
+}
+
+/// MAE's `get_2d_sincos_pos_embed(dim, grid, cls_token=True)` for an `h×w` grid: `(1 + h·w, dim)`
+/// row-major, cls row zero. Token (i, j) gets sin/cos of the column j in its first half and of
+/// the row i in its second half (MAE meshes `grid_w` first). `dim` must be a multiple of 4.
+pub fn sincos_pos_embed(dim: usize, h: usize, w: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    if dim % 4 != 0 {
+        candle_core::bail!("sin-cos position embedding needs a width divisible by 4, got {dim}");
+    }
+    let quarter = dim / 4;
+    // omega_k = 1 / 10000^(k / (dim/4)), as get_1d_sincos_pos_embed_from_grid with embed_dim = dim/2
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let one_d = |pos: f64, out: &mut Vec<f64>| {
+        out.extend(omega.iter().map(|o| (pos * o).sin()));
+        out.extend(omega.iter().map(|o| (pos * o).cos()));
+    };
+    let mut data = vec![0.0; dim];
+    for i in 0..h {
+        for j in 0..w {
+            one_d(j as f64, &mut data);
+            one_d(i as f64, &mut data);
+        }
+    }
+    Tensor::from_vec(data, (1, 1 + h * w, dim), device)?.to_dtype(dtype)
+}
+
+/// The position embedding `(1, 1 + h·w, dim)` (cls slot included): a trainable `pos_embed` for
+/// `"learned"`, a fixed sin-cos buffer (not in the VarMap) for `"sincos"`.
+pub(crate) fn pos_embed(kind: &str, dim: usize, grid: (usize, usize), vb: &VarBuilder) -> Result<Tensor> {
+    let n = 1 + grid.0 * grid.1;
+    match kind {
+        "learned" => vb.get_with_hints((1, n, dim), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 }),
+        "sincos" => sincos_pos_embed(dim, grid.0, grid.1, vb.dtype(), vb.device()),
+        other => {
+            candle_core::bail!("model.vit.pos_embed = \"{other}\" is not a position embedding; use \"learned\" or \"sincos\"")
+        }
+    }
+}
+
+/// Cubic convolution weights (Keys, A = −0.75, as PyTorch's bicubic) for the 4 taps around a
+/// sample at fractional offset `t` ∈ [0, 1).
+fn cubic_weights(t: f64) -> [f64; 4] {
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0; // |x| ≤ 1
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A; // 1 < |x| < 2
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// 1-D bicubic resampling matrix `(out, in)`, align_corners=False, border taps clamped
+/// (PyTorch's `upsample_bicubic2d`).
+fn bicubic_matrix(n_in: usize, n_out: usize) -> Vec<Vec<f64>> {
+    let scale = n_in as f64 / n_out as f64;
+    (0..n_out)
+        .map(|o| {
+            let src = (o as f64 + 0.5) * scale - 0.5;
+            let i0 = src.floor();
+            let w = cubic_weights(src - i0);
+            let mut row = vec![0.0; n_in];
+            for (k, wk) in w.iter().enumerate() {
+                let idx = (i0 as i64 - 1 + k as i64).clamp(0, n_in as i64 - 1) as usize;
+                row[idx] += wk;
+            }
+            row
+        })
+        .collect()
+}
+
+/// Resample a position embedding `(1, 1 + h·w, D)` from the `old` (h, w) token grid to `new`,
+/// bicubic with align_corners=False, the cls slot unchanged: timm / MAE `interpolate_pos_embed`.
+pub fn interpolate_pos_embed(pos: &Tensor, old: (usize, usize), new: (usize, usize)) -> Result<Tensor> {
+    let (one, n, d) = pos.dims3()?;
+    if one != 1 || n != 1 + old.0 * old.1 {
+        candle_core::bail!(
+            "interpolate_pos_embed: a (1, 1 + {}·{}, D) embedding was expected, got {:?}",
+            old.0,
+            old.1,
+            pos.dims()
+        );
+    }
+    let rows = bicubic_matrix(old.0, new.0); // (new.h, old.h)
+    let cols = bicubic_matrix(old.1, new.1); // (new.w, old.w)
+    let src: Vec<Vec<f64>> = pos.get(0)?.to_dtype(DType::F64)?.to_vec2()?;
+    let mut out = src[0].clone(); // cls slot
+    for ri in &rows {
+        for cj in &cols {
+            let mut acc = vec![0.0; d];
+            for (a, wa) in ri.iter().enumerate().filter(|(_, w)| **w != 0.0) {
+                for (b, wb) in cj.iter().enumerate().filter(|(_, w)| **w != 0.0) {
+                    let token = &src[1 + a * old.1 + b];
+                    acc.iter_mut().zip(token).for_each(|(s, v)| *s += wa * wb * v);
+                }
+            }
+            out.extend(acc);
+        }
+    }
+    Tensor::from_vec(out, (1, 1 + new.0 * new.1, d), pos.device())?.to_dtype(pos.dtype())
+}
+
+/// A pre-norm transformer block (timm `Block`): x + attn(norm1(x)), then x + mlp(norm2(x)).
+#[derive(Clone, Debug)]
+pub struct Block {
+    name: String,
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+    drop_path: DropPath,
+}
+
+pub fn block(dim: usize, heads: usize, cfg: &VitConfig, drop_path: f64, vb: VarBuilder) -> Result<Block> {
+    let hidden = (dim as f64 * cfg.mlp_ratio).round() as usize;
+    Ok(Block {
+        name: vb.prefix(),
+        norm1: layer_norm(dim, cfg.ln_eps, vb.pp("norm1"))?,
+        attn: attention(dim, heads, cfg.qkv_bias, vb.pp("attn"))?,
+        norm2: layer_norm(dim, cfg.ln_eps, vb.pp("norm2"))?,
+        mlp: mlp(dim, hidden, vb.pp("mlp"))?,
+        drop_path: DropPath { rate: drop_path },
+    })
+}
+
+impl Block {
+    /// `x: (B, N, D)`; `rng = None` is eval mode (no drop path).
+    pub fn forward(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let a = self.attn.forward(&self.norm1.forward(x)?)?;
+        let x = (x + self.drop_path.forward(&a, rng.as_deref_mut())?)?;
+        let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        &x + self.drop_path.forward(&m, rng)?
+    }
+
+    /// JVP recording one tape step per operation; `repr` is the token layout of `x`.
+    pub fn jvp_steps(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, repr: Repr) -> Result<(Tensor, Tensor)> {
+        let name = |s: &str| format!("{}.{s}", self.name);
+        let (h, dh) = self.norm1.jvp(x, dx, tape)?;
+        let dh = tape.step(&name("norm1"), StepKind::Norm, repr, &h, dh)?;
+        let (a, da) = self.attn.jvp(&h, &dh, tape)?;
+        let da = tape.step(&name("attn"), StepKind::Attention, repr, &a, da)?;
+        let x = (x + a)?;
+        let dx = tape.step(&name("attn_residual"), StepKind::Residual, repr, &x, add_tangents(dx, &da)?)?;
+
+        let (h, dh) = self.norm2.jvp(&x, &dx, tape)?;
+        let dh = tape.step(&name("norm2"), StepKind::Norm, repr, &h, dh)?;
+        let (h, dh) = self.mlp.fc1.jvp(&h, &dh, tape)?;
+        let dh = tape.step(&name("mlp.fc1"), StepKind::Linear, repr, &h, dh)?;
+        let (h, dh) = self.mlp.act.jvp(&h, &dh, tape)?;
+        let dh = tape.step(&name("mlp.act"), StepKind::Activation, repr, &h, dh)?;
+        let (m, dm) = self.mlp.fc2.jvp(&h, &dh, tape)?;
+        let dm = tape.step(&name("mlp.fc2"), StepKind::Linear, repr, &m, dm)?;
+        let y = (x + m)?;
+        let dy = tape.step(&name("mlp_residual"), StepKind::Residual, repr, &y, add_tangents(&dx, &dm)?)?;
+        Ok((y, dy))
+    }
+}
+
+/// The transformer blocks with stochastic-depth rates rising linearly to `cfg.drop_path`.
+pub(crate) fn blocks(cfg: &VitConfig, vb: VarBuilder) -> Result<Vec<Block>> {
+    (0..cfg.depth)
+        .map(|i| {
+            let rate = if cfg.depth > 1 { cfg.drop_path * i as f64 / (cfg.depth - 1) as f64 } else { 0.0 };
+            block(cfg.dim, cfg.heads, cfg, rate, vb.pp("blocks").pp(i))
+        })
+        .collect()
+}
+
+/// Check that the patch tiles the image and return the token grid (h, w).
+pub(crate) fn token_grid(image_size: usize, patch: usize) -> Result<(usize, usize)> {
+    if patch == 0 || image_size % patch != 0 {
+        candle_core::bail!("model.vit.patch_size = {patch} must divide the image size {image_size}");
+    }
+    Ok((image_size / patch, image_size / patch))
+}
+
+/// A ViT classifier: images `(B, C, H, W)` → logits `(B, K)`.
+#[derive(Clone, Debug)]
+pub struct Vit {
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    /// `norm` for cls pooling, `fc_norm` for mean pooling.
+    norm: LayerNorm,
+    pool: Pool,
+    head: Linear,
+    grid: (usize, usize),
+}
+
+impl Vit {
+    pub fn new(cfg: &VitConfig, image_size: usize, in_chans: usize, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+        let grid = token_grid(image_size, cfg.patch_size)?;
+        let pool = Pool::parse(&cfg.pool)?;
+        let norm_name = match pool {
+            Pool::Cls => "norm",
+            Pool::Mean => "fc_norm",
+        };
+        Ok(Self {
+            patch_embed: patch_embed(in_chans, cfg.dim, cfg.patch_size, vb.pp("patch_embed"))?,
+            cls_token: vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Randn { mean: 0.0, stdev: 0.02 })?,
+            pos_embed: pos_embed(&cfg.pos_embed, cfg.dim, grid, &vb)?,
+            blocks: blocks(cfg, vb.clone())?,
+            norm: layer_norm(cfg.dim, cfg.ln_eps, vb.pp(norm_name))?,
+            pool,
+            head: linear(cfg.dim, num_classes, true, vb.pp("head"))?,
+            grid,
+        })
+    }
+
+    /// The token grid (h, w) this model was built for.
+    pub fn grid(&self) -> (usize, usize) {
+        self.grid
+    }
+
+    /// Tokens after the blocks, `(B, 1 + N, D)`; `rng = None` is eval mode.
+    fn tokens(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let t = self.patch_embed.forward(x)?; // (B, N, D)
+        let (b, _, d) = t.dims3()?;
+        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let mut t = Tensor::cat(&[&cls, &t], 1)?.broadcast_add(&self.pos_embed)?;
+        for blk in &self.blocks {
+            t = blk.forward(&t, rng.as_deref_mut())?;
+        }
+        Ok(t)
+    }
+
+    /// `(B, 1 + N, D)` → pooled, normalised features `(B, D)`.
+    fn pool(&self, t: &Tensor) -> Result<Tensor> {
+        match self.pool {
+            Pool::Cls => self.norm.forward(t)?.get_on_dim(1, 0),
+            Pool::Mean => {
+                let n = t.dim(1)? - 1;
+                self.norm.forward(&t.narrow(1, 1, n)?.mean(1)?)
+            }
+        }
+    }
+}
+
+impl Model for Vit {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.head.forward(&self.pool(&self.tokens(x, None)?)?)
+    }
+
+    fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        self.head.forward(&self.pool(&self.tokens(x, Some(rng))?)?)
+    }
+}
+
+impl Jvp for Vit {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (h, w) = self.grid;
+        let tokens = Repr::Tokens { h, w, cls: true };
+        let (y, dy) = self.patch_embed.jvp(x, dx, tape)?; // (B, N, D), (T, B, N, D)
+        let dy = tape.step("patch_embed", StepKind::PatchEmbed, Repr::Tokens { h, w, cls: false }, &y, dy)?;
+
+        let (b, _, d) = y.dims3()?;
+        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let y = Tensor::cat(&[&cls, &y], 1)?;
+        let dcls = zero_tangent(dy.dim(0)?, &cls)?; // the cls token is a constant
+        let dy = Tensor::cat(&[&dcls, &dy], 2)?;
+        let dy = tape.step("cls_token", StepKind::ClsToken, tokens, &y, dy)?;
+
+        let y = y.broadcast_add(&self.pos_embed)?;
+        let dy = tape.step("pos_embed", StepKind::PosEmbed, tokens, &y, dy)?;
+
+        let (mut y, mut dy) = (y, dy);
+        for blk in &self.blocks {
+            (y, dy) = blk.jvp_steps(&y, &dy, tape, tokens)?;
+        }
+
+        let (f, df) = match self.pool {
+            Pool::Cls => {
+                let (z, dz) = self.norm.jvp(&y, &dy, tape)?;
+                let dz = tape.step("norm", StepKind::Norm, tokens, &z, dz)?;
+                let f = z.get_on_dim(1, 0)?;
+                let df = tape.step("pool", StepKind::Pool, Repr::Invariant, &f, dz.get_on_dim(2, 0)?)?;
+                (f, df)
+            }
+            Pool::Mean => {
+                let n = y.dim(1)? - 1;
+                let p = y.narrow(1, 1, n)?.mean(1)?;
+                let dp = tape.step("pool", StepKind::Pool, Repr::Invariant, &p, dy.narrow(2, 1, n)?.mean(2)?)?;
+                let (f, df) = self.norm.jvp(&p, &dp, tape)?;
+                let df = tape.step("fc_norm", StepKind::Norm, Repr::Invariant, &f, df)?;
+                (f, df)
+            }
+        };
+        let (logits, dlogits) = self.head.jvp(&f, &df, tape)?;
+        let dlogits = tape.step("head", StepKind::Head, Repr::Invariant, &logits, dlogits)?;
+        Ok((logits, dlogits))
+    }
+}
