@@ -71,6 +71,10 @@ pub struct Meta {
     pub cursor: usize,
     /// The training RNG (augmentation, dropout, masking).
     pub rng: RngState,
+    /// Sum and count of the micro-batch losses since the last eval (the next record's
+    /// `train_loss`), so a resumed run logs the same mean.
+    pub loss_sum: f64,
+    pub loss_count: usize,
     /// The last evaluation's metrics (free-form JSON).
     pub metrics: serde_json::Value,
     /// The resolved config, TOML.

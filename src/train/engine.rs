@@ -206,7 +206,10 @@ fn run_stage(
     bar.set_position(step as u64);
     let mut last = log.records().last().cloned();
     // Loss and throughput since the last eval.
-    let (mut loss_sum, mut loss_n, mut images) = (0.0f64, 0usize, 0usize);
+    let (mut loss_sum, mut loss_n, mut images) = match resume {
+        Some(m) => (m.loss_sum, m.loss_count, 0usize),
+        None => (0.0f64, 0usize, 0usize),
+    };
     let mut clock = Instant::now();
     while step < stage.steps {
         let lr = stage.schedule.lr_at(step);
@@ -260,10 +263,12 @@ fn run_stage(
                 epoch: data.epoch,
                 cursor: data.cursor,
                 rng: RngState::of(&rng),
+                loss_sum,
+                loss_count: loss_n,
                 metrics: serde_json::to_value(&last).unwrap_or(serde_json::Value::Null),
                 config: cfg.to_toml(),
             };
-            checkpoint::save(&ckpt_path, varmap, opt.state_tensors(), &meta)?;
+            checkpoint::save(&ckpt_path, varmap, opt.state_tensors()?, &meta)?;
             last_good = ckpt_path.display().to_string();
         }
     }

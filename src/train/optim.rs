@@ -93,6 +93,9 @@ pub fn group_for(name: &str, rank: usize, vit_depth: Option<usize>, hp: &AdamWPa
     Group { lr_scale, weight_decay }
 }
 
+/// Name of the step counter inside a checkpoint.
+const STEP_KEY: &str = "optim.step";
+
 struct Param {
     name: String,
     var: Var,
@@ -226,20 +229,28 @@ impl AdamW {
         Ok(StepStats { grad_norm })
     }
 
-    /// The optimiser state as named tensors: `optim.m.<name>` and `optim.v.<name>`.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
-        let mut out = HashMap::with_capacity(2 * self.params.len());
+    /// The optimiser state as named tensors: `optim.m.<name>`, `optim.v.<name>`, and the step
+    /// count as the scalar `optim.step` (so a tensor file can be matched to its sidecar).
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::with_capacity(2 * self.params.len() + 1);
+        out.insert(STEP_KEY.to_string(), Tensor::new(self.step as f64, &candle_core::Device::Cpu)?);
         for p in &self.params {
             out.insert(format!("optim.m.{}", p.name), p.m.clone());
             out.insert(format!("optim.v.{}", p.name), p.v.clone());
         }
-        out
+        Ok(out)
     }
 
-    /// Restore m, v (from [`AdamW::state_tensors`]'s names) and the step count. Every parameter
-    /// must be present with its shape; the error lists what is missing or mis-shaped.
+    /// Restore m, v (from [`AdamW::state_tensors`]'s names) and the step count, which must equal
+    /// the file's `optim.step` (a torn checkpoint is refused). Every parameter must be present
+    /// with its shape; the error lists what is missing or mis-shaped.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> Result<()> {
         let mut problems = Vec::new();
+        match tensors.get(STEP_KEY).map(|t| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()).transpose()? {
+            Some(s) if s == step as f64 => {}
+            Some(s) => problems.push(format!("{STEP_KEY}: the tensors are from step {s}, the sidecar says {step}")),
+            None => problems.push(format!("{STEP_KEY}: missing")),
+        }
         let mut loaded = Vec::with_capacity(self.params.len());
         for p in &self.params {
             let mut get = |kind: &str| -> Option<Tensor> {
