@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod hub;
 pub mod lie;
 pub mod models;
 pub mod report;

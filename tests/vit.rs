@@ -33,7 +33,14 @@ fn vb(vm: &VarMap) -> VarBuilder<'_> {
 
 /// ‖a − b‖ / ‖b‖.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let num = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     (num / den).sqrt()
 }
@@ -86,7 +93,13 @@ fn gelu_jvp_matches_finite_differences_and_is_exact_erf_gelu() {
     // PyTorch: torch.nn.functional.gelu(torch.tensor([-2., -0.5, 0., 1., 3.], dtype=torch.float64))
     let v = Tensor::new(&[-2.0f64, -0.5, 0.0, 1.0, 3.0], &DEV).unwrap();
     let expect = Tensor::new(
-        &[-0.04550026389635842f64, -0.15426876936299344, 0.0, 0.841344746068543, 2.99595030590511],
+        &[
+            -0.04550026389635842f64,
+            -0.15426876936299344,
+            0.0,
+            0.841344746068543,
+            2.99595030590511,
+        ],
         &DEV,
     )
     .unwrap();
@@ -134,7 +147,11 @@ fn patch_embed_jvp_matches_finite_differences_and_equals_strided_conv() {
     // oracle: timm's Conv2d(kernel = stride = p), flattened to (B, h·w, D)
     let vars = vm.data().lock().unwrap();
     let (w, b) = (vars["proj.weight"].as_tensor(), vars["proj.bias"].as_tensor());
-    let conv = x.conv2d(w, 0, 3, 1, 1).unwrap().broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+    let conv = x
+        .conv2d(w, 0, 3, 1, 1)
+        .unwrap()
+        .broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap())
+        .unwrap();
     // (B, D, h, w) -> (B, h·w, D)
     let conv = conv.flatten_from(2).unwrap().transpose(1, 2).unwrap();
     assert!(rel_err(&pe.forward(&x).unwrap(), &conv) < 1e-14);
@@ -158,7 +175,10 @@ fn drop_path_is_identity_in_eval_and_seeded_in_training() {
         if flat_a.iter().all(|v| *v == 0.0) {
             dropped += 1;
         } else {
-            flat_a.iter().zip(&flat_x).for_each(|(p, q)| assert!((p - q / 0.75).abs() < 1e-12));
+            flat_a
+                .iter()
+                .zip(&flat_x)
+                .for_each(|(p, q)| assert!((p - q / 0.75).abs() < 1e-12));
         }
     }
     assert!((4..=30).contains(&dropped), "{dropped} of 64 dropped at rate 0.25");
@@ -181,7 +201,13 @@ fn small_cfg(pool: &str, pos: &str) -> VitConfig {
 /// Give every variable non-trivial random values (zero biases would hide bugs).
 fn randomize(vm: &VarMap, seed: u64) {
     let mut r = rng(seed);
-    let mut vars = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
+    let mut vars = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect::<Vec<_>>();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, var) in vars {
         let shape = var.dims().to_vec();
@@ -191,9 +217,14 @@ fn randomize(vm: &VarMap, seed: u64) {
 
 #[test]
 fn vit_jvp_matches_finite_differences_for_both_pools_and_pos_embeds() {
-    for (i, (pool, pos)) in [("cls", "learned"), ("cls", "sincos"), ("mean", "learned"), ("mean", "sincos")]
-        .into_iter()
-        .enumerate()
+    for (i, (pool, pos)) in [
+        ("cls", "learned"),
+        ("cls", "sincos"),
+        ("mean", "learned"),
+        ("mean", "sincos"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let vm = VarMap::new();
         let vit = Vit::new(&small_cfg(pool, pos), 8, 2, 5, vb(&vm)).unwrap();
@@ -221,7 +252,14 @@ fn vit_jvp_matches_autograd_oracle() {
         for k in 0..5 {
             let grads = logits.narrow(1, k, 1).unwrap().sum_all().unwrap().backward().unwrap();
             let g = grads.get(x.as_tensor()).unwrap(); // (B, C, H, W): row k for every sample
-            cols.push((g * v.get(0).unwrap()).unwrap().flatten_from(1).unwrap().sum_keepdim(1).unwrap());
+            cols.push(
+                (g * v.get(0).unwrap())
+                    .unwrap()
+                    .flatten_from(1)
+                    .unwrap()
+                    .sum_keepdim(1)
+                    .unwrap(),
+            );
         }
         let oracle = Tensor::cat(&cols, 1).unwrap(); // (B, K)
         let err = rel_err(&dy.get(0).unwrap(), &oracle);
@@ -238,7 +276,10 @@ fn vit_layerwise_steps_sum_to_the_end_to_end_lie_derivative() {
         let vit = Vit::new(&small_cfg(pool, "learned"), 8, 2, 5, vb(&vm)).unwrap();
         randomize(&vm, 35);
         let x = randn(&[3, 2, 8, 8], &mut rng(36));
-        let lx = image_lie_derivative(&x, Transform::Rotate, Stencil::Central).unwrap().unsqueeze(0).unwrap();
+        let lx = image_lie_derivative(&x, Transform::Rotate, Stencil::Central)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let (_, end_to_end) = vit.jvp(&x, &lx, &mut Tape::off()).unwrap();
         let mut tape = Tape::layerwise(Transform::Rotate, Stencil::Central);
         let (_, channels) = vit.jvp(&x, &lx, &mut tape).unwrap();
@@ -247,10 +288,24 @@ fn vit_layerwise_steps_sum_to_the_end_to_end_lie_derivative() {
         assert_eq!(&names[..4], ["patch_embed", "cls_token", "pos_embed", "blocks.0.norm1"]);
         assert_eq!(names[names.len() - 3..], tail);
         assert_eq!(channels.dim(0).unwrap(), 1 + names.len());
-        assert_eq!(channels.get(0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap(), 0.0);
+        assert_eq!(
+            channels
+                .get(0)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            0.0
+        );
         let total = channels.narrow(0, 1, names.len()).unwrap().sum(0).unwrap();
         let err = rel_err(&total, &end_to_end.get(0).unwrap());
-        assert!(err < 1e-12, "pool={pool}: steps sum to the end-to-end Lie derivative up to {err:e}");
+        assert!(
+            err < 1e-12,
+            "pool={pool}: steps sum to the end-to-end Lie derivative up to {err:e}"
+        );
     }
 }
 
@@ -260,8 +315,18 @@ fn assert_all_grads_nonzero(vm: &VarMap, loss: &Tensor) {
     let vars = vm.data().lock().unwrap();
     assert!(!vars.is_empty());
     for (name, var) in vars.iter() {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
-        let norm = g.abs().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(norm > 0.0, "{name}: zero gradient");
     }
 }
@@ -270,11 +335,17 @@ fn assert_all_grads_nonzero(vm: &VarMap, loss: &Tensor) {
 fn every_vit_parameter_gets_a_gradient() {
     for pool in ["cls", "mean"] {
         let vm = VarMap::new();
-        let cfg = VitConfig { drop_path: 0.1, ..small_cfg(pool, "learned") };
+        let cfg = VitConfig {
+            drop_path: 0.1,
+            ..small_cfg(pool, "learned")
+        };
         let vit = Vit::new(&cfg, 8, 2, 5, vb(&vm)).unwrap();
         let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
         let expected = if pool == "cls" { "norm.weight" } else { "fc_norm.weight" };
-        assert!(names.iter().any(|n| n == expected), "{pool}: {expected} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{pool}: {expected} missing from {names:?}"
+        );
         // cls_token, pos_embed + patch_embed(2) + norm(2) + head(2) + 12 per block
         assert_eq!(names.len(), 2 + 2 + 2 + 2 + 12 * 2, "{names:?}");
         let x = randn(&[4, 2, 8, 8], &mut rng(40));
@@ -289,8 +360,16 @@ fn every_vit_parameter_gets_a_gradient() {
 }
 
 fn mae_cfg() -> (VitConfig, MaeConfig) {
-    let vit = VitConfig { depth: 2, ..VitConfig::tiny_mnist() };
-    let mae = MaeConfig { decoder_dim: 32, decoder_depth: 1, decoder_heads: 2, ..MaeConfig::default() };
+    let vit = VitConfig {
+        depth: 2,
+        ..VitConfig::tiny_mnist()
+    };
+    let mae = MaeConfig {
+        decoder_dim: 32,
+        decoder_depth: 1,
+        decoder_heads: 2,
+        ..MaeConfig::default()
+    };
     (vit, mae)
 }
 
@@ -304,8 +383,14 @@ fn every_mae_parameter_gets_a_gradient_and_the_encoder_is_the_vit() {
     // a ViT on the same VarMap reuses every encoder tensor and adds only its head
     let before: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
     Vit::new(&vit_cfg, 28, 1, 10, vb(&vm)).unwrap();
-    let mut added: Vec<String> =
-        vm.data().lock().unwrap().keys().filter(|k| !before.contains(k)).cloned().collect();
+    let mut added: Vec<String> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|k| !before.contains(k))
+        .cloned()
+        .collect();
     added.sort();
     assert_eq!(added, ["head.bias", "head.weight"]);
 }
@@ -336,16 +421,39 @@ fn mae_masking_keeps_the_requested_ratio() {
 #[test]
 fn mae_patchify_round_trips_and_uses_mae_pixel_order() {
     let vm = VarMap::new();
-    let vit = VitConfig { patch_size: 2, dim: 8, depth: 1, heads: 2, ..VitConfig::default() };
-    let mae = Mae::new(&vit, &MaeConfig { decoder_dim: 8, ..MaeConfig::default() }, 4, 3, vb(&vm)).unwrap();
+    let vit = VitConfig {
+        patch_size: 2,
+        dim: 8,
+        depth: 1,
+        heads: 2,
+        ..VitConfig::default()
+    };
+    let mae = Mae::new(
+        &vit,
+        &MaeConfig {
+            decoder_dim: 8,
+            ..MaeConfig::default()
+        },
+        4,
+        3,
+        vb(&vm),
+    )
+    .unwrap();
     let x = randn(&[2, 3, 4, 4], &mut rng(70));
     let p = mae.patchify(&x).unwrap();
     assert_eq!(p.dims(), &[2, 4, 12]);
     assert_eq!(rel_err(&mae.unpatchify(&p).unwrap(), &x), 0.0);
-    // MAE: 'nchpwq->nhwpqc': patch (1, 0) = rows 2..4, cols 0..2; element (p=1, q=0, c=2)
-    let got = p.get(1).unwrap().get(2).unwrap().get((1 * 2 + 0) * 3 + 2).unwrap().to_scalar::<f64>().unwrap();
-    let want = x.get(1).unwrap().get(2).unwrap().get(3).unwrap().get(0).unwrap().to_scalar::<f64>().unwrap();
-    assert_eq!(got, want);
+    // MAE's 'nchpwq->nhwpqc': patch (hi, wi), element ((pi·p + qi)·C + c) = x[b, c, hi·p + pi, wi·p + qi]
+    let (pv, xv) = (
+        p.to_vec3::<f64>().unwrap(),
+        x.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+    );
+    for b in 0..2 {
+        for (hi, wi, pi, qi, c) in (0..16 * 3).map(|k| (k / 24, (k / 12) % 2, (k / 6) % 2, (k / 3) % 2, k % 3)) {
+            let want = xv[((b * 3 + c) * 4 + hi * 2 + pi) * 4 + wi * 2 + qi];
+            assert_eq!(pv[b][hi * 2 + wi][(pi * 2 + qi) * 3 + c], want);
+        }
+    }
 }
 
 #[test]
@@ -361,7 +469,10 @@ fn sincos_pos_embed_matches_mae() {
     let c2 = (0.01f64).cos();
     // token (0, 1): column 1, row 0
     let want = [s1, s2, c1, c2, 0.0, 0.0, 1.0, 1.0];
-    pe[2].iter().zip(want).for_each(|(a, b)| assert!((a - b).abs() < 1e-15, "{:?}", pe[2]));
+    pe[2]
+        .iter()
+        .zip(want)
+        .for_each(|(a, b)| assert!((a - b).abs() < 1e-15, "{:?}", pe[2]));
 }
 
 #[test]
@@ -370,21 +481,34 @@ fn pos_embed_interpolation_is_identity_on_same_grid_and_runs_at_56px() {
     let vm28 = VarMap::new();
     let vit28 = Vit::new(&cfg, 28, 1, 10, vb(&vm28)).unwrap();
     let pos = vm28.data().lock().unwrap()["pos_embed"].as_tensor().clone();
-    assert_eq!(rel_err(&interpolate_pos_embed(&pos, (4, 4), (4, 4)).unwrap(), &pos), 0.0);
+    assert_eq!(
+        rel_err(&interpolate_pos_embed(&pos, (4, 4), (4, 4)).unwrap(), &pos),
+        0.0
+    );
 
     let vm56 = VarMap::new();
     let vit56 = Vit::new(&cfg, 56, 1, 10, vb(&vm56)).unwrap();
     assert_eq!(vit56.grid(), (8, 8));
     for (name, var) in vm56.data().lock().unwrap().iter() {
         let src = vm28.data().lock().unwrap()[name].as_tensor().clone();
-        let value = if name == "pos_embed" { interpolate_pos_embed(&src, (4, 4), (8, 8)).unwrap() } else { src };
+        let value = if name == "pos_embed" {
+            interpolate_pos_embed(&src, (4, 4), (8, 8)).unwrap()
+        } else {
+            src
+        };
         var.set(&value).unwrap();
     }
     let x28 = randn(&[2, 1, 28, 28], &mut rng(80));
     let x56 = x28.upsample_nearest2d(56, 56).unwrap();
     let l56 = vit56.forward(&x56).unwrap();
     assert_eq!(l56.dims(), &[2, 10]);
-    let finite = l56.flatten_all().unwrap().to_vec1::<f64>().unwrap().iter().all(|v| v.is_finite());
+    let finite = l56
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite());
     assert!(finite);
     assert!(vit28.forward(&x28).unwrap().dims() == [2, 10]);
 }
@@ -411,23 +535,66 @@ fn interpolate_pos_embed_matches_pytorch_bicubic() {
         .collect();
     let pos = Tensor::from_vec(data, (1, 1 + old * old, d), &DEV).unwrap();
     let up: [f64; 50] = [
-        0.631680583169252, 1.124210607865876, 0.850602092277932, 0.932735518725113,
-        1.113728093925555, 0.564040151184518, 1.094000084043641, 0.052095259548745,
-        1.021686722021908, -0.286873784030761, 0.631755358297586, 0.226806612333225,
-        0.593907448767315, 0.043886756511535, 0.48718614794252, -0.238326896397333,
-        0.25673396786743, -0.460012563104682, 0.091489078960928, -0.580611010911475,
-        0.400822202429075, -0.801199911278352, 0.106405918771968, -0.908222408594837,
-        -0.35078322768962, -0.996164608835841, -0.718883804265565, -0.831110447316929,
-        -0.921571856707089, -0.67764039437691, -0.481540741798966, -0.527069264157511,
-        -0.554030106183372, -0.38425782372223, -0.618647847674254, -0.135001935635745,
-        -0.526147324488881, 0.148540453138919, -0.436863068206623, 0.326654290579066,
-        -1.152197378388967, -0.08375424686197, -0.988783229689836, 0.246702682561068,
-        -0.658193045249861, 0.729601784217708, -0.160441284995126, 1.027203601365978,
-        0.175087375098464, 1.166872956369289,
+        0.631680583169252,
+        1.124210607865876,
+        0.850602092277932,
+        0.932735518725113,
+        1.113728093925555,
+        0.564040151184518,
+        1.094000084043641,
+        0.052095259548745,
+        1.021686722021908,
+        -0.286873784030761,
+        0.631755358297586,
+        0.226806612333225,
+        0.593907448767315,
+        0.043886756511535,
+        0.48718614794252,
+        -0.238326896397333,
+        0.25673396786743,
+        -0.460012563104682,
+        0.091489078960928,
+        -0.580611010911475,
+        0.400822202429075,
+        -0.801199911278352,
+        0.106405918771968,
+        -0.908222408594837,
+        -0.35078322768962,
+        -0.996164608835841,
+        -0.718883804265565,
+        -0.831110447316929,
+        -0.921571856707089,
+        -0.67764039437691,
+        -0.481540741798966,
+        -0.527069264157511,
+        -0.554030106183372,
+        -0.38425782372223,
+        -0.618647847674254,
+        -0.135001935635745,
+        -0.526147324488881,
+        0.148540453138919,
+        -0.436863068206623,
+        0.326654290579066,
+        -1.152197378388967,
+        -0.08375424686197,
+        -0.988783229689836,
+        0.246702682561068,
+        -0.658193045249861,
+        0.729601784217708,
+        -0.160441284995126,
+        1.027203601365978,
+        0.175087375098464,
+        1.166872956369289,
     ];
     let down: [f64; 8] = [
-        0.645725106552624, 0.408159689628166, 0.498937454213589, -0.32634585498817,
-        -0.689664808342114, -0.21528733930996, -0.326290162873774, 0.498981132965265,
+        0.645725106552624,
+        0.408159689628166,
+        0.498937454213589,
+        -0.32634585498817,
+        -0.689664808342114,
+        -0.21528733930996,
+        -0.326290162873774,
+        0.498981132965265,
     ];
     for (new, want) in [(5usize, &up[..]), (2, &down[..])] {
         let got = interpolate_pos_embed(&pos, (old, old), (new, new)).unwrap();
@@ -458,8 +625,23 @@ fn mae_loss_decreases_on_mnist() {
     let imgs = mnist_images(256);
     let (vit_cfg, mae_cfg) = mae_cfg();
     let vm = VarMap::new();
-    let mae = Mae::new(&vit_cfg, &mae_cfg, 28, 1, VarBuilder::from_varmap(&vm, DType::F32, &DEV)).unwrap();
-    let mut opt = AdamW::new(vm.all_vars(), ParamsAdamW { lr: 2e-3, weight_decay: 0.05, ..Default::default() }).unwrap();
+    let mae = Mae::new(
+        &vit_cfg,
+        &mae_cfg,
+        28,
+        1,
+        VarBuilder::from_varmap(&vm, DType::F32, &DEV),
+    )
+    .unwrap();
+    let mut opt = AdamW::new(
+        vm.all_vars(),
+        ParamsAdamW {
+            lr: 2e-3,
+            weight_decay: 0.05,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut r = rng(90);
     let mut losses = Vec::new();
     for step in 0..30 {
@@ -471,7 +653,10 @@ fn mae_loss_decreases_on_mnist() {
     let first = losses[..5].iter().sum::<f32>() / 5.0;
     let last = losses[25..].iter().sum::<f32>() / 5.0;
     eprintln!("MAE loss: first 5 steps {first:.4}, last 5 steps {last:.4}");
-    assert!(last.is_finite() && last < 0.8 * first, "MAE loss did not decrease: {losses:?}");
+    assert!(
+        last.is_finite() && last < 0.8 * first,
+        "MAE loss did not decrease: {losses:?}"
+    );
 }
 
 /// Timings for the report: `cargo test --release --test vit timing -- --ignored --nocapture`.
@@ -479,15 +664,19 @@ fn mae_loss_decreases_on_mnist() {
 #[ignore]
 fn timing_tiny_and_small_vit() {
     use std::time::Instant;
-    for (label, cfg) in [("tiny p7/64/4/2", VitConfig::tiny_mnist()), ("small p4/192/6/3", VitConfig::small_mnist())] {
+    for (label, cfg) in [
+        ("tiny p7/64/4/2", VitConfig::tiny_mnist()),
+        ("small p4/192/6/3", VitConfig::small_mnist()),
+    ] {
         let vm = VarMap::new();
         let vit = Vit::new(&cfg, 28, 1, 10, VarBuilder::from_varmap(&vm, DType::F32, &DEV)).unwrap();
         let params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
         let x = randn(&[128, 1, 28, 28], &mut rng(100)).to_dtype(DType::F32).unwrap();
         let dx = randn(&[1, 128, 1, 28, 28], &mut rng(101)).to_dtype(DType::F32).unwrap();
+        // one warm-up call, then the mean of 3
         let time = |f: &dyn Fn()| {
             f();
-            let reps = 5;
+            let reps = 3;
             let t = Instant::now();
             for _ in 0..reps {
                 f();
@@ -498,11 +687,32 @@ fn timing_tiny_and_small_vit() {
             vit.forward(&x).unwrap();
         });
         let fwd_bwd = time(&|| {
-            vit.forward(&x).unwrap().sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            vit.forward(&x)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .backward()
+                .unwrap();
         });
         let jvp = time(&|| {
             vit.jvp(&x, &dx, &mut Tape::off()).unwrap();
         });
         eprintln!("{label}: {params} params; batch 128: forward {fwd:.1} ms, forward+backward {fwd_bwd:.1} ms, jvp (T=1) {jvp:.1} ms");
     }
+}
+
+#[test]
+fn vit_rejects_an_image_of_another_size_with_a_clear_error() {
+    let vm = VarMap::new();
+    let vit = Vit::new(&VitConfig::tiny_mnist(), 28, 1, 10, vb(&vm)).unwrap();
+    let err = vit
+        .forward(&randn(&[1, 1, 56, 56], &mut rng(81)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("4×4 token grid") && err.contains("interpolate_pos_embed"),
+        "{err}"
+    );
 }

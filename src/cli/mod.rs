@@ -2,6 +2,7 @@
 //! resolution live here; each command's body is in its own file. Errors from every command end
 //! up in [`main`], which prints the whole context chain once and sets the exit code.
 
+pub mod data_cmd;
 mod eval_cmd;
 mod train_cmd;
 
@@ -198,14 +199,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("`lee` is not built yet")
         }
         Command::Data(a) => {
-            let args = match &a.action {
-                DataAction::Prepare(x) | DataAction::Info(x) => x,
+            let (args, prepare) = match &a.action {
+                DataAction::Prepare(x) => (x, true),
+                DataAction::Info(x) => (x, false),
             };
             let cfg = args.cfg.resolve()?;
             if dry_run(&args.cfg, &cfg) {
                 return Ok(());
             }
-            anyhow::bail!("`data` is not built yet")
+            data_cmd::run(&cfg, prepare, args.json)
         }
         Command::Report(_) => anyhow::bail!("`report` is not built yet"),
     }

@@ -139,7 +139,8 @@ impl Jvp for Gelu {
     /// d gelu = (Φ(x) + x·φ(x))·dx with φ(x) = exp(−x²/2)/√(2π).
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let cdf = Self::cdf(x)?;
-        let pdf = (x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+        let pdf =
+            (x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
         let factor = (&cdf + (x * pdf?)?)?;
         Ok(((x * cdf)?, tangent_mul(dx, &factor)?))
     }
@@ -181,8 +182,11 @@ pub struct Attention {
 }
 
 pub fn attention(dim: usize, heads: usize, qkv_bias: bool, vb: VarBuilder) -> Result<Attention> {
-    if heads == 0 || dim % heads != 0 {
-        candle_core::bail!("attention at '{}': {heads} heads do not divide the width {dim}", vb.prefix());
+    if heads == 0 || !dim.is_multiple_of(heads) {
+        candle_core::bail!(
+            "attention at '{}': {heads} heads do not divide the width {dim}",
+            vb.prefix()
+        );
     }
     Ok(Attention {
         qkv: linear(dim, 3 * dim, qkv_bias, vb.pp("qkv"))?,
@@ -231,7 +235,7 @@ impl Jvp for Attention {
         let (dq, dk, dv) = (split_tangent(&dq, t)?, split_tangent(&dk, t)?, split_tangent(&dv, t)?);
 
         let s = Softmax.forward(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
-        // dA = dq·kᵀ + q·dkᵀ, with q·dkᵀ = (dk·qᵀ)ᵀ
+                                                       // dA = dq·kᵀ + q·dkᵀ, with q·dkᵀ = (dk·qᵀ)ᵀ
         let da = (tangent_matmul(&dq, &k.t()?)? + tangent_matmul(&dk, &q.t()?)?.transpose(2, 3)?)?;
         let ds = Softmax::tangent(&s, &da)?;
         // dO = dS·V + S·dV, with S·dV = (dVᵀ·Sᵀ)ᵀ
@@ -280,9 +284,8 @@ impl Jvp for Mlp {
 /// (D, C, p, p)`), and much faster to differentiate on CPU than candle's conv2d.
 #[derive(Clone, Debug)]
 pub struct PatchEmbed {
-    /// `(D, C·p·p)`, the conv weight flattened in (C, kh, kw) order.
-    weight: Tensor,
-    bias: Tensor,
+    /// Weight `(D, C·p·p)`: the conv weight flattened in (C, kh, kw) order.
+    proj: Linear,
     patch: usize,
 }
 
@@ -294,8 +297,7 @@ pub fn patch_embed(in_chans: usize, dim: usize, patch: usize, vb: VarBuilder) ->
     let weight = vb.get_with_hints((dim, in_chans, patch, patch), "weight", Init::Uniform { lo: -a, up: a })?;
     let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
     Ok(PatchEmbed {
-        weight: weight.reshape((dim, k))?,
-        bias,
+        proj: Linear::new(weight.reshape((dim, k))?, Some(bias)),
         patch,
     })
 }
@@ -305,7 +307,7 @@ impl PatchEmbed {
     fn patchify(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, hh, ww) = x.dims4()?;
         let p = self.patch;
-        if hh % p != 0 || ww % p != 0 {
+        if !hh.is_multiple_of(p) || !ww.is_multiple_of(p) {
             candle_core::bail!("patch embedding: patch size {p} does not divide the {hh}×{ww} image");
         }
         let (h, w) = (hh / p, ww / p);
@@ -317,15 +319,14 @@ impl PatchEmbed {
 
     /// `x: (B, C, H, W)` → tokens `(B, h·w, D)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Linear::new(self.weight.clone(), Some(self.bias.clone())).forward(&self.patchify(x)?)
+        self.proj.forward(&self.patchify(x)?)
     }
 }
 
 impl Jvp for PatchEmbed {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let lin = Linear::new(self.weight.clone(), Some(self.bias.clone()));
         let (dxm, t) = merge_tangent(dx)?; // (T·B, C, H, W)
-        let (y, dy) = lin.jvp(&self.patchify(x)?, &self.patchify(&dxm)?, tape)?;
+        let (y, dy) = self.proj.jvp(&self.patchify(x)?, &self.patchify(&dxm)?, tape)?;
         Ok((y, split_tangent(&dy, t)?))
     }
 }

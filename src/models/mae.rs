@@ -10,7 +10,7 @@
 
 use crate::config::{MaeConfig, VitConfig};
 use crate::models::layers::{layer_norm, linear, patch_embed, LayerNorm, Linear, PatchEmbed};
-use crate::models::vit::{blocks, block, pos_embed, sincos_pos_embed, token_grid, Block};
+use crate::models::vit::{block, blocks, pos_embed, sincos_pos_embed, token_grid, Block};
 use crate::models::Rng;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -63,10 +63,21 @@ impl Mae {
             ..vit.clone()
         };
         let decoder_blocks = (0..mae.decoder_depth)
-            .map(|i| block(mae.decoder_dim, mae.decoder_heads, &dec_cfg, 0.0, vb.pp("decoder_blocks").pp(i)))
+            .map(|i| {
+                block(
+                    mae.decoder_dim,
+                    mae.decoder_heads,
+                    &dec_cfg,
+                    0.0,
+                    vb.pp("decoder_blocks").pp(i),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         if keep_count(n, mae.mask_ratio) == 0 {
-            candle_core::bail!("model.mae.mask_ratio = {} hides all {n} patches; lower it", mae.mask_ratio);
+            candle_core::bail!(
+                "model.mae.mask_ratio = {} hides all {n} patches; lower it",
+                mae.mask_ratio
+            );
         }
         let p = vit.patch_size;
         Ok(Self {
@@ -136,7 +147,10 @@ impl Mae {
             for (pos, &idx) in shuffle.iter().enumerate() {
                 restore[idx] = pos;
             }
-            let mask = restore.iter().map(|&pos| if pos < keep_n { 0.0 } else { 1.0 }).collect();
+            let mask = restore
+                .iter()
+                .map(|&pos| if pos < keep_n { 0.0 } else { 1.0 })
+                .collect();
             out.keep.push(shuffle[..keep_n].to_vec());
             out.mask.push(mask);
             out.restore.push(restore);
@@ -161,7 +175,10 @@ impl Mae {
     /// Encoder on the visible patches: `(B, 1 + keep, D)` after the final norm.
     fn forward_encoder(&self, imgs: &Tensor, masking: &Masking) -> Result<Tensor> {
         let n = self.grid.0 * self.grid.1;
-        let x = self.patch_embed.forward(imgs)?.broadcast_add(&self.pos_embed.narrow(1, 1, n)?)?;
+        let x = self
+            .patch_embed
+            .forward(imgs)?
+            .broadcast_add(&self.pos_embed.narrow(1, 1, n)?)?;
         let x = Self::gather(&x, &masking.keep)?; // (B, keep, D)
         let (b, _, d) = x.dims3()?;
         let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((b, 1, d))?;

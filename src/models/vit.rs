@@ -64,12 +64,14 @@ impl Pool {
 /// row-major, cls row zero. Token (i, j) gets sin/cos of the column j in its first half and of
 /// the row i in its second half (MAE meshes `grid_w` first). `dim` must be a multiple of 4.
 pub fn sincos_pos_embed(dim: usize, h: usize, w: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    if dim % 4 != 0 {
+    if !dim.is_multiple_of(4) {
         candle_core::bail!("sin-cos position embedding needs a width divisible by 4, got {dim}");
     }
     let quarter = dim / 4;
     // omega_k = 1 / 10000^(k / (dim/4)), as get_1d_sincos_pos_embed_from_grid with embed_dim = dim/2
-    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
     let one_d = |pos: f64, out: &mut Vec<f64>| {
         out.extend(omega.iter().map(|o| (pos * o).sin()));
         out.extend(omega.iter().map(|o| (pos * o).cos()));
@@ -92,7 +94,9 @@ pub(crate) fn pos_embed(kind: &str, dim: usize, grid: (usize, usize), vb: &VarBu
         "learned" => vb.get_with_hints((1, n, dim), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 }),
         "sincos" => sincos_pos_embed(dim, grid.0, grid.1, vb.dtype(), vb.device()),
         other => {
-            candle_core::bail!("model.vit.pos_embed = \"{other}\" is not a position embedding; use \"learned\" or \"sincos\"")
+            candle_core::bail!(
+                "model.vit.pos_embed = \"{other}\" is not a position embedding; use \"learned\" or \"sincos\""
+            )
         }
     }
 }
@@ -168,7 +172,7 @@ pub struct Block {
 }
 
 pub fn block(dim: usize, heads: usize, cfg: &VitConfig, drop_path: f64, vb: VarBuilder) -> Result<Block> {
-    let hidden = (dim as f64 * cfg.mlp_ratio).round() as usize;
+    let hidden = (dim as f64 * cfg.mlp_ratio) as usize; // int(dim * mlp_ratio), as timm
     Ok(Block {
         name: vb.prefix(),
         norm1: layer_norm(dim, cfg.ln_eps, vb.pp("norm1"))?,
@@ -196,7 +200,13 @@ impl Block {
         let (a, da) = self.attn.jvp(&h, &dh, tape)?;
         let da = tape.step(&name("attn"), StepKind::Attention, repr, &a, da)?;
         let x = (x + a)?;
-        let dx = tape.step(&name("attn_residual"), StepKind::Residual, repr, &x, add_tangents(dx, &da)?)?;
+        let dx = tape.step(
+            &name("attn_residual"),
+            StepKind::Residual,
+            repr,
+            &x,
+            add_tangents(dx, &da)?,
+        )?;
 
         let (h, dh) = self.norm2.jvp(&x, &dx, tape)?;
         let dh = tape.step(&name("norm2"), StepKind::Norm, repr, &h, dh)?;
@@ -207,7 +217,13 @@ impl Block {
         let (m, dm) = self.mlp.fc2.jvp(&h, &dh, tape)?;
         let dm = tape.step(&name("mlp.fc2"), StepKind::Linear, repr, &m, dm)?;
         let y = (x + m)?;
-        let dy = tape.step(&name("mlp_residual"), StepKind::Residual, repr, &y, add_tangents(&dx, &dm)?)?;
+        let dy = tape.step(
+            &name("mlp_residual"),
+            StepKind::Residual,
+            repr,
+            &y,
+            add_tangents(&dx, &dm)?,
+        )?;
         Ok((y, dy))
     }
 }
@@ -216,7 +232,11 @@ impl Block {
 pub(crate) fn blocks(cfg: &VitConfig, vb: VarBuilder) -> Result<Vec<Block>> {
     (0..cfg.depth)
         .map(|i| {
-            let rate = if cfg.depth > 1 { cfg.drop_path * i as f64 / (cfg.depth - 1) as f64 } else { 0.0 };
+            let rate = if cfg.depth > 1 {
+                cfg.drop_path * i as f64 / (cfg.depth - 1) as f64
+            } else {
+                0.0
+            };
             block(cfg.dim, cfg.heads, cfg, rate, vb.pp("blocks").pp(i))
         })
         .collect()
@@ -224,7 +244,7 @@ pub(crate) fn blocks(cfg: &VitConfig, vb: VarBuilder) -> Result<Vec<Block>> {
 
 /// Check that the patch tiles the image and return the token grid (h, w).
 pub(crate) fn token_grid(image_size: usize, patch: usize) -> Result<(usize, usize)> {
-    if patch == 0 || image_size % patch != 0 {
+    if patch == 0 || !image_size.is_multiple_of(patch) {
         candle_core::bail!("model.vit.patch_size = {patch} must divide the image size {image_size}");
     }
     Ok((image_size / patch, image_size / patch))
@@ -245,7 +265,13 @@ pub struct Vit {
 }
 
 impl Vit {
-    pub fn new(cfg: &VitConfig, image_size: usize, in_chans: usize, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cfg: &VitConfig,
+        image_size: usize,
+        in_chans: usize,
+        num_classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let grid = token_grid(image_size, cfg.patch_size)?;
         let pool = Pool::parse(&cfg.pool)?;
         let norm_name = match pool {
@@ -269,10 +295,23 @@ impl Vit {
         self.grid
     }
 
+    /// The position embedding is laid out for one token grid: say so instead of a shape error.
+    fn check_grid(&self, n: usize) -> Result<()> {
+        let (h, w) = self.grid;
+        if n != h * w {
+            candle_core::bail!(
+                "this ViT was built for a {h}×{w} token grid but the input gives {n} patches; build it for the \
+                 new image size and resample the position embedding with interpolate_pos_embed"
+            );
+        }
+        Ok(())
+    }
+
     /// Tokens after the blocks, `(B, 1 + N, D)`; `rng = None` is eval mode.
     fn tokens(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let t = self.patch_embed.forward(x)?; // (B, N, D)
-        let (b, _, d) = t.dims3()?;
+        let (b, n, d) = t.dims3()?;
+        self.check_grid(n)?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let mut t = Tensor::cat(&[&cls, &t], 1)?.broadcast_add(&self.pos_embed)?;
         for blk in &self.blocks {
@@ -308,7 +347,14 @@ impl Jvp for Vit {
         let (h, w) = self.grid;
         let tokens = Repr::Tokens { h, w, cls: true };
         let (y, dy) = self.patch_embed.jvp(x, dx, tape)?; // (B, N, D), (T, B, N, D)
-        let dy = tape.step("patch_embed", StepKind::PatchEmbed, Repr::Tokens { h, w, cls: false }, &y, dy)?;
+        self.check_grid(y.dim(1)?)?;
+        let dy = tape.step(
+            "patch_embed",
+            StepKind::PatchEmbed,
+            Repr::Tokens { h, w, cls: false },
+            &y,
+            dy,
+        )?;
 
         let (b, _, d) = y.dims3()?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
@@ -336,7 +382,13 @@ impl Jvp for Vit {
             Pool::Mean => {
                 let n = y.dim(1)? - 1;
                 let p = y.narrow(1, 1, n)?.mean(1)?;
-                let dp = tape.step("pool", StepKind::Pool, Repr::Invariant, &p, dy.narrow(2, 1, n)?.mean(2)?)?;
+                let dp = tape.step(
+                    "pool",
+                    StepKind::Pool,
+                    Repr::Invariant,
+                    &p,
+                    dy.narrow(2, 1, n)?.mean(2)?,
+                )?;
                 let (f, df) = self.norm.jvp(&p, &dp, tape)?;
                 let df = tape.step("fc_norm", StepKind::Norm, Repr::Invariant, &f, df)?;
                 (f, df)

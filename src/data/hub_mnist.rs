@@ -1,0 +1,111 @@
+//! MNIST from the Hugging Face Hub when no local folder is configured: the dataset viewer's
+//! Parquet conversion of `ylecun/mnist` (revision `refs/convert/parquet`, files
+//! `mnist/train/0000.parquet` and `mnist/test/0000.parquet`). Each row is
+//! `{image: {bytes: PNG, path: string}, label: int64}` (the `datasets` Image feature); the PNGs
+//! are 8-bit greyscale 28×28. Decoded with the `parquet` crate's row API (no Arrow) and `png`.
+
+use super::{DataError, Digits};
+use crate::hub::{self, HubSource, RepoKind};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::Field;
+use std::path::{Path, PathBuf};
+
+/// The Parquet conversion branch of a Hub dataset.
+pub const REVISION: &str = "refs/convert/parquet";
+
+/// The file of one split (`train` or `test`) inside the repo.
+pub fn file_name(split: &str) -> String {
+    format!("mnist/{split}/0000.parquet")
+}
+
+/// Fetch (or find in the Hub cache) the train and test Parquet files of `repo`.
+pub fn fetch(repo: &str, cache_dir: Option<&Path>, offline: bool) -> Result<[PathBuf; 2], DataError> {
+    let src = HubSource {
+        repo,
+        kind: RepoKind::Dataset,
+        revision: REVISION,
+        cache_dir,
+        offline,
+        endpoint: None,
+    };
+    Ok([
+        hub::fetch(&src, &file_name("train"))?,
+        hub::fetch(&src, &file_name("test"))?,
+    ])
+}
+
+/// Decode one 8-bit greyscale PNG into (pixels, h, w).
+fn decode_png(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize), String> {
+    let mut reader = png::Decoder::new(bytes).read_info().map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).map_err(|e| e.to_string())?;
+    if info.color_type != png::ColorType::Grayscale || info.bit_depth != png::BitDepth::Eight {
+        return Err(format!(
+            "{:?} {:?} image; expected 8-bit greyscale",
+            info.color_type, info.bit_depth
+        ));
+    }
+    buf.truncate(info.buffer_size());
+    Ok((buf, info.height as usize, info.width as usize))
+}
+
+/// Read a Hub MNIST Parquet file into digits (labels checked to be 0..=9, all images one size).
+pub fn read(path: &Path) -> Result<Digits, DataError> {
+    let corrupt = |message: String| DataError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader = SerializedFileReader::new(file).map_err(|e| corrupt(format!("not a Parquet file: {e}")))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| corrupt(format!("cannot read rows: {e}")))?;
+    let mut out = Digits {
+        images: Vec::new(),
+        labels: Vec::new(),
+        h: 0,
+        w: 0,
+    };
+    for (index, row) in rows.enumerate() {
+        let row = row.map_err(|e| corrupt(format!("row {index}: {e}")))?;
+        let (mut png_bytes, mut label) = (None, None);
+        for (name, field) in row.get_column_iter() {
+            match (name.as_str(), field) {
+                ("image", Field::Group(img)) => {
+                    png_bytes = img.get_column_iter().find_map(|(n, f)| match (n.as_str(), f) {
+                        ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
+                        _ => None,
+                    })
+                }
+                ("label", Field::Long(v)) => label = Some(*v),
+                ("label", Field::Int(v)) => label = Some(*v as i64),
+                _ => {}
+            }
+        }
+        let png_bytes = png_bytes.ok_or_else(|| corrupt(format!("row {index} has no image.bytes column")))?;
+        let label = label.ok_or_else(|| corrupt(format!("row {index} has no integer label column")))?;
+        let label = u8::try_from(label)
+            .ok()
+            .filter(|l| *l <= 9)
+            .ok_or(DataError::LabelRange {
+                path: path.to_path_buf(),
+                index,
+                label: label.clamp(0, 255) as u8,
+            })?;
+        let (pixels, h, w) = decode_png(&png_bytes).map_err(|m| corrupt(format!("row {index}: PNG: {m}")))?;
+        if index == 0 {
+            (out.h, out.w) = (h, w);
+        } else if (h, w) != (out.h, out.w) {
+            return Err(corrupt(format!(
+                "row {index} is {h}×{w}, row 0 was {}×{}",
+                out.h, out.w
+            )));
+        }
+        out.images.extend_from_slice(&pixels);
+        out.labels.push(label);
+    }
+    Ok(out)
+}

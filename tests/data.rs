@@ -1,0 +1,851 @@
+//! Data sources and the Hub client: IDX / `.amat` parsing and validation, MNIST-rot generation
+//! and caching, the loader, and `hub::fetch` against a loopback mock Hub and a pre-populated
+//! cache. Real-data tests read `LIEDERIV_DATA_DIR` and fail (not skip) when it is absent.
+
+use liederiv::hub::{self, HubError, HubSource, RepoKind};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A loopback stand-in for the Hub's `resolve` endpoint: answers HEAD with ETag, X-Repo-Commit
+/// and Content-Length (and no X-Xet-Hash, so hf-hub takes the plain HTTP path) and GET with the
+/// bytes. Files are matched by the end of the request path (`.../resolve/<rev>/<file>`).
+struct MockHub {
+    url: String,
+    requests: Arc<AtomicUsize>,
+}
+
+const MOCK_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+impl MockHub {
+    fn start(files: HashMap<String, Vec<u8>>) -> MockHub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        let files = Arc::new(files);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let files = files.clone();
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    let mut parts = head.split_whitespace();
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let hit = files
+                        .iter()
+                        .find(|(name, _)| path.contains("/resolve/") && path.ends_with(&format!("/{name}")));
+                    let resp = match hit {
+                        Some((_, body)) => {
+                            use sha2::Digest;
+                            let etag = hex::encode(sha2::Sha256::digest(body));
+                            let mut r = format!(
+                                "HTTP/1.1 200 OK\r\nETag: \"{etag}\"\r\nX-Repo-Commit: {MOCK_COMMIT}\r\n\
+                                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            if method == "GET" {
+                                r.extend_from_slice(body);
+                            }
+                            r
+                        }
+                        None => format!(
+                            "HTTP/1.1 404 Not Found\r\nX-Repo-Commit: {MOCK_COMMIT}\r\nContent-Length: 0\r\n\
+                             Connection: close\r\n\r\n"
+                        )
+                        .into_bytes(),
+                    };
+                    let _ = stream.write_all(&resp);
+                });
+            }
+        });
+        MockHub { url, requests }
+    }
+}
+
+fn source<'a>(repo: &'a str, cache: &'a Path, offline: bool, endpoint: Option<&'a str>) -> HubSource<'a> {
+    HubSource {
+        repo,
+        kind: RepoKind::Dataset,
+        revision: "refs/convert/parquet",
+        cache_dir: Some(cache),
+        offline,
+        endpoint,
+    }
+}
+
+/// An endpoint where nothing listens: bind an ephemeral port, then free it.
+fn dead_endpoint() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    url
+}
+
+#[test]
+fn hub_fetch_from_mock_then_offline_from_cache() {
+    let body = b"hello hub".to_vec();
+    let mock = MockHub::start(HashMap::from([("mnist/train/0000.parquet".to_string(), body.clone())]));
+    let cache = tempfile::tempdir().unwrap();
+    let src = source("ylecun/mnist", cache.path(), false, Some(&mock.url));
+    let path = hub::fetch(&src, "mnist/train/0000.parquet").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    assert!(path.starts_with(cache.path().join("datasets--ylecun--mnist")));
+    let served = mock.requests.load(Ordering::SeqCst);
+    assert!(served >= 2, "expected HEAD + GET, got {served} requests");
+
+    // Offline: the same file resolves from the cache without a single request.
+    let offline = source("ylecun/mnist", cache.path(), true, Some(&mock.url));
+    let again = hub::fetch(&offline, "mnist/train/0000.parquet").unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), body);
+    assert_eq!(mock.requests.load(Ordering::SeqCst), served);
+
+    // Online with the Hub gone: hf-hub falls back to the cached copy.
+    let dead = dead_endpoint();
+    let gone = source("ylecun/mnist", cache.path(), false, Some(&dead));
+    assert_eq!(
+        std::fs::read(hub::fetch(&gone, "mnist/train/0000.parquet").unwrap()).unwrap(),
+        body
+    );
+}
+
+#[test]
+fn hub_offline_reads_prepopulated_cache() {
+    // The layout `huggingface-cli download --cache-dir` writes: refs/<rev> holds the commit,
+    // snapshots/<commit>/<file> is the file (a symlink into blobs/ there; a plain file works too).
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--someone--tiny-vit");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), MOCK_COMMIT).unwrap();
+    let snap = repo.join("snapshots").join(MOCK_COMMIT);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(snap.join("model.safetensors"), b"weights").unwrap();
+    let src = HubSource {
+        repo: "someone/tiny-vit",
+        kind: RepoKind::Model,
+        revision: "main",
+        cache_dir: Some(cache.path()),
+        offline: true,
+        endpoint: None,
+    };
+    let path = hub::fetch(&src, "model.safetensors").unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), b"weights");
+}
+
+#[test]
+fn hub_not_cached_error_says_what_to_do() {
+    let cache = tempfile::tempdir().unwrap();
+    let dead = dead_endpoint();
+    for (offline, endpoint) in [(true, None), (false, Some(dead.as_str()))] {
+        let src = source("ylecun/mnist", cache.path(), offline, endpoint);
+        let err = hub::fetch(&src, "mnist/test/0000.parquet").unwrap_err();
+        assert!(matches!(err, HubError::NotCached { .. }), "{err:?}");
+        let msg = err.to_string();
+        for needle in [
+            "ylecun/mnist",
+            "mnist/test/0000.parquet",
+            &cache.path().display().to_string(),
+            "huggingface-cli download",
+            "unreachable",
+        ] {
+            assert!(msg.contains(needle), "message lacks {needle:?}: {msg}");
+        }
+    }
+}
+
+#[test]
+fn hub_missing_file_is_a_download_error() {
+    let mock = MockHub::start(HashMap::new());
+    let cache = tempfile::tempdir().unwrap();
+    let src = source("ylecun/mnist", cache.path(), false, Some(&mock.url));
+    let err = hub::fetch(&src, "nope.parquet").unwrap_err();
+    assert!(matches!(err, HubError::Download { .. }), "{err:?}");
+    assert!(err.to_string().contains("nope.parquet"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic sources
+
+use liederiv::config::Config;
+use liederiv::data::{self, amat, idx, DataError, Split};
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+
+fn maybe_gz(bytes: Vec<u8>, gz: bool) -> Vec<u8> {
+    if !gz {
+        return bytes;
+    }
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(&bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn idx_images(pixels: &[u8], n: usize, h: usize, w: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    for x in [2051u32, n as u32, h as u32, w as u32] {
+        v.extend_from_slice(&x.to_be_bytes());
+    }
+    v.extend_from_slice(pixels);
+    v
+}
+
+fn idx_labels(labels: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for x in [2049u32, labels.len() as u32] {
+        v.extend_from_slice(&x.to_be_bytes());
+    }
+    v.extend_from_slice(labels);
+    v
+}
+
+/// Seeded random digits: n images of h×w (sparse blobs so rotations move mass) and labels.
+fn random_digits(n: usize, h: usize, w: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let pixels = (0..n * h * w)
+        .map(|_| {
+            if rng.random::<f32>() < 0.3 {
+                rng.random::<u8>()
+            } else {
+                0
+            }
+        })
+        .collect();
+    let labels = (0..n).map(|_| rng.random_range(0..10u8)).collect();
+    (pixels, labels)
+}
+
+/// Write `<dir>/<prefix>-{images-idx3,labels-idx1}-ubyte[.gz]`.
+fn write_pair(dir: &Path, prefix: &str, pixels: &[u8], labels: &[u8], h: usize, w: usize, gz: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ext = if gz { ".gz" } else { "" };
+    let n = labels.len();
+    std::fs::write(
+        dir.join(format!("{prefix}-images-idx3-ubyte{ext}")),
+        maybe_gz(idx_images(pixels, n, h, w), gz),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(format!("{prefix}-labels-idx1-ubyte{ext}")),
+        maybe_gz(idx_labels(labels), gz),
+    )
+    .unwrap();
+}
+
+/// A data root with `mnist/` (60 train + 20 test digits, 28×28) and `fashion-mnist/` (15 test).
+fn synthetic_root(dir: &Path) {
+    let (p, l) = random_digits(60, 28, 28, 1);
+    write_pair(&dir.join("mnist"), "train", &p, &l, 28, 28, true);
+    let (p, l) = random_digits(20, 28, 28, 2);
+    write_pair(&dir.join("mnist"), "t10k", &p, &l, 28, 28, false);
+    let (p, l) = random_digits(15, 28, 28, 3);
+    write_pair(&dir.join("fashion-mnist"), "t10k", &p, &l, 28, 28, true);
+}
+
+fn small_cfg(root: &Path, cache: &Path, extra: &[&str]) -> Config {
+    let mut sets: Vec<String> = vec![
+        format!("data.root={:?}", root.display().to_string()),
+        format!("data.cache_dir={:?}", cache.display().to_string()),
+        "data.train_size=30".into(),
+        "data.val_size=10".into(),
+        "data.test_size=25".into(),
+        "output.progress=false".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::resolve_str("", "<test>", &sets).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// IDX
+
+#[test]
+fn idx_round_trip_gz_and_raw() {
+    for gz in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, l) = random_digits(7, 5, 4, 9);
+        write_pair(dir.path(), "train", &p, &l, 5, 4, gz);
+        let (d, paths) = idx::read_pair(dir.path(), "train").unwrap();
+        assert_eq!((d.images, d.labels, d.h, d.w), (p, l, 5, 4));
+        assert_eq!(paths[0].extension().is_some_and(|e| e == "gz"), gz);
+    }
+}
+
+#[test]
+fn idx_corruptions_give_the_intended_errors() {
+    let (p, l) = random_digits(7, 5, 4, 9);
+    let at = Path::new("x-ubyte");
+    // Bad magic: a labels file handed over as images and vice versa.
+    match idx::parse_images(&idx_labels(&l), at) {
+        Err(DataError::BadMagic {
+            expected: 2051,
+            found: 2049,
+            ..
+        }) => {}
+        r => panic!("{r:?}"),
+    }
+    match idx::parse_labels(&idx_images(&p, 7, 5, 4), at) {
+        Err(DataError::BadMagic {
+            expected: 2049,
+            found: 2051,
+            ..
+        }) => {}
+        r => panic!("{r:?}"),
+    }
+    // Short file: 10 bytes missing.
+    let full = idx_images(&p, 7, 5, 4);
+    let err = idx::parse_images(&full[..full.len() - 10], at).unwrap_err();
+    match &err {
+        DataError::Truncated { expected, actual, .. } => {
+            assert_eq!((*expected, *actual), (16 + 140, 16 + 130))
+        }
+        e => panic!("{e:?}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("x-ubyte") && msg.contains("156") && msg.contains("146"),
+        "{msg}"
+    );
+    // Label 11.
+    let mut bad = l.clone();
+    bad[3] = 11;
+    match idx::parse_labels(&idx_labels(&bad), at) {
+        Err(DataError::LabelRange {
+            index: 3, label: 11, ..
+        }) => {}
+        r => panic!("{r:?}"),
+    }
+    // Count mismatch between the two files of a pair.
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "t10k", &p, &l[..6], 5, 4, false);
+    std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), idx_images(&p, 7, 5, 4)).unwrap();
+    match idx::read_pair(dir.path(), "t10k") {
+        Err(DataError::CountMismatch {
+            images: 7, labels: 6, ..
+        }) => {}
+        r => panic!("{r:?}"),
+    }
+    // A truncated gzip download.
+    let gz = maybe_gz(full.clone(), true);
+    std::fs::write(dir.path().join("t10k-images-idx3-ubyte.gz"), &gz[..gz.len() / 2]).unwrap();
+    match idx::read_pair(dir.path(), "t10k") {
+        Err(DataError::Corrupt { path, .. }) => assert!(path.ends_with("t10k-images-idx3-ubyte.gz")),
+        r => panic!("{r:?}"),
+    }
+    // A missing file names what it looked for.
+    match idx::read_pair(dir.path(), "train") {
+        Err(DataError::MissingFile { path }) => assert!(path.ends_with("train-images-idx3-ubyte[.gz]")),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn idx_never_panics_on_garbage() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let at = Path::new("garbage");
+    for k in 0..2000 {
+        let len = rng.random_range(0..64usize);
+        let mut b: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        // Half the time keep a valid magic so the dimension checks run.
+        if k % 2 == 0 && len >= 4 {
+            b[..4].copy_from_slice(&(if k % 4 == 0 { 2051u32 } else { 2049 }).to_be_bytes());
+        }
+        let _ = idx::parse_images(&b, at);
+        let _ = idx::parse_labels(&b, at);
+    }
+    // Huge announced dimensions must not allocate or overflow.
+    let mut b = Vec::new();
+    for x in [2051u32, u32::MAX, u32::MAX, u32::MAX] {
+        b.extend_from_slice(&x.to_be_bytes());
+    }
+    assert!(matches!(idx::parse_images(&b, at), Err(DataError::Truncated { .. })));
+}
+
+// ---------------------------------------------------------------------------------------------
+// .amat
+
+fn amat_text(images: &[Vec<f32>], labels: &[u8]) -> String {
+    let mut s = String::new();
+    for (img, l) in images.iter().zip(labels) {
+        for v in img {
+            s.push_str(&format!("{v:.6} "));
+        }
+        s.push_str(&format!("{l}.000000\n"));
+    }
+    s
+}
+
+#[test]
+fn amat_small_file_parses_and_feeds_the_splits() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let imgs: Vec<Vec<f32>> = (0..5)
+        .map(|_| (0..784).map(|_| (rng.random_range(0..=1000) as f32) / 1000.0).collect())
+        .collect();
+    let labels = vec![3u8, 0, 9, 1, 7];
+    let (x, y) = amat::parse(&amat_text(&imgs, &labels), Path::new("t.amat")).unwrap();
+    assert_eq!(y, labels);
+    assert_eq!(x, imgs.concat());
+
+    // Errors name the line.
+    let mut bad = amat_text(&imgs[..2], &labels[..2]);
+    bad.push_str("0.5 0.5 1\n");
+    match amat::parse(&bad, Path::new("t.amat")) {
+        Err(DataError::Amat { line: 3, .. }) => {}
+        r => panic!("{r:?}"),
+    }
+    let twelve = amat_text(&imgs[..1], &[12]);
+    assert!(matches!(
+        amat::parse(&twelve, Path::new("t.amat")),
+        Err(DataError::Amat { line: 1, .. })
+    ));
+
+    // As the data source: train = first rows of train_valid, val = the next, test from test.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(amat::TRAIN_VALID), amat_text(&imgs[..3], &labels[..3])).unwrap();
+    std::fs::write(dir.path().join(amat::TEST), amat_text(&imgs[3..], &labels[3..])).unwrap();
+    let cfg = small_cfg(
+        dir.path(),
+        cache.path(),
+        &[
+            "data.source=\"amat\"",
+            &format!("data.amat_dir={:?}", dir.path().display().to_string()),
+            "data.train_size=2",
+            "data.val_size=1",
+            "data.test_size=2",
+        ],
+    );
+    let train = data::load_split(&cfg, "train").unwrap();
+    let val = data::load_split(&cfg, "val").unwrap();
+    let test = data::load_split(&cfg, "test").unwrap();
+    assert_eq!(
+        (train.labels, val.labels, test.labels),
+        (vec![3, 0], vec![9], vec![1, 7])
+    );
+    assert_eq!(train.images, imgs[..2].concat());
+}
+
+// ---------------------------------------------------------------------------------------------
+// MNIST-rot
+
+#[test]
+fn rotation_path_quarter_turns_are_index_rotations() {
+    let n = 28;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let x: Vec<f32> = (0..n * n).map(|_| rng.random()).collect();
+    let pi = std::f64::consts::PI;
+    let batch = [x.clone(), x.clone(), x.clone(), x.clone()].concat();
+    let out = data::rotate_images(&batch, n, n, &[0.0, pi / 2.0, pi, 1.5 * pi]).unwrap();
+    let at = |k: usize, i: usize, j: usize| out[k * n * n + i * n + j];
+    let mut worst = 0f32;
+    for i in 0..n {
+        for j in 0..n {
+            // A(θ) = [[cos, sin], [−sin, cos]] samples x at A·u: θ = π/2 reads x[W−1−j][i].
+            let expect = [
+                x[i * n + j],
+                x[(n - 1 - j) * n + i],
+                x[(n - 1 - i) * n + (n - 1 - j)],
+                x[j * n + (n - 1 - i)],
+            ];
+            for (k, e) in expect.into_iter().enumerate() {
+                worst = worst.max((at(k, i, j) - e).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-6, "max deviation {worst}");
+}
+
+#[test]
+fn mnist_rot_is_seeded_and_cached() {
+    let root = tempfile::tempdir().unwrap();
+    synthetic_root(root.path());
+    let (c1, c2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = small_cfg(root.path(), c1.path(), &[]);
+    let load = |cfg: &Config| -> Vec<Split> {
+        ["train", "val", "test"]
+            .iter()
+            .map(|s| data::load_split(cfg, s).unwrap())
+            .collect()
+    };
+    let a = load(&cfg);
+    assert_eq!(a.iter().map(Split::len).collect::<Vec<_>>(), vec![30, 10, 25]);
+    for s in &a {
+        assert!(s.images.iter().all(|v| (0.0..=1.0).contains(v)), "{}", s.name);
+        assert_eq!((s.h, s.w), (28, 28));
+    }
+    // Same seed, fresh cache: the same bytes.
+    let b = load(&small_cfg(root.path(), c2.path(), &[]));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.sha256(), y.sha256());
+    }
+    // Another seed: other bytes (another permutation and other angles).
+    let other = small_cfg(root.path(), c2.path(), &["data.split_seed=1"]);
+    let c = load(&other);
+    for (x, y) in a.iter().zip(&c) {
+        assert_ne!(x.sha256(), y.sha256());
+    }
+    // The 65 selected digits are distinct pool digits: rotation keeps the label multiset inside
+    // the pool's, and the per-class counts of train+val+test never exceed the pool's.
+    let pool: Vec<u8> = [random_digits(60, 28, 28, 1).1, random_digits(20, 28, 28, 2).1].concat();
+    let mut pool_counts = [0usize; 10];
+    pool.iter().for_each(|&l| pool_counts[l as usize] += 1);
+    let mut got = [0usize; 10];
+    for s in &a {
+        for (k, c) in s.class_counts().into_iter().enumerate() {
+            got[k] += c;
+        }
+    }
+    assert!(
+        got.iter().zip(&pool_counts).all(|(g, p)| g <= p),
+        "{got:?} vs {pool_counts:?}"
+    );
+
+    // Cache reuse: the second load reads the file back without rewriting it.
+    let path = data::cache_path(&cfg, "test").unwrap();
+    let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let again = data::load_split(&cfg, "test").unwrap();
+    assert_eq!(again.sha256(), a[2].sha256());
+    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), before);
+    // A changed seed is a different cache entry, built on first use.
+    let seeded = small_cfg(root.path(), c1.path(), &["data.split_seed=7"]);
+    let p7 = data::cache_path(&seeded, "test").unwrap();
+    assert_ne!(p7, path);
+    assert!(!p7.exists());
+    data::load_split(&seeded, "test").unwrap();
+    assert!(p7.exists());
+    // A changed source file is too (content hash), and a damaged cache file is rebuilt.
+    let (p, mut l) = random_digits(20, 28, 28, 2);
+    l[0] = (l[0] + 1) % 10;
+    write_pair(&root.path().join("mnist"), "t10k", &p, &l, 28, 28, false);
+    assert_ne!(data::cache_path(&cfg, "test").unwrap(), path);
+    let (p, l) = random_digits(20, 28, 28, 2);
+    write_pair(&root.path().join("mnist"), "t10k", &p, &l, 28, 28, false);
+    assert_eq!(data::cache_path(&cfg, "test").unwrap(), path);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_eq!(data::load_split(&cfg, "test").unwrap().sha256(), a[2].sha256());
+}
+
+#[test]
+fn ood_sets_training_set_and_unknown_splits() {
+    let root = tempfile::tempdir().unwrap();
+    synthetic_root(root.path());
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(root.path(), cache.path(), &[]);
+    let ood = data::load_split(&cfg, "ood_fashion").unwrap();
+    assert_eq!((ood.name.as_str(), ood.len()), ("ood_fashion", 15));
+    // Unrotated with a limit: exactly the first IDX digits scaled to [0, 1].
+    let (p, l) = random_digits(15, 28, 28, 3);
+    let plain_cfg = small_cfg(
+        root.path(),
+        cache.path(),
+        &["data.ood=[{name=\"fashion\", path=\"fashion-mnist\", rotate=false, limit=4}]"],
+    );
+    let plain = data::load_split(&plain_cfg, "ood_fashion").unwrap();
+    assert_eq!(plain.labels, l[..4]);
+    let expect: Vec<f32> = p[..4 * 784].iter().map(|&v| v as f32 / 255.0).collect();
+    assert_eq!(plain.images, expect);
+    assert_ne!(ood.images[..4 * 784], expect[..]);
+    // An OOD entry pointing nowhere names the folders it tried.
+    let lost = small_cfg(
+        root.path(),
+        cache.path(),
+        &[
+            "data.ood=[{name=\"mine\", path=\"/nonexistent/idx\"}]",
+            "lee.splits=[\"test\"]",
+        ],
+    );
+    match data::load_split(&lost, "ood_mine") {
+        Err(DataError::OodNotFound { name, tried }) => {
+            assert_eq!(
+                (name.as_str(), tried),
+                ("mine", vec![PathBuf::from("/nonexistent/idx")])
+            )
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(matches!(
+        data::load_split(&cfg, "ood_nope"),
+        Err(DataError::UnknownSplit { .. })
+    ));
+    assert!(matches!(
+        data::load_split(&cfg, "holdout"),
+        Err(DataError::UnknownSplit { .. })
+    ));
+
+    // train + val, then a limit.
+    let train = data::load_split(&cfg, "train").unwrap();
+    let val = data::load_split(&cfg, "val").unwrap();
+    let both = data::training_set(&cfg).unwrap();
+    assert_eq!(both.len(), 40);
+    assert_eq!(both.images, [train.images.clone(), val.images].concat());
+    let only = data::training_set(&small_cfg(root.path(), cache.path(), &["data.train_on_val=false"])).unwrap();
+    assert_eq!(only, train);
+    let few = data::training_set(&small_cfg(root.path(), cache.path(), &["data.train_limit=5"])).unwrap();
+    assert_eq!((few.len(), few.images.len()), (5, 5 * 784));
+    assert_eq!(few.images[..], train.images[..5 * 784]);
+}
+
+#[test]
+fn missing_local_data_is_a_clear_error() {
+    let root = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(root.path(), cache.path(), &[]);
+    let err = data::load_split(&cfg, "train").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DataError::MissingFile { .. }), "{msg}");
+    assert!(
+        msg.contains("train-images-idx3-ubyte") && msg.contains("LIEDERIV_DATA_DIR"),
+        "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loader
+
+#[test]
+fn epoch_order_is_a_seeded_permutation() {
+    let a = data::epoch_order(100, 3, 0);
+    let mut sorted = a.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    assert_eq!(a, data::epoch_order(100, 3, 0));
+    assert_ne!(a, data::epoch_order(100, 3, 1));
+    assert_ne!(a, data::epoch_order(100, 4, 0));
+}
+
+fn split_from(images: Vec<f32>, h: usize, w: usize) -> Split {
+    let n = images.len() / (h * w);
+    Split {
+        name: "t".into(),
+        images,
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        h,
+        w,
+    }
+}
+
+#[test]
+fn batch_normalizes_replicates_and_resizes() {
+    use candle_core::{Device, IndexOp};
+    let dev = Device::Cpu;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let imgs: Vec<f32> = (0..3 * 784).map(|_| rng.random()).collect();
+    let s = split_from(imgs.clone(), 28, 28);
+    let mut d = liederiv::config::DataConfig::default();
+    let (x, y) = data::batch(&s, &[2, 0], &d, &dev).unwrap();
+    assert_eq!(x.dims(), &[2, 1, 28, 28]);
+    assert_eq!(y.to_vec1::<u32>().unwrap(), vec![2, 0]);
+    let got = x.i((0, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (g, v) in got.iter().zip(&imgs[2 * 784..]) {
+        let e = ((*v as f64 - d.mean) / d.std) as f32;
+        assert!((g - e).abs() < 1e-6, "{g} vs {e}");
+    }
+    d.channels = 3;
+    let (x3, _) = data::batch(&s, &[1], &d, &dev).unwrap();
+    assert_eq!(x3.dims(), &[1, 3, 28, 28]);
+    let c0 = x3.i((0, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let c2 = x3.i((0, 2)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(c0, c2);
+    assert!(data::batch(&s, &[3], &d, &dev).is_err());
+
+    // Resize 28 -> 64: a linear ramp stays the same ramp (Keys' cubic reproduces linear
+    // functions) wherever no tap is clamped, and a constant stays constant everywhere.
+    d.channels = 1;
+    d.image_size = 64;
+    d.mean = 0.0;
+    d.std = 1.0;
+    let ramp: Vec<f32> = (0..784)
+        .map(|k| (k / 28) as f32 * 0.01 + (k % 28) as f32 * 0.02)
+        .collect();
+    let flat = vec![0.4f32; 784];
+    let s = split_from([ramp, flat].concat(), 28, 28);
+    let (x, _) = data::batch(&s, &[0, 1], &d, &dev).unwrap();
+    assert_eq!(x.dims(), &[2, 1, 64, 64]);
+    let r = x.i((0, 0)).unwrap().to_vec2::<f32>().unwrap();
+    let scale = 28.0 / 64.0;
+    let src = |i: usize| (i as f64 + 0.5) * scale - 0.5;
+    let mut checked = 0;
+    for (i, row) in r.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            let (si, sj) = (src(i), src(j));
+            if si >= 1.0 && si <= 25.0 && sj >= 1.0 && sj <= 25.0 {
+                let e = si * 0.01 + sj * 0.02;
+                assert!((*v as f64 - e).abs() < 1e-5, "({i},{j}) {v} vs {e}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 2500, "{checked}");
+    let f = x.i((1, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(f.iter().all(|v| (v - 0.4).abs() < 1e-6));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hub MNIST (Parquet + PNG), from a pre-populated Hub cache
+
+fn png_bytes(pixels: &[u8], h: usize, w: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut e = png::Encoder::new(&mut out, w as u32, h as u32);
+    e.set_color(png::ColorType::Grayscale);
+    e.set_depth(png::BitDepth::Eight);
+    e.write_header().unwrap().write_image_data(pixels).unwrap();
+    out
+}
+
+/// The `datasets` Image-feature layout: `{image: {bytes, path}, label: int64}`, snappy.
+fn write_parquet(path: &Path, pixels: &[u8], labels: &[u8]) {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let schema = parquet::schema::parser::parse_message_type(
+        "message schema { optional group image { optional binary bytes; optional binary path (STRING); } \
+         optional int64 label; }",
+    )
+    .unwrap();
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props)).unwrap();
+    let n = labels.len();
+    let mut rg = writer.next_row_group().unwrap();
+    let pngs: Vec<ByteArray> = pixels
+        .chunks(784)
+        .map(|c| ByteArray::from(png_bytes(c, 28, 28)))
+        .collect();
+    let mut col = rg.next_column().unwrap().unwrap();
+    col.typed::<ByteArrayType>()
+        .write_batch(&pngs, Some(&vec![2; n]), None)
+        .unwrap();
+    col.close().unwrap();
+    // image.path: null in every row (definition level 1: the group is there, the value is not).
+    let mut col = rg.next_column().unwrap().unwrap();
+    col.typed::<ByteArrayType>()
+        .write_batch(&[], Some(&vec![1; n]), None)
+        .unwrap();
+    col.close().unwrap();
+    let mut col = rg.next_column().unwrap().unwrap();
+    let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    col.typed::<Int64Type>()
+        .write_batch(&labels, Some(&vec![1; n]), None)
+        .unwrap();
+    col.close().unwrap();
+    rg.close().unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn hub_parquet_source_matches_the_idx_source() {
+    // The same 60 + 20 digits as IDX files and as a Hub cache of ylecun/mnist's Parquet branch.
+    let root = tempfile::tempdir().unwrap();
+    synthetic_root(root.path());
+    let hub_cache = tempfile::tempdir().unwrap();
+    let repo = hub_cache.path().join("datasets--ylecun--mnist");
+    std::fs::create_dir_all(repo.join("refs/refs/convert")).unwrap();
+    std::fs::write(repo.join("refs/refs/convert/parquet"), MOCK_COMMIT).unwrap();
+    let snap = repo.join("snapshots").join(MOCK_COMMIT);
+    let (p, l) = random_digits(60, 28, 28, 1);
+    write_parquet(&snap.join("mnist/train/0000.parquet"), &p, &l);
+    let (p2, l2) = random_digits(20, 28, 28, 2);
+    write_parquet(&snap.join("mnist/test/0000.parquet"), &p2, &l2);
+    let digits = data::hub_mnist::read(&snap.join("mnist/test/0000.parquet")).unwrap();
+    assert_eq!((digits.images, digits.labels, digits.h, digits.w), (p2, l2, 28, 28));
+
+    let cache = tempfile::tempdir().unwrap();
+    let hub_cfg = |cache_dir: &Path| {
+        small_cfg(
+            root.path(),
+            cache.path(),
+            &[
+                "data.source=\"hub\"",
+                &format!("init.hub_cache_dir={:?}", cache_dir.display().to_string()),
+                "init.offline=true",
+            ],
+        )
+    };
+    let idx_cfg = small_cfg(root.path(), cache.path(), &["data.source=\"idx\""]);
+    for name in ["train", "val", "test"] {
+        let a = data::load_split(&hub_cfg(hub_cache.path()), name).unwrap();
+        let b = data::load_split(&idx_cfg, name).unwrap();
+        assert_eq!(a.sha256(), b.sha256(), "{name}");
+    }
+    // Offline with an empty Hub cache: the Hub error, naming the repo and what to do.
+    let empty = tempfile::tempdir().unwrap();
+    let err = data::load_split(&hub_cfg(empty.path()), "train").unwrap_err();
+    assert!(matches!(err, DataError::Hub(HubError::NotCached { .. })), "{err}");
+    assert!(err.to_string().contains("ylecun/mnist"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real data
+
+#[test]
+fn real_mnist_rot_splits() {
+    let root = std::env::var("LIEDERIV_DATA_DIR")
+        .expect("LIEDERIV_DATA_DIR must name the shared data folder (with mnist/ and fashion-mnist/)");
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = Config::resolve_str(
+        "",
+        "<test>",
+        &[
+            format!("data.root={root:?}"),
+            format!("data.cache_dir={:?}", cache.path().display().to_string()),
+            "output.progress=false".into(),
+        ],
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let train = data::load_split(&cfg, "train").unwrap();
+    let built = t0.elapsed();
+    let val = data::load_split(&cfg, "val").unwrap();
+    let test = data::load_split(&cfg, "test").unwrap();
+    let ood = data::load_split(&cfg, "ood_fashion").unwrap();
+    eprintln!(
+        "MNIST-rot build (70k pool read + 62k rotations + write): {:.2} s; all four splits: {:.2} s",
+        built.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        (train.len(), val.len(), test.len(), ood.len()),
+        (10_000, 2_000, 50_000, 10_000)
+    );
+    let counts: Vec<usize> = train
+        .class_counts()
+        .iter()
+        .zip(val.class_counts())
+        .map(|(a, b)| a + b)
+        .collect();
+    assert_eq!(counts.iter().sum::<usize>(), 12_000);
+    // Every class is present in roughly its MNIST share (each is 9–11% of MNIST).
+    assert!(counts.iter().all(|&c| (900..=1500).contains(&c)), "{counts:?}");
+    for s in [&train, &val, &test, &ood] {
+        assert_eq!(s.images.len(), s.len() * 784);
+        assert!(s.images.iter().all(|v| (0.0..=1.0).contains(v)), "{}", s.name);
+    }
+    // Zero fill: a rotated corner samples outside the frame or next to MNIST's (nearly always)
+    // empty border, so almost every corner pixel is exactly 0.
+    for s in [&train, &val, &test] {
+        let dark = (0..s.len()).filter(|&k| s.images[k * 784] == 0.0).count();
+        assert!(
+            dark * 100 >= s.len() * 99,
+            "{}: {dark} of {} corners are 0",
+            s.name,
+            s.len()
+        );
+    }
+}
