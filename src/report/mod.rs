@@ -1,1 +1,55 @@
-//! Reporting: metrics logs (JSON lines, CSV), tables, plots.
+//! Reporting: what a run leaves behind for people to read. The per-eval metrics log
+//! (`metrics.jsonl` + `metrics.csv`, [`log`]), the plots (accuracy and LEE over training, the
+//! paper's Figure-4 layerwise view and Figure-1-right error-vs-LEE scatter, [`plot`]) and the
+//! markdown table of final metrics across runs ([`table`]). This module only serialises and draws:
+//! the numbers come from the trainer and the LEE engine.
+
+pub mod log;
+
+pub use log::{read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL};
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Errors of the reporting code; each names the file it concerns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: not a metrics record ({source}); the file may be from another version or hand-edited")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("cannot serialise a metrics record: {0}")]
+    Serialize(serde_json::Error),
+    #[error("metrics at step {step}: `{field}` is {value}, not finite; refusing to log it (the run should stop on non-finite values)")]
+    NonFinite { step: usize, field: String, value: f64 },
+}
+
+impl ReportError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same directory, synced, then
+/// renamed over `path`, so readers (and a resumed run) never see a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ReportError::io(path, e));
+    }
+    Ok(())
+}
