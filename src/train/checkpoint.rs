@@ -86,23 +86,6 @@ pub fn sidecar(path: &Path) -> PathBuf {
     path.with_extension("json")
 }
 
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), CheckpointError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    write(&tmp)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| CheckpointError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// Write a text file atomically (also used for metrics and configs).
-pub fn write_text_atomic(path: &Path, text: &str) -> Result<(), CheckpointError> {
-    write_atomic(path, |tmp| std::fs::write(tmp, text))
-}
-
 /// Save `varmap` (+ optimiser tensors, already prefixed) to `path` and its sidecar.
 pub fn save(path: &Path, varmap: &VarMap, optim: HashMap<String, Tensor>, meta: &Meta) -> Result<(), CheckpointError> {
     let mut tensors = optim;
@@ -115,14 +98,39 @@ pub fn save(path: &Path, varmap: &VarMap, optim: HashMap<String, Tensor>, meta: 
             tensors.insert(k.clone(), v.as_tensor().clone());
         }
     }
-    write_atomic(path, |tmp| {
-        candle_core::safetensors::save(&tensors, tmp).map_err(|e| std::io::Error::other(e.to_string()))
-    })?;
+    // candle writes the file itself, so the temp + rename is done here; the sidecar goes through
+    // the shared atomic writer.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = candle_core::safetensors::save(&tensors, &tmp)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(CheckpointError::Write {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
     let json = serde_json::to_string_pretty(meta).map_err(|e| CheckpointError::Format {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    write_text_atomic(&sidecar(path), &json)
+    write(&sidecar(path), json.as_bytes())
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    crate::report::write_atomic(path, bytes).map_err(|e| match e {
+        crate::report::ReportError::Io { source, .. } => CheckpointError::Write {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => CheckpointError::Format {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    })
 }
 
 /// Read the sidecar of `path`.
