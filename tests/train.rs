@@ -32,7 +32,10 @@ fn adamw_matches_torch_with_groups_accumulation_and_clipping() -> candle_core::R
     };
     // As a depth-1 ViT: the weight is named like the head (layer id 2 → lr scale 1, decayed),
     // the bias like a block-0 norm (layer id 1 → lr scale 0.5, 1-D so no decay): torch's groups.
-    let named = vec![("head.weight".to_string(), w.clone()), ("blocks.0.norm1.bias".to_string(), b.clone())];
+    let named = vec![
+        ("head.weight".to_string(), w.clone()),
+        ("blocks.0.norm1.bias".to_string(), b.clone()),
+    ];
     let mut opt = AdamW::from_vars(named, hp, Some(1))?;
     let expect_norms = [20.392400545301182, 19.76286031168788, 20.249268030962266];
     for (step, want) in expect_norms.iter().enumerate() {
@@ -227,7 +230,9 @@ fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
     opt2.load_state(&optim, back.step)?;
     assert_eq!(back, meta);
     assert_eq!(opt2.step_count(), 1);
-    let w2 = vm2.data().lock().map_err(|e| anyhow::anyhow!("{e}"))?["head.weight"].as_tensor().clone();
+    let w2 = vm2.data().lock().map_err(|e| anyhow::anyhow!("{e}"))?["head.weight"]
+        .as_tensor()
+        .clone();
     assert_eq!(max_abs(&(w2 - &w)?)?, 0.0);
     for (k, t) in opt.state_tensors()? {
         assert_eq!(max_abs(&(&optim[&k] - t)?)?, 0.0, "{k}");
@@ -243,14 +248,20 @@ fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
     match checkpoint::load_weights(&path, &vm3, &dev) {
         Err(CheckpointError::Mismatch { problems, .. }) => {
             assert_eq!(problems.len(), 3, "{problems:?}");
-            assert!(problems.iter().any(|p| p.starts_with("head.weight: checkpoint shape [3, 4]")));
+            assert!(problems
+                .iter()
+                .any(|p| p.starts_with("head.weight: checkpoint shape [3, 4]")));
             assert!(problems.iter().any(|p| p.starts_with("fc_norm.bias: missing")));
-            assert!(problems.iter().any(|p| p.starts_with("head.bias: in the checkpoint but not")));
+            assert!(problems
+                .iter()
+                .any(|p| p.starts_with("head.bias: in the checkpoint but not")));
         }
         other => panic!("expected a mismatch, got {:?}", other.map(|_| ())),
     }
     // A missing file is a clear error naming it.
-    let err = checkpoint::load_meta(&dir.path().join("nope.safetensors")).err().map(|e| e.to_string());
+    let err = checkpoint::load_meta(&dir.path().join("nope.safetensors"))
+        .err()
+        .map(|e| e.to_string());
     assert!(err.is_some_and(|e| e.contains("nope.safetensors") && e.contains("does not exist")));
     Ok(())
 }
@@ -317,7 +328,11 @@ fn records(dir: &Path) -> Vec<EvalRecord> {
 #[test]
 fn training_reaches_accuracy_with_finite_lee_on_every_split() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
-    let cfg = tiny_cfg(out.path(), "acc", &["train.steps=300", "train.eval_every=150", "train.checkpoint_every=300"]);
+    let cfg = tiny_cfg(
+        out.path(),
+        "acc",
+        &["train.steps=300", "train.eval_every=150", "train.checkpoint_every=300"],
+    );
     let t0 = std::time::Instant::now();
     let summary = train(&cfg, false)?;
     eprintln!("300 steps + 2 evals in {:.1} s", t0.elapsed().as_secs_f64());
@@ -331,7 +346,10 @@ fn training_reaches_accuracy_with_finite_lee_on_every_split() -> anyhow::Result<
     for split in ["train", "test", "ood_fashion"] {
         for t in ["rotate", "translate_x"] {
             let v = last.splits[split].lee.get(t).map(|m| (m.mean, m.n));
-            assert!(matches!(v, Some((m, 64)) if m.is_finite() && m > 0.0), "{split} {t}: {v:?}");
+            assert!(
+                matches!(v, Some((m, 64)) if m.is_finite() && m > 0.0),
+                "{split} {t}: {v:?}"
+            );
         }
     }
     assert!(last.gaps().contains_key("ood_fashion_minus_train_lee_rotate"));
@@ -344,13 +362,22 @@ fn training_reaches_accuracy_with_finite_lee_on_every_split() -> anyhow::Result<
 #[test]
 fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
-    let common = ["train.steps=120", "train.eval_every=40", "train.checkpoint_every=20", "augment.rotate_deg=180"];
+    let common = [
+        "train.steps=120",
+        "train.eval_every=40",
+        "train.checkpoint_every=20",
+        "augment.rotate_deg=180",
+    ];
     let whole = train(&tiny_cfg(out.path(), "whole", &common), false)?;
 
     let cfg = tiny_cfg(out.path(), "killed", &common);
     let sets: Vec<String> = tiny_set_args(&cfg);
     let bin = env!("CARGO_BIN_EXE_liederiv");
-    let mut child = std::process::Command::new(bin).arg("train").args(&sets).stderr(std::process::Stdio::null()).spawn()?;
+    let mut child = std::process::Command::new(bin)
+        .arg("train")
+        .args(&sets)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
     let side = out.path().join("killed").join("checkpoint.json");
     let t0 = std::time::Instant::now();
     while !side.exists() && t0.elapsed().as_secs() < 60 {
@@ -359,8 +386,17 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
     child.kill()?;
     child.wait()?;
     let meta = checkpoint::load_meta(&out.path().join("killed").join("checkpoint.safetensors"))?;
-    assert!(meta.step < 120, "the run finished before it could be killed (step {})", meta.step);
-    let status = std::process::Command::new(bin).arg("train").args(&sets).arg("--resume").stderr(std::process::Stdio::null()).status()?;
+    assert!(
+        meta.step < 120,
+        "the run finished before it could be killed (step {})",
+        meta.step
+    );
+    let status = std::process::Command::new(bin)
+        .arg("train")
+        .args(&sets)
+        .arg("--resume")
+        .stderr(std::process::Stdio::null())
+        .status()?;
     assert!(status.success());
 
     let strip = |mut v: Vec<EvalRecord>| {
@@ -396,7 +432,12 @@ fn tiny_set_args(cfg: &Config) -> Vec<String> {
 #[test]
 fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
-    let common = ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150", "train.lee_penalty_transforms=[\"rotate\"]"];
+    let common = [
+        "train.steps=150",
+        "train.eval_every=150",
+        "train.checkpoint_every=150",
+        "train.lee_penalty_transforms=[\"rotate\"]",
+    ];
     let lee_of = |name: &str, lambda: &str| -> anyhow::Result<f64> {
         let mut extra = common.to_vec();
         let set = format!("train.lee_penalty={lambda}");
@@ -408,16 +449,27 @@ fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
     let plain = lee_of("plain", "0")?;
     let penalised = lee_of("penalised", "100")?;
     eprintln!("test rotate LEE: λ=0 {plain:.3e}, λ=100 {penalised:.3e}");
-    assert!(penalised < 0.7 * plain, "penalty did not lower test LEE: {penalised} vs {plain}");
+    assert!(
+        penalised < 0.7 * plain,
+        "penalty did not lower test LEE: {penalised} vs {plain}"
+    );
     Ok(())
 }
 
 #[test]
 fn bad_inputs_fail_before_training() -> anyhow::Result<()> {
     // A negative learning rate is a config error naming the key.
-    let e = Config::resolve_str("[train]\nbase_lr = -1\n", "bad.toml", &[]).err().map(|e| e.to_string());
-    assert!(e.as_deref().is_some_and(|e| e.contains("train.base_lr") && e.contains("out of range")), "{e:?}");
-    let e = Config::resolve_str("[train]\nlr = -1\n", "bad.toml", &[]).err().map(|e| e.to_string());
+    let e = Config::resolve_str("[train]\nbase_lr = -1\n", "bad.toml", &[])
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("train.base_lr") && e.contains("out of range")),
+        "{e:?}"
+    );
+    let e = Config::resolve_str("[train]\nlr = -1\n", "bad.toml", &[])
+        .err()
+        .map(|e| e.to_string());
     assert!(e.as_deref().is_some_and(|e| e.contains("train.lr")), "{e:?}");
 
     // --resume without a checkpoint.
@@ -426,11 +478,17 @@ fn bad_inputs_fail_before_training() -> anyhow::Result<()> {
     match train(&cfg, true) {
         Err(e @ TrainError::NoCheckpoint { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("checkpoint.safetensors") && msg.contains("without --resume"), "{msg}");
+            assert!(
+                msg.contains("checkpoint.safetensors") && msg.contains("without --resume"),
+                "{msg}"
+            );
         }
         other => panic!("expected NoCheckpoint, got {:?}", other.map(|_| ()).err()),
     }
-    assert!(!out.path().join("fresh").join("metrics.jsonl").exists(), "training started");
+    assert!(
+        !out.path().join("fresh").join("metrics.jsonl").exists(),
+        "training started"
+    );
 
     // An unwritable run directory (its parent is a regular file).
     let blocker = out.path().join("not-a-dir");
@@ -450,10 +508,19 @@ fn a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint() -> anyhow::Res
     let cfg = tiny_cfg(
         out.path(),
         "nan",
-        &["train.steps=200", "train.base_lr=1e33", "train.warmup_steps=0", "train.grad_clip=0.0", "train.checkpoint_every=1", "train.eval_every=1000"],
+        &[
+            "train.steps=200",
+            "train.base_lr=1e33",
+            "train.warmup_steps=0",
+            "train.grad_clip=0.0",
+            "train.checkpoint_every=1",
+            "train.eval_every=1000",
+        ],
     );
     match train(&cfg, false) {
-        Err(TrainError::NonFinite { step, checkpoint: ckpt, .. }) => {
+        Err(TrainError::NonFinite {
+            step, checkpoint: ckpt, ..
+        }) => {
             let meta = checkpoint::load_meta(Path::new(&ckpt))?;
             assert_eq!(meta.step, step - 1, "the kept checkpoint is the last good step");
         }

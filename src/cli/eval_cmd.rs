@@ -27,13 +27,25 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
             crate::train::checkpoint::load_weights(path, &varmap, &device)?;
         }
         None if cfg.init.weights == "pretrain" => {
-            let path = cfg.run_dir().join(crate::train::PRETRAIN_DIR).join(crate::train::CHECKPOINT);
+            let path = cfg
+                .run_dir()
+                .join(crate::train::PRETRAIN_DIR)
+                .join(crate::train::CHECKPOINT);
             crate::train::init_from_pretrain(&path, &varmap, &device)?;
         }
         None => {}
     }
     let spec = lee_spec(cfg).map_err(anyhow::Error::msg)?;
-    let metrics = evaluate(model.as_ref(), cfg, &splits, &splits_wanted, &splits_wanted, limit, &spec, &device)?;
+    let metrics = evaluate(
+        model.as_ref(),
+        cfg,
+        &splits,
+        &splits_wanted,
+        &splits_wanted,
+        limit,
+        &spec,
+        &device,
+    )?;
     let record = EvalRecord {
         step: 0,
         epoch: 0.0,
@@ -70,7 +82,8 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
                 csv += "\n";
             }
         }
-        crate::report::write_atomic(path, csv.as_bytes()).with_context(|| format!("writing predictions {}", path.display()))?;
+        crate::report::write_atomic(path, csv.as_bytes())
+            .with_context(|| format!("writing predictions {}", path.display()))?;
     }
     Ok(())
 }

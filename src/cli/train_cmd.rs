@@ -34,7 +34,12 @@ pub fn final_table(r: &EvalRecord) -> String {
         None => "–".into(),
     };
     for (name, m) in &r.splits {
-        out += &format!("| {name} | {} | {} | {} |", m.n, opt(m.loss, false), opt(m.accuracy, true));
+        out += &format!(
+            "| {name} | {} | {} | {} |",
+            m.n,
+            opt(m.loss, false),
+            opt(m.accuracy, true)
+        );
         for t in &transforms {
             match m.lee.get(*t) {
                 Some(v) => out += &format!(" {:.3e} ± {:.1e} |", v.mean, v.stderr),

@@ -120,12 +120,23 @@ impl Augmenter {
     }
 
     /// Mixup or cutmix of the batch with its reverse (image i with image B−1−i), one λ per batch.
-    fn mix(&self, px: &mut [f32], targets: &mut [f32], dims: (usize, usize, usize, usize), rng: &mut Rng) -> Result<()> {
+    fn mix(
+        &self,
+        px: &mut [f32],
+        targets: &mut [f32],
+        dims: (usize, usize, usize, usize),
+        rng: &mut Rng,
+    ) -> Result<()> {
         let (b, c, h, w) = dims;
         let (ma, ca) = (self.cfg.mixup_alpha, self.cfg.cutmix_alpha);
-        let use_cutmix = if ma > 0.0 && ca > 0.0 { rng.random::<bool>() } else { ca > 0.0 };
+        let use_cutmix = if ma > 0.0 && ca > 0.0 {
+            rng.random::<bool>()
+        } else {
+            ca > 0.0
+        };
         let alpha = if use_cutmix { ca } else { ma };
-        let beta = Beta::new(alpha, alpha).map_err(|e| candle_core::Error::Msg(format!("augment: Beta({alpha}): {e}")))?;
+        let beta =
+            Beta::new(alpha, alpha).map_err(|e| candle_core::Error::Msg(format!("augment: Beta({alpha}): {e}")))?;
         let mut lam: f64 = beta.sample(rng);
         let orig = px.to_vec();
         let plane = c * h * w;
@@ -151,7 +162,10 @@ impl Augmenter {
             let (l, r) = (lam as f32, (1.0 - lam) as f32);
             for i in 0..b {
                 let j = b - 1 - i;
-                for (p, q) in px[i * plane..(i + 1) * plane].iter_mut().zip(&orig[j * plane..(j + 1) * plane]) {
+                for (p, q) in px[i * plane..(i + 1) * plane]
+                    .iter_mut()
+                    .zip(&orig[j * plane..(j + 1) * plane])
+                {
                     *p = l * *p + r * q;
                 }
             }

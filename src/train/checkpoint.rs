@@ -19,7 +19,9 @@ pub const OPTIM_PREFIX: &str = "optim.";
 pub enum CheckpointError {
     #[error("checkpoint {path} does not exist (expected the .safetensors file and its .json sidecar; train first, or point --checkpoint at an existing file)")]
     Missing { path: PathBuf },
-    #[error("cannot write checkpoint {path}: {source} (check that the run directory is writable and the disk has space)")]
+    #[error(
+        "cannot write checkpoint {path}: {source} (check that the run directory is writable and the disk has space)"
+    )]
     Write { path: PathBuf, source: std::io::Error },
     #[error("checkpoint {path} is unreadable: {message}")]
     Format { path: PathBuf, message: String },
@@ -137,7 +139,9 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 pub fn load_meta(path: &Path) -> Result<Meta, CheckpointError> {
     let side = sidecar(path);
     if !path.exists() || !side.exists() {
-        return Err(CheckpointError::Missing { path: path.to_path_buf() });
+        return Err(CheckpointError::Missing {
+            path: path.to_path_buf(),
+        });
     }
     let text = std::fs::read_to_string(&side).map_err(|e| CheckpointError::Format {
         path: side.clone(),
@@ -153,7 +157,9 @@ pub fn load_meta(path: &Path) -> Result<Meta, CheckpointError> {
 /// shape, and the file must hold no other model tensor); returns the optimiser tensors.
 pub fn load_weights(path: &Path, varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>, CheckpointError> {
     if !path.exists() {
-        return Err(CheckpointError::Missing { path: path.to_path_buf() });
+        return Err(CheckpointError::Missing {
+            path: path.to_path_buf(),
+        });
     }
     let fmt = |message: String| CheckpointError::Format {
         path: path.to_path_buf(),
@@ -180,7 +186,11 @@ pub fn load_weights(path: &Path, varmap: &VarMap, device: &Device) -> Result<Has
         .filter(|k| !k.starts_with(OPTIM_PREFIX) && !data.contains_key(*k))
         .collect();
     extra.sort();
-    problems.extend(extra.into_iter().map(|k| format!("{k}: in the checkpoint but not in the model")));
+    problems.extend(
+        extra
+            .into_iter()
+            .map(|k| format!("{k}: in the checkpoint but not in the model")),
+    );
     if !problems.is_empty() {
         return Err(CheckpointError::Mismatch {
             path: path.to_path_buf(),

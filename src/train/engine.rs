@@ -237,7 +237,11 @@ fn run_stage(
         step += 1;
         let secs = clock.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(step as u64);
-        bar.set_message(format!("loss {:.4}  {:.0} img/s", loss_sum / loss_n as f64, images as f64 / secs));
+        bar.set_message(format!(
+            "loss {:.4}  {:.0} img/s",
+            loss_sum / loss_n as f64,
+            images as f64 / secs
+        ));
 
         let finished = step == stage.steps;
         if step % cfg.train.eval_every == 0 || finished {
@@ -297,7 +301,9 @@ fn resume_meta(path: &Path, cfg: &Config) -> Result<Meta, TrainError> {
         other => other.into(),
     })?;
     if meta.config != cfg.to_toml() {
-        return Err(TrainError::ConfigChanged { path: path.to_path_buf() });
+        return Err(TrainError::ConfigChanged {
+            path: path.to_path_buf(),
+        });
     }
     Ok(meta)
 }
@@ -307,7 +313,10 @@ fn resume_meta(path: &Path, cfg: &Config) -> Result<Meta, TrainError> {
 /// head and `fc_norm`; anything else (or a shape mismatch) is an error listing them all.
 pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Result<(), TrainError> {
     if !path.exists() {
-        return Err(CheckpointError::Missing { path: path.to_path_buf() }.into());
+        return Err(CheckpointError::Missing {
+            path: path.to_path_buf(),
+        }
+        .into());
     }
     let tensors = candle_core::safetensors::load(path, device)?;
     let data = varmap
@@ -321,7 +330,11 @@ pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Resu
         let var = &data[name];
         match tensors.get(name) {
             Some(t) if t.dims() == var.dims() => var.set(&t.to_dtype(var.dtype())?)?,
-            Some(t) => problems.push(format!("{name}: pretrained shape {:?}, model shape {:?}", t.dims(), var.dims())),
+            Some(t) => problems.push(format!(
+                "{name}: pretrained shape {:?}, model shape {:?}",
+                t.dims(),
+                var.dims()
+            )),
             None if name.starts_with("head.") || name.starts_with("fc_norm.") => {}
             None => problems.push(format!("{name}: not in the pretrained checkpoint")),
         }
@@ -356,13 +369,26 @@ fn prepare_run_dir(cfg: &Config) -> Result<PathBuf, TrainError> {
 fn mae_model(cfg: &Config, device: &Device) -> candle_core::Result<(VarMap, Mae)> {
     let varmap = VarMap::new();
     let vb = SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device);
-    let mae = Mae::new(&cfg.model.vit, &cfg.model.mae, cfg.data.image_size, cfg.data.channels, vb)?;
+    let mae = Mae::new(
+        &cfg.model.vit,
+        &cfg.model.mae,
+        cfg.data.image_size,
+        cfg.data.channels,
+        vb,
+    )?;
     Ok((varmap, mae))
 }
 
 /// Run (or reuse, or resume) the MAE stage in `stage.dir`.
 #[allow(clippy::too_many_arguments)]
-fn run_mae(cfg: &Config, stage: &Stage, hp: AdamWParams, train: &Split, device: &Device, meta: Option<&Meta>) -> Result<Option<EvalRecord>, TrainError> {
+fn run_mae(
+    cfg: &Config,
+    stage: &Stage,
+    hp: AdamWParams,
+    train: &Split,
+    device: &Device,
+    meta: Option<&Meta>,
+) -> Result<Option<EvalRecord>, TrainError> {
     let (varmap, mae) = mae_model(cfg, device)?;
     let mut opt = AdamW::new(&varmap, hp, None)?;
     if let Some(m) = meta {
@@ -371,7 +397,17 @@ fn run_mae(cfg: &Config, stage: &Stage, hp: AdamWParams, train: &Split, device: 
     }
     let mut loss_fn = |x: &Tensor, _: &[u32], rng: &mut Rng| mae.loss(x, rng);
     let mut eval_fn = |_: bool| Ok(BTreeMap::new());
-    run_stage(cfg, stage, &varmap, &mut opt, train, device, meta, &mut loss_fn, &mut eval_fn)
+    run_stage(
+        cfg,
+        stage,
+        &varmap,
+        &mut opt,
+        train,
+        device,
+        meta,
+        &mut loss_fn,
+        &mut eval_fn,
+    )
 }
 
 /// `liederiv train`: the whole run. Bad inputs (unwritable run dir, `--resume` without a
@@ -423,12 +459,24 @@ pub fn train(cfg: &Config, resume: bool) -> Result<RunSummary, TrainError> {
             },
             stream: STREAM_PRETRAIN,
         };
-        let finished = checkpoint::load_meta(&pre_ckpt).is_ok_and(|m| m.step == m.total_steps && m.total_steps == p.steps);
+        let finished =
+            checkpoint::load_meta(&pre_ckpt).is_ok_and(|m| m.step == m.total_steps && m.total_steps == p.steps);
         if finished {
             eprintln!("pretrain: reusing the finished stage in {}", pre_dir.display());
         } else if main_meta.is_none() {
-            let pre_meta = if resume { Some(resume_meta(&pre_ckpt, cfg)?) } else { None };
-            run_mae(cfg, &stage, AdamWParams::from_pretrain(p), &train_set, &device, pre_meta.as_ref())?;
+            let pre_meta = if resume {
+                Some(resume_meta(&pre_ckpt, cfg)?)
+            } else {
+                None
+            };
+            run_mae(
+                cfg,
+                &stage,
+                AdamWParams::from_pretrain(p),
+                &train_set,
+                &device,
+                pre_meta.as_ref(),
+            )?;
         }
     }
 
@@ -477,7 +525,12 @@ pub fn train(cfg: &Config, resume: bool) -> Result<RunSummary, TrainError> {
         let optim = checkpoint::load_weights(&main_ckpt, &varmap, &device)?;
         opt.load_state(&optim, m.step)?;
     }
-    let augment = Augmenter::new(&cfg.augment, cfg.model.num_classes, t.label_smoothing, -cfg.data.mean / cfg.data.std);
+    let augment = Augmenter::new(
+        &cfg.augment,
+        cfg.model.num_classes,
+        t.label_smoothing,
+        -cfg.data.mean / cfg.data.std,
+    );
     let lambda = t.lee_penalty;
     let model: &dyn Model = model.as_ref();
     let mut loss_fn = |x: &Tensor, labels: &[u32], rng: &mut Rng| -> candle_core::Result<Tensor> {
@@ -491,8 +544,27 @@ pub fn train(cfg: &Config, resume: bool) -> Result<RunSummary, TrainError> {
     };
     let mut eval_fn = |finished: bool| {
         let limit = if finished { 0 } else { cfg.eval.limit };
-        evaluate(model, cfg, &splits, &cfg.eval.splits, &cfg.lee.splits, limit, &spec, &device)
+        evaluate(
+            model,
+            cfg,
+            &splits,
+            &cfg.eval.splits,
+            &cfg.lee.splits,
+            limit,
+            &spec,
+            &device,
+        )
     };
-    let last = run_stage(cfg, &stage, &varmap, &mut opt, &train_set, &device, main_meta.as_ref(), &mut loss_fn, &mut eval_fn)?;
+    let last = run_stage(
+        cfg,
+        &stage,
+        &varmap,
+        &mut opt,
+        &train_set,
+        &device,
+        main_meta.as_ref(),
+        &mut loss_fn,
+        &mut eval_fn,
+    )?;
     Ok(RunSummary { run_dir, last })
 }

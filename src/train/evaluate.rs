@@ -36,15 +36,29 @@ pub fn lee_spec(cfg: &Config) -> std::result::Result<LeeSpec, String> {
 /// `n = min(limit, len)` images of `split` (limit 0 = all), normalised, `(n, C, S, S)`, and
 /// their labels `(n,)` u32.
 pub fn head_of(split: &Split, limit: usize, cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
-    let n = if limit == 0 { split.len() } else { limit.min(split.len()) };
+    let n = if limit == 0 {
+        split.len()
+    } else {
+        limit.min(split.len())
+    };
     let idx: Vec<usize> = (0..n).collect();
     crate::data::batch(split, &idx, &cfg.data, device)
 }
 
 /// Eval-mode logits `(n, K)` and labels `(n,)` of the first `limit` images (0 = all), in
 /// batches of `eval.batch_size`.
-pub fn logits_of(model: &dyn Model, split: &Split, limit: usize, cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
-    let n = if limit == 0 { split.len() } else { limit.min(split.len()) };
+pub fn logits_of(
+    model: &dyn Model,
+    split: &Split,
+    limit: usize,
+    cfg: &Config,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let n = if limit == 0 {
+        split.len()
+    } else {
+        limit.min(split.len())
+    };
     let bs = cfg.eval.batch_size.max(1);
     let mut logits = Vec::new();
     let mut labels = Vec::new();
@@ -65,12 +79,21 @@ pub fn loss_accuracy(logits: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
     let (n, k) = logits.dims2()?;
     let labels = labels.to_dtype(DType::U32)?;
     let onehot = Tensor::from_vec(
-        labels.to_vec1::<u32>()?.iter().flat_map(|&l| (0..k as u32).map(move |c| f32::from(c == l))).collect::<Vec<_>>(),
+        labels
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|&l| (0..k as u32).map(move |c| f32::from(c == l)))
+            .collect::<Vec<_>>(),
         (n, k),
         logits.device(),
     )?;
     let loss = cross_entropy(&logits.to_dtype(DType::F32)?, &onehot)?.to_scalar::<f32>()? as f64;
-    let correct = logits.argmax(D::Minus1)?.eq(&labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    let correct = logits
+        .argmax(D::Minus1)?
+        .eq(&labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
     Ok((loss, correct as f64 / n as f64))
 }
 

@@ -10,6 +10,8 @@ pub mod optim;
 pub mod schedule;
 
 pub use augment::{soft_targets, Augmented, Augmenter};
+pub use engine::{
+    init_from_pretrain, select_device, train, RunSummary, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR,
+};
 pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
 pub use schedule::Schedule;
-pub use engine::{init_from_pretrain, select_device, train, RunSummary, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR};

@@ -125,7 +125,10 @@ pub struct AdamW {
 impl AdamW {
     /// Every trainable variable of `varmap`, in name order (deterministic).
     pub fn new(varmap: &VarMap, hp: AdamWParams, vit_depth: Option<usize>) -> Result<Self> {
-        let data = varmap.data().lock().map_err(|e| candle_core::Error::Msg(format!("varmap lock: {e}")))?;
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|e| candle_core::Error::Msg(format!("varmap lock: {e}")))?;
         let mut named: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         drop(data);
         named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -233,7 +236,10 @@ impl AdamW {
     /// count as the scalar `optim.step` (so a tensor file can be matched to its sidecar).
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::with_capacity(2 * self.params.len() + 1);
-        out.insert(STEP_KEY.to_string(), Tensor::new(self.step as f64, &candle_core::Device::Cpu)?);
+        out.insert(
+            STEP_KEY.to_string(),
+            Tensor::new(self.step as f64, &candle_core::Device::Cpu)?,
+        );
         for p in &self.params {
             out.insert(format!("optim.m.{}", p.name), p.m.clone());
             out.insert(format!("optim.v.{}", p.name), p.v.clone());
@@ -246,9 +252,15 @@ impl AdamW {
     /// with its shape; the error lists what is missing or mis-shaped.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> Result<()> {
         let mut problems = Vec::new();
-        match tensors.get(STEP_KEY).map(|t| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()).transpose()? {
+        match tensors
+            .get(STEP_KEY)
+            .map(|t| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>())
+            .transpose()?
+        {
             Some(s) if s == step as f64 => {}
-            Some(s) => problems.push(format!("{STEP_KEY}: the tensors are from step {s}, the sidecar says {step}")),
+            Some(s) => problems.push(format!(
+                "{STEP_KEY}: the tensors are from step {s}, the sidecar says {step}"
+            )),
             None => problems.push(format!("{STEP_KEY}: missing")),
         }
         let mut loaded = Vec::with_capacity(self.params.len());
