@@ -238,7 +238,6 @@ fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
         // Includes the f64 step counter `optim.step`.
         let d = (&optim[&k] - t)?.to_dtype(DType::F32)?;
         assert_eq!(max_abs(&d)?, 0.0, "{k}");
-    }");
     }
     // The restored RNG continues the same stream.
     let mut r2 = back.rng.restore().map_err(anyhow::Error::msg)?;
