@@ -416,7 +416,12 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
     let wb = candle_core::safetensors::load(out.path().join("killed").join("checkpoint.safetensors"), &dev)?;
     assert_eq!(wa.len(), wb.len());
     for (k, t) in &wa {
-        let d = (t - &wb[k])?.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = (t - &wb[k])?
+            .to_dtype(DType::F32)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert_eq!(d, 0.0, "{k} differs after resume");
     }
     Ok(())

@@ -163,6 +163,9 @@ fn start_state(stage: &Stage, cfg: &Config, meta: Option<&Meta>) -> Result<(usiz
     }
 }
 
+/// The objective on one micro-batch: `(x, labels, rng) -> scalar loss`.
+type LossFn<'a> = dyn FnMut(&Tensor, &[u32], &mut Rng) -> candle_core::Result<Tensor> + 'a;
+
 /// Run one stage to its end. `loss_fn(x, labels, rng)` is the objective on one micro-batch;
 /// `eval_fn(final)` the evaluation (empty for MAE).
 #[allow(clippy::too_many_arguments)]
@@ -174,7 +177,7 @@ fn run_stage(
     train: &Split,
     device: &Device,
     resume: Option<&Meta>,
-    loss_fn: &mut dyn FnMut(&Tensor, &[u32], &mut Rng) -> candle_core::Result<Tensor>,
+    loss_fn: &mut LossFn,
     eval_fn: &mut dyn FnMut(bool) -> candle_core::Result<BTreeMap<String, SplitMetrics>>,
 ) -> Result<Option<EvalRecord>, TrainError> {
     std::fs::create_dir_all(&stage.dir).map_err(|source| TrainError::RunDir {

@@ -99,6 +99,9 @@ pub fn loss_accuracy(logits: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
 
 /// Loss / accuracy on `acc_splits` (first `acc_limit` images, 0 = all) and LEE on `lee_splits`
 /// (first `lee.limit` images). `splits` holds every split named in either list.
+// The split lists differ between `train` (eval.splits / lee.splits) and `eval` (--splits), so
+// they are passed rather than read from the config.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &dyn Model,
     cfg: &Config,
