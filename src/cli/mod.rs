@@ -3,8 +3,10 @@
 //! up in [`main`], which prints the whole context chain once and sets the exit code.
 
 pub mod data_cmd;
+pub mod eval_cmd;
 pub mod lee_cmd;
 pub mod report_cmd;
+pub mod train_cmd;
 
 use crate::config::Config;
 use clap::{Args, Parser, Subcommand};
@@ -182,14 +184,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if dry_run(&a.cfg, &cfg) {
                 return Ok(());
             }
-            anyhow::bail!("`train` is not built yet")
+            train_cmd::run(&a, &cfg)
         }
         Command::Eval(a) => {
             let cfg = a.cfg.resolve()?;
             if dry_run(&a.cfg, &cfg) {
                 return Ok(());
             }
-            anyhow::bail!("`eval` is not built yet")
+            eval_cmd::run(&a, &cfg)
         }
         Command::Lee(a) => {
             let cfg = a.cfg.resolve()?;

@@ -1,1 +1,17 @@
-//! Training: the loop, AdamW with parameter groups, the lr schedule, augmentation, checkpoints.
+//! Training: AdamW with parameter groups, the lr schedule, augmentation, checkpoints and the loop.
+//! The loop is MAE's engine split (`train_one_epoch`-style steps and `evaluate`), written as one
+//! readable function; the commands in `src/cli/` wire it up.
+
+pub mod augment;
+pub mod checkpoint;
+pub mod engine;
+pub mod evaluate;
+pub mod optim;
+pub mod schedule;
+
+pub use augment::{soft_targets, Augmented, Augmenter};
+pub use engine::{
+    init_from_pretrain, select_device, train, RunSummary, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR,
+};
+pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
+pub use schedule::Schedule;

@@ -1,0 +1,89 @@
+//! `liederiv eval`: loss, accuracy and LEE per split for a checkpoint (or the config's initial
+//! weights), optionally one CSV row of logits per image.
+
+use super::EvalArgs;
+use crate::config::Config;
+use crate::report::EvalRecord;
+use crate::train::evaluate::{evaluate, lee_spec, logits_of};
+use anyhow::Context;
+use std::collections::BTreeMap;
+
+pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
+    let device = crate::train::select_device(&cfg.device)?;
+    let splits_wanted = if args.splits.is_empty() {
+        cfg.eval.splits.clone()
+    } else {
+        args.splits.clone()
+    };
+    let limit = args.limit.unwrap_or(0);
+    let mut splits = BTreeMap::new();
+    for name in &splits_wanted {
+        let s = crate::data::load_split(cfg, name).with_context(|| format!("loading split {name:?}"))?;
+        splits.insert(name.clone(), s);
+    }
+    let (varmap, model) = crate::models::build_model(cfg, &device).context("building the model")?;
+    match &args.checkpoint {
+        Some(path) => {
+            crate::train::checkpoint::load_weights(path, &varmap, &device)?;
+        }
+        None if cfg.init.weights == "pretrain" => {
+            let path = cfg
+                .run_dir()
+                .join(crate::train::PRETRAIN_DIR)
+                .join(crate::train::CHECKPOINT);
+            crate::train::init_from_pretrain(&path, &varmap, &device)?;
+        }
+        None => {}
+    }
+    let spec = lee_spec(cfg).map_err(anyhow::Error::msg)?;
+    let metrics = evaluate(
+        model.as_ref(),
+        cfg,
+        &splits,
+        &splits_wanted,
+        &splits_wanted,
+        limit,
+        &spec,
+        &device,
+    )?;
+    let record = EvalRecord {
+        step: 0,
+        epoch: 0.0,
+        lr: 0.0,
+        train_loss: 0.0,
+        images_per_sec: 0.0,
+        splits: metrics,
+    };
+    print!("{}", super::train_cmd::final_table(&record));
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&record.splits)?;
+        crate::report::write_atomic(path, text.as_bytes())?;
+    }
+    if let Some(path) = &args.predictions {
+        let mut csv = String::from("split,index,label,predicted");
+        for k in 0..cfg.model.num_classes {
+            csv += &format!(",logit_{k}");
+        }
+        csv += "\n";
+        for name in &splits_wanted {
+            let (logits, labels) = logits_of(model.as_ref(), &splits[name], limit, cfg, &device)?;
+            let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            let labels = labels.to_vec1::<u32>()?;
+            for (i, (row, label)) in logits.iter().zip(labels).enumerate() {
+                let pred = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b })
+                    .0;
+                csv += &format!("{name},{i},{label},{pred}");
+                for v in row {
+                    csv += &format!(",{v}");
+                }
+                csv += "\n";
+            }
+        }
+        crate::report::write_atomic(path, csv.as_bytes())
+            .with_context(|| format!("writing predictions {}", path.display()))?;
+    }
+    Ok(())
+}

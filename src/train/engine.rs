@@ -1,0 +1,573 @@
+//! The training loop, one readable function per stage (nanoGPT's train.py loop, MAE's
+//! `engine_finetune.train_one_epoch` steps): set the lr, accumulate micro-batches, clip and step,
+//! evaluate every `train.eval_every` steps and at the end, checkpoint every
+//! `train.checkpoint_every` steps and at the end. A run is an optional MAE pretraining stage
+//! (`[pretrain]`, reused when its final checkpoint exists) followed by the main stage
+//! (`train.objective` = classify | mae).
+//!
+//! Determinism: data order is `data::epoch_order(n, seed, epoch)`, everything else random
+//! (augmentation, drop path, masking) draws from one ChaCha8 stream per stage; the checkpoint
+//! stores the stream position, the (epoch, cursor) of the data order, the AdamW state and the
+//! step, and evaluation consumes no randomness, so `--resume` ends bit-identical to an
+//! uninterrupted run on CPU.
+
+use super::checkpoint::{self, CheckpointError, Meta, RngState};
+use super::evaluate::{cross_entropy, evaluate, lee_spec};
+use super::{AdamW, AdamWParams, Augmenter, Schedule};
+use crate::config::Config;
+use crate::data::{DataError, Split};
+use crate::lie::lee_penalty;
+use crate::models::init::SeededVarMap;
+use crate::models::mae::Mae;
+use crate::models::{Model, Rng};
+use crate::report::{EvalRecord, MetricsLog, ReportError, SplitMetrics};
+use crate::transforms::{Stencil, Transform};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// File names inside a run directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+pub const CONFIG_FILE: &str = "config.toml";
+/// The pretraining stage lives in its own sub-directory (checkpoint + metrics).
+pub const PRETRAIN_DIR: &str = "pretrain";
+
+/// RNG stream ids of the two stages (the seed is the run's `seed`).
+const STREAM_TRAIN: u64 = 1;
+const STREAM_PRETRAIN: u64 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("run directory {path} is not writable: {source} (set output.dir to a writable folder)")]
+    RunDir { path: PathBuf, source: std::io::Error },
+    #[error("--resume: no checkpoint at {path}; run without --resume to start the run")]
+    NoCheckpoint { path: PathBuf },
+    #[error("--resume: the checkpoint {path} was written with a different config; resume with the same config and --set overrides, or start a new run (another `name`)")]
+    ConfigChanged { path: PathBuf },
+    #[error("{stage}: loss is {value} at step {step}; stopped. The last good checkpoint is {checkpoint} (lower the lr or enable train.grad_clip)")]
+    NonFinite {
+        stage: String,
+        step: usize,
+        value: f32,
+        checkpoint: String,
+    },
+    #[error("device {name:?}: {message}")]
+    Device { name: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// `device = "auto" | "cpu" | "cuda" | "cuda:N"`; `auto` is CUDA 0 when built with the `cuda`
+/// feature and a GPU is present, else the CPU.
+pub fn select_device(name: &str) -> Result<Device, TrainError> {
+    let cuda = |i: usize| {
+        Device::new_cuda(i).map_err(|e| TrainError::Device {
+            name: name.into(),
+            message: format!("{e} (build with `--features cuda` on a machine with CUDA, or set device = \"cpu\")"),
+        })
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if candle_core::utils::cuda_is_available() => cuda(0),
+        "auto" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(i) => cuda(i),
+            None => Err(TrainError::Device {
+                name: name.into(),
+                message: "expected auto, cpu, cuda or cuda:N".into(),
+            }),
+        },
+    }
+}
+
+/// What a finished run reports.
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    /// The final evaluation of the main stage.
+    pub last: Option<EvalRecord>,
+}
+
+/// The seeded data order: epoch `e` reads `epoch_order(n, seed, e)` in batches, dropping the
+/// incomplete last batch (as `drop_last=True`).
+struct DataCursor {
+    n: usize,
+    batch: usize,
+    seed: u64,
+    epoch: usize,
+    cursor: usize,
+    order: Vec<usize>,
+}
+
+impl DataCursor {
+    fn new(n: usize, batch: usize, seed: u64, epoch: usize, cursor: usize) -> Self {
+        Self {
+            n,
+            batch,
+            seed,
+            epoch,
+            cursor,
+            order: crate::data::epoch_order(n, seed, epoch as u64),
+        }
+    }
+
+    fn next(&mut self) -> Vec<usize> {
+        if self.cursor + self.batch > self.n {
+            self.epoch += 1;
+            self.cursor = 0;
+            self.order = crate::data::epoch_order(self.n, self.seed, self.epoch as u64);
+        }
+        let idx = self.order[self.cursor..self.cursor + self.batch].to_vec();
+        self.cursor += self.batch;
+        idx
+    }
+
+    /// Epochs seen, fractional.
+    fn epochs(&self) -> f64 {
+        self.epoch as f64 + self.cursor as f64 / self.n as f64
+    }
+}
+
+/// One stage's hyper-parameters and where it writes.
+struct Stage {
+    name: &'static str,
+    dir: PathBuf,
+    steps: usize,
+    batch_size: usize,
+    accum: usize,
+    schedule: Schedule,
+    stream: u64,
+}
+
+/// Where a stage starts: (step, epoch, cursor, rng), fresh or from a checkpoint's meta.
+fn start_state(stage: &Stage, cfg: &Config, meta: Option<&Meta>) -> Result<(usize, usize, usize, Rng), TrainError> {
+    match meta {
+        Some(m) => Ok((m.step, m.epoch, m.cursor, m.rng.restore().map_err(TrainError::Invalid)?)),
+        None => {
+            let mut rng = Rng::seed_from_u64(cfg.seed);
+            rng.set_stream(stage.stream);
+            Ok((0, 0, 0, rng))
+        }
+    }
+}
+
+/// The objective on one micro-batch: `(x, labels, rng) -> scalar loss`.
+type LossFn<'a> = dyn FnMut(&Tensor, &[u32], &mut Rng) -> candle_core::Result<Tensor> + 'a;
+
+/// Run one stage to its end. `loss_fn(x, labels, rng)` is the objective on one micro-batch;
+/// `eval_fn(final)` the evaluation (empty for MAE).
+#[allow(clippy::too_many_arguments)]
+fn run_stage(
+    cfg: &Config,
+    stage: &Stage,
+    varmap: &VarMap,
+    opt: &mut AdamW,
+    train: &Split,
+    device: &Device,
+    resume: Option<&Meta>,
+    loss_fn: &mut LossFn,
+    eval_fn: &mut dyn FnMut(bool) -> candle_core::Result<BTreeMap<String, SplitMetrics>>,
+) -> Result<Option<EvalRecord>, TrainError> {
+    std::fs::create_dir_all(&stage.dir).map_err(|source| TrainError::RunDir {
+        path: stage.dir.clone(),
+        source,
+    })?;
+    let ckpt_path = stage.dir.join(CHECKPOINT);
+    let (mut step, epoch, cursor, mut rng) = start_state(stage, cfg, resume)?;
+    let mut data = DataCursor::new(train.len(), stage.batch_size, cfg.seed, epoch, cursor);
+    let mut log = match resume {
+        Some(m) => MetricsLog::open_append(&stage.dir, m.step)?,
+        None => MetricsLog::create(&stage.dir)?,
+    };
+    let mut last_good = match resume {
+        Some(_) => ckpt_path.display().to_string(),
+        None => "none (no checkpoint was written yet)".to_string(),
+    };
+    let bar = if cfg.output.progress {
+        ProgressBar::new(stage.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
+            .map_err(|e| TrainError::Invalid(e.to_string()))?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(stage.name);
+    bar.set_position(step as u64);
+    let mut last = log.records().last().cloned();
+    // Loss and throughput since the last eval.
+    let (mut loss_sum, mut loss_n, mut images) = match resume {
+        Some(m) => (m.loss_sum, m.loss_count, 0usize),
+        None => (0.0f64, 0usize, 0usize),
+    };
+    let mut clock = Instant::now();
+    while step < stage.steps {
+        let lr = stage.schedule.lr_at(step);
+        for _ in 0..stage.accum {
+            let idx = data.next();
+            let (x, y) = crate::data::batch(train, &idx, &cfg.data, device)?;
+            let labels = y.to_vec1::<u32>()?;
+            let loss = loss_fn(&x, &labels, &mut rng)?;
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                bar.abandon();
+                return Err(TrainError::NonFinite {
+                    stage: stage.name.into(),
+                    step: step + 1,
+                    value,
+                    checkpoint: last_good,
+                });
+            }
+            opt.accumulate(&loss.backward()?)?;
+            loss_sum += value as f64;
+            loss_n += 1;
+            images += idx.len();
+        }
+        opt.step(lr)?;
+        step += 1;
+        let secs = clock.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(step as u64);
+        bar.set_message(format!(
+            "loss {:.4}  {:.0} img/s",
+            loss_sum / loss_n as f64,
+            images as f64 / secs
+        ));
+
+        let finished = step == stage.steps;
+        if step % cfg.train.eval_every == 0 || finished {
+            let record = EvalRecord {
+                step,
+                epoch: data.epochs(),
+                lr,
+                train_loss: loss_sum / loss_n.max(1) as f64,
+                images_per_sec: images as f64 / secs,
+                splits: eval_fn(finished)?,
+            };
+            bar.println(format!("{} step {step}: {}", stage.name, summary_line(&record)));
+            log.append(&record)?;
+            last = Some(record);
+            (loss_sum, loss_n, images) = (0.0, 0, 0);
+            clock = Instant::now();
+        }
+        if step % cfg.train.checkpoint_every == 0 || finished {
+            let meta = Meta {
+                stage: stage.name.into(),
+                step,
+                total_steps: stage.steps,
+                epoch: data.epoch,
+                cursor: data.cursor,
+                rng: RngState::of(&rng),
+                loss_sum,
+                loss_count: loss_n,
+                metrics: serde_json::to_value(&last).unwrap_or(serde_json::Value::Null),
+                config: cfg.to_toml(),
+            };
+            checkpoint::save(&ckpt_path, varmap, opt.state_tensors()?, &meta)?;
+            last_good = ckpt_path.display().to_string();
+        }
+    }
+    bar.finish();
+    Ok(last)
+}
+
+/// One line per eval: accuracy per split and LEE per split and transform.
+pub fn summary_line(r: &EvalRecord) -> String {
+    let mut parts = vec![format!("train loss {:.4}", r.train_loss)];
+    for (name, m) in &r.splits {
+        if let Some(a) = m.accuracy {
+            parts.push(format!("{name} acc {:.2}%", 100.0 * a));
+        }
+        for (t, v) in &m.lee {
+            parts.push(format!("{name} LEE[{t}] {:.3e}", v.mean));
+        }
+    }
+    parts.join(", ")
+}
+
+/// Load and check the checkpoint a stage resumes from.
+fn resume_meta(path: &Path, cfg: &Config) -> Result<Meta, TrainError> {
+    let meta = checkpoint::load_meta(path).map_err(|e| match e {
+        CheckpointError::Missing { path } => TrainError::NoCheckpoint { path },
+        other => other.into(),
+    })?;
+    if meta.config != cfg.to_toml() {
+        return Err(TrainError::ConfigChanged {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(meta)
+}
+
+/// Copy the encoder of a finished MAE checkpoint into a classifier's variables. As MAE's
+/// main_finetune checks `missing_keys`, the only variables the checkpoint may lack are the new
+/// head and `fc_norm`; anything else (or a shape mismatch) is an error listing them all.
+pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Result<(), TrainError> {
+    if !path.exists() {
+        return Err(CheckpointError::Missing {
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
+    let tensors = candle_core::safetensors::load(path, device)?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|e| TrainError::Invalid(format!("varmap lock: {e}")))?;
+    let mut problems = Vec::new();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        match tensors.get(name) {
+            Some(t) if t.dims() == var.dims() => var.set(&t.to_dtype(var.dtype())?)?,
+            Some(t) => problems.push(format!(
+                "{name}: pretrained shape {:?}, model shape {:?}",
+                t.dims(),
+                var.dims()
+            )),
+            None if name.starts_with("head.") || name.starts_with("fc_norm.") => {}
+            None => problems.push(format!("{name}: not in the pretrained checkpoint")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckpointError::Mismatch {
+            path: path.to_path_buf(),
+            problems,
+        }
+        .into())
+    }
+}
+
+/// Create the run directory and save the resolved config in it: the first thing a run does,
+/// so an unwritable directory fails before any data or model is loaded.
+fn prepare_run_dir(cfg: &Config) -> Result<PathBuf, TrainError> {
+    let dir = cfg.run_dir();
+    let fail = |source| TrainError::RunDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(fail)?;
+    crate::report::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes()).map_err(|e| match e {
+        ReportError::Io { source, .. } => fail(source),
+        other => other.into(),
+    })?;
+    Ok(dir)
+}
+
+fn mae_model(cfg: &Config, device: &Device) -> candle_core::Result<(VarMap, Mae)> {
+    let varmap = VarMap::new();
+    let vb = SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device);
+    let mae = Mae::new(
+        &cfg.model.vit,
+        &cfg.model.mae,
+        cfg.data.image_size,
+        cfg.data.channels,
+        vb,
+    )?;
+    Ok((varmap, mae))
+}
+
+/// Run (or reuse, or resume) the MAE stage in `stage.dir`.
+#[allow(clippy::too_many_arguments)]
+fn run_mae(
+    cfg: &Config,
+    stage: &Stage,
+    hp: AdamWParams,
+    train: &Split,
+    device: &Device,
+    meta: Option<&Meta>,
+) -> Result<Option<EvalRecord>, TrainError> {
+    let (varmap, mae) = mae_model(cfg, device)?;
+    let mut opt = AdamW::new(&varmap, hp, None)?;
+    if let Some(m) = meta {
+        let optim = checkpoint::load_weights(&stage.dir.join(CHECKPOINT), &varmap, device)?;
+        opt.load_state(&optim, m.step)?;
+    }
+    let mut loss_fn = |x: &Tensor, _: &[u32], rng: &mut Rng| mae.loss(x, rng);
+    let mut eval_fn = |_: bool| Ok(BTreeMap::new());
+    run_stage(
+        cfg,
+        stage,
+        &varmap,
+        &mut opt,
+        train,
+        device,
+        meta,
+        &mut loss_fn,
+        &mut eval_fn,
+    )
+}
+
+/// `liederiv train`: the whole run. Bad inputs (unwritable run dir, `--resume` without a
+/// checkpoint, unknown splits, a batch larger than the training set) fail before training.
+pub fn train(cfg: &Config, resume: bool) -> Result<RunSummary, TrainError> {
+    let run_dir = prepare_run_dir(cfg)?;
+    let main_ckpt = run_dir.join(CHECKPOINT);
+    let pre_dir = run_dir.join(PRETRAIN_DIR);
+    let pre_ckpt = pre_dir.join(CHECKPOINT);
+    // What to resume: the main stage's checkpoint, else (when pretraining) the pretrain stage's.
+    let main_meta = if resume && (main_ckpt.exists() || !cfg.pretrain.enabled || !pre_ckpt.exists()) {
+        Some(resume_meta(&main_ckpt, cfg)?)
+    } else {
+        None
+    };
+    let device = select_device(&cfg.device)?;
+    let train_set = crate::data::training_set(cfg)?;
+    let eff_batch = cfg.train.batch_size;
+    if eff_batch > train_set.len() || (cfg.pretrain.enabled && cfg.pretrain.batch_size > train_set.len()) {
+        return Err(TrainError::Invalid(format!(
+            "the batch size is larger than the training set ({} images); lower train.batch_size / pretrain.batch_size or raise data.train_limit",
+            train_set.len()
+        )));
+    }
+    eprintln!(
+        "{}: {} training images, base lr {:.3e}, actual lr {:.3e} (× {} / 256), {} steps, device {:?}",
+        cfg.name,
+        train_set.len(),
+        cfg.train.base_lr,
+        cfg.lr(),
+        cfg.train.batch_size * cfg.train.accum_steps,
+        cfg.train.steps,
+        device
+    );
+
+    if cfg.pretrain.enabled {
+        let p = &cfg.pretrain;
+        let stage = Stage {
+            name: "pretrain",
+            dir: pre_dir.clone(),
+            steps: p.steps,
+            batch_size: p.batch_size,
+            accum: 1,
+            schedule: Schedule {
+                peak_lr: cfg.pretrain_lr(),
+                min_lr: p.min_lr,
+                warmup_steps: p.warmup_steps,
+                total_steps: p.steps,
+            },
+            stream: STREAM_PRETRAIN,
+        };
+        let finished =
+            checkpoint::load_meta(&pre_ckpt).is_ok_and(|m| m.step == m.total_steps && m.total_steps == p.steps);
+        if finished {
+            eprintln!("pretrain: reusing the finished stage in {}", pre_dir.display());
+        } else if main_meta.is_none() {
+            let pre_meta = if resume {
+                Some(resume_meta(&pre_ckpt, cfg)?)
+            } else {
+                None
+            };
+            run_mae(
+                cfg,
+                &stage,
+                AdamWParams::from_pretrain(p),
+                &train_set,
+                &device,
+                pre_meta.as_ref(),
+            )?;
+        }
+    }
+
+    let t = &cfg.train;
+    let stage = Stage {
+        name: "train",
+        dir: run_dir.clone(),
+        steps: t.steps,
+        batch_size: t.batch_size,
+        accum: t.accum_steps,
+        schedule: Schedule {
+            peak_lr: cfg.lr(),
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            total_steps: t.steps,
+        },
+        stream: STREAM_TRAIN,
+    };
+    let hp = AdamWParams::from_train(t);
+    if t.objective == "mae" {
+        let last = run_mae(cfg, &stage, hp, &train_set, &device, main_meta.as_ref())?;
+        return Ok(RunSummary { run_dir, last });
+    }
+
+    // Splits for evaluation, loaded once (the LEE subsets are their first lee.limit images).
+    let mut names: Vec<String> = cfg.eval.splits.clone();
+    names.extend(cfg.lee.splits.iter().cloned());
+    names.sort();
+    names.dedup();
+    let mut splits = BTreeMap::new();
+    for name in names {
+        let s = crate::data::load_split(cfg, &name)?;
+        splits.insert(name, s);
+    }
+    let spec = lee_spec(cfg).map_err(TrainError::Invalid)?;
+    let penalty_transforms = Transform::parse_list(&t.lee_penalty_transforms).map_err(TrainError::Invalid)?;
+    let stencil = Stencil::parse(&cfg.lee.stencil).unwrap_or(Stencil::Central);
+
+    let (varmap, model) = crate::models::build_model(cfg, &device)?;
+    if cfg.init.weights == "pretrain" && main_meta.is_none() {
+        init_from_pretrain(&pre_ckpt, &varmap, &device)?;
+    }
+    let vit_depth = (cfg.model.kind == "vit").then_some(cfg.model.vit.depth);
+    let mut opt = AdamW::new(&varmap, hp, vit_depth)?;
+    if let Some(m) = &main_meta {
+        let optim = checkpoint::load_weights(&main_ckpt, &varmap, &device)?;
+        opt.load_state(&optim, m.step)?;
+    }
+    let augment = Augmenter::new(
+        &cfg.augment,
+        cfg.model.num_classes,
+        t.label_smoothing,
+        -cfg.data.mean / cfg.data.std,
+    );
+    let lambda = t.lee_penalty;
+    let model: &dyn Model = model.as_ref();
+    let mut loss_fn = |x: &Tensor, labels: &[u32], rng: &mut Rng| -> candle_core::Result<Tensor> {
+        let batch = augment.apply(x, labels, rng)?;
+        let loss = cross_entropy(&model.forward_train(&batch.x, rng)?, &batch.targets)?;
+        if lambda > 0.0 {
+            loss + (lee_penalty(model, &batch.x, &penalty_transforms, stencil)? * lambda)?
+        } else {
+            Ok(loss)
+        }
+    };
+    let mut eval_fn = |finished: bool| {
+        let limit = if finished { 0 } else { cfg.eval.limit };
+        evaluate(
+            model,
+            cfg,
+            &splits,
+            &cfg.eval.splits,
+            &cfg.lee.splits,
+            limit,
+            &spec,
+            &device,
+        )
+    };
+    let last = run_stage(
+        cfg,
+        &stage,
+        &varmap,
+        &mut opt,
+        &train_set,
+        &device,
+        main_meta.as_ref(),
+        &mut loss_fn,
+        &mut eval_fn,
+    )?;
+    Ok(RunSummary { run_dir, last })
+}

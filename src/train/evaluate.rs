@@ -1,0 +1,145 @@
+//! Evaluation (MAE's `engine_finetune.evaluate`): loss and accuracy on the configured splits, and
+//! LEE per transform on a fixed subset of each LEE split — the first `lee.limit` images, the same
+//! ones every time, so curves over training are comparable. Eval mode only (no RNG is consumed,
+//! which keeps a resumed run bit-identical).
+
+use crate::config::Config;
+use crate::data::Split;
+use crate::lie::{lee_split, LeeSpec, Statistic};
+use crate::models::Model;
+use crate::report::{MeanStderr, SplitMetrics};
+use crate::transforms::{Stencil, Transform};
+use candle_core::{DType, Device, Result, Tensor, D};
+use std::collections::BTreeMap;
+
+/// Mean cross-entropy against soft targets: `logits (B, K)`, `targets (B, K)` rows summing to 1.
+/// Written from differentiable ops (the max shift is detached; it cancels in the value).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_p = shifted.broadcast_sub(&log_z)?; // (B, K)
+    (targets * log_p)?.sum(D::Minus1)?.neg()?.mean_all()
+}
+
+/// The LEE measurement of `[lee]`, parsed (the config validated the names already).
+pub fn lee_spec(cfg: &Config) -> std::result::Result<LeeSpec, String> {
+    Ok(LeeSpec {
+        transforms: Transform::parse_list(&cfg.lee.transforms)?,
+        stencil: Stencil::parse(&cfg.lee.stencil).ok_or_else(|| format!("unknown stencil {:?}", cfg.lee.stencil))?,
+        statistic: Statistic::parse(&cfg.lee.statistic)
+            .ok_or_else(|| format!("unknown LEE statistic {:?}", cfg.lee.statistic))?,
+        use_logits: cfg.lee.use_logits,
+        batch_size: cfg.lee.batch_size,
+    })
+}
+
+/// `n = min(limit, len)` images of `split` (limit 0 = all), normalised, `(n, C, S, S)`, and
+/// their labels `(n,)` u32.
+pub fn head_of(split: &Split, limit: usize, cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
+    let n = if limit == 0 {
+        split.len()
+    } else {
+        limit.min(split.len())
+    };
+    let idx: Vec<usize> = (0..n).collect();
+    crate::data::batch(split, &idx, &cfg.data, device)
+}
+
+/// Eval-mode logits `(n, K)` and labels `(n,)` of the first `limit` images (0 = all), in
+/// batches of `eval.batch_size`.
+pub fn logits_of(
+    model: &dyn Model,
+    split: &Split,
+    limit: usize,
+    cfg: &Config,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let n = if limit == 0 {
+        split.len()
+    } else {
+        limit.min(split.len())
+    };
+    let bs = cfg.eval.batch_size.max(1);
+    let mut logits = Vec::new();
+    let mut labels = Vec::new();
+    for start in (0..n).step_by(bs) {
+        let idx: Vec<usize> = (start..(start + bs).min(n)).collect();
+        let (x, y) = crate::data::batch(split, &idx, &cfg.data, device)?;
+        logits.push(model.forward(&x)?);
+        labels.push(y);
+    }
+    if logits.is_empty() {
+        candle_core::bail!("split {} has no images to evaluate", split.name);
+    }
+    Ok((Tensor::cat(&logits, 0)?, Tensor::cat(&labels, 0)?))
+}
+
+/// Mean cross-entropy (nats) and top-1 accuracy of `logits (n, K)` against `labels (n,)`.
+pub fn loss_accuracy(logits: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
+    let (n, k) = logits.dims2()?;
+    let labels = labels.to_dtype(DType::U32)?;
+    let onehot = Tensor::from_vec(
+        labels
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|&l| (0..k as u32).map(move |c| f32::from(c == l)))
+            .collect::<Vec<_>>(),
+        (n, k),
+        logits.device(),
+    )?;
+    let loss = cross_entropy(&logits.to_dtype(DType::F32)?, &onehot)?.to_scalar::<f32>()? as f64;
+    let correct = logits
+        .argmax(D::Minus1)?
+        .eq(&labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok((loss, correct as f64 / n as f64))
+}
+
+/// Loss / accuracy on `acc_splits` (first `acc_limit` images, 0 = all) and LEE on `lee_splits`
+/// (first `lee.limit` images). `splits` holds every split named in either list.
+// The split lists differ between `train` (eval.splits / lee.splits) and `eval` (--splits), so
+// they are passed rather than read from the config.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    model: &dyn Model,
+    cfg: &Config,
+    splits: &BTreeMap<String, Split>,
+    acc_splits: &[String],
+    lee_splits: &[String],
+    acc_limit: usize,
+    spec: &LeeSpec,
+    device: &Device,
+) -> Result<BTreeMap<String, SplitMetrics>> {
+    let get = |name: &String| {
+        splits
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("evaluate: split {name:?} was not loaded")))
+    };
+    let mut out: BTreeMap<String, SplitMetrics> = BTreeMap::new();
+    for name in acc_splits {
+        let (logits, labels) = logits_of(model, get(name)?, acc_limit, cfg, device)?;
+        let (loss, acc) = loss_accuracy(&logits, &labels)?;
+        let m = out.entry(name.clone()).or_default();
+        m.n = labels.dim(0)?;
+        m.loss = Some(loss);
+        m.accuracy = Some(acc);
+    }
+    for name in lee_splits {
+        let (x, _) = head_of(get(name)?, cfg.lee.limit, cfg, device)?;
+        let summary = lee_split(model, &x, None, spec)?;
+        let m = out.entry(name.clone()).or_default();
+        for (t, acc) in summary.lee {
+            m.lee.insert(
+                t.name().to_string(),
+                MeanStderr {
+                    mean: acc.mean(),
+                    stderr: acc.stderr(),
+                    n: acc.n(),
+                },
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,537 @@
+//! Trainer tests: AdamW against torch, the documented layer-wise lr decay, the schedule,
+//! augmentation invariants, checkpoint round trips and mismatches.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use liederiv::config::{AugmentConfig, TrainConfig};
+use liederiv::models::Rng;
+use liederiv::train::checkpoint::{self, CheckpointError, Meta, RngState};
+use liederiv::train::{group_for, AdamW, AdamWParams, Augmenter, Schedule};
+use rand::{Rng as _, SeedableRng};
+
+/*
+scripts/adamw_fixture.py (torch 2.x, float64):
+    w = [[0.5, -1.0, 2.0], [0.1, 0.2, -0.3]]  (lr 0.1, weight decay 0.05)
+    b = [0.3, -0.2, 0.1]                       (lr 0.05, no weight decay)
+    AdamW(betas=(0.9, 0.999), eps=1e-8); 3 steps; each step 2 micro-batches of
+    loss = (sum(w² · c·(micro+1)) + sum(b · d·(step+1))) / 2, clip_grad_norm_(…, 1.0)
+    norms 20.392400545301182, 19.76286031168788, 20.249268030962266
+*/
+#[test]
+fn adamw_matches_torch_with_groups_accumulation_and_clipping() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let w = Var::from_tensor(&Tensor::new(&[[0.5f64, -1.0, 2.0], [0.1, 0.2, -0.3]], &dev)?)?;
+    let b = Var::from_tensor(&Tensor::new(&[0.3f64, -0.2, 0.1], &dev)?)?;
+    let hp = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        layer_decay: 0.5,
+        grad_clip: 1.0,
+    };
+    // As a depth-1 ViT: the weight is named like the head (layer id 2 → lr scale 1, decayed),
+    // the bias like a block-0 norm (layer id 1 → lr scale 0.5, 1-D so no decay): torch's groups.
+    let named = vec![
+        ("head.weight".to_string(), w.clone()),
+        ("blocks.0.norm1.bias".to_string(), b.clone()),
+    ];
+    let mut opt = AdamW::from_vars(named, hp, Some(1))?;
+    let expect_norms = [20.392400545301182, 19.76286031168788, 20.249268030962266];
+    for (step, want) in expect_norms.iter().enumerate() {
+        for micro in 0..2 {
+            let c = (Tensor::new(&[[1.0f64, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev)? * (micro + 1) as f64)?;
+            let d = (Tensor::new(&[1.0f64, -2.0, 3.0], &dev)? * (step + 1) as f64)?;
+            // The optimiser averages the micro-batch gradients, so the loss is not divided here.
+            let loss = ((w.as_tensor().sqr()? * c)?.sum_all()? + (b.as_tensor() * d)?.sum_all()?)?;
+            opt.accumulate(&loss.backward()?)?;
+        }
+        let stats = opt.step(0.1)?;
+        let norm = stats.grad_norm.unwrap_or(f64::NAN);
+        assert!((norm - want).abs() < 1e-9, "step {step}: norm {norm} vs torch {want}");
+    }
+    let w_torch = [
+        0.19875715769944247,
+        -0.6880632570008535,
+        1.6722044485379062,
+        -0.07363743656590688,
+        -0.06875436909843312,
+        -0.010125401502087308,
+    ];
+    let b_torch = [0.15399644348721817, -0.053996433135475815, -0.04600357031510534];
+    let got_w = w.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+    let got_b = b.as_tensor().to_vec1::<f64>()?;
+    for (g, t) in got_w.iter().zip(w_torch).chain(got_b.iter().zip(b_torch)) {
+        assert!((g - t).abs() < 1e-12, "{g} vs torch {t}");
+    }
+    assert_eq!(opt.step_count(), 3);
+    Ok(())
+}
+
+/// MAE's param_groups_lrd with depth 2 and layer_decay 0.5: embeddings id 0 → 0.5³, blocks.i →
+/// 0.5^(2−i), the rest → 1; no decay on 1-D tensors, pos_embed and cls_token.
+#[test]
+fn layer_decay_assigns_the_documented_lr_per_group() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let t = TrainConfig {
+        layer_decay: 0.5,
+        weight_decay: 0.05,
+        ..TrainConfig::default()
+    };
+    let hp = AdamWParams::from_train(&t);
+    let cases: [(&str, &[usize], f64, f64); 9] = [
+        ("blocks.0.attn.qkv.weight", &[24, 8], 0.25, 0.05),
+        ("blocks.0.norm1.weight", &[8], 0.25, 0.0),
+        ("blocks.1.mlp.fc1.weight", &[32, 8], 0.5, 0.05),
+        ("cls_token", &[1, 1, 8], 0.125, 0.0),
+        ("head.weight", &[10, 8], 1.0, 0.05),
+        ("norm.weight", &[8], 1.0, 0.0),
+        ("patch_embed.proj.bias", &[8], 0.125, 0.0),
+        ("patch_embed.proj.weight", &[8, 1, 7, 7], 0.125, 0.05),
+        ("pos_embed", &[1, 17, 8], 0.125, 0.0),
+    ];
+    let vm = VarMap::new();
+    for (n, s, _, _) in cases {
+        vm.get(s, n, candle_nn::Init::Const(0.0), DType::F32, &dev)?;
+    }
+    let opt = AdamW::new(&vm, hp, Some(2))?;
+    let groups = opt.groups();
+    assert_eq!(groups.len(), cases.len());
+    for ((name, _, lr_scale, wd), (gname, g)) in cases.iter().zip(&groups) {
+        assert_eq!(name, gname);
+        assert_eq!(g.lr_scale, *lr_scale, "{name} lr scale");
+        assert_eq!(g.weight_decay, *wd, "{name} weight decay");
+    }
+    // Not a ViT: no layer decay at all.
+    let g = group_for("blocks.0.conv.weight", 4, None, &hp);
+    assert_eq!(g.lr_scale, 1.0);
+    assert_eq!(g.weight_decay, 0.05);
+    Ok(())
+}
+
+#[test]
+fn schedule_warms_up_linearly_then_follows_the_cosine() {
+    let s = Schedule {
+        peak_lr: 1e-3,
+        min_lr: 1e-5,
+        warmup_steps: 10,
+        total_steps: 110,
+    };
+    assert!((s.lr_at(0) - 1e-4).abs() < 1e-15);
+    assert!((s.lr_at(4) - 5e-4).abs() < 1e-15);
+    assert!((s.lr_at(10) - 1e-3).abs() < 1e-15);
+    // Half way through the cosine: exactly the mid point of peak and floor.
+    assert!((s.lr_at(60) - (1e-3 + 1e-5) / 2.0).abs() < 1e-15);
+    assert!((s.lr_at(110) - 1e-5).abs() < 1e-15);
+    assert!((s.lr_at(500) - 1e-5).abs() < 1e-15);
+    for k in 10..110 {
+        assert!(s.lr_at(k + 1) <= s.lr_at(k), "not monotone after warm-up at {k}");
+    }
+}
+
+fn digits(b: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let mut rng = Rng::seed_from_u64(7);
+    let v: Vec<f32> = (0..b * 28 * 28).map(|_| rng.random::<f32>()).collect();
+    Tensor::from_vec(v, (b, 1, 28, 28), dev)
+}
+
+fn max_abs(t: &Tensor) -> candle_core::Result<f32> {
+    t.abs()?.max_all()?.to_scalar::<f32>()
+}
+
+#[test]
+fn augmentation_off_is_identity_and_targets_are_smoothed() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let x = digits(4, &dev)?;
+    let aug = Augmenter::new(&AugmentConfig::default(), 10, 0.1, -0.42);
+    let out = aug.apply(&x, &[0, 3, 9, 3], &mut Rng::seed_from_u64(0))?;
+    assert_eq!(max_abs(&(out.x - &x)?)?, 0.0);
+    let t = out.targets.to_vec2::<f32>()?;
+    assert!((t[1][3] - 0.91).abs() < 1e-6 && (t[1][0] - 0.01).abs() < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn augmentation_is_seeded_mixes_soft_targets_and_keeps_blank_background() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let cfg = AugmentConfig {
+        rotate_deg: 180.0,
+        translate: 0.1,
+        scale: 0.1,
+        mixup_alpha: 0.8,
+        cutmix_alpha: 1.0,
+        erase_prob: 0.5,
+    };
+    let aug = Augmenter::new(&cfg, 10, 0.0, -0.42);
+    let x = digits(6, &dev)?;
+    let labels = [0, 1, 2, 3, 4, 5];
+    let a = aug.apply(&x, &labels, &mut Rng::seed_from_u64(3))?;
+    let b = aug.apply(&x, &labels, &mut Rng::seed_from_u64(3))?;
+    let c = aug.apply(&x, &labels, &mut Rng::seed_from_u64(4))?;
+    assert_eq!(max_abs(&(&a.x - &b.x)?)?, 0.0, "same seed, same batch");
+    assert!(max_abs(&(&a.x - &c.x)?)? > 0.1, "another seed, another batch");
+    // Soft targets: rows sum to 1, mass only on the image's label and its partner's (reverse).
+    let t = a.targets.to_vec2::<f32>()?;
+    for (i, row) in t.iter().enumerate() {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        for (k, &p) in row.iter().enumerate() {
+            if k != labels[i] as usize && k != labels[5 - i] as usize {
+                assert_eq!(p, 0.0);
+            }
+        }
+    }
+    // A rotation of a blank image stays blank: the warp fills with the background value.
+    let rot_cfg = AugmentConfig {
+        rotate_deg: 180.0,
+        ..AugmentConfig::default()
+    };
+    let rot = Augmenter::new(&rot_cfg, 10, 0.0, -0.42);
+    let blank = Tensor::full(-0.42f32, (3, 1, 28, 28), &dev)?;
+    let r = rot.apply(&blank, &[1, 2, 3], &mut Rng::seed_from_u64(1))?;
+    assert!(max_abs(&(r.x + 0.42)?)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("last.safetensors");
+    let init = candle_nn::Init::Randn { mean: 0., stdev: 1. };
+    let vm = VarMap::new();
+    let w = vm.get((3, 4), "head.weight", init, DType::F32, &dev)?;
+    vm.get(4, "head.bias", candle_nn::Init::Const(0.5), DType::F32, &dev)?;
+    let hp = AdamWParams::from_train(&TrainConfig::default());
+    let mut opt = AdamW::new(&vm, hp, None)?;
+    opt.accumulate(&w.sqr()?.sum_all()?.backward()?)?;
+    opt.step(0.01)?;
+    let mut rng = Rng::seed_from_u64(42);
+    let _: u64 = rng.random();
+    let meta = Meta {
+        stage: "train".into(),
+        step: 1,
+        total_steps: 10,
+        epoch: 0,
+        cursor: 64,
+        rng: RngState::of(&rng),
+        loss_sum: 1.25,
+        loss_count: 3,
+        metrics: serde_json::json!({"acc": 0.5}),
+        config: "name = \"x\"\n".into(),
+    };
+    checkpoint::save(&path, &vm, opt.state_tensors()?, &meta)?;
+
+    let vm2 = VarMap::new();
+    vm2.get((3, 4), "head.weight", candle_nn::Init::Const(0.0), DType::F32, &dev)?;
+    vm2.get(4, "head.bias", candle_nn::Init::Const(0.0), DType::F32, &dev)?;
+    let optim = checkpoint::load_weights(&path, &vm2, &dev)?;
+    let mut opt2 = AdamW::new(&vm2, hp, None)?;
+    let back = checkpoint::load_meta(&path)?;
+    opt2.load_state(&optim, back.step)?;
+    assert_eq!(back, meta);
+    assert_eq!(opt2.step_count(), 1);
+    let w2 = vm2.data().lock().map_err(|e| anyhow::anyhow!("{e}"))?["head.weight"]
+        .as_tensor()
+        .clone();
+    assert_eq!(max_abs(&(w2 - &w)?)?, 0.0);
+    for (k, t) in opt.state_tensors()? {
+        // Includes the f64 step counter `optim.step`.
+        let d = (&optim[&k] - t)?.to_dtype(DType::F32)?;
+        assert_eq!(max_abs(&d)?, 0.0, "{k}");
+    }
+    // The restored RNG continues the same stream.
+    let mut r2 = back.rng.restore().map_err(anyhow::Error::msg)?;
+    assert_eq!(rng.random::<u64>(), r2.random::<u64>());
+
+    // A differently shaped model lists every mismatch.
+    let vm3 = VarMap::new();
+    vm3.get((5, 4), "head.weight", candle_nn::Init::Const(0.0), DType::F32, &dev)?;
+    vm3.get(4, "fc_norm.bias", candle_nn::Init::Const(0.0), DType::F32, &dev)?;
+    match checkpoint::load_weights(&path, &vm3, &dev) {
+        Err(CheckpointError::Mismatch { problems, .. }) => {
+            assert_eq!(problems.len(), 3, "{problems:?}");
+            assert!(problems
+                .iter()
+                .any(|p| p.starts_with("head.weight: checkpoint shape [3, 4]")));
+            assert!(problems.iter().any(|p| p.starts_with("fc_norm.bias: missing")));
+            assert!(problems
+                .iter()
+                .any(|p| p.starts_with("head.bias: in the checkpoint but not")));
+        }
+        other => panic!("expected a mismatch, got {:?}", other.map(|_| ())),
+    }
+    // A missing file is a clear error naming it.
+    let err = checkpoint::load_meta(&dir.path().join("nope.safetensors"))
+        .err()
+        .map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("nope.safetensors") && e.contains("does not exist")));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// End-to-end runs on real MNIST-rot ($LIEDERIV_DATA_DIR; a test that needs it fails without it).
+
+use liederiv::report::EvalRecord;
+use liederiv::train::{train, TrainError};
+use liederiv::Config;
+use std::path::{Path, PathBuf};
+
+fn data_dir() -> String {
+    match std::env::var("LIEDERIV_DATA_DIR") {
+        Ok(d) if !d.is_empty() => d,
+        _ => panic!("set LIEDERIV_DATA_DIR to the folder holding mnist/ and fashion-mnist/ (IDX files)"),
+    }
+}
+
+/// A tiny ViT on 2,000 training digits; the split cache is shared by the tests of this binary.
+fn tiny_cfg(out: &Path, name: &str, extra: &[&str]) -> Config {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("liederiv-train-cache");
+    let mut o: Vec<String> = vec![
+        format!("name={name:?}"),
+        format!("data.root={:?}", data_dir()),
+        format!("data.cache_dir={:?}", cache.display().to_string()),
+        "data.train_size=2000".into(),
+        "data.val_size=0".into(),
+        "data.test_size=1000".into(),
+        "data.ood=[{name=\"fashion\", path=\"fashion-mnist\", rotate=true, limit=500}]".into(),
+        "model.vit.patch_size=7".into(),
+        "model.vit.dim=32".into(),
+        "model.vit.depth=2".into(),
+        "model.vit.heads=2".into(),
+        "model.vit.pool=\"mean\"".into(),
+        "train.batch_size=32".into(),
+        "train.base_lr=4e-3".into(),
+        "train.min_lr=1e-5".into(),
+        "train.warmup_steps=20".into(),
+        "train.grad_clip=1.0".into(),
+        "eval.splits=[\"test\"]".into(),
+        "eval.limit=500".into(),
+        "lee.transforms=[\"rotate\", \"translate_x\"]".into(),
+        "lee.splits=[\"train\", \"test\", \"ood_fashion\"]".into(),
+        "lee.limit=64".into(),
+        format!("output.dir={:?}", out.display().to_string()),
+        "output.progress=false".into(),
+        "output.plots=false".into(),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    match Config::resolve_str("", "tiny", &o) {
+        Ok(c) => c,
+        Err(e) => panic!("test config: {e}"),
+    }
+}
+
+fn records(dir: &Path) -> Vec<EvalRecord> {
+    match liederiv::report::read_jsonl(&dir.join("metrics.jsonl")) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn training_reaches_accuracy_with_finite_lee_on_every_split() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(
+        out.path(),
+        "acc",
+        &["train.steps=300", "train.eval_every=150", "train.checkpoint_every=300"],
+    );
+    let t0 = std::time::Instant::now();
+    let summary = train(&cfg, false)?;
+    eprintln!("300 steps + 2 evals in {:.1} s", t0.elapsed().as_secs_f64());
+    let recs = records(&summary.run_dir);
+    assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), vec![150, 300]);
+    let last = recs.last().cloned().ok_or_else(|| anyhow::anyhow!("no records"))?;
+    let acc = last.splits["test"].accuracy.unwrap_or(0.0);
+    eprintln!("test accuracy {acc:.3}");
+    assert!(acc > 0.25, "test accuracy {acc} is not well above chance (0.1)");
+    assert_eq!(last.splits["test"].n, 1000, "the final eval uses the whole split");
+    for split in ["train", "test", "ood_fashion"] {
+        for t in ["rotate", "translate_x"] {
+            let v = last.splits[split].lee.get(t).map(|m| (m.mean, m.n));
+            assert!(
+                matches!(v, Some((m, 64)) if m.is_finite() && m > 0.0),
+                "{split} {t}: {v:?}"
+            );
+        }
+    }
+    assert!(last.gaps().contains_key("ood_fashion_minus_train_lee_rotate"));
+    assert!(summary.run_dir.join("config.toml").exists() && summary.run_dir.join("metrics.csv").exists());
+    Ok(())
+}
+
+/// Kill a `liederiv train` process after its first checkpoint, resume it, and compare with an
+/// uninterrupted run: same metrics (all but images/s) and bit-identical final weights.
+#[test]
+fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let common = [
+        "train.steps=120",
+        "train.eval_every=40",
+        "train.checkpoint_every=20",
+        "augment.rotate_deg=180",
+    ];
+    let whole = train(&tiny_cfg(out.path(), "whole", &common), false)?;
+
+    let cfg = tiny_cfg(out.path(), "killed", &common);
+    let sets: Vec<String> = tiny_set_args(&cfg);
+    let bin = env!("CARGO_BIN_EXE_liederiv");
+    let mut child = std::process::Command::new(bin)
+        .arg("train")
+        .args(&sets)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let side = out.path().join("killed").join("checkpoint.json");
+    let t0 = std::time::Instant::now();
+    while !side.exists() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill()?;
+    child.wait()?;
+    let meta = checkpoint::load_meta(&out.path().join("killed").join("checkpoint.safetensors"))?;
+    assert!(
+        meta.step < 120,
+        "the run finished before it could be killed (step {})",
+        meta.step
+    );
+    let status = std::process::Command::new(bin)
+        .arg("train")
+        .args(&sets)
+        .arg("--resume")
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    assert!(status.success());
+
+    let strip = |mut v: Vec<EvalRecord>| {
+        for r in &mut v {
+            r.images_per_sec = 0.0;
+        }
+        v
+    };
+    let a = strip(records(&whole.run_dir));
+    let b = strip(records(&out.path().join("killed")));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "resumed metrics differ from the uninterrupted run");
+    let dev = Device::Cpu;
+    let wa = candle_core::safetensors::load(whole.run_dir.join("checkpoint.safetensors"), &dev)?;
+    let wb = candle_core::safetensors::load(out.path().join("killed").join("checkpoint.safetensors"), &dev)?;
+    assert_eq!(wa.len(), wb.len());
+    for (k, t) in &wa {
+        let d = (t - &wb[k])?
+            .to_dtype(DType::F32)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "{k} differs after resume");
+    }
+    Ok(())
+}
+
+/// The `--set` arguments that reproduce a test config on the command line.
+fn tiny_set_args(cfg: &Config) -> Vec<String> {
+    // The resolved config, written as a file, is the exact same run.
+    let path = PathBuf::from(&cfg.output.dir).join(format!("{}.toml", cfg.name));
+    std::fs::create_dir_all(&cfg.output.dir).ok();
+    std::fs::write(&path, cfg.to_toml()).ok();
+    vec!["--config".into(), path.display().to_string()]
+}
+
+#[test]
+fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let common = [
+        "train.steps=150",
+        "train.eval_every=150",
+        "train.checkpoint_every=150",
+        "train.lee_penalty_transforms=[\"rotate\"]",
+    ];
+    let lee_of = |name: &str, lambda: &str| -> anyhow::Result<f64> {
+        let mut extra = common.to_vec();
+        let set = format!("train.lee_penalty={lambda}");
+        extra.push(&set);
+        let s = train(&tiny_cfg(out.path(), name, &extra), false)?;
+        let last = records(&s.run_dir).pop().ok_or_else(|| anyhow::anyhow!("no records"))?;
+        Ok(last.splits["test"].lee["rotate"].mean)
+    };
+    let plain = lee_of("plain", "0")?;
+    let penalised = lee_of("penalised", "100")?;
+    eprintln!("test rotate LEE: λ=0 {plain:.3e}, λ=100 {penalised:.3e}");
+    assert!(
+        penalised < 0.7 * plain,
+        "penalty did not lower test LEE: {penalised} vs {plain}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_fail_before_training() -> anyhow::Result<()> {
+    // A negative learning rate is a config error naming the key.
+    let e = Config::resolve_str("[train]\nbase_lr = -1\n", "bad.toml", &[])
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("train.base_lr") && e.contains("out of range")),
+        "{e:?}"
+    );
+    let e = Config::resolve_str("[train]\nlr = -1\n", "bad.toml", &[])
+        .err()
+        .map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("train.lr")), "{e:?}");
+
+    // --resume without a checkpoint.
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(out.path(), "fresh", &["train.steps=5"]);
+    match train(&cfg, true) {
+        Err(e @ TrainError::NoCheckpoint { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("checkpoint.safetensors") && msg.contains("without --resume"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected NoCheckpoint, got {:?}", other.map(|_| ()).err()),
+    }
+    assert!(
+        !out.path().join("fresh").join("metrics.jsonl").exists(),
+        "training started"
+    );
+
+    // An unwritable run directory (its parent is a regular file).
+    let blocker = out.path().join("not-a-dir");
+    std::fs::write(&blocker, "x")?;
+    let mut cfg = tiny_cfg(out.path(), "x", &["train.steps=5"]);
+    cfg.output.dir = blocker.display().to_string();
+    match train(&cfg, false) {
+        Err(e @ TrainError::RunDir { .. }) => assert!(e.to_string().contains("not-a-dir"), "{e}"),
+        other => panic!("expected RunDir, got {:?}", other.map(|_| ()).err()),
+    }
+    Ok(())
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(
+        out.path(),
+        "nan",
+        &[
+            "train.steps=200",
+            "train.base_lr=1e33",
+            "train.warmup_steps=0",
+            "train.grad_clip=0.0",
+            "train.checkpoint_every=1",
+            "train.eval_every=1000",
+        ],
+    );
+    match train(&cfg, false) {
+        Err(TrainError::NonFinite {
+            step, checkpoint: ckpt, ..
+        }) => {
+            let meta = checkpoint::load_meta(Path::new(&ckpt))?;
+            assert_eq!(meta.step, step - 1, "the kept checkpoint is the last good step");
+        }
+        other => panic!("expected a non-finite loss, got {:?}", other.map(|_| ()).err()),
+    }
+    Ok(())
+}
