@@ -176,6 +176,15 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
         };
         write_atomic(&csv, layerwise_csv(&layerwise).as_bytes())?;
         println!("wrote {}", csv.display());
+        // Figure 4: cumulative share by step, one line per transform (steps are the same).
+        let stem = csv.with_extension("");
+        let names: Vec<String> = layerwise[0].steps.iter().map(|s| s.step.clone()).collect();
+        let lines: Vec<(String, Vec<f64>)> = layerwise
+            .iter()
+            .map(|r| (r.transform.name().to_string(), r.steps.iter().map(|s| s.contribution).collect()))
+            .collect();
+        crate::report::plot_layerwise(&stem, &lines, &names)?;
+        println!("wrote {}.png and .svg", stem.display());
     }
     Ok(())
 }

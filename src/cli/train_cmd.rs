@@ -1,17 +1,34 @@
 //! `liederiv train`: run the configured stages (see `crate::train::engine`), then print the
-//! final accuracy and LEE table.
+//! final accuracy and LEE table, write `summary.json` and draw the training plots.
 
 use super::TrainArgs;
 use crate::config::Config;
-use crate::report::EvalRecord;
+use crate::report::{self, EvalRecord, RunSummary, METRICS_JSONL, SUMMARY_JSON};
 use anyhow::Context;
+use std::time::Instant;
 
 pub fn run(args: &TrainArgs, cfg: &Config) -> anyhow::Result<()> {
+    let start = Instant::now();
     let summary = crate::train::train(cfg, args.resume).with_context(|| format!("training run {:?}", cfg.name))?;
     if let Some(last) = &summary.last {
         print!("{}", final_table(last));
     }
-    println!("run directory: {}", summary.run_dir.display());
+    let dir = &summary.run_dir;
+    let (varmap, _) = crate::models::build_model(cfg, &candle_core::Device::Cpu)?;
+    let params = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    // On --resume the wall time covers this invocation only.
+    let run_summary =
+        RunSummary { params: Some(params), wall_time_s: Some(start.elapsed().as_secs_f64()), seed: Some(cfg.seed) };
+    report::write_atomic(&dir.join(SUMMARY_JSON), serde_json::to_string_pretty(&run_summary)?.as_bytes())?;
+    if cfg.output.plots {
+        let records = report::read_jsonl(&dir.join(METRICS_JSONL))?;
+        if !records.is_empty() {
+            for p in report::plot_training(dir, &cfg.name, &records)? {
+                println!("plot: {}", p.display());
+            }
+        }
+    }
+    println!("run directory: {}", dir.display());
     Ok(())
 }
 
