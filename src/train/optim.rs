@@ -173,9 +173,12 @@ impl AdamW {
     pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
         for p in &mut self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
+                // candle does not detach the gradients of variables: they still reference the
+                // step's activations. Detach, or the optimiser state keeps every step's graph alive.
+                let g = g.detach();
                 p.acc = Some(match p.acc.take() {
                     Some(a) => (a + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
@@ -220,8 +223,8 @@ impl AdamW {
             let Some(g) = p.acc.take() else { continue };
             let lr_p = lr * p.group.lr_scale;
             // m ← β1 m + (1−β1) g ; v ← β2 v + (1−β2) g², with g = gscale · Σ micro-gradients.
-            p.m = (p.m.affine(b1, 0.0)? + g.affine((1.0 - b1) * gscale, 0.0)?)?;
-            p.v = (p.v.affine(b2, 0.0)? + g.sqr()?.affine((1.0 - b2) * gscale * gscale, 0.0)?)?;
+            p.m = (p.m.affine(b1, 0.0)? + g.affine((1.0 - b1) * gscale, 0.0)?)?.detach();
+            p.v = (p.v.affine(b2, 0.0)? + g.sqr()?.affine((1.0 - b2) * gscale * gscale, 0.0)?)?.detach();
             // denom = √v / √bc2 + ε ; θ ← θ(1 − lr·wd) − (lr / bc1) · m / denom.
             let denom = p.v.sqrt()?.affine(1.0 / bc2.sqrt(), self.hp.eps)?;
             let upd = (&p.m / denom)?.affine(lr_p / bc1, 0.0)?;
