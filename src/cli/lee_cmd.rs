@@ -181,7 +181,12 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
         let names: Vec<String> = layerwise[0].steps.iter().map(|s| s.step.clone()).collect();
         let lines: Vec<(String, Vec<f64>)> = layerwise
             .iter()
-            .map(|r| (r.transform.name().to_string(), r.steps.iter().map(|s| s.contribution).collect()))
+            .map(|r| {
+                (
+                    r.transform.name().to_string(),
+                    r.steps.iter().map(|s| s.contribution).collect(),
+                )
+            })
             .collect();
         crate::report::plot_layerwise(&stem, &lines, &names)?;
         println!("wrote {}.png and .svg", stem.display());

@@ -17,9 +17,15 @@ pub fn run(args: &TrainArgs, cfg: &Config) -> anyhow::Result<()> {
     let (varmap, _) = crate::models::build_model(cfg, &candle_core::Device::Cpu)?;
     let params = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     // On --resume the wall time covers this invocation only.
-    let run_summary =
-        RunSummary { params: Some(params), wall_time_s: Some(start.elapsed().as_secs_f64()), seed: Some(cfg.seed) };
-    report::write_atomic(&dir.join(SUMMARY_JSON), serde_json::to_string_pretty(&run_summary)?.as_bytes())?;
+    let run_summary = RunSummary {
+        params: Some(params),
+        wall_time_s: Some(start.elapsed().as_secs_f64()),
+        seed: Some(cfg.seed),
+    };
+    report::write_atomic(
+        &dir.join(SUMMARY_JSON),
+        serde_json::to_string_pretty(&run_summary)?.as_bytes(),
+    )?;
     if cfg.output.plots {
         let records = report::read_jsonl(&dir.join(METRICS_JSONL))?;
         if !records.is_empty() {
@@ -51,12 +57,16 @@ pub fn final_table(r: &EvalRecord) -> String {
         None => "–".into(),
     };
     for (name, m) in &r.splits {
-        out += &format!(
-            "| {name} | {} | {} | {} |",
-            m.n,
-            opt(m.loss, false),
-            opt(m.accuracy, true)
-        );
+        // n counts the accuracy images; a LEE-only split shows its LEE subset size instead.
+        let n = match m.n {
+            0 => m
+                .lee
+                .values()
+                .next()
+                .map_or("–".to_string(), |v| format!("{} (LEE)", v.n)),
+            n => n.to_string(),
+        };
+        out += &format!("| {name} | {n} | {} | {} |", opt(m.loss, false), opt(m.accuracy, true));
         for t in &transforms {
             match m.lee.get(*t) {
                 Some(v) => out += &format!(" {:.3e} ± {:.1e} |", v.mean, v.stderr),
