@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use liederiv::models::fused::{
-    gelu_erf, gelu_erf_composed, layer_norm, layer_norm_composed, softmax_composed, softmax_last_dim,
+    gelu_erf, gelu_erf_composed, layer_norm, layer_norm_composed, softmax, softmax_composed,
 };
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -98,7 +98,7 @@ fn layer_norm_matches_composed_f64_and_f32() {
 
 fn check_softmax(shape: &[usize], dtype: DType, tol: f64) {
     let x = Var::from_tensor(&randn(shape, 3.0, 4, dtype)).unwrap();
-    let yf = softmax_last_dim(&x).unwrap();
+    let yf = softmax(&x).unwrap();
     let yc = softmax_composed(&x).unwrap();
     let fwd = max_abs_diff(&yf, &yc);
     assert!(fwd < tol, "softmax {shape:?} {dtype:?} forward differs by {fwd}");
@@ -121,10 +121,10 @@ fn softmax_is_shift_invariant_and_stable() {
     // Exact invariance: softmax(x + c) = softmax(x), checked in f64 where x + 1000 keeps
     // 1e-13 of x; in f32, c = 1000 overflows a naive exp (e^1000) but not a max-shifted one.
     let x = randn(&[4, 9], 1.0, 6, DType::F64);
-    let a = softmax_last_dim(&x).unwrap();
-    let b = softmax_last_dim(&(&x + 1000.0).unwrap()).unwrap();
+    let a = softmax(&x).unwrap();
+    let b = softmax(&(&x + 1000.0).unwrap()).unwrap();
     assert!(max_abs_diff(&a, &b) < 1e-12);
-    let big = softmax_last_dim(&(x.to_dtype(DType::F32).unwrap() * 1000.0).unwrap()).unwrap();
+    let big = softmax(&(x.to_dtype(DType::F32).unwrap() * 1000.0).unwrap()).unwrap();
     let rows = big.sum(1).unwrap().to_vec1::<f32>().unwrap();
     assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-6), "{rows:?}");
 }
@@ -183,7 +183,7 @@ fn gradients_match_finite_differences_f64() {
     check_fd("layer_norm weight", &|t| layer_norm(&xt, t, &bt, 1e-6).unwrap(), &w);
     check_fd("layer_norm bias", &|t| layer_norm(&xt, &wt, t, 1e-6).unwrap(), &b);
     let s = Var::from_tensor(&randn(&[3, 4, 10], 2.0, 12, DType::F64)).unwrap();
-    check_fd("softmax", &|t| softmax_last_dim(t).unwrap(), &s);
+    check_fd("softmax", &|t| softmax(t).unwrap(), &s);
     let g = Var::from_tensor(&randn(&[6, 20], 2.0, 13, DType::F64)).unwrap();
     check_fd("gelu", &|t| gelu_erf(t).unwrap(), &g);
 }
@@ -193,7 +193,7 @@ fn non_contiguous_inputs_and_fallback_dtypes() {
     // A transposed view: the wrapper makes it contiguous, the result equals the composed one.
     let x = randn(&[2, 16, 8], 1.0, 14, DType::F32).transpose(1, 2).unwrap();
     assert!(!x.is_contiguous());
-    assert!(max_abs_diff(&softmax_last_dim(&x).unwrap(), &softmax_composed(&x).unwrap()) < 1e-6);
+    assert!(max_abs_diff(&softmax(&x).unwrap(), &softmax_composed(&x).unwrap()) < 1e-6);
     assert!(max_abs_diff(&gelu_erf(&x).unwrap(), &gelu_erf_composed(&x).unwrap()) < 1e-6);
     let (w, b) = (randn(&[16], 1.0, 15, DType::F32), randn(&[16], 1.0, 16, DType::F32));
     let e = max_abs_diff(

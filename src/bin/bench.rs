@@ -13,12 +13,13 @@
 //! shapes (`kernel=NAME ... composed_ms=X fused_ms=X` lines), which is what each fusion buys.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{Device, Tensor, Var};
 use clap::Parser;
 use liederiv::config::{Config, VitConfig};
+use liederiv::lie::lee::softmax_jvp;
 use liederiv::lie::Tape;
 use liederiv::models::{build_model, fused, Rng};
+use liederiv::train::{AdamW, AdamWParams};
 use rand::SeedableRng;
 use std::time::Instant;
 
@@ -96,20 +97,16 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
     let x = randn(&[b, 1, 28, 28], 1)?;
     let dx = randn(&[1, b, 1, 28, 28], 2)?; // one tangent direction: (T=1, B, C, H, W)
     let labels = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect::<Vec<_>>(), b, &dev)?;
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: 1e-4,
-            weight_decay: 0.05,
-            ..Default::default()
-        },
-    )?;
+    // The trainer's own AdamW (parameter groups, decoupled weight decay), as `train` runs it.
+    let vit_depth = (cfg.model.kind == "vit").then_some(cfg.model.vit.depth);
+    let mut opt = AdamW::new(&varmap, AdamWParams::from_train(&cfg.train), vit_depth)?;
     let mut rng = Rng::seed_from_u64(cfg.seed);
 
     let train_ms = timed(args.warmup, args.reps, || {
         let logits = model.forward_train(&x, &mut rng)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        opt.backward_step(&loss)?;
+        opt.accumulate(&loss.backward()?)?;
+        opt.step(1e-4)?;
         Ok(())
     })?;
     let forward_ms = timed(args.warmup, args.reps, || {
@@ -118,10 +115,7 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
     })?;
     let lee_ms = timed(args.warmup, args.reps, || {
         let (logits, dlogits) = model.jvp(&x, &dx, &mut Tape::off())?;
-        // d softmax = p ⊙ (dl − Σ p ⊙ dl)
-        let p = fused::softmax_last_dim(&logits)?.unsqueeze(0)?;
-        let pdl = dlogits.broadcast_mul(&p)?;
-        let dp = (&pdl - pdl.sum_keepdim(D::Minus1)?.broadcast_mul(&p)?)?;
+        let (_, dp) = softmax_jvp(&logits, &dlogits)?;
         dp.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
@@ -176,7 +170,7 @@ fn bench_kernels(args: &Args) -> Result<()> {
         &[b * 3, 50, 50],
         args,
         &fused::softmax_composed,
-        &fused::softmax_last_dim,
+        &fused::softmax,
     )?;
     bench_kernel("gelu", &[b, 50, 768], args, &fused::gelu_erf_composed, &fused::gelu_erf)
 }

@@ -51,13 +51,8 @@ pub fn input_tangents(x: &Tensor, transforms: &[Transform], stencil: Stencil) ->
     Tensor::stack(&parts, 0)
 }
 
-/// Softmax over the last axis from differentiable ops.
-pub fn softmax(logits: &Tensor) -> Result<Tensor> {
-    // The max shift cancels in the softmax; detaching it keeps its gradient out of the graph.
-    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
-    let e = shifted.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
+/// Softmax over the last axis (fused on CPU, with its backward; composed elsewhere).
+pub use crate::models::fused::softmax;
 
 /// Softmax over the last axis and its JVP, from differentiable ops (candle's fused softmax has
 /// no backward). `logits: (B, K)`, `dlogits: (T, B, K)` → `p: (B, K)`, `dp: (T, B, K)` with

@@ -446,7 +446,7 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 }
 
 /// Softmax over the last axis: `x: (..., N)` → `(..., N)`.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
     x.dim(D::Minus1)?;
     if !fusable(x) {
         return softmax_composed(x);

@@ -153,7 +153,7 @@ pub struct Softmax;
 
 impl Softmax {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::softmax_last_dim(x)
+        fused::softmax(x)
     }
 
     /// dS = S ⊙ (dA − Σ S ⊙ dA), given the primal output `s`.
