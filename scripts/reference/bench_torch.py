@@ -5,6 +5,7 @@ Models (liederiv's own layouts, see src/models/{vit,cnn,gcnn}.rs):
   vit_tiny   ViT p7 / dim 64 / depth 4 / heads 2, cls pooling, learned pos embed, LN eps 1e-6, GELU-erf
   vit_small  ViT p4 / dim 192 / depth 6 / heads 3 (same layout)
   cnn        ResNet-style: 3x3 stem, stages [32, 64, 128] x 2 basic blocks, BN, global mean pool
+  vit_base   ViT-B/16 (p16 / dim 768 / depth 12 / heads 12) on (B, 3, 224, 224), the GPU-scale model
   gcnn       C8 G-CNN: lifting + group convs (k=5, fields [16, 24, 32, 32]), filter bank rebuilt per call by
              rotating the base filter (rot90 + bilinear remainder inside a disk mask), field batch norm,
              2x2 mean pool while the grid is even, group max pool, global mean pool
@@ -191,16 +192,20 @@ def build(name):
         return Cnn()
     if name == "gcnn":
         return Gcnn()
-    raise SystemExit(f"unknown model {name!r}: use vit_tiny, vit_small, cnn or gcnn")
+    if name == "vit_base":
+        return Vit(16, 768, 12, 12, image=224, chans=3)
+    raise SystemExit(f"unknown model {name!r}: use vit_tiny, vit_small, cnn, gcnn or vit_base")
 
 
-def timed(fn, warmup, reps):
+def timed(fn, warmup, reps, sync):
     for _ in range(warmup):
         fn()
+    sync()
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(out)
 
@@ -212,14 +217,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (times then wait for the GPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 1, 28, 28)
-    y = torch.randint(0, 10, (args.batch,))
-    dx = torch.randn_like(x)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for name in args.models.split(","):
-        model = build(name)
+        chans, size = (3, 224) if name == "vit_base" else (1, 28)
+        x = torch.randn(args.batch, chans, size, size, device=dev)
+        y = torch.randint(0, 10, (args.batch,), device=dev)
+        dx = torch.randn_like(x)
+        model = build(name).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
         is_vit = isinstance(model, Vit)
 
@@ -242,9 +251,9 @@ def main():
             if is_vit:
                 model.set_fused_attention(True)
 
-        t_train = timed(train, args.warmup, args.reps)
-        t_fwd = timed(forward, args.warmup, args.reps)
-        t_lee = timed(lee, args.warmup, args.reps)
+        t_train = timed(train, args.warmup, args.reps, sync)
+        t_fwd = timed(forward, args.warmup, args.reps, sync)
+        t_lee = timed(lee, args.warmup, args.reps, sync)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(f"impl=torch model={name} train_ms={t_train:.2f} forward_ms={t_fwd:.2f} lee_ms={t_lee:.2f} peak_mb={peak:.1f}",
               flush=True)

@@ -1,7 +1,8 @@
 //! liederiv's side of `scripts/bench.sh`: the same measurements as
 //! `scripts/reference/bench_torch.py`, in the same output format, on our models (release build).
 //!
-//! Per model, on a `(B, 1, 28, 28)` batch with 10 classes:
+//! Per model, on a `(B, 1, 28, 28)` batch with 10 classes (`vit_base`: ViT-B/16 on `(B, 3, 224, 224)`,
+//! the GPU-scale model; `--device cuda` times on the GPU, synchronising after every repetition):
 //! - `train_ms`: training-mode forward + cross-entropy + backward + AdamW step;
 //! - `forward_ms`: eval-mode forward;
 //! - `lee_ms`: the JVP of softmax(model(x)) along one input tangent (eval mode), the LEE core;
@@ -19,14 +20,14 @@ use liederiv::config::{Config, VitConfig};
 use liederiv::lie::lee::softmax_jvp;
 use liederiv::lie::Tape;
 use liederiv::models::{build_model, fused, Rng};
-use liederiv::train::{AdamW, AdamWParams};
+use liederiv::train::{select_device, AdamW, AdamWParams};
 use rand::SeedableRng;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
 #[command(about = "Time train step / forward / LEE JVP of liederiv's models (see scripts/bench.sh)")]
 struct Args {
-    /// Comma-separated models: vit_tiny, vit_small, cnn, gcnn.
+    /// Comma-separated models: vit_tiny, vit_small, cnn, gcnn, vit_base.
     #[arg(long, default_value = "vit_tiny,vit_small,cnn,gcnn")]
     models: String,
     /// Images per batch.
@@ -41,6 +42,9 @@ struct Args {
     /// Time the fused kernels against their composed forms instead of whole models.
     #[arg(long)]
     kernels: bool,
+    /// cpu, cuda, cuda:N or auto (as the config's `device`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// The benchmark's config for a model name (defaults elsewhere: 28×28×1, 10 classes).
@@ -51,20 +55,35 @@ fn config_for(name: &str) -> Result<Config> {
         "vit_small" => (cfg.model.kind, cfg.model.vit) = ("vit".into(), VitConfig::small_mnist()),
         "cnn" => cfg.model.kind = "cnn".into(),
         "gcnn" => cfg.model.kind = "gcnn".into(),
-        other => bail!("unknown model {other:?}: use vit_tiny, vit_small, cnn or gcnn"),
+        "vit_base" => {
+            // ViT-B/16 at 224 px on RGB-replicated digits, as configs/rotmnist_mae_gpu.toml.
+            (cfg.data.image_size, cfg.data.channels) = (224, 3);
+            cfg.model.kind = "vit".into();
+            cfg.model.vit = VitConfig {
+                patch_size: 16,
+                dim: 768,
+                depth: 12,
+                heads: 12,
+                pool: "mean".into(),
+                ..VitConfig::default()
+            };
+        }
+        other => bail!("unknown model {other:?}: use vit_tiny, vit_small, cnn, gcnn or vit_base"),
     }
     Ok(cfg)
 }
 
-/// Median wall time of `f` in milliseconds.
-fn timed(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median wall time of `f` in milliseconds; GPU work is waited for before the clock stops.
+fn timed(dev: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
+    dev.synchronize()?;
     let mut ms = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
         f()?;
+        dev.synchronize()?;
         ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
@@ -81,39 +100,39 @@ fn peak_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+fn randn(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
     use rand_distr::{Distribution, StandardNormal};
     let mut rng = Rng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    Ok(Tensor::from_vec(v, shape, dev)?)
 }
 
 fn bench_model(name: &str, args: &Args) -> Result<()> {
     let cfg = config_for(name)?;
-    let dev = Device::Cpu;
+    let dev = select_device(&args.device)?;
     let (varmap, model) = build_model(&cfg, &dev).with_context(|| format!("building {name}"))?;
-    let b = args.batch;
-    let x = randn(&[b, 1, 28, 28], 1)?;
-    let dx = randn(&[1, b, 1, 28, 28], 2)?; // one tangent direction: (T=1, B, C, H, W)
+    let (b, c, s) = (args.batch, cfg.data.channels, cfg.data.image_size);
+    let x = randn(&[b, c, s, s], 1, &dev)?;
+    let dx = randn(&[1, b, c, s, s], 2, &dev)?; // one tangent direction: (T=1, B, C, H, W)
     let labels = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect::<Vec<_>>(), b, &dev)?;
     // The trainer's own AdamW (parameter groups, decoupled weight decay), as `train` runs it.
     let vit_depth = (cfg.model.kind == "vit").then_some(cfg.model.vit.depth);
     let mut opt = AdamW::new(&varmap, AdamWParams::from_train(&cfg.train), vit_depth)?;
     let mut rng = Rng::seed_from_u64(cfg.seed);
 
-    let train_ms = timed(args.warmup, args.reps, || {
+    let train_ms = timed(&dev, args.warmup, args.reps, || {
         let logits = model.forward_train(&x, &mut rng)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         opt.accumulate(&loss.backward()?)?;
         opt.step(1e-4)?;
         Ok(())
     })?;
-    let forward_ms = timed(args.warmup, args.reps, || {
+    let forward_ms = timed(&dev, args.warmup, args.reps, || {
         model.forward(&x)?;
         Ok(())
     })?;
-    let lee_ms = timed(args.warmup, args.reps, || {
+    let lee_ms = timed(&dev, args.warmup, args.reps, || {
         let (logits, dlogits) = model.jvp(&x, &dx, &mut Tape::off())?;
         let (_, dp) = softmax_jvp(&logits, &dlogits)?;
         dp.sum_all()?.to_scalar::<f32>()?;
@@ -134,16 +153,16 @@ fn bench_kernel(
     composed: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
     fused: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> Result<()> {
-    let x = Var::from_tensor(&randn(shape, 3)?)?;
-    let g = randn(shape, 4)?;
+    let x = Var::from_tensor(&randn(shape, 3, &Device::Cpu)?)?;
+    let g = randn(shape, 4, &Device::Cpu)?;
     let dims = format!("{shape:?}").replace(' ', ""); // one token: "[128,50,192]"
     let mut line = format!("kernel={name} shape={dims}");
     for (label, f) in [("composed", composed), ("fused", fused)] {
-        let fwd = timed(args.warmup, args.reps, || {
+        let fwd = timed(&Device::Cpu, args.warmup, args.reps, || {
             f(&x)?;
             Ok(())
         })?;
-        let fwd_bwd = timed(args.warmup, args.reps, || {
+        let fwd_bwd = timed(&Device::Cpu, args.warmup, args.reps, || {
             (f(&x)? * &g)?.sum_all()?.backward()?;
             Ok(())
         })?;
@@ -156,8 +175,8 @@ fn bench_kernel(
 fn bench_kernels(args: &Args) -> Result<()> {
     let b = args.batch;
     // The small ViT's shapes: tokens (B, 50, 192), attention (B·3, 50, 50), MLP hidden (B, 50, 768).
-    let w = Var::from_tensor(&(randn(&[192], 5)? + 1.0)?)?;
-    let bias = Var::from_tensor(&randn(&[192], 6)?)?;
+    let w = Var::from_tensor(&(randn(&[192], 5, &Device::Cpu)? + 1.0)?)?;
+    let bias = Var::from_tensor(&randn(&[192], 6, &Device::Cpu)?)?;
     bench_kernel(
         "layer_norm",
         &[b, 50, 192],

@@ -18,7 +18,6 @@ use crate::lie::{
 use crate::models::{build_model, Rng};
 use crate::transforms::{Stencil, Transform};
 use anyhow::{bail, Context};
-use candle_core::Device;
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -91,7 +90,7 @@ struct SplitResult {
 
 pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
     let opts = resolve(cfg, args)?;
-    let device = Device::Cpu;
+    let device = crate::train::select_device(&cfg.device)?;
     let (varmap, model) = build_model(cfg, &device).context("building the model from the config")?;
     if let Some(ckpt) = &args.checkpoint {
         let mut varmap = varmap;
