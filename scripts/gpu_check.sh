@@ -5,7 +5,7 @@
 #   2. tests/cuda.rs: LEE, loss / LEE-penalty / MAE gradients, AdamW steps and warps, GPU vs CPU
 #      on the same weights (1e-4 relative);
 #   3. the quickstart trained on the GPU, then `liederiv lee` on its checkpoint on GPU and CPU;
-#   4. bench on the GPU: vit_small (batch 128) and ViT-B/16 at 224 px (batch 64), ours and, when
+#   4. bench on the GPU: the four CPU-scale models (batch 128) and ViT-B/16 at 224 px (batch 64), ours and, when
 #      python3 has torch, PyTorch's in the same run.
 #
 #   LIEDERIV_DATA_DIR=/path/to/data scripts/gpu_check.sh      # default data: .gpu-data/
@@ -68,10 +68,10 @@ walk(g, c, "")
 print(f"worst relative difference of LEE means/stderrs GPU vs CPU: {worst:.2e}")
 sys.exit(0 if worst < 1e-4 else 1)
 EOF
-step bench_ours "$BIN/bench" --device cuda --models vit_small --batch 128 --reps 5
+step bench_ours "$BIN/bench" --device cuda --models vit_tiny,vit_small,cnn,gcnn --batch 128 --reps 5
 step bench_ours_base "$BIN/bench" --device cuda --models vit_base --batch 64 --reps 5
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    step bench_torch python3 scripts/reference/bench_torch.py --device cuda --models vit_small --batch 128 --reps 5
+    step bench_torch python3 scripts/reference/bench_torch.py --device cuda --models vit_tiny,vit_small,cnn,gcnn --batch 128 --reps 5
     step bench_torch_base python3 scripts/reference/bench_torch.py --device cuda --models vit_base --batch 64 --reps 5
 fi
 cp "$RUNS/quickstart/summary.json" "$OUT/quickstart_summary.json" 2>/dev/null
