@@ -12,8 +12,9 @@
 # major/minor of the GPU machine with CUDARC_CUDA_VERSION (13.0: driver 580 and PyTorch's cu130
 # libraries there).
 #
-# Output: dist-cuda/ with liederiv, bench and the CUDA test binary (tests/cuda.rs), ready to carry
-# to the GPU machine; run them there with scripts/gpu_check.sh. On a machine with a normal CUDA
+# Output: dist-cuda/ with liederiv, bench and the CUDA test binary (tests/cuda.rs), and the same
+# packed as .gpu-carry/dist-cuda.tar.xz to carry to the GPU machine; scripts/gpu_check.sh unpacks
+# and runs them there. On a machine with a normal CUDA
 # toolkit (nvcc on PATH, libcuda present) none of this is needed:
 #   CUDA_COMPUTE_CAP=90 cargo build --release --features cuda
 set -euo pipefail
@@ -67,5 +68,9 @@ cp "$CARGO_TARGET_DIR/release/liederiv" "$CARGO_TARGET_DIR/release/bench" dist-c
 test_bin=$(ls -t "$CARGO_TARGET_DIR"/release/deps/cuda-* | grep -v '\.d$' | head -1)
 cp "$test_bin" dist-cuda/cuda_tests
 strip dist-cuda/*
-ls -la dist-cuda
-echo "build_cuda: done; carry dist-cuda/ to the GPU machine and run scripts/gpu_check.sh there"
+# ~190 MB stripped, mostly candle's PTX and quantized-kernel cubins repeated in each binary; one
+# xz stream with a 64 MiB dictionary shares them: ~19 MB to carry.
+mkdir -p .gpu-carry
+tar cf - dist-cuda | xz -9 -T0 >.gpu-carry/dist-cuda.tar.xz
+ls -la dist-cuda .gpu-carry
+echo "build_cuda: done; carry .gpu-carry/ (and a data folder) to the GPU machine and run scripts/gpu_check.sh there"

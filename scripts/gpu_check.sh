@@ -18,6 +18,9 @@ mkdir -p "$OUT"
 export LIEDERIV_DATA_DIR=${LIEDERIV_DATA_DIR:-$PWD/.gpu-data}
 BIN=${BIN:-dist-cuda}
 RUNS=${RUNS:-/tmp/liederiv-gpu-runs}
+if [[ ! -x $BIN/liederiv && -f .gpu-carry/dist-cuda.tar.xz ]]; then
+    tar xJf .gpu-carry/dist-cuda.tar.xz
+fi
 
 # cuBLAS / cuRAND / NVRTC / cudart 13: the toolkit's, else PyTorch's wheels (nvidia/cu13/lib);
 # libcuda.so.1 from the driver.
