@@ -175,6 +175,10 @@ fn mae_loss_gradient_matches_cpu() -> Result<()> {
     Ok(())
 }
 
+/// The optimiser alone: both sides get the CPU's gradients (a parameter whose gradient is zero in
+/// exact arithmetic, like the attention key bias, has rounding-noise gradients that Adam normalises
+/// to full-size steps of either sign, so gradients computed on each device cannot be compared
+/// after an Adam step).
 #[test]
 fn adamw_steps_match_cpu() -> Result<()> {
     let cfg = config("vit");
@@ -185,14 +189,19 @@ fn adamw_steps_match_cpu() -> Result<()> {
     let yc = Tensor::new(labels.as_slice(), &Device::Cpu)?;
     for step in 0..3 {
         let xc = randn(&[16, 1, 28, 28], 10 + step, &Device::Cpu)?;
-        for (m, o, x, y) in [
-            (&mc, &mut oc, xc.clone(), yc.clone()),
-            (&mg, &mut og, xc.to_device(&gpu())?, yc.to_device(&gpu())?),
-        ] {
-            let loss = candle_nn::loss::cross_entropy(&m.forward(&x)?, &y)?;
-            o.accumulate(&loss.backward()?)?;
-            o.step(1e-3)?;
+        let gc = candle_nn::loss::cross_entropy(&mc.forward(&xc)?, &yc)?.backward()?;
+        let xg = xc.to_device(&gpu())?;
+        let mut gg = candle_nn::loss::cross_entropy(&mg.forward(&xg)?, &yc.to_device(&gpu())?)?.backward()?;
+        for (name, v) in vc.data().lock().unwrap().iter() {
+            let g = gc
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            gg.insert(vg.data().lock().unwrap()[name].as_tensor(), g.to_device(&gpu())?);
         }
+        oc.accumulate(&gc)?;
+        oc.step(1e-3)?;
+        og.accumulate(&gg)?;
+        og.step(1e-3)?;
     }
     let (c, g) = (vc.data().lock().unwrap(), vg.data().lock().unwrap());
     let worst = c

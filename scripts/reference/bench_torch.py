@@ -129,7 +129,7 @@ def rotate_filters(w, angle):
     k = w.shape[-1]
     flat = w.reshape(-1, 1, k, k)
     c, s = math.cos(angle), math.sin(angle)
-    theta = torch.tensor([[c, s, 0.0], [-s, c, 0.0]], dtype=w.dtype).expand(flat.shape[0], 2, 3)
+    theta = torch.tensor([[c, s, 0.0], [-s, c, 0.0]], dtype=w.dtype, device=w.device).expand(flat.shape[0], 2, 3)
     grid = F.affine_grid(theta, flat.shape, align_corners=True)
     return F.grid_sample(flat, grid, align_corners=True).reshape(w.shape)
 
