@@ -21,7 +21,7 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         let s = crate::data::load_split(cfg, name).with_context(|| format!("loading split {name:?}"))?;
         splits.insert(name.clone(), s);
     }
-    let (varmap, model) = crate::models::build_model(cfg, &device).context("building the model")?;
+    let (varmap, _) = crate::models::build_model(cfg, &device).context("building the model")?;
     match &args.checkpoint {
         Some(path) => {
             crate::train::checkpoint::load_weights(path, &varmap, &device)?;
@@ -35,6 +35,7 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         }
         None => {}
     }
+    let model = crate::models::frozen(cfg, &varmap, &device)?;
     let spec = lee_spec(cfg).map_err(anyhow::Error::msg)?;
     let metrics = evaluate(
         model.as_ref(),

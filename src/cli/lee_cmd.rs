@@ -15,7 +15,7 @@ use crate::lie::{
     decompose, LayerwiseAccumulator, LayerwiseReport, LeeAccumulator, LeeSpec, LeeSummary, Metric, MetricStat,
     MetricsAccumulator, Statistic,
 };
-use crate::models::{build_model, Rng};
+use crate::models::{build_model, frozen, Rng};
 use crate::transforms::{Stencil, Transform};
 use anyhow::{bail, Context};
 use rand::SeedableRng;
@@ -91,9 +91,8 @@ struct SplitResult {
 pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
     let opts = resolve(cfg, args)?;
     let device = crate::train::select_device(&cfg.device)?;
-    let (varmap, model) = build_model(cfg, &device).context("building the model from the config")?;
+    let (mut varmap, model) = build_model(cfg, &device).context("building the model from the config")?;
     if let Some(ckpt) = &args.checkpoint {
-        let mut varmap = varmap;
         varmap.load(ckpt).with_context(|| {
             format!(
                 "loading checkpoint {} into a {} model: it must be a safetensors file written for this \
@@ -103,6 +102,8 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
             )
         })?;
     }
+    // LEE and metrics need no autograd graph; the layerwise decomposition differentiates.
+    let inference = frozen(cfg, &varmap, &device)?;
     let mut rng = Rng::seed_from_u64(cfg.seed);
     let bs = opts.spec.batch_size.max(1);
     let mut results = Vec::new();
@@ -129,10 +130,10 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
         for start in (0..n).step_by(bs) {
             let idx: Vec<usize> = (start..n.min(start + bs)).collect();
             let (x, y) = data::batch(&split, &idx, &cfg.data, &device)?;
-            lee.push(model.as_ref(), &x, Some(&y), &opts.spec)
+            lee.push(inference.as_ref(), &x, Some(&y), &opts.spec)
                 .with_context(|| format!("LEE on split {name}"))?;
             if !opts.metrics.is_empty() {
-                metrics.push(model.as_ref(), &x, &mut rng)?;
+                metrics.push(inference.as_ref(), &x, &mut rng)?;
             }
             for acc in &mut lw {
                 let d = decompose(

@@ -547,8 +547,9 @@ pub fn train(cfg: &Config, resume: bool) -> Result<RunSummary, TrainError> {
     };
     let mut eval_fn = |finished: bool| {
         let limit = if finished { 0 } else { cfg.eval.limit };
+        let inference = crate::models::frozen(cfg, &varmap, &device)?;
         evaluate(
-            model,
+            inference.as_ref(),
             cfg,
             &splits,
             &cfg.eval.splits,
