@@ -20,7 +20,11 @@
 #
 # Environment: LIEDERIV_DATA_DIR (MNIST and Fashion-MNIST IDX folders; without it the data come
 # from the Hugging Face Hub), CARGO_TARGET_DIR (where the release binary is built), BUDGET
-# (full | smoke), ROWS, FORCE.
+# (full | smoke), ROWS, FORCE, RAYON_NUM_THREADS (candle's CPU threads; default: all cores). On a
+# machine shared with other jobs, RAYON_NUM_THREADS=1 is faster: with the load average at 9 on 2
+# cores, 10 tiny-ViT steps took 8.4-10.2 s on one thread against 20.5-22.5 s on two (the worker
+# threads spin at their barriers while the other one is descheduled). The committed table was made
+# with RAYON_NUM_THREADS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
