@@ -437,6 +437,24 @@ fn tiny_set_args(cfg: &Config) -> Vec<String> {
 }
 
 #[test]
+fn evaluation_logits_hold_no_graph() -> anyhow::Result<()> {
+    // Logits kept across eval batches must not keep each batch's forward graph alive: on the 50k
+    // test set that graph is ~20 GB for the tiny ViT (a Table 1 run was OOM-killed by it).
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(out.path(), "eval_graph", &["eval.batch_size=128"]);
+    let (_varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
+    let test = liederiv::data::load_split(&cfg, "test")?;
+    let (logits, labels) = liederiv::train::evaluate::logits_of(model.as_ref(), &test, 300, &cfg, &Device::Cpu)?;
+    assert_eq!(logits.dims(), [300, 10]);
+    assert_eq!(labels.dims(), [300]);
+    assert!(!logits.track_op(), "eval logits still reference the forward graph");
+    // The model itself is trainable: its raw output does track the graph, so the check can fail.
+    let (x, _) = liederiv::train::evaluate::head_of(&test, 4, &cfg, &Device::Cpu)?;
+    assert!(model.forward(&x)?.track_op());
+    Ok(())
+}
+
+#[test]
 fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
     let common = [
