@@ -11,8 +11,10 @@
 #   BUDGET=smoke scripts/table1.sh                               # a few steps per row, 1k test images
 #   ROWS="cnn_noaug gcnn_c8" scripts/table1.sh                   # some rows only
 #
-# Measured runtime of the full table (one seed per row): see experiments/table1/RESULTS.md,
-# "Runtime" (2-core CPU shared with other jobs). BUDGET=smoke: about 3 minutes.
+# Measured runtime of the full table (one seed per row, 2-core CPU with a load average of 5-11
+# from other jobs, RAYON_NUM_THREADS=1): the rows' wall times sum to about 85 min (the C8 G-CNN
+# alone 33 min, its final evaluation on the 50k test digits included); 72 min elapsed with two rows
+# at a time. Per row: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: 73 s.
 # Rows whose run directory already holds a summary.json are not trained again (FORCE=1 retrains
 # them from scratch), and a row that was interrupted continues from its last checkpoint
 # (`train --resume`), so a stopped table picks up where it stopped. The runs themselves live in
@@ -96,6 +98,7 @@ report() {
 [[ -f "$OUT/runtime.md" && "$FORCE" == 0 ]] || printf '| row | wall time | load average at start |\n| :-- | --: | :-- |\n' > "$OUT/runtime.md"
 for row in $ROWS; do
     dir=$RUNS/$row
+    trained=0
     if [[ -f "$dir/summary.json" && "$FORCE" == 0 ]]; then
         echo "table1: $row already finished in $dir (FORCE=1 retrains it)" >&2
     else
@@ -126,6 +129,7 @@ for row in $ROWS; do
         secs=$(($(date +%s) - start))
         printf '| %s | %d min %02d s%s | %s |\n' "$row" $((secs / 60)) $((secs % 60)) \
             "${resume:+ (resumed: this invocation only)}" "$load" >> "$OUT/runtime.md"
+        trained=1
     fi
     mkdir -p "$OUT/runs/$row"
     cp "$dir"/{config.toml,metrics.jsonl,metrics.csv,summary.json} "$OUT/runs/$row/"
@@ -133,5 +137,7 @@ for row in $ROWS; do
         mkdir -p "$OUT/runs/$row/pretrain"
         cp "$dir/pretrain/metrics.jsonl" "$OUT/runs/$row/pretrain/"
     fi
-    report
+    # A report after every trained row, so a stopped table still shows the rows it finished.
+    if [[ $trained == 1 ]]; then report; fi
 done
+report
