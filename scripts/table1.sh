@@ -14,7 +14,7 @@
 # Measured runtime of the full table (one seed per row, 2-core CPU with a load average of 5-11
 # from other jobs, RAYON_NUM_THREADS=1): the rows' wall times sum to about 85 min (the C8 G-CNN
 # alone 33 min, its final evaluation on the 50k test digits included); 72 min elapsed with two rows
-# at a time. Per row: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: 73 s.
+# at a time. Per row: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: about a minute.
 # Rows whose run directory already holds a summary.json are not trained again (FORCE=1 retrains
 # them from scratch), and a row that was interrupted continues from its last checkpoint
 # (`train --resume`), so a stopped table picks up where it stopped. The runs themselves live in
