@@ -395,13 +395,25 @@ fn report_command_builds_table_and_plots() {
     let a = synthetic_run(root.path(), "a", "mae_vit", 0.985, 1.0, true);
     let b = synthetic_run(root.path(), "b", "gcnn_c8", 0.97, 1e-3, false);
     let md = root.path().join("results").join("RESULTS.md");
+    let paper = root.path().join("paper.toml");
+    std::fs::write(
+        &paper,
+        "source = \"Gruver et al. 2023, Table 1\"\n\
+         [[row]]\nmodel = \"MAE ViT\"\ntest_error_pct = 1.14\nrun = \"mae_vit\"\n\
+         [[row]]\nmodel = \"H-Net\"\ntest_error_pct = 1.69\n",
+    )
+    .unwrap();
     report_cmd::run(&ReportArgs {
         runs: vec![a.clone(), b.clone()],
         markdown: Some(md.clone()),
+        paper: Some(paper.clone()),
     })
     .unwrap();
 
-    let table = std::fs::read_to_string(&md).unwrap();
+    let text = std::fs::read_to_string(&md).unwrap();
+    let (table, published) = text
+        .split_once("\n\n")
+        .expect("our table, a blank line, the paper's table");
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
     let cells = |l: &str| {
@@ -422,6 +434,18 @@ fn report_command_builds_table_and_plots() {
     assert_eq!(ra[col("run")], "mae_vit");
     assert_eq!(ra[col("params")], "215.0k");
     assert_eq!(ra[col("test error (%)")], "1.50");
+    assert_eq!(ra[col("seed")], "3");
+    let test_n = read_jsonl(&a.join(METRICS_JSONL)).unwrap().pop().unwrap().splits["test"].n;
+    assert_eq!(ra[col("test images")], test_n.to_string());
+    // The paper's number sits in its own, labelled column, only on the run it stands for.
+    assert_eq!(ra[col("paper's test error (%), theirs")], "1.14 (MAE ViT)");
+    assert_eq!(rb[col("paper's test error (%), theirs")], "–");
+    // The published table lists every paper row, with our run where there is one.
+    let rows: Vec<Vec<String>> = published.lines().filter(|l| l.starts_with('|')).map(cells).collect();
+    assert_eq!(rows[0], ["model (paper's row)", "test error (%), theirs", "our run"]);
+    assert_eq!(rows[2], ["MAE ViT", "1.14", "mae_vit"]);
+    assert_eq!(rows[3], ["H-Net", "1.69", "–"]);
+    assert!(published.contains("Gruver et al. 2023, Table 1"), "{published}");
     assert_eq!(ra[col("wall time")], "2.1 min");
     assert_eq!(ra[col("step")], "1750");
     // The table shows the last record's values, formatted as documented.
@@ -450,8 +474,9 @@ fn report_command_builds_table_and_plots() {
 
     // A missing run directory is named in the error.
     let err = report_cmd::run(&ReportArgs {
-        runs: vec![a, root.path().join("no_such_run")],
+        runs: vec![a.clone(), root.path().join("no_such_run")],
         markdown: None,
+        paper: None,
     })
     .unwrap_err();
     let msg = format!("{err:#}");
@@ -463,9 +488,22 @@ fn report_command_builds_table_and_plots() {
         "{:#}",
         report_cmd::run(&ReportArgs {
             runs: vec![empty],
-            markdown: None
+            markdown: None,
+            paper: None,
         })
         .unwrap_err()
     );
     assert!(msg.contains("has no metrics.jsonl"), "{msg}");
+    // A malformed published-numbers file is named in the error.
+    std::fs::write(&paper, "source = \"x\"\n[[row]]\nmodel = \"y\"\n").unwrap();
+    let msg = format!(
+        "{:#}",
+        report_cmd::run(&ReportArgs {
+            runs: vec![a],
+            markdown: None,
+            paper: Some(paper),
+        })
+        .unwrap_err()
+    );
+    assert!(msg.contains("paper.toml") && msg.contains("test_error_pct"), "{msg}");
 }

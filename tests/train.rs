@@ -437,6 +437,24 @@ fn tiny_set_args(cfg: &Config) -> Vec<String> {
 }
 
 #[test]
+fn evaluation_logits_hold_no_graph() -> anyhow::Result<()> {
+    // Logits kept across eval batches must not keep each batch's forward graph alive: on the 50k
+    // test set that graph is ~20 GB for the tiny ViT (a Table 1 run was OOM-killed by it).
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(out.path(), "eval_graph", &["eval.batch_size=128"]);
+    let (_varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
+    let test = liederiv::data::load_split(&cfg, "test")?;
+    let (logits, labels) = liederiv::train::evaluate::logits_of(model.as_ref(), &test, 300, &cfg, &Device::Cpu)?;
+    assert_eq!(logits.dims(), [300, 10]);
+    assert_eq!(labels.dims(), [300]);
+    assert!(!logits.track_op(), "eval logits still reference the forward graph");
+    // The model itself is trainable: its raw output does track the graph, so the check can fail.
+    let (x, _) = liederiv::train::evaluate::head_of(&test, 4, &cfg, &Device::Cpu)?;
+    assert!(model.forward(&x)?.track_op());
+    Ok(())
+}
+
+#[test]
 fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
     let common = [
@@ -445,20 +463,36 @@ fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
         "train.checkpoint_every=150",
         "train.lee_penalty_transforms=[\"rotate\"]",
     ];
-    let lee_of = |name: &str, lambda: &str| -> anyhow::Result<f64> {
+    let lee_of = |name: &str, lambda: &str, images: usize| -> anyhow::Result<f64> {
         let mut extra = common.to_vec();
         let set = format!("train.lee_penalty={lambda}");
+        let sub = format!("train.lee_penalty_images={images}");
         extra.push(&set);
+        extra.push(&sub);
         let s = train(&tiny_cfg(out.path(), name, &extra), false)?;
         let last = records(&s.run_dir).pop().ok_or_else(|| anyhow::anyhow!("no records"))?;
         Ok(last.splits["test"].lee["rotate"].mean)
     };
-    let plain = lee_of("plain", "0")?;
-    let penalised = lee_of("penalised", "100")?;
-    eprintln!("test rotate LEE: λ=0 {plain:.3e}, λ=100 {penalised:.3e}");
+    let plain = lee_of("plain", "0", 0)?;
+    let penalised = lee_of("penalised", "100", 0)?;
+    // The penalty on the first 8 of each batch of 32 (what Table 1 uses to afford it).
+    let subset = lee_of("subset", "100", 8)?;
+    eprintln!("test rotate LEE: λ=0 {plain:.3e}, λ=100 {penalised:.3e}, λ=100 on 8 of 32 {subset:.3e}");
     assert!(
         penalised < 0.7 * plain,
         "penalty did not lower test LEE: {penalised} vs {plain}"
+    );
+    assert!(
+        subset < 0.7 * plain,
+        "penalty on a subset did not lower test LEE: {subset} vs {plain}"
+    );
+    // A subset larger than the batch is a config error naming the key.
+    let e = Config::resolve_str("[train]\nbatch_size = 16\nlee_penalty_images = 32\n", "bad.toml", &[])
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("train.lee_penalty_images")),
+        "{e:?}"
     );
     Ok(())
 }

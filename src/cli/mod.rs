@@ -155,6 +155,11 @@ pub struct ReportArgs {
     /// Write a markdown table of the final metrics here.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Published numbers to print beside ours, labelled as theirs: a TOML file with `source` and
+    /// `[[row]]` entries `model`, `test_error_pct`, optional `run` (our run's name), e.g.
+    /// experiments/table1/paper.toml.
+    #[arg(long)]
+    pub paper: Option<PathBuf>,
 }
 
 /// Parse the command line, run the command, print errors once with their context chain.

@@ -1,9 +1,10 @@
-//! `liederiv report <run-dir>... [--markdown FILE]`: read finished (or running) runs, draw each
-//! run's training curves into its directory, print the table of final metrics, and with
-//! `--markdown` write the table and the error-vs-LEE comparison plots beside it.
+//! `liederiv report <run-dir>... [--markdown FILE] [--paper FILE]`: read finished (or running)
+//! runs, draw each run's training curves into its directory, print the table of final metrics
+//! (with `--paper`, the published numbers beside them and the published table after them), and
+//! with `--markdown` write the tables and the error-vs-LEE comparison plots beside it.
 
 use crate::cli::ReportArgs;
-use crate::report::{self, load_run, markdown_table, RunReport, ScatterPoint};
+use crate::report::{self, load_run, markdown_table, paper_table, PaperNumbers, RunReport, ScatterPoint};
 use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -21,7 +22,17 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             eprintln!("wrote {}.{{png,svg}}", s.display());
         }
     }
-    let table = markdown_table(&runs);
+    let paper = args
+        .paper
+        .as_deref()
+        .map(PaperNumbers::load)
+        .transpose()
+        .context("reading the published numbers (--paper)")?;
+    let mut table = markdown_table(&runs, paper.as_ref());
+    if let Some(p) = &paper {
+        table += "\n";
+        table += &paper_table(p, &runs);
+    }
     print!("{table}");
     if let Some(md) = &args.markdown {
         if let Some(parent) = md.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -360,6 +360,10 @@ pub struct TrainConfig {
     pub lee_penalty: f64,
     /// Transforms whose LEE the penalty sums.
     pub lee_penalty_transforms: Vec<String>,
+    /// Images of each micro-batch the penalty is measured on: its first N (the batch order is
+    /// already shuffled), 0 = all. The penalty's JVP and its backward cost several train steps per
+    /// image, and the batch mean of LEE is estimated well from a subset.
+    pub lee_penalty_images: usize,
     /// Evaluate every N steps (and at the end).
     pub eval_every: usize,
     /// Write a checkpoint every N steps (and at the end).
@@ -385,6 +389,7 @@ impl Default for TrainConfig {
             grad_clip: 0.0,
             lee_penalty: 0.0,
             lee_penalty_transforms: vec!["rotate".into()],
+            lee_penalty_images: 0,
             eval_every: 200,
             checkpoint_every: 200,
         }

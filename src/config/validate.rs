@@ -338,6 +338,12 @@ impl Config {
             t.lee_penalty,
             "≥ 0 (0 = off)",
         )?;
+        check(
+            t.lee_penalty_images <= t.batch_size,
+            "train.lee_penalty_images",
+            t.lee_penalty_images,
+            "≤ train.batch_size (0 = the whole batch)",
+        )?;
         check(t.eval_every > 0, "train.eval_every", t.eval_every, "at least 1")?;
         check(
             t.checkpoint_every > 0,

@@ -10,7 +10,9 @@ pub mod table;
 
 pub use log::{read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL};
 pub use plot::{plot_error_vs_lee, plot_layerwise, plot_training, ScatterPoint};
-pub use table::{load_run, markdown_table, RunReport, RunSummary, CONFIG_TOML, SUMMARY_JSON};
+pub use table::{
+    load_run, markdown_table, paper_table, PaperNumbers, PaperRow, RunReport, RunSummary, CONFIG_TOML, SUMMARY_JSON,
+};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

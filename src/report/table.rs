@@ -1,7 +1,9 @@
 //! The table of final metrics across runs (the shape of the paper's Table 1, plus what it could
 //! not show: LEE per split and the test/OOD − train gaps). A run directory is read as the trainer
 //! leaves it: `metrics.jsonl` (required), `config.toml` (for the run name) and `summary.json`
-//! (parameters, wall time, seed; optional).
+//! (parameters, wall time, seed; optional). Published numbers ([`PaperNumbers`], read from a
+//! small TOML file) are printed beside ours in their own column and table, labelled as the
+//! paper's, never mixed into our columns.
 
 use super::{read_jsonl, split_rank, EvalRecord, ReportError, METRICS_JSONL};
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,15 @@ impl RunReport {
     pub fn last(&self) -> &EvalRecord {
         // load_run refuses runs without records, so there is always a last one.
         &self.records[self.records.len() - 1]
+    }
+
+    /// Images the final test accuracy was measured on (0 when it was not measured).
+    pub fn test_images(&self) -> usize {
+        self.last()
+            .splits
+            .get("test")
+            .filter(|s| s.accuracy.is_some())
+            .map_or(0, |s| s.n)
     }
 
     /// Final test error in percent, when test accuracy was measured.
@@ -134,10 +145,67 @@ fn wall(s: f64) -> String {
 
 const MISSING: &str = "–";
 
-/// A markdown table of the final eval of each run: name, parameters, test error, LEE per
-/// split and transform (mean ± s.e.), the LEE gaps against train, final step and wall time.
-/// Columns are the union over runs; a run without a value shows "–".
-pub fn markdown_table(runs: &[RunReport]) -> String {
+/// One published result: the paper's name for the model, its test error, and the name of our run
+/// that stands for it at our scale (none for the models we do not train).
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PaperRow {
+    pub model: String,
+    pub test_error_pct: f64,
+    #[serde(default)]
+    pub run: Option<String>,
+}
+
+/// The published numbers of one table, e.g. the paper's Table 1 (`experiments/table1/paper.toml`):
+/// `source = "..."` and one `[[row]]` per model.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PaperNumbers {
+    /// Where the numbers come from (paper, table), printed with them.
+    pub source: String,
+    pub row: Vec<PaperRow>,
+}
+
+impl PaperNumbers {
+    pub fn load(path: &Path) -> Result<Self, ReportError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ReportError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| ReportError::Invalid {
+            what: format!("published numbers {}", path.display()),
+            message: e.to_string(),
+        })
+    }
+
+    fn for_run(&self, run: &str) -> Option<&PaperRow> {
+        self.row.iter().find(|r| r.run.as_deref() == Some(run))
+    }
+}
+
+/// The published table as it is, each row with the name of our run that stands for it ("–" when
+/// we have none), so nobody mistakes their numbers for ours.
+pub fn paper_table(paper: &PaperNumbers, runs: &[RunReport]) -> String {
+    let mut out = "| model (paper's row) | test error (%), theirs | our run |\n| :-- | --: | :-- |\n".to_string();
+    for r in &paper.row {
+        let ours = r
+            .run
+            .as_deref()
+            .filter(|name| runs.iter().any(|run| run.name == *name))
+            .unwrap_or(MISSING);
+        out += &format!(
+            "| {} | {:.2} | {} |\n",
+            r.model.replace('|', "\\|"),
+            r.test_error_pct,
+            ours.replace('|', "\\|")
+        );
+    }
+    out += &format!("\nSource of these numbers: {}.\n", paper.source);
+    out
+}
+
+/// A markdown table of the final eval of each run: name, parameters, seed, test error and the
+/// images it was measured on, the paper's error for the same row (when `paper` is given, labelled
+/// as theirs), LEE per split and transform (mean ± s.e.), the LEE gaps against train, final step
+/// and wall time. Columns are the union over runs; a run without a value shows "–".
+pub fn markdown_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> String {
     let mut lee_cols = BTreeSet::new();
     let mut gap_cols = BTreeSet::new();
     for r in runs {
@@ -152,7 +220,16 @@ pub fn markdown_table(runs: &[RunReport]) -> String {
     // Gap columns: test before the OOD sets, each by transform.
     let mut gap_cols: Vec<String> = gap_cols.into_iter().collect();
     gap_cols.sort_by_key(|g| (split_rank(g.split("_minus_train").next().unwrap_or("")), g.clone()));
-    let mut header = vec!["run".to_string(), "params".into(), "test error (%)".into()];
+    let mut header = vec![
+        "run".to_string(),
+        "params".into(),
+        "seed".into(),
+        "test error (%)".into(),
+        "test images".into(),
+    ];
+    if paper.is_some() {
+        header.push("paper's test error (%), theirs".into());
+    }
     header.extend(lee_cols.iter().map(|(t, _, s)| format!("LEE {t} ({s})")));
     header.extend(gap_cols.iter().map(|g| g.replace("_minus_train_lee_", " − train, ")));
     header.extend(["step".into(), "wall time".into()]);
@@ -170,8 +247,20 @@ pub fn markdown_table(runs: &[RunReport]) -> String {
         let mut row = vec![
             r.name.replace('|', "\\|"),
             r.summary.params.map(params).unwrap_or(MISSING.into()),
+            r.summary.seed.map(|s| s.to_string()).unwrap_or(MISSING.into()),
             r.test_error_pct().map(|e| format!("{e:.2}")).unwrap_or(MISSING.into()),
+            match r.test_images() {
+                0 => MISSING.into(),
+                n => n.to_string(),
+            },
         ];
+        if let Some(p) = paper {
+            row.push(
+                p.for_run(&r.name)
+                    .map(|p| format!("{:.2} ({})", p.test_error_pct, p.model.replace('|', "\\|")))
+                    .unwrap_or(MISSING.into()),
+            );
+        }
         row.extend(lee_cols.iter().map(|(t, _, s)| {
             last.splits
                 .get(s)

@@ -535,12 +535,18 @@ pub fn train(cfg: &Config, resume: bool) -> Result<RunSummary, TrainError> {
         -cfg.data.mean / cfg.data.std,
     );
     let lambda = t.lee_penalty;
+    let penalty_images = t.lee_penalty_images;
     let model: &dyn Model = model.as_ref();
     let mut loss_fn = |x: &Tensor, labels: &[u32], rng: &mut Rng| -> candle_core::Result<Tensor> {
         let batch = augment.apply(x, labels, rng)?;
         let loss = cross_entropy(&model.forward_train(&batch.x, rng)?, &batch.targets)?;
         if lambda > 0.0 {
-            loss + (lee_penalty(model, &batch.x, &penalty_transforms, stencil)? * lambda)?
+            let n = batch.x.dim(0)?;
+            let x = match penalty_images {
+                0 => batch.x.clone(),
+                k => batch.x.narrow(0, 0, k.min(n))?,
+            };
+            loss + (lee_penalty(model, &x, &penalty_transforms, stencil)? * lambda)?
         } else {
             Ok(loss)
         }

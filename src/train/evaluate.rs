@@ -65,7 +65,10 @@ pub fn logits_of(
     for start in (0..n).step_by(bs) {
         let idx: Vec<usize> = (start..(start + bs).min(n)).collect();
         let (x, y) = crate::data::batch(split, &idx, &cfg.data, device)?;
-        logits.push(model.forward(&x)?);
+        // Detached: each batch's logits would otherwise keep the whole forward graph (every
+        // activation) alive until the concat is dropped; on the 50k test set that is ~20 GB for
+        // the tiny ViT, and the final evaluation of a run was OOM-killed.
+        logits.push(model.forward(&x)?.detach());
         labels.push(y);
     }
     if logits.is_empty() {
