@@ -455,6 +455,43 @@ fn evaluation_logits_hold_no_graph() -> anyhow::Result<()> {
 }
 
 #[test]
+fn frozen_model_matches_and_follows_its_variables_without_a_graph() -> anyhow::Result<()> {
+    // Inference (evaluation, `lee`, `eval`) runs on detached views of the variables: same
+    // numbers, no autograd graph (so a JVP frees its activations), and an optimiser step on the
+    // variables shows up in the views without rebuilding them.
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(out.path(), "frozen", &[]);
+    let (varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
+    let frozen = liederiv::models::frozen(&cfg, &varmap, &Device::Cpu)?;
+    let test = liederiv::data::load_split(&cfg, "test")?;
+    let (x, _) = liederiv::train::evaluate::head_of(&test, 8, &cfg, &Device::Cpu)?;
+    let dx = Tensor::stack(&[&x.sqr()?, &x.neg()?], 0)?; // two tangents, (2, B, C, H, W)
+    let (y, dy) = model.jvp(&x, &dx, &mut liederiv::lie::Tape::off())?;
+    let (fy, fdy) = frozen.jvp(&x, &dx, &mut liederiv::lie::Tape::off())?;
+    assert_eq!((&y - &fy)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    assert_eq!((&dy - &fdy)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    assert!(
+        dy.track_op(),
+        "the trainable model's JVP joins the graph, so the next check can fail"
+    );
+    assert!(
+        !fdy.track_op() && !fy.track_op(),
+        "the frozen model's JVP built an autograd graph"
+    );
+
+    let head = varmap.data().lock().unwrap()["head.weight"].clone();
+    head.set(&(head.as_tensor() * 2.0)?)?;
+    let rebuilt = liederiv::models::build_with(&cfg, &varmap, DType::F32, &Device::Cpu)?.forward(&x)?;
+    let after = frozen.forward(&x)?;
+    assert!(
+        (&after - &fy)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-3,
+        "the update did not reach the views"
+    );
+    assert_eq!((&after - &rebuilt)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    Ok(())
+}
+
+#[test]
 fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
     let common = [
