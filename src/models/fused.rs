@@ -20,7 +20,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 /// The float element types the kernels run on.
-trait Real: WithDType {
+pub(super) trait Real: WithDType {
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
     fn erf(self) -> Self;
@@ -53,7 +53,7 @@ real!(f64, candle_core::cpu::erf::erf_f64);
 const MIN_TASK_ELEMS: usize = 16 * 1024;
 
 /// The contiguous data of one operand (the public wrappers make operands contiguous).
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(super) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
     let data = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -102,6 +102,7 @@ macro_rules! by_dtype {
         }
     };
 }
+pub(super) use by_dtype;
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
@@ -416,7 +417,7 @@ impl CustomOp2 for GeluGrad {
 // Public API
 
 /// Whether the fused kernel can run on this tensor (CPU, f32 / f64).
-fn fusable(x: &Tensor) -> bool {
+pub(super) fn fusable(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
