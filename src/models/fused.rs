@@ -45,9 +45,50 @@ macro_rules! real {
         }
     };
 }
-// candle's own erf (libm), so the fused GELU matches the composed `x·Φ(x)` bit for bit.
-real!(f32, candle_core::cpu::erf::erf_f32);
+// f64: candle's own erf (libm), so the fused GELU matches the composed `x·Φ(x)` bit for bit.
+// f32: libm's `erff` (branches and two `expf` per call) was ~40% of the small ViT's forward; see
+// [`erf_f32`].
+real!(f32, erf_f32);
 real!(f64, candle_core::cpu::erf::erf_f64);
+
+/// erf in f32 from 16 degree-7 polynomial pieces on [0, 4), evaluated in f64 (table and its
+/// generator: `scripts/erf_table.py`; worst |error| on the pieces: 5.21e-12 against Python's `math.erf`), so
+/// the result is erf(x) correctly rounded to f32 but for near-ties: within 1 ulp of libm's
+/// `erff`, and several times faster (no branches beyond the piece index, no `exp`). For
+/// |x| ≥ 4, erf(x) rounds to ±1 in f32 (1 − erf(4) ≈ 1.5e-8 < ulp(1)/2).
+fn erf_f32(x: f32) -> f32 {
+    let z = f64::from(x).abs();
+    let y = if z >= 4.0 {
+        1.0
+    } else {
+        // z·4 < 16 exactly (scaling by 4 is exact); NaN casts to piece 0 and stays NaN.
+        let i = (z * 4.0) as usize;
+        let u = 8.0 * (z - i as f64 * 0.25) - 1.0;
+        ERF_PIECES[i].iter().rev().fold(0.0, |acc, &c| acc * u + c)
+    };
+    y.copysign(f64::from(x)) as f32
+}
+
+/// erf(z) on [i/4, (i+1)/4) is Σ_k ERF_PIECES[i][k]·u^k with u = 8(z − i/4) − 1.
+#[rustfmt::skip]
+const ERF_PIECES: [[f64; 8]; 16] = [
+    [1.40316204798739380e-01, 1.38860658699321848e-01, -2.16969770915008409e-03, -7.00631570367968304e-04, 1.67737781694432542e-05, 3.17933000476555705e-06, -8.57862267888975794e-08, -1.13751008612439364e-08],
+    [4.04116909429613425e-01, 1.22544101193230837e-01, -5.74425457673191642e-03, -4.58742566077918745e-04, 4.06689384482294969e-05, 1.38779636360553127e-06, -1.89805882566673745e-07, -2.60111931993378676e-09],
+    [6.23240882185315259e-01, 9.54374419702861548e-02, -7.45605005462008502e-03, -1.08734071476712657e-04, 4.30805223429198136e-05, -8.36557245253999326e-07, -1.56922854932517453e-07, 6.57887966326597962e-09],
+    [7.84075061060706457e-01, 6.55931306614575410e-02, -7.17424869318048983e-03, 1.81491403660638539e-04, 2.74407026875644888e-05, -2.05123555341302222e-06, -3.97677586416733675e-08, 8.81872352920254343e-09],
+    [8.88388231704499876e-01, 3.97842448126176917e-02, -5.59465951612198031e-03, 3.17289712177259986e-04, 6.82986521072237451e-06, -1.87144689922646990e-06, 5.85522812457384134e-08, 4.57549731436301954e-09],
+    [9.48170072784070062e-01, 2.12949717108483205e-02, -3.66007332616841846e-03, 3.08472086621880415e-04, -7.44612131092781127e-06, -9.34034876109990364e-07, 8.40312707195423059e-08, -6.53258780403120909e-10],
+    [9.78443733240257685e-01, 1.00590323777320079e-02, -2.04324096050326589e-03, 2.24298087867835783e-04, -1.21383506126310214e-05, -6.51658407235800041e-08, 5.49183806486386317e-08, -2.92790502953721443e-09],
+    [9.91990057669459913e-01, 4.19322855300589825e-03, -9.82787920984900046e-04, 1.31720884586905562e-04, -1.03174596320920742e-05, 3.49806891453141588e-07, 1.58295667684882346e-08, -2.34462049775174819e-09],
+    [9.97345970639875734e-01, 1.54260257680802204e-03, -4.09753788909278729e-04, 6.45261814721242999e-05, -6.43585191665088652e-06, 3.81334537280508812e-07, -6.78355569633248834e-09, -8.95617802143533481e-10],
+    [9.99217061781831783e-01, 5.00809732728202395e-04, -1.48677880526236586e-04, 2.68174476251159533e-05, -3.20639533066269244e-06, 2.55050524700095593e-07, -1.18083160471904591e-08, 5.37596633876091801e-11],
+    [9.99794624263841913e-01, 1.43484390744602619e-04, -4.70808151656549172e-05, 9.55161361637646422e-06, -1.32185179551116971e-06, 1.28720923253666797e-07, -8.56668103815794169e-09, 3.22387450069072656e-10],
+    [9.99952145160319161e-01, 3.62785353587857795e-05, -1.30376006553222137e-05, 2.93464060530101989e-06, -4.59404032072518315e-07, 5.22848022654898159e-08, -4.36512875411770862e-09, 2.51795029271306703e-10],
+    [9.99990103265426811e-01, 8.09483540245570232e-06, -3.16204674142147725e-06, 7.81288689410963855e-07, -1.36118156435448268e-07, 1.76072241231395310e-08, -1.73870864357366078e-09, 1.27450050513289170e-10],
+    [9.99998184718598582e-01, 1.59396759816243794e-06, -6.72455906417745161e-07, 1.80826121298771625e-07, -3.46365192597600935e-08, 4.99777641493892588e-09, -5.65065441598353599e-10, 4.90487650495197158e-11],
+    [9.99999704859817151e-01, 2.76990034991930756e-07, -1.25511417076137590e-07, 3.64721768342235464e-08, -7.60799924841024650e-09, 1.20816823212521740e-09, -1.53206250622961481e-10, 1.51771928358357400e-11],
+    [9.99999957486058855e-01, 4.24777979735058153e-08, -2.05752770368650936e-08, 6.42283481955274738e-09, -1.44791245154691064e-09, 2.50486742459088418e-10, -3.51242032123491607e-11, 3.87956333725014701e-12],
+];
 
 /// Rows per rayon task: below this many elements a task is not worth its scheduling cost.
 const MIN_TASK_ELEMS: usize = 16 * 1024;
@@ -388,18 +429,22 @@ impl CustomOp1 for GeluOp {
 /// `gelu_erf` backward truncates 1/√(2π) to 0.398942).
 struct GeluGrad;
 
+/// φ(x) = exp(−x²/2)/√(2π).
+fn normal_pdf<T: Real>(x: T) -> T {
+    (x * x * T::from_f64(-0.5)).exp()
+        * T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2)
+}
+
+/// gelu'(x) = Φ(x) + x·φ(x).
+fn gelu_deriv<T: Real>(x: T) -> T {
+    let half = T::from_f64(0.5);
+    (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf() * half + half + x * normal_pdf(x)
+}
+
 fn gelu_grad<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
     let (x, g) = (slice::<T>(xs, xl, "gelu grad")?, slice::<T>(gs, gl, "gelu grad")?);
-    let half = T::from_f64(0.5);
-    let rsqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-    let rsqrt2pi = T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
     let mut out = vec![T::from_f64(0.0); x.len()];
-    par_rows(&mut out, 1, |i, dx| {
-        let xi = x[i];
-        let cdf = (xi * rsqrt2).erf() * half + half;
-        let pdf = (xi * xi * T::from_f64(-0.5)).exp() * rsqrt2pi;
-        dx[0] = g[i] * (cdf + xi * pdf);
-    });
+    par_rows(&mut out, 1, |i, dx| dx[0] = g[i] * gelu_deriv(x[i]));
     Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
 }
 
@@ -410,6 +455,53 @@ impl CustomOp2 for GeluGrad {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         by_dtype!(xs, self.name(), gelu_grad(xs, xl, gs, gl))
+    }
+}
+
+/// gelu'(x) as a tensor, for the GELU JVP (dy = gelu'(x)·dx), which LEE-regularised training
+/// differentiates once more: its backward is g·gelu''(x) = g·φ(x)·(2 − x²).
+struct GeluDerivOp;
+
+fn gelu_deriv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(xs, xl, "gelu derivative")?;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, 1, |i, y| y[0] = gelu_deriv(x[i]));
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp1 for GeluDerivOp {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-derivative"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_deriv_fwd(xs, xl))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2(&g.contiguous()?, GeluSecond)?))
+    }
+}
+
+/// d x = g·φ(x)·(2 − x²).
+struct GeluSecond;
+
+fn gelu_second<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (slice::<T>(xs, xl, "gelu second")?, slice::<T>(gs, gl, "gelu second")?);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, 1, |i, dx| {
+        dx[0] = g[i] * normal_pdf(x[i]) * (T::from_f64(2.0) - x[i] * x[i]);
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp2 for GeluSecond {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-second"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_second(xs, xl, gs, gl))
     }
 }
 
@@ -467,6 +559,21 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return gelu_erf_composed(x);
     }
     x.contiguous()?.apply_op1(GeluOp)
+}
+
+/// gelu'(x) = Φ(x) + x·φ(x), elementwise, differentiable (the GELU JVP's factor).
+pub fn gelu_erf_derivative(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return gelu_erf_derivative_composed(x);
+    }
+    x.contiguous()?.apply_op1(GeluDerivOp)
+}
+
+/// The same derivative from differentiable candle ops.
+pub fn gelu_erf_derivative_composed(x: &Tensor) -> Result<Tensor> {
+    let cdf = (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+    let pdf = ((x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+    cdf + (x * pdf)?
 }
 
 /// The same GELU from differentiable candle ops (candle's `erf` has an exact backward).
