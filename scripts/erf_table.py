@@ -24,5 +24,6 @@ for i in range(PIECES):
 print(f"// worst |error| on the pieces: {worst:.2e}")
 print(f"const ERF_PIECES: [[f64; {DEG + 1}]; {PIECES}] = [")
 for mono in rows:
-    print("    [" + ", ".join(f"{c:.17e}" for c in mono) + "],")
+    # repr: the shortest decimal that round-trips to the same f64 (clippy: excessive_precision)
+    print("    [" + ", ".join(repr(float(c)) for c in mono) + "],")
 print("];")
