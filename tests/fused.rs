@@ -11,7 +11,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use liederiv::models::fused::{
-    gelu_erf, gelu_erf_composed, layer_norm, layer_norm_composed, softmax, softmax_composed,
+    gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, layer_norm, layer_norm_composed,
+    softmax, softmax_composed,
 };
 use liederiv::models::fused_attention::{attention, attention_composed};
 use rand::SeedableRng;
@@ -151,6 +152,21 @@ fn gelu_matches_composed_f64_and_f32() {
 }
 
 #[test]
+fn gelu_derivative_matches_composed_f64_and_f32() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+        let x = Var::from_tensor(&randn(&[64, 50, 96], 3.0, 22, dtype)).unwrap();
+        let yf = gelu_erf_derivative(&x).unwrap();
+        let yc = gelu_erf_derivative_composed(&x).unwrap();
+        let fwd = max_abs_diff(&yf, &yc);
+        assert!(fwd < tol, "gelu' {dtype:?} differs by {fwd}");
+        let gf = probe(&yf, 23).backward().unwrap();
+        let gc = probe(&yc, 23).backward().unwrap();
+        let e = max_abs_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert!(e < tol, "gelu'' {dtype:?} differs by {e}");
+    }
+}
+
+#[test]
 fn gelu_f32_is_within_an_ulp_or_two_of_f64() {
     // The f32 kernel has its own erf (16 polynomial pieces evaluated in f64); the f64 kernel
     // uses libm's erf. Every f32 step of 2^-12 on [-8, 8] (65537 points, all 16 pieces, both
@@ -161,17 +177,12 @@ fn gelu_f32_is_within_an_ulp_or_two_of_f64() {
     let xs: Vec<f32> = (-32768..=32768).map(|i| i as f32 / 4096.0).collect();
     let x32 = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
     let x64 = x32.to_dtype(DType::F64).unwrap();
-    // The derivative (backward) shares the erf: checked through its gradient.
-    let v32 = Var::from_tensor(&x32).unwrap();
-    let v64 = Var::from_tensor(&x64).unwrap();
-    let d32 = gelu_erf(&v32).unwrap().sum_all().unwrap().backward().unwrap();
-    let d64 = gelu_erf(&v64).unwrap().sum_all().unwrap().backward().unwrap();
-    for (name, y32, y64) in [
-        ("gelu", gelu_erf(&x32).unwrap(), gelu_erf(&x64).unwrap()),
-        ("gelu'", d32.get(&v32).unwrap().clone(), d64.get(&v64).unwrap().clone()),
+    for (name, f) in [
+        ("gelu", &gelu_erf as &dyn Fn(&Tensor) -> candle_core::Result<Tensor>),
+        ("gelu'", &gelu_erf_derivative),
     ] {
-        let y32 = y32.to_vec1::<f32>().unwrap();
-        let y64 = y64.to_vec1::<f64>().unwrap();
+        let y32 = f(&x32).unwrap().to_vec1::<f32>().unwrap();
+        let y64 = f(&x64).unwrap().to_vec1::<f64>().unwrap();
         for ((x, a), b) in xs.iter().zip(&y32).zip(&y64) {
             let ulp = (*b as f32).abs().max(f32::MIN_POSITIVE) * f32::EPSILON;
             let err = (f64::from(*a) - b).abs();
@@ -268,6 +279,7 @@ fn gradients_match_finite_differences_f64() {
     check_fd("softmax", &|t| softmax(t).unwrap(), &s);
     let g = Var::from_tensor(&randn(&[6, 20], 2.0, 13, DType::F64)).unwrap();
     check_fd("gelu", &|t| gelu_erf(t).unwrap(), &g);
+    check_fd("gelu'", &|t| gelu_erf_derivative(t).unwrap(), &g);
     let qkv = Var::from_tensor(&randn(&[2, 6, 3 * 2 * 4], 1.0, 21, DType::F64)).unwrap();
     check_fd("attention", &|t| attention(t, 2, 0.5).unwrap(), &qkv);
 }

@@ -458,6 +458,53 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
+/// gelu'(x) as a tensor, for the GELU JVP (dy = gelu'(x)·dx), which LEE-regularised training
+/// differentiates once more: its backward is g·gelu''(x) = g·φ(x)·(2 − x²).
+struct GeluDerivOp;
+
+fn gelu_deriv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(xs, xl, "gelu derivative")?;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, 1, |i, y| y[0] = gelu_deriv(x[i]));
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp1 for GeluDerivOp {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-derivative"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_deriv_fwd(xs, xl))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2(&g.contiguous()?, GeluSecond)?))
+    }
+}
+
+/// d x = g·φ(x)·(2 − x²).
+struct GeluSecond;
+
+fn gelu_second<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (slice::<T>(xs, xl, "gelu second")?, slice::<T>(gs, gl, "gelu second")?);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, 1, |i, dx| {
+        dx[0] = g[i] * normal_pdf(x[i]) * (T::from_f64(2.0) - x[i] * x[i]);
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp2 for GeluSecond {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-second"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_second(xs, xl, gs, gl))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Public API
 
@@ -512,6 +559,21 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return gelu_erf_composed(x);
     }
     x.contiguous()?.apply_op1(GeluOp)
+}
+
+/// gelu'(x) = Φ(x) + x·φ(x), elementwise, differentiable (the GELU JVP's factor).
+pub fn gelu_erf_derivative(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return gelu_erf_derivative_composed(x);
+    }
+    x.contiguous()?.apply_op1(GeluDerivOp)
+}
+
+/// The same derivative from differentiable candle ops.
+pub fn gelu_erf_derivative_composed(x: &Tensor) -> Result<Tensor> {
+    let cdf = (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+    let pdf = ((x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+    cdf + (x * pdf)?
 }
 
 /// The same GELU from differentiable candle ops (candle's `erf` has an exact backward).

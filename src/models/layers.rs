@@ -121,30 +121,21 @@ impl Jvp for LayerNorm {
     }
 }
 
-/// Exact GELU, x·Φ(x) with Φ the standard normal CDF (timm's `nn.GELU()`), via candle's `erf`
-/// whose backward is exact (candle's fused `gelu_erf` backward uses a truncated constant).
+/// Exact GELU, x·Φ(x) with Φ the standard normal CDF (timm's `nn.GELU()`), and its JVP on the
+/// fused kernels (exact derivatives; candle's own `gelu_erf` backward truncates 1/√(2π)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Gelu;
 
 impl Gelu {
-    /// Φ(x) = (1 + erf(x/√2)) / 2.
-    fn cdf(x: &Tensor) -> Result<Tensor> {
-        (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)
-    }
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         fused::gelu_erf(x)
     }
 }
 
 impl Jvp for Gelu {
-    /// d gelu = (Φ(x) + x·φ(x))·dx with φ(x) = exp(−x²/2)/√(2π).
+    /// d gelu = gelu'(x)·dx = (Φ(x) + x·φ(x))·dx.
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let cdf = Self::cdf(x)?;
-        let pdf =
-            (x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
-        let factor = (&cdf + (x * pdf?)?)?;
-        Ok(((x * cdf)?, tangent_mul(dx, &factor)?))
+        Ok((fused::gelu_erf(x)?, tangent_mul(dx, &fused::gelu_erf_derivative(x)?)?))
     }
 }
 
