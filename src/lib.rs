@@ -5,7 +5,8 @@
 //! Module map (paper ↔ code): `transforms` (finite warps, generators, stencils), `lie` (JVP, LEE,
 //! layerwise decomposition, other metrics), `models` (ViT, MAE, CNN, G-CNN, weight loading),
 //! `data` (MNIST, MNIST-rot, OOD sets, loader), `train` (loop, optimiser, schedule,
-//! augmentation, checkpoints), `report` (logs, tables, plots), `config`, `cli`.
+//! augmentation, checkpoints), `report` (logs, tables, plots), `config`, `cli`, `runtime`
+//! (process-wide allocator settings for CPU speed).
 
 pub mod cli;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod hub;
 pub mod lie;
 pub mod models;
 pub mod report;
+pub mod runtime;
 pub mod train;
 pub mod transforms;
 

@@ -11,8 +11,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use liederiv::models::fused::{
-    gelu_erf, gelu_erf_composed, layer_norm, layer_norm_composed, softmax, softmax_composed,
+    gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, layer_norm, layer_norm_composed,
+    softmax, softmax_composed,
 };
+use liederiv::models::fused_attention::{attention, attention_composed};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -149,6 +151,97 @@ fn gelu_matches_composed_f64_and_f32() {
     }
 }
 
+#[test]
+fn gelu_derivative_matches_composed_f64_and_f32() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+        let x = Var::from_tensor(&randn(&[64, 50, 96], 3.0, 22, dtype)).unwrap();
+        let yf = gelu_erf_derivative(&x).unwrap();
+        let yc = gelu_erf_derivative_composed(&x).unwrap();
+        let fwd = max_abs_diff(&yf, &yc);
+        assert!(fwd < tol, "gelu' {dtype:?} differs by {fwd}");
+        let gf = probe(&yf, 23).backward().unwrap();
+        let gc = probe(&yc, 23).backward().unwrap();
+        let e = max_abs_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert!(e < tol, "gelu'' {dtype:?} differs by {e}");
+    }
+}
+
+#[test]
+fn gelu_f32_is_within_an_ulp_or_two_of_f64() {
+    // The f32 kernel has its own erf (16 polynomial pieces evaluated in f64); the f64 kernel
+    // uses libm's erf. Every f32 step of 2^-12 on [-8, 8] (65537 points, all 16 pieces, both
+    // signs and the clamp at |x/√2| = 4): the f32 GELU and gelu' may differ from the f64 values
+    // by rounding alone: 2 ulp of the value, plus the f32 rounding of erf (≤ 2^-25 absolute),
+    // which 0.5 + erf/2 turns into an absolute error (cancellation for x ≪ 0) that x scales.
+    // A table error or a wrong piece would show as ≥ 1e-6.
+    let xs: Vec<f32> = (-32768..=32768).map(|i| i as f32 / 4096.0).collect();
+    let x32 = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+    let x64 = x32.to_dtype(DType::F64).unwrap();
+    for (name, f) in [
+        ("gelu", &gelu_erf as &dyn Fn(&Tensor) -> candle_core::Result<Tensor>),
+        ("gelu'", &gelu_erf_derivative),
+    ] {
+        let y32 = f(&x32).unwrap().to_vec1::<f32>().unwrap();
+        let y64 = f(&x64).unwrap().to_vec1::<f64>().unwrap();
+        for ((x, a), b) in xs.iter().zip(&y32).zip(&y64) {
+            let ulp = (*b as f32).abs().max(f32::MIN_POSITIVE) * f32::EPSILON;
+            let err = (f64::from(*a) - b).abs();
+            assert!(
+                err <= 2.0 * f64::from(ulp) + (1.0 + f64::from(x.abs())) * 2f64.powi(-24),
+                "{name}({x}): f32 {a} vs f64 {b} ({:.2} ulp)",
+                err / f64::from(ulp)
+            );
+        }
+    }
+}
+
+/// Fused attention against the composed one (values and d qkv). The scores sum N = 50 products
+/// of O(1) terms, the output and the gradients up to N more: the f32 bound is relative to the
+/// largest entry, as for LayerNorm's parameter gradients.
+fn check_attention(b: usize, n: usize, heads: usize, hd: usize, dtype: DType, tol: f64) {
+    let qkv = Var::from_tensor(&randn(&[b, n, 3 * heads * hd], 1.0, 17, dtype)).unwrap();
+    let scale = (hd as f64).powf(-0.5);
+    let yf = attention(&qkv, heads, scale).unwrap();
+    let yc = attention_composed(&qkv, heads, scale).unwrap();
+    let rel = |a: &Tensor, c: &Tensor| max_abs_diff(a, c) / max_abs_diff(c, &c.zeros_like().unwrap());
+    let fwd = rel(&yf, &yc);
+    assert!(fwd < tol, "attention {dtype:?} forward differs by {fwd} (relative)");
+    let gf = probe(&yf, 18).backward().unwrap();
+    let gc = probe(&yc, 18).backward().unwrap();
+    let (a, c) = (gf.get(&qkv).unwrap(), gc.get(&qkv).unwrap());
+    // q, k and v each get their own gradient (a formula error in one third shows here).
+    for (part, name) in ["q", "k", "v"].iter().enumerate() {
+        let w = heads * hd;
+        let e = rel(&a.narrow(2, part * w, w).unwrap(), &c.narrow(2, part * w, w).unwrap());
+        assert!(e < tol, "attention {dtype:?} d{name} differs by {e} (relative)");
+    }
+}
+
+#[test]
+fn attention_matches_composed_f64_and_f32() {
+    // A tiny case and the small ViT's (N = 50, 3 heads of 64) with enough (batch, head) tasks
+    // to spread over the pool.
+    check_attention(2, 5, 2, 3, DType::F64, 1e-12);
+    check_attention(2, 5, 2, 3, DType::F32, 2e-6);
+    check_attention(8, 50, 3, 64, DType::F64, 1e-12);
+    check_attention(8, 50, 3, 64, DType::F32, 2e-6);
+}
+
+#[test]
+fn attention_rejects_bad_widths_and_takes_views() {
+    let qkv = randn(&[2, 4, 18], 1.0, 19, DType::F32);
+    let err = attention(&qkv, 4, 1.0).unwrap_err().to_string();
+    assert!(err.contains("heads"), "{err}");
+    // A non-contiguous view of the right shape gives the composed result.
+    let t = randn(&[2, 18, 4], 1.0, 20, DType::F32).transpose(1, 2).unwrap();
+    assert!(!t.is_contiguous());
+    let e = max_abs_diff(
+        &attention(&t, 3, 0.5).unwrap(),
+        &attention_composed(&t, 3, 0.5).unwrap(),
+    );
+    assert!(e < 1e-6, "{e}");
+}
+
 /// Central differences of `f` at x along coordinate `i`.
 fn fd(f: &dyn Fn(&Tensor) -> f64, x: &Tensor, i: usize, h: f64) -> f64 {
     let mut v = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -186,6 +279,9 @@ fn gradients_match_finite_differences_f64() {
     check_fd("softmax", &|t| softmax(t).unwrap(), &s);
     let g = Var::from_tensor(&randn(&[6, 20], 2.0, 13, DType::F64)).unwrap();
     check_fd("gelu", &|t| gelu_erf(t).unwrap(), &g);
+    check_fd("gelu'", &|t| gelu_erf_derivative(t).unwrap(), &g);
+    let qkv = Var::from_tensor(&randn(&[2, 6, 3 * 2 * 4], 1.0, 21, DType::F64)).unwrap();
+    check_fd("attention", &|t| attention(t, 2, 0.5).unwrap(), &qkv);
 }
 
 #[test]

@@ -20,7 +20,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 /// The float element types the kernels run on.
-trait Real: WithDType {
+pub(super) trait Real: WithDType {
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
     fn erf(self) -> Self;
@@ -45,15 +45,56 @@ macro_rules! real {
         }
     };
 }
-// candle's own erf (libm), so the fused GELU matches the composed `x·Φ(x)` bit for bit.
-real!(f32, candle_core::cpu::erf::erf_f32);
+// f64: candle's own erf (libm), so the fused GELU matches the composed `x·Φ(x)` bit for bit.
+// f32: libm's `erff` (branches and two `expf` per call) was ~40% of the small ViT's forward; see
+// [`erf_f32`].
+real!(f32, erf_f32);
 real!(f64, candle_core::cpu::erf::erf_f64);
+
+/// erf in f32 from 16 degree-7 polynomial pieces on [0, 4), evaluated in f64 (table and its
+/// generator: `scripts/erf_table.py`; worst |error| on the pieces: 5.21e-12 against Python's `math.erf`), so
+/// the result is erf(x) correctly rounded to f32 but for near-ties: within 1 ulp of libm's
+/// `erff`, and several times faster (no branches beyond the piece index, no `exp`). For
+/// |x| ≥ 4, erf(x) rounds to ±1 in f32 (1 − erf(4) ≈ 1.5e-8 < ulp(1)/2).
+fn erf_f32(x: f32) -> f32 {
+    let z = f64::from(x).abs();
+    let y = if z >= 4.0 {
+        1.0
+    } else {
+        // z·4 < 16 exactly (scaling by 4 is exact); NaN casts to piece 0 and stays NaN.
+        let i = (z * 4.0) as usize;
+        let u = 8.0 * (z - i as f64 * 0.25) - 1.0;
+        ERF_PIECES[i].iter().rev().fold(0.0, |acc, &c| acc * u + c)
+    };
+    y.copysign(f64::from(x)) as f32
+}
+
+/// erf(z) on [i/4, (i+1)/4) is Σ_k ERF_PIECES[i][k]·u^k with u = 8(z − i/4) − 1.
+#[rustfmt::skip]
+const ERF_PIECES: [[f64; 8]; 16] = [
+    [0.14031620479873938, 0.13886065869932185, -0.002169697709150084, -0.0007006315703679683, 1.6773778169443254e-05, 3.179330004765557e-06, -8.578622678889758e-08, -1.1375100861243936e-08],
+    [0.4041169094296134, 0.12254410119323084, -0.005744254576731916, -0.00045874256607791875, 4.06689384482295e-05, 1.3877963636055313e-06, -1.8980588256667374e-07, -2.6011193199337868e-09],
+    [0.6232408821853153, 0.09543744197028615, -0.007456050054620085, -0.00010873407147671266, 4.3080522342919814e-05, -8.365572452539993e-07, -1.5692285493251745e-07, 6.57887966326598e-09],
+    [0.7840750610607065, 0.06559313066145754, -0.00717424869318049, 0.00018149140366063854, 2.744070268756449e-05, -2.0512355534130222e-06, -3.976775864167337e-08, 8.818723529202543e-09],
+    [0.8883882317044999, 0.03978424481261769, -0.00559465951612198, 0.00031728971217726, 6.8298652107223745e-06, -1.87144689922647e-06, 5.8552281245738413e-08, 4.5754973143630195e-09],
+    [0.9481700727840701, 0.02129497171084832, -0.0036600733261684185, 0.0003084720866218804, -7.446121310927811e-06, -9.340348761099904e-07, 8.40312707195423e-08, -6.532587804031209e-10],
+    [0.9784437332402577, 0.010059032377732008, -0.002043240960503266, 0.00022429808786783578, -1.2138350612631021e-05, -6.516584072358e-08, 5.491838064863863e-08, -2.9279050295372144e-09],
+    [0.9919900576694599, 0.004193228553005898, -0.0009827879209849, 0.00013172088458690556, -1.0317459632092074e-05, 3.498068914531416e-07, 1.5829566768488235e-08, -2.344620497751748e-09],
+    [0.9973459706398757, 0.001542602576808022, -0.00040975378890927873, 6.45261814721243e-05, -6.4358519166508865e-06, 3.813345372805088e-07, -6.783555696332488e-09, -8.956178021435335e-10],
+    [0.9992170617818318, 0.0005008097327282024, -0.00014867788052623659, 2.6817447625115953e-05, -3.2063953306626924e-06, 2.550505247000956e-07, -1.1808316047190459e-08, 5.375966338760918e-11],
+    [0.9997946242638419, 0.00014348439074460262, -4.708081516565492e-05, 9.551613616376464e-06, -1.3218517955111697e-06, 1.287209232536668e-07, -8.566681038157942e-09, 3.2238745006907266e-10],
+    [0.9999521451603192, 3.627853535878578e-05, -1.3037600655322214e-05, 2.93464060530102e-06, -4.594040320725183e-07, 5.2284802265489816e-08, -4.365128754117709e-09, 2.517950292713067e-10],
+    [0.9999901032654268, 8.094835402455702e-06, -3.1620467414214772e-06, 7.812886894109639e-07, -1.3611815643544827e-07, 1.760722412313953e-08, -1.7387086435736608e-09, 1.2745005051328917e-10],
+    [0.9999981847185986, 1.593967598162438e-06, -6.724559064177452e-07, 1.8082612129877162e-07, -3.4636519259760093e-08, 4.997776414938926e-09, -5.650654415983536e-10, 4.9048765049519716e-11],
+    [0.9999997048598172, 2.7699003499193076e-07, -1.255114170761376e-07, 3.6472176834223546e-08, -7.607999248410247e-09, 1.2081682321252174e-09, -1.5320625062296148e-10, 1.517719283583574e-11],
+    [0.9999999574860589, 4.2477797973505815e-08, -2.0575277036865094e-08, 6.422834819552747e-09, -1.4479124515469106e-09, 2.504867424590884e-10, -3.512420321234916e-11, 3.879563337250147e-12],
+];
 
 /// Rows per rayon task: below this many elements a task is not worth its scheduling cost.
 const MIN_TASK_ELEMS: usize = 16 * 1024;
 
 /// The contiguous data of one operand (the public wrappers make operands contiguous).
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(super) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
     let data = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -102,6 +143,7 @@ macro_rules! by_dtype {
         }
     };
 }
+pub(super) use by_dtype;
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm
@@ -387,18 +429,22 @@ impl CustomOp1 for GeluOp {
 /// `gelu_erf` backward truncates 1/√(2π) to 0.398942).
 struct GeluGrad;
 
+/// φ(x) = exp(−x²/2)/√(2π).
+fn normal_pdf<T: Real>(x: T) -> T {
+    (x * x * T::from_f64(-0.5)).exp()
+        * T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2)
+}
+
+/// gelu'(x) = Φ(x) + x·φ(x).
+fn gelu_deriv<T: Real>(x: T) -> T {
+    let half = T::from_f64(0.5);
+    (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf() * half + half + x * normal_pdf(x)
+}
+
 fn gelu_grad<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
     let (x, g) = (slice::<T>(xs, xl, "gelu grad")?, slice::<T>(gs, gl, "gelu grad")?);
-    let half = T::from_f64(0.5);
-    let rsqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-    let rsqrt2pi = T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
     let mut out = vec![T::from_f64(0.0); x.len()];
-    par_rows(&mut out, 1, |i, dx| {
-        let xi = x[i];
-        let cdf = (xi * rsqrt2).erf() * half + half;
-        let pdf = (xi * xi * T::from_f64(-0.5)).exp() * rsqrt2pi;
-        dx[0] = g[i] * (cdf + xi * pdf);
-    });
+    par_rows(&mut out, 1, |i, dx| dx[0] = g[i] * gelu_deriv(x[i]));
     Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
 }
 
@@ -412,11 +458,58 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
+/// gelu'(x) as a tensor, for the GELU JVP (dy = gelu'(x)·dx), which LEE-regularised training
+/// differentiates once more: its backward is g·gelu''(x) = g·φ(x)·(2 − x²).
+struct GeluDerivOp;
+
+fn gelu_deriv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(xs, xl, "gelu derivative")?;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, 1, |i, y| y[0] = gelu_deriv(x[i]));
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp1 for GeluDerivOp {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-derivative"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_deriv_fwd(xs, xl))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2(&g.contiguous()?, GeluSecond)?))
+    }
+}
+
+/// d x = g·φ(x)·(2 − x²).
+struct GeluSecond;
+
+fn gelu_second<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (slice::<T>(xs, xl, "gelu second")?, slice::<T>(gs, gl, "gelu second")?);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, 1, |i, dx| {
+        dx[0] = g[i] * normal_pdf(x[i]) * (T::from_f64(2.0) - x[i] * x[i]);
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+impl CustomOp2 for GeluSecond {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-second"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), gelu_second(xs, xl, gs, gl))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Public API
 
 /// Whether the fused kernel can run on this tensor (CPU, f32 / f64).
-fn fusable(x: &Tensor) -> bool {
+pub(super) fn fusable(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
@@ -466,6 +559,21 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return gelu_erf_composed(x);
     }
     x.contiguous()?.apply_op1(GeluOp)
+}
+
+/// gelu'(x) = Φ(x) + x·φ(x), elementwise, differentiable (the GELU JVP's factor).
+pub fn gelu_erf_derivative(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return gelu_erf_derivative_composed(x);
+    }
+    x.contiguous()?.apply_op1(GeluDerivOp)
+}
+
+/// The same derivative from differentiable candle ops.
+pub fn gelu_erf_derivative_composed(x: &Tensor) -> Result<Tensor> {
+    let cdf = (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+    let pdf = ((x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+    cdf + (x * pdf)?
 }
 
 /// The same GELU from differentiable candle ops (candle's `erf` has an exact backward).

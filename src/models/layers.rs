@@ -10,6 +10,7 @@
 //! steps, because only they know the token grid a step's output lives on.
 
 use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Tape};
+use crate::models::fused_attention::{self, merge_heads, split_heads};
 use crate::models::{fused, Rng};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -120,30 +121,21 @@ impl Jvp for LayerNorm {
     }
 }
 
-/// Exact GELU, x·Φ(x) with Φ the standard normal CDF (timm's `nn.GELU()`), via candle's `erf`
-/// whose backward is exact (candle's fused `gelu_erf` backward uses a truncated constant).
+/// Exact GELU, x·Φ(x) with Φ the standard normal CDF (timm's `nn.GELU()`), and its JVP on the
+/// fused kernels (exact derivatives; candle's own `gelu_erf` backward truncates 1/√(2π)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Gelu;
 
 impl Gelu {
-    /// Φ(x) = (1 + erf(x/√2)) / 2.
-    fn cdf(x: &Tensor) -> Result<Tensor> {
-        (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)
-    }
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         fused::gelu_erf(x)
     }
 }
 
 impl Jvp for Gelu {
-    /// d gelu = (Φ(x) + x·φ(x))·dx with φ(x) = exp(−x²/2)/√(2π).
+    /// d gelu = gelu'(x)·dx = (Φ(x) + x·φ(x))·dx.
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let cdf = Self::cdf(x)?;
-        let pdf =
-            (x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
-        let factor = (&cdf + (x * pdf?)?)?;
-        Ok(((x * cdf)?, tangent_mul(dx, &factor)?))
+        Ok((fused::gelu_erf(x)?, tangent_mul(dx, &fused::gelu_erf_derivative(x)?)?))
     }
 }
 
@@ -197,30 +189,10 @@ pub fn attention(dim: usize, heads: usize, qkv_bias: bool, vb: VarBuilder) -> Re
 }
 
 impl Attention {
-    /// `qkv: (B, N, 3D)` → q (scaled), k, v, each `(B·H, N, D/H)`.
-    fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, n, d3) = qkv.dims3()?;
-        let hd = d3 / 3 / self.heads;
-        // (B, N, 3D) -> (B, N, 3, H, hd) -> (3, B, H, N, hd)
-        let qkv = qkv.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
-        let part = |i: usize| qkv.get(i)?.reshape((b * self.heads, n, hd));
-        Ok(((part(0)? * self.scale)?, part(1)?, part(2)?))
-    }
-
-    /// `(B·H, N, hd)` → `(B, N, D)`.
-    fn merge_heads(&self, o: &Tensor) -> Result<Tensor> {
-        let (bh, n, hd) = o.dims3()?;
-        // (B·H, N, hd) -> (B, H, N, hd) -> (B, N, H, hd) -> (B, N, D)
-        o.reshape((bh / self.heads, self.heads, n, hd))?
-            .transpose(1, 2)?
-            .reshape((bh / self.heads, n, self.heads * hd))
-    }
-
     /// `x: (B, N, D)` → `(B, N, D)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = self.split_heads(&self.qkv.forward(x)?)?;
-        let s = Softmax.forward(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
-        self.proj.forward(&self.merge_heads(&s.matmul(&v)?)?)
+        let o = fused_attention::attention(&self.qkv.forward(x)?, self.heads, self.scale)?;
+        self.proj.forward(&o)
     }
 }
 
@@ -228,10 +200,10 @@ impl Jvp for Attention {
     /// Product rule through A = q·kᵀ, S = softmax(A) and O = S·V.
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let (qkv, dqkv) = self.qkv.jvp(x, dx, tape)?;
-        let (q, k, v) = self.split_heads(&qkv)?;
+        let (q, k, v) = split_heads(&qkv, self.heads, self.scale)?;
         // (T, B, N, 3D) -> (T·B, N, 3D) -> 3 × (T·B·H, N, hd) -> (T, B·H, N, hd)
         let (dqkv, t) = merge_tangent(&dqkv)?;
-        let (dq, dk, dv) = self.split_heads(&dqkv)?;
+        let (dq, dk, dv) = split_heads(&dqkv, self.heads, self.scale)?;
         let (dq, dk, dv) = (split_tangent(&dq, t)?, split_tangent(&dk, t)?, split_tangent(&dv, t)?);
 
         let s = Softmax.forward(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
@@ -242,10 +214,10 @@ impl Jvp for Attention {
         let s_dv = tangent_matmul(&dv.transpose(2, 3)?, &s.t()?)?.transpose(2, 3)?;
         let d_o = (tangent_matmul(&ds, &v)? + s_dv)?; // (T, B·H, N, hd)
 
-        let o = self.merge_heads(&s.matmul(&v)?)?;
+        let o = merge_heads(&s.matmul(&v)?, self.heads)?;
         // (T, B·H, N, hd) -> (T·B·H, N, hd) -> (T·B, N, D) -> (T, B, N, D)
         let (d_o, _) = merge_tangent(&d_o)?;
-        let d_o = split_tangent(&self.merge_heads(&d_o)?, t)?;
+        let d_o = split_tangent(&merge_heads(&d_o, self.heads)?, t)?;
         self.proj.jvp(&o, &d_o, tape)
     }
 }

@@ -5,6 +5,7 @@
 pub mod cnn;
 pub mod conv;
 pub mod fused;
+pub mod fused_attention;
 pub mod gcnn;
 pub mod init;
 pub mod layers;
