@@ -4,7 +4,7 @@
 //! Per model, on a `(B, 1, 28, 28)` batch with 10 classes (`vit_base`: ViT-B/16 on `(B, 3, 224, 224)`,
 //! the GPU-scale model; `--device cuda` times on the GPU, synchronising after every repetition):
 //! - `train_ms`: training-mode forward + cross-entropy + backward + AdamW step;
-//! - `forward_ms`: eval-mode forward;
+//! - `forward_ms`: eval-mode forward (on `models::frozen`, as evaluation runs it);
 //! - `lee_ms`: the JVP of softmax(model(x)) along one input tangent (eval mode), the LEE core;
 //! - `peak_mb`: the process's peak resident set (`VmHWM`), like PyTorch's `ru_maxrss`.
 //!
@@ -19,7 +19,7 @@ use clap::Parser;
 use liederiv::config::{Config, VitConfig};
 use liederiv::lie::lee::softmax_jvp;
 use liederiv::lie::Tape;
-use liederiv::models::{build_model, fused, Rng};
+use liederiv::models::{build_model, frozen, fused, Rng};
 use liederiv::train::{select_device, AdamW, AdamWParams};
 use rand::SeedableRng;
 use std::time::Instant;
@@ -120,6 +120,9 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
     let vit_depth = (cfg.model.kind == "vit").then_some(cfg.model.vit.depth);
     let mut opt = AdamW::new(&varmap, AdamWParams::from_train(&cfg.train), vit_depth)?;
     let mut rng = Rng::seed_from_u64(cfg.seed);
+    // Forward and LEE run as evaluation and `lee` run them: on detached views, no autograd graph
+    // (PyTorch's side runs under no_grad / torch.func).
+    let inference = frozen(&cfg, &varmap, &dev)?;
 
     let train_ms = timed(&dev, args.warmup, args.reps, || {
         let logits = model.forward_train(&x, &mut rng)?;
@@ -129,11 +132,11 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
         Ok(())
     })?;
     let forward_ms = timed(&dev, args.warmup, args.reps, || {
-        model.forward(&x)?;
+        inference.forward(&x)?;
         Ok(())
     })?;
     let lee_ms = timed(&dev, args.warmup, args.reps, || {
-        let (logits, dlogits) = model.jvp(&x, &dx, &mut Tape::off())?;
+        let (logits, dlogits) = inference.jvp(&x, &dx, &mut Tape::off())?;
         let (_, dp) = softmax_jvp(&logits, &dlogits)?;
         dp.sum_all()?.to_scalar::<f32>()?;
         Ok(())
