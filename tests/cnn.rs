@@ -3,8 +3,10 @@
 //! every trainable tensor, exact C4 invariance under index rotations of the input, and C8's
 //! approximate invariance under 45° rotations compared with the CNN's.
 
+mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use common::rel_err;
 use liederiv::config::{CnnConfig, GcnnConfig};
 use liederiv::lie::{Jvp, Tape};
 use liederiv::models::cnn::Cnn;
@@ -59,19 +61,6 @@ fn blobs(b: usize, s: usize, seed: u64, dtype: DType) -> Tensor {
 
 fn vb(map: &VarMap, dtype: DType) -> VarBuilder<'static> {
     liederiv::models::init::SeededVarMap::var_builder(map, 0, dtype, &DEV)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let num = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    (num / den.max(1e-300)).sqrt()
 }
 
 /// jvp with T = 2 tangents against the f64 central difference (f(x+hv) − f(x−hv)) / 2h of the

@@ -9,42 +9,17 @@
 //! Finite differences: step 1e-5 in f64 has truncation error O(h²·f''') ≈ 1e-10 and rounding
 //! error O(1e-16/h) ≈ 1e-11, so 1e-7 is safe.
 
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_abs_diff;
 use liederiv::models::fused::{
     gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, layer_norm, layer_norm_composed,
     softmax, softmax_composed,
 };
 use liederiv::models::fused_attention::{attention, attention_composed};
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 fn randn(shape: &[usize], scale: f64, seed: u64, dtype: DType) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            let z: f64 = StandardNormal.sample(&mut rng);
-            scale * z
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    common::randn(shape, scale, dtype, &mut common::rng(seed))
 }
 
 /// `Σ y ⊙ r` for a fixed random cotangent r, so every output element gets its own weight.

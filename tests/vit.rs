@@ -2,8 +2,10 @@
 //! the whole-ViT JVP against an autograd oracle (one backward per class), gradient reachability
 //! of every trainable tensor, position-embedding interpolation, MAE masking and MAE training.
 
+mod common;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use common::rel_err;
 use liederiv::config::{MaeConfig, VitConfig};
 use liederiv::lie::{Jvp, Tape};
 use liederiv::models::layers::{attention, layer_norm, linear, mlp, patch_embed, DropPath, Gelu, Softmax};
@@ -29,20 +31,6 @@ fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
 
 fn vb(vm: &VarMap) -> VarBuilder<'_> {
     VarBuilder::from_varmap(vm, DType::F64, &DEV)
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let num = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    (num / den).sqrt()
 }
 
 /// Check `jvp` of `f` at `x` along `dx: (T, ...)` against the f64 central difference

@@ -4,8 +4,10 @@
 //! layouts, split q/k/v with torch.chunk). The oracle for the HF key map is therefore timm's own
 //! state dict: every HF fixture must map back to exactly those tensors.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use common::max_abs_diff;
 use liederiv::config::{InitConfig, VitConfig};
 use liederiv::hub::HubError;
 use liederiv::models::vit::Vit;
@@ -40,20 +42,6 @@ fn tiny() -> VitConfig {
 
 fn timm_tensors() -> HashMap<String, Tensor> {
     read_checkpoint(&fixture("timm_vit/model.safetensors")).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// `got` holds exactly the keys of `want` (minus `except`), with bit-identical values.

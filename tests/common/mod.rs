@@ -299,6 +299,18 @@ pub fn max_abs(t: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// max |a − b| in f64 (same shapes).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
+}
+
+/// ‖a − b‖ / ‖b‖ in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let b64 = b.to_dtype(DType::F64).unwrap();
+    norm(&(a.to_dtype(DType::F64).unwrap() - &b64).unwrap()) / norm(&b64).max(1e-300)
+}
+
 pub fn norm(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64)
         .unwrap()
