@@ -102,6 +102,39 @@ pub(super) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -
     }
 }
 
+/// An elementwise kernel `f(x)` over one contiguous operand, in parallel blocks of
+/// `MIN_TASK_ELEMS` (each block a plain loop over slices, which the compiler can vectorise).
+fn map1<T: Real>(xs: &CpuStorage, xl: &Layout, op: &str, f: impl Fn(T) -> T + Sync) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(xs, xl, op)?;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, MIN_TASK_ELEMS, |r, y| {
+        let x = &x[r * MIN_TASK_ELEMS..r * MIN_TASK_ELEMS + y.len()];
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = f(x));
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
+/// [`map1`] for kernels `f(x, g)` of an operand and an incoming gradient of the same shape.
+fn map2<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    op: &str,
+    f: impl Fn(T, T) -> T + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (slice::<T>(xs, xl, op)?, slice::<T>(gs, gl, op)?);
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    par_rows(&mut out, MIN_TASK_ELEMS, |r, y| {
+        let at = r * MIN_TASK_ELEMS..r * MIN_TASK_ELEMS + y.len();
+        y.iter_mut()
+            .zip(&x[at.clone()])
+            .zip(&g[at])
+            .for_each(|((y, &x), &g)| *y = f(x, g));
+    });
+    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+}
+
 /// Size of the last axis of a layout (rank ≥ 1 is checked by the wrappers).
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
@@ -403,12 +436,8 @@ impl CustomOp2 for SoftmaxGrad {
 struct GeluOp;
 
 fn gelu_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-    let x = slice::<T>(xs, xl, "gelu")?;
     let (half, rsqrt2) = (T::from_f64(0.5), T::from_f64(std::f64::consts::FRAC_1_SQRT_2));
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    // Elementwise: "rows" of one element.
-    par_rows(&mut out, 1, |i, y| y[0] = x[i] * ((x[i] * rsqrt2).erf() * half + half));
-    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+    map1(xs, xl, "gelu", |x: T| x * ((x * rsqrt2).erf() * half + half))
 }
 
 impl CustomOp1 for GeluOp {
@@ -442,10 +471,7 @@ fn gelu_deriv<T: Real>(x: T) -> T {
 }
 
 fn gelu_grad<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-    let (x, g) = (slice::<T>(xs, xl, "gelu grad")?, slice::<T>(gs, gl, "gelu grad")?);
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    par_rows(&mut out, 1, |i, dx| dx[0] = g[i] * gelu_deriv(x[i]));
-    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+    map2(xs, xl, gs, gl, "gelu grad", |x: T, g| g * gelu_deriv(x))
 }
 
 impl CustomOp2 for GeluGrad {
@@ -463,10 +489,7 @@ impl CustomOp2 for GeluGrad {
 struct GeluDerivOp;
 
 fn gelu_deriv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-    let x = slice::<T>(xs, xl, "gelu derivative")?;
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    par_rows(&mut out, 1, |i, y| y[0] = gelu_deriv(x[i]));
-    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+    map1(xs, xl, "gelu derivative", gelu_deriv::<T>)
 }
 
 impl CustomOp1 for GeluDerivOp {
@@ -487,12 +510,9 @@ impl CustomOp1 for GeluDerivOp {
 struct GeluSecond;
 
 fn gelu_second<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-    let (x, g) = (slice::<T>(xs, xl, "gelu second")?, slice::<T>(gs, gl, "gelu second")?);
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    par_rows(&mut out, 1, |i, dx| {
-        dx[0] = g[i] * normal_pdf(x[i]) * (T::from_f64(2.0) - x[i] * x[i]);
-    });
-    Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+    map2(xs, xl, gs, gl, "gelu second", |x: T, g| {
+        g * normal_pdf(x) * (T::from_f64(2.0) - x * x)
+    })
 }
 
 impl CustomOp2 for GeluSecond {
