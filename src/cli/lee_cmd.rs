@@ -91,7 +91,7 @@ struct SplitResult {
 pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
     let opts = resolve(cfg, args)?;
     let device = crate::train::select_device(&cfg.device)?;
-    let (mut varmap, model) = build_model(cfg, &device).context("building the model from the config")?;
+    let (mut varmap, _) = build_model(cfg, &device).context("building the model from the config")?;
     if let Some(ckpt) = &args.checkpoint {
         varmap.load(ckpt).with_context(|| {
             format!(
@@ -102,8 +102,8 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
             )
         })?;
     }
-    // LEE and metrics need no autograd graph; the layerwise decomposition differentiates.
-    let inference = frozen(cfg, &varmap, &device)?;
+    // Everything here is forward mode (the layerwise decomposition too): no autograd graph needed.
+    let model = frozen(cfg, &varmap, &device)?;
     let mut rng = Rng::seed_from_u64(cfg.seed);
     let bs = opts.spec.batch_size.max(1);
     let mut results = Vec::new();
@@ -130,10 +130,10 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
         for start in (0..n).step_by(bs) {
             let idx: Vec<usize> = (start..n.min(start + bs)).collect();
             let (x, y) = data::batch(&split, &idx, &cfg.data, &device)?;
-            lee.push(inference.as_ref(), &x, Some(&y), &opts.spec)
+            lee.push(model.as_ref(), &x, Some(&y), &opts.spec)
                 .with_context(|| format!("LEE on split {name}"))?;
             if !opts.metrics.is_empty() {
-                metrics.push(inference.as_ref(), &x, &mut rng)?;
+                metrics.push(model.as_ref(), &x, &mut rng)?;
             }
             for acc in &mut lw {
                 let d = decompose(
