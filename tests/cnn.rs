@@ -197,6 +197,72 @@ fn rot90_is_the_warps_quarter_turn() {
     assert!(e < 1e-12, "rot90 vs warp(π/2): {e:.3e}");
 }
 
+/// The filter bank (one matmul with the tabulated rotations and a gather) against its definition
+/// composed op by op: for output orientation r, the base filter rolled by r along the input
+/// orientations (group convs), disk-masked, bilinearly rotated by the remainder of 2πr/N past a
+/// quarter turn, masked again, then turned by rot90 that many quarter turns.
+#[test]
+fn filter_bank_is_every_rotation_of_the_base_filter() {
+    let map = VarMap::new();
+    let vb = vb(&map, DType::F64);
+    let k = 5;
+    let c = (k as f64 - 1.0) / 2.0;
+    let disk: Vec<f64> = (0..k * k)
+        .map(|p| {
+            let (i, j) = ((p / k) as f64 - c, (p % k) as f64 - c);
+            f64::from(i * i + j * j <= (k as f64 / 2.0).powi(2))
+        })
+        .collect();
+    let disk = Tensor::from_vec(disk, (k, k), &DEV).unwrap();
+    for n in [4, 8, 16] {
+        for lifting in [true, false] {
+            let name = format!("c{n}_{}", if lifting { "lift" } else { "group" });
+            let conv = GroupConv::load(2, 3, n, k, lifting, vb.pp(&name)).unwrap();
+            let w = map.data().lock().unwrap()[&format!("{name}.weight")]
+                .as_tensor()
+                .clone();
+            let bank = conv.bank().unwrap(); // (3·N, 2·[N], k, k), rows (field, r)
+            let mask = |t: &Tensor| {
+                if n == 4 {
+                    t.clone()
+                } else {
+                    t.broadcast_mul(&disk).unwrap()
+                }
+            };
+            for r in 0..n {
+                let mut f = if lifting {
+                    w.clone()
+                } else {
+                    w.roll(r as i32, 2).unwrap()
+                };
+                f = mask(&f);
+                let (q, m) = (r / (n / 4), r % (n / 4));
+                if m != 0 {
+                    let dims = f.dims().to_vec();
+                    let angle = 2.0 * std::f64::consts::PI * m as f64 / n as f64;
+                    let flat = f.reshape(((), 1, k, k)).unwrap();
+                    f = mask(
+                        &apply(&flat, Transform::Rotate, &[angle], Padding::Zeros)
+                            .unwrap()
+                            .reshape(dims)
+                            .unwrap(),
+                    );
+                }
+                for _ in 0..q {
+                    f = rot90(&f).unwrap();
+                }
+                let expected = f.reshape((3, 1, (), k, k)).unwrap();
+                let got = bank.reshape((3, n, (), k, k)).unwrap().narrow(1, r, 1).unwrap();
+                let e = rel_err(&got, &expected);
+                assert!(e < 1e-12, "{name}, r = {r}: bank vs composed rotation {e:.3e}");
+            }
+            // The test can fail: different orientations hold different filters.
+            let b = bank.reshape((3, n, (), k, k)).unwrap();
+            assert!(rel_err(&b.narrow(1, 0, 1).unwrap(), &b.narrow(1, 1, 1).unwrap()) > 0.1);
+        }
+    }
+}
+
 #[test]
 fn group_layers_jvp_match_finite_differences() {
     let map = VarMap::new();

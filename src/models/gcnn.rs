@@ -34,7 +34,8 @@ pub fn rot90(w: &Tensor) -> Result<Tensor> {
     w.transpose(r - 2, r - 1)?.contiguous()?.flip(&[r - 1])
 }
 
-/// The filter-rotation machinery shared by the lifting and group convolutions.
+/// The filter-rotation machinery shared by the lifting and group convolutions, used once per
+/// layer to tabulate the rotations as a matrix ([`GroupConv`] keeps the matrix, not this).
 #[derive(Clone, Debug)]
 struct Rotator {
     n: usize,
@@ -43,7 +44,8 @@ struct Rotator {
 }
 
 impl Rotator {
-    fn new(n: usize, k: usize, like: &Tensor) -> Result<Self> {
+    /// On the CPU in f64: it only tabulates [`Self::matrix`].
+    fn new(n: usize, k: usize) -> Result<Self> {
         if n == 0 || !n.is_multiple_of(4) {
             candle_core::bail!("G-CNN group order {n}: must be a multiple of 4 (4, 8 or 16)");
         }
@@ -62,7 +64,7 @@ impl Rotator {
                     }
                 })
                 .collect();
-            Some(Tensor::from_vec(m, (k, k), like.device())?.to_dtype(like.dtype())?)
+            Some(Tensor::from_vec(m, (k, k), &candle_core::Device::Cpu)?)
         };
         Ok(Self { n, mask })
     }
@@ -92,6 +94,18 @@ impl Rotator {
         }
         Ok(w)
     }
+
+    /// All N rotations as one matrix `(k², N·k²)`: row p is the rotations of the p-th unit
+    /// filter, so `w (.., k²) · matrix` is every rotation of every filter in one matmul. The
+    /// rotation is linear in the filter, so this is the same map (tabulated in f64), not an
+    /// approximation of it.
+    fn matrix(&self, k: usize) -> Result<Tensor> {
+        let eye = Tensor::eye(k * k, candle_core::DType::F64, &candle_core::Device::Cpu)?.reshape((k * k, k, k))?;
+        let rotated = (0..self.n)
+            .map(|r| self.rotate(&eye, r)?.reshape((k * k, k * k)))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rotated, 1)
+    }
 }
 
 /// A lifting (`in_fields = None`: input `(B, Cin, H, W)`) or group convolution (input
@@ -100,8 +114,12 @@ impl Rotator {
 pub struct GroupConv {
     /// `(Cout, Cin, k, k)` (lifting) or `(Cout, Cin, N, k, k)` (group).
     weight: Tensor,
-    rot: Rotator,
-    lifting: bool,
+    /// [`Rotator::matrix`] in the weight's dtype and device.
+    rotations: Tensor,
+    /// Group convs: for output orientation r and input orientation s, where the rotated filters
+    /// `(s', r, p)` hold the entry of `(r, s, p)`: s' = (s − r) mod N (the roll).
+    roll: Option<Tensor>,
+    n: usize,
     k: usize,
 }
 
@@ -114,32 +132,49 @@ impl GroupConv {
         };
         let std = (2.0 / fan_in as f64).sqrt();
         let weight = param(&vb, &shape, "weight", ParamInit::Normal(std))?;
-        let rot = Rotator::new(n, k, &weight)?;
+        let rotations = Rotator::new(n, k)?
+            .matrix(k)?
+            .to_dtype(weight.dtype())?
+            .to_device(weight.device())?;
+        let roll = if lifting {
+            None
+        } else {
+            let kk = k * k;
+            let idx: Vec<u32> = (0..n * n * kk)
+                .map(|j| {
+                    let (r, s, p) = (j / (n * kk), (j / kk) % n, j % kk);
+                    (((s + n - r) % n) * n * kk + r * kk + p) as u32
+                })
+                .collect();
+            Some(Tensor::from_vec(idx, n * n * kk, weight.device())?)
+        };
         Ok(Self {
             weight,
-            rot,
-            lifting,
+            rotations,
+            roll,
+            n,
             k,
         })
     }
 
-    /// The full filter bank `(Cout·N, Cin·[N], k, k)`, output channels ordered (field, r).
+    /// The full filter bank `(Cout·N, Cin·[N], k, k)`, output channels ordered (field, r): for
+    /// output orientation r, the base filter rotated by 2πr/N and (group convs) rolled by r along
+    /// its input-orientation axis. One matmul and one gather, so the backward pass is as cheap.
     pub fn bank(&self) -> Result<Tensor> {
-        let n = self.rot.n;
-        let filters = (0..n)
-            .map(|r| {
-                let w = if self.lifting {
-                    self.weight.clone()
-                } else {
-                    // rolled[s] = w[(s − r) mod N] along the input-orientation axis.
-                    self.weight.roll(r as i32, 2)?
-                };
-                self.rot.rotate(&w, r)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bank = Tensor::stack(&filters, 1)?; // (Cout, N, Cin, [N,] k, k)
-        let (cout, cin_all) = (bank.dim(0)?, bank.elem_count() / (bank.dim(0)? * n * self.k * self.k));
-        bank.reshape((cout * n, cin_all, self.k, self.k))
+        let (n, k) = (self.n, self.k);
+        let (cout, cin) = (self.weight.dim(0)?, self.weight.dim(1)?);
+        let rotated = self.weight.reshape(((), k * k))?.matmul(&self.rotations)?;
+        let (rotated, cin_all) = match &self.roll {
+            // (Cout·Cin, (s', r, p)) -> (Cout·Cin, (r, s, p))
+            Some(idx) => (rotated.reshape((cout * cin, ()))?.index_select(idx, 1)?, cin * n),
+            None => (rotated, cin),
+        };
+        // (Cout, Cin, N, [N·]k²) -> (Cout, N, Cin, [N·]k²)
+        rotated
+            .reshape((cout, cin, n, ()))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((cout * n, cin_all, k, k))
     }
 
     fn conv(&self, x: &Tensor, bank: &Tensor) -> Result<Tensor> {
@@ -148,7 +183,7 @@ impl GroupConv {
         let cin_all = x.elem_count() / (b * h * w);
         // (B, Cin, [N,] H, W) -> (B, Cin·[N], H, W) -> (B, Cout·N, H, W) -> (B, Cout, N, H, W)
         let y = conv2d_op(&x.reshape((b, cin_all, h, w))?, bank, ConvSpec::same(self.k))?;
-        y.reshape((b, (), self.rot.n, h, w))
+        y.reshape((b, (), self.n, h, w))
     }
 }
 
