@@ -492,6 +492,81 @@ fn frozen_model_matches_and_follows_its_variables_without_a_graph() -> anyhow::R
 }
 
 #[test]
+fn frozen_batch_norm_models_follow_the_running_statistics() -> anyhow::Result<()> {
+    // The CNN and G-CNN also carry state that training writes outside the optimiser: batch-norm
+    // running statistics. A frozen model built before training must evaluate with the current
+    // ones, exactly as a model rebuilt from the variables now (they once stayed at their values
+    // of the moment the frozen model was built: evaluation during training was at chance level).
+    let out = tempfile::tempdir()?;
+    for (kind, size) in [("cnn", "model.cnn.widths=[4, 8]"), ("gcnn", "model.gcnn.widths=[2, 3]")] {
+        let cfg = tiny_cfg(out.path(), kind, &[&format!("model.kind={kind:?}"), size]);
+        let (varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
+        let frozen = liederiv::models::frozen(&cfg, &varmap, &Device::Cpu)?;
+        let test = liederiv::data::load_split(&cfg, "test")?;
+        let (x, _) = liederiv::train::evaluate::head_of(&test, 16, &cfg, &Device::Cpu)?;
+        let before = frozen.forward(&x)?;
+        let mut rng = liederiv::models::Rng::seed_from_u64(0);
+        for _ in 0..3 {
+            model.forward_train(&((&x * 3.0)? + 0.5)?, &mut rng)?; // moves the running statistics
+        }
+        let after = frozen.forward(&x)?;
+        let rebuilt = liederiv::models::build_with(&cfg, &varmap, DType::F32, &Device::Cpu)?.forward(&x)?;
+        let moved = (&after - &before)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        println!("{kind}: frozen logits moved by {moved:.3e} after three train-mode passes");
+        assert!(moved > 1e-3, "{kind}: the statistics did not reach the frozen model");
+        assert_eq!(
+            (&after - &rebuilt)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            0.0,
+            "{kind}"
+        );
+        // And inference-only models refuse to train (they would write through the views).
+        let err = frozen.forward_train(&x, &mut rng).expect_err("a frozen model trained");
+        assert!(err.to_string().contains("inference-only"), "{kind}: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn lee_penalty_leaves_batch_norm_statistics_to_the_forward_pass() -> anyhow::Result<()> {
+    // The LEE penalty's JVP runs batch norm in eval mode, on the running statistics. They are
+    // buffers: they must get no gradient, and the optimiser must not own them (once it did, and
+    // AdamW with weight decay drove them to garbage: evaluation of a penalised CNN at chance).
+    let out = tempfile::tempdir()?;
+    for (kind, size) in [("cnn", "model.cnn.widths=[4, 8]"), ("gcnn", "model.gcnn.widths=[2, 3]")] {
+        let cfg = tiny_cfg(out.path(), kind, &[&format!("model.kind={kind:?}"), size]);
+        let (varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
+        let test = liederiv::data::load_split(&cfg, "test")?;
+        let (x, _) = liederiv::train::evaluate::head_of(&test, 8, &cfg, &Device::Cpu)?;
+        let rotate = [liederiv::transforms::Transform::Rotate];
+        let penalty = liederiv::lie::lee_penalty(model.as_ref(), &x, &rotate, liederiv::transforms::Stencil::Central)?;
+        let grads = penalty.backward()?;
+        let data = varmap.data().lock().unwrap();
+        let (mut buffers, mut with_grad) = (0, 0);
+        for (name, var) in data.iter() {
+            let g = grads.get(var.as_tensor());
+            if liederiv::models::conv::is_buffer(name) {
+                buffers += 1;
+                assert!(g.is_none(), "{kind}: buffer {name} got a gradient from the LEE penalty");
+            } else if g.is_some() {
+                with_grad += 1;
+            }
+        }
+        drop(data);
+        assert!(
+            buffers > 0 && with_grad > 0,
+            "{kind}: {buffers} buffers, {with_grad} parameters with gradients"
+        );
+        let opt = AdamW::new(&varmap, AdamWParams::from_train(&cfg.train), None)?;
+        let owned: Vec<String> = opt.groups().into_iter().map(|(n, _)| n).collect();
+        assert!(
+            owned.iter().all(|n| !liederiv::models::conv::is_buffer(n)) && !owned.is_empty(),
+            "{kind}: the optimiser owns batch-norm buffers: {owned:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
     let common = [

@@ -171,6 +171,12 @@ impl Jvp for Conv2d {
     }
 }
 
+/// Whether a variable is a batch-norm buffer (running statistics) rather than a parameter:
+/// written by train-mode passes, never by an optimiser.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
 /// Batch norm over every axis but 1 (channels / fields): `(B, C, H, W)` for the CNN, and
 /// `(B, C, N, H, W)` for the G-CNN, where one statistic per field is shared by its N
 /// orientation channels (so the normalisation commutes with rotations). PyTorch semantics:
@@ -179,8 +185,12 @@ impl Jvp for Conv2d {
 pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
-    running_mean: Var,
-    running_var: Var,
+    /// Buffers, updated in place by train-mode passes: `Var` tensors in the trained model, detached
+    /// views of them (same storage) in [`crate::models::frozen`] models, which thus see every
+    /// update. (Wrapping a view in a new `Var` would copy it: frozen models would evaluate with
+    /// the statistics of the moment they were built.)
+    running_mean: Tensor,
+    running_var: Tensor,
     eps: f64,
     momentum: f64,
 }
@@ -191,8 +201,8 @@ impl BatchNorm {
         Ok(Self {
             weight: param(&vb, &[c], "weight", ParamInit::Const(1.0))?,
             bias: param(&vb, &[c], "bias", ParamInit::Const(0.0))?,
-            running_mean: Var::from_tensor(&param(&vb, &[c], "running_mean", ParamInit::Const(0.0))?)?,
-            running_var: Var::from_tensor(&param(&vb, &[c], "running_var", ParamInit::Const(1.0))?)?,
+            running_mean: param(&vb, &[c], "running_mean", ParamInit::Const(0.0))?,
+            running_var: param(&vb, &[c], "running_var", ParamInit::Const(1.0))?,
             eps: 1e-5,
             momentum: 0.1,
         })
@@ -205,10 +215,12 @@ impl BatchNorm {
         v.reshape(shape)
     }
 
-    /// Eval mode: `y = x·s + (β − μ·s)` with `s = γ / √(σ² + ε)` from the running statistics.
+    /// Eval mode: `y = x·s + (β − μ·s)` with `s = γ / √(σ² + ε)` from the running statistics,
+    /// detached: they are buffers, so a loss through eval mode (the LEE penalty's JVP) must not
+    /// hand them gradients that an optimiser would then apply.
     fn eval_scale_shift(&self, rank: usize) -> Result<(Tensor, Tensor)> {
-        let s = (&self.weight / (self.running_var.as_tensor() + self.eps)?.sqrt()?)?;
-        let shift = (&self.bias - (self.running_mean.as_tensor() * &s)?)?;
+        let s = (&self.weight / (self.running_var.detach() + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - (self.running_mean.detach() * &s)?)?;
         Ok((Self::per_channel(&s, rank)?, Self::per_channel(&shift, rank)?))
     }
 }
@@ -236,10 +248,19 @@ impl Layer for BatchNorm {
         let m = self.momentum;
         let mean = mean.detach().flatten_all()?;
         let unbiased = (var.detach().flatten_all()? * (n as f64 / (n.max(2) - 1) as f64))?;
-        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
-        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-        self.running_mean.set(&rm)?;
-        self.running_var.set(&rv)?;
+        let rm = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
+        let rv = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+        for (buffer, new) in [(&self.running_mean, rm), (&self.running_var, rv)] {
+            if !buffer.is_variable() {
+                candle_core::bail!(
+                    "batch norm: a train-mode pass on an inference-only model (models::frozen), whose \
+                     running statistics are views that training must not write; train the model built \
+                     on the variables"
+                );
+            }
+            // A variable's tensor wraps into a `Var` without a copy: the update is in place.
+            Var::from_tensor(buffer)?.set(&new)?;
+        }
         Ok(y)
     }
 }

@@ -123,7 +123,8 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Every trainable variable of `varmap`, in name order (deterministic).
+    /// Every trainable variable of `varmap` (not the batch-norm buffers), in name order
+    /// (deterministic).
     pub fn new(varmap: &VarMap, hp: AdamWParams, vit_depth: Option<usize>) -> Result<Self> {
         let data = varmap
             .data()
@@ -139,7 +140,7 @@ impl AdamW {
     pub fn from_vars(named: Vec<(String, Var)>, hp: AdamWParams, vit_depth: Option<usize>) -> Result<Self> {
         let params = named
             .into_iter()
-            .filter(|(_, var)| var.dtype().is_float())
+            .filter(|(name, var)| var.dtype().is_float() && !crate::models::conv::is_buffer(name))
             .map(|(name, var)| {
                 let group = group_for(&name, var.rank(), vit_depth, &hp);
                 Ok(Param {
