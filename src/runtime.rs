@@ -36,3 +36,15 @@ pub fn tune_allocator() -> bool {
         false
     }
 }
+
+/// A fresh temporary name beside `path` for write-then-rename: `.<name>.tmp<pid>-<n><ext>`,
+/// unique per process and per call, so two threads (tests, or parallel cache builds) writing the
+/// same file never share a temporary. `ext` keeps an extension that a writer needs to see
+/// (`".png"` for the bitmap encoder); usually `""`.
+pub fn temp_sibling(path: &std::path::Path, ext: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp{}-{n}{ext}", std::process::id()))
+}

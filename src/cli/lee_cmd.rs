@@ -363,7 +363,5 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .filter(|d| !d.as_os_str().is_empty())
         .map_or(PathBuf::from("."), Path::to_path_buf);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating directory {}", dir.display()))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    Ok(crate::report::write_atomic(path, bytes)?)
 }

@@ -407,7 +407,7 @@ fn write_split(path: &Path, s: &Split) -> Result<(), DataError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = crate::runtime::temp_sibling(path, "");
     let mut buf = Vec::with_capacity(32 + s.images.len() * 4 + s.labels.len());
     buf.extend_from_slice(MAGIC);
     for v in [s.len(), s.h, s.w] {

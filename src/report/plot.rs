@@ -77,7 +77,7 @@ fn render<F: Figure>(stem: &Path, fig: &F) -> Result<(), ReportError> {
 
     // The bitmap encoder picks the format from the extension, so the temporary name ends in .png.
     let png_path = with_ext(stem, "png");
-    let tmp = with_ext(stem, &format!("tmp{}.png", std::process::id()));
+    let tmp = crate::runtime::temp_sibling(&png_path, ".png");
     {
         let root = BitMapBackend::new(&tmp, fig.size()).into_drawing_area();
         let drawn = fig.draw(&root).and_then(|_| root.present().map_err(Into::into));

@@ -102,9 +102,7 @@ pub fn save(path: &Path, varmap: &VarMap, optim: HashMap<String, Tensor>, meta: 
     }
     // candle writes the file itself, so the temp + rename is done here; the sidecar goes through
     // the shared atomic writer.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
+    let tmp = crate::runtime::temp_sibling(path, "");
     let written = candle_core::safetensors::save(&tensors, &tmp)
         .map_err(|e| std::io::Error::other(e.to_string()))
         .and_then(|_| std::fs::rename(&tmp, path));
