@@ -507,3 +507,53 @@ fn report_command_builds_table_and_plots() {
     );
     assert!(msg.contains("paper.toml") && msg.contains("test_error_pct"), "{msg}");
 }
+
+#[test]
+fn seed_table_groups_runs_of_one_row() {
+    use liederiv::report::{load_run, row_of, seed_table};
+    let root = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    // gcnn_c8 over seeds 0, 1, 2 with test errors 3, 4 and 2 %; mae_vit once; "odd_s5" has seed
+    // 3, so its suffix is part of its name, not a seed.
+    for (name, seed, acc) in [
+        ("gcnn_c8", 0, 0.97),
+        ("mae_vit", 0, 0.9),
+        ("gcnn_c8_s1", 1, 0.96),
+        ("gcnn_c8_s2", 2, 0.98),
+        ("odd_s5", 3, 0.5),
+    ] {
+        let dir = synthetic_run(root.path(), name, name, acc, 1.0 + seed as f64, false);
+        std::fs::write(dir.join("summary.json"), format!(r#"{{"seed": {seed}}}"#)).unwrap();
+        runs.push(load_run(&dir).unwrap());
+    }
+    let rows: Vec<String> = runs.iter().map(row_of).collect();
+    assert_eq!(rows, ["gcnn_c8", "mae_vit", "gcnn_c8", "gcnn_c8", "odd_s5"]);
+    let table = seed_table(&runs, None).expect("a row with three seeds");
+    let lines: Vec<Vec<String>> = table
+        .lines()
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    assert_eq!(lines.len(), 2 + 3, "{table}");
+    let col = |h: &str| lines[0].iter().position(|c| c == h).unwrap_or_else(|| panic!("no {h}"));
+    let g = &lines[2];
+    assert_eq!(g[0], "gcnn_c8");
+    assert_eq!(g[col("seeds")], "0, 1, 2");
+    assert_eq!(g[col("test error (%), mean ± std")], "3.00 ± 1.00");
+    assert_eq!(g[col("min – max")], "2.00 – 4.00");
+    // LEE: mean ± sample std of the runs' final means (scaled 1, 2, 3 times here).
+    let base = read_jsonl(&root.path().join("gcnn_c8").join(METRICS_JSONL))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .splits["test"]
+        .lee["rotate"]
+        .mean;
+    assert_eq!(
+        g[col("LEE rotate (test)")],
+        format!("{:.2e} ± {:.1e}", 2.0 * base, base)
+    );
+    assert_eq!(lines[3][col("test error (%), mean ± std")], "10.00");
+    assert_eq!(lines[4][0], "odd_s5");
+    // One run per row: nothing to aggregate.
+    assert!(seed_table(&runs[..2], None).is_none());
+}

@@ -4,7 +4,7 @@
 //! with `--markdown` write the tables and the error-vs-LEE comparison plots beside it.
 
 use crate::cli::ReportArgs;
-use crate::report::{self, load_run, markdown_table, paper_table, PaperNumbers, RunReport, ScatterPoint};
+use crate::report::{self, load_run, markdown_table, paper_table, seed_table, PaperNumbers, RunReport, ScatterPoint};
 use anyhow::Context;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -28,7 +28,13 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         .map(PaperNumbers::load)
         .transpose()
         .context("reading the published numbers (--paper)")?;
-    let mut table = markdown_table(&runs, paper.as_ref());
+    let mut table = String::new();
+    if let Some(over_seeds) = seed_table(&runs, paper.as_ref()) {
+        table += "Over seeds (each row's runs: test error mean ± sample std and range; LEE: mean ± std of the runs' means):\n\n";
+        table += &over_seeds;
+        table += "\nEvery run:\n\n";
+    }
+    table += &markdown_table(&runs, paper.as_ref());
     if let Some(p) = &paper {
         table += "\n";
         table += &paper_table(p, &runs);

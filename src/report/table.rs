@@ -280,6 +280,115 @@ pub fn markdown_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Strin
     out
 }
 
+/// The row a run belongs to: its name without the `_s<seed>` suffix that names the runs of one
+/// config with other seeds (`gcnn_c8_s2`, seed 2, is a run of `gcnn_c8`).
+pub fn row_of(run: &RunReport) -> String {
+    match run.summary.seed {
+        Some(seed) => run
+            .name
+            .strip_suffix(&format!("_s{seed}"))
+            .unwrap_or(&run.name)
+            .to_string(),
+        None => run.name.clone(),
+    }
+}
+
+/// Mean and sample standard deviation ("–" for the std of a single value).
+fn mean_std(v: &[f64]) -> String {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return format!("{mean:.3e}");
+    }
+    let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    format!("{mean:.2e} ± {std:.1e}")
+}
+
+/// Per row (runs grouped by [`row_of`], in first-seen order), the final metrics over its seeds:
+/// test error as mean ± sample std with the range, each LEE (split, transform) as mean ± std of
+/// the runs' means, and the paper's number for the row labelled as theirs. `None` when no row has
+/// two runs (then the per-run table says it all).
+pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<String> {
+    let mut rows: Vec<(String, Vec<&RunReport>)> = Vec::new();
+    for r in runs {
+        let row = row_of(r);
+        match rows.iter_mut().find(|(name, _)| *name == row) {
+            Some((_, members)) => members.push(r),
+            None => rows.push((row, vec![r])),
+        }
+    }
+    if rows.iter().all(|(_, m)| m.len() < 2) {
+        return None;
+    }
+    let mut lee_cols = BTreeSet::new();
+    for r in runs {
+        for (split, m) in &r.last().splits {
+            for t in m.lee.keys() {
+                lee_cols.insert((t.clone(), split_rank(split), split.clone()));
+            }
+        }
+    }
+    let mut header = vec![
+        "row".to_string(),
+        "seeds".into(),
+        "test error (%), mean ± std".into(),
+        "min – max".into(),
+    ];
+    if paper.is_some() {
+        header.push("paper's test error (%), theirs".into());
+    }
+    header.extend(lee_cols.iter().map(|(t, _, s)| format!("LEE {t} ({s})")));
+    let mut out = format!("| {} |\n", header.join(" | "));
+    let align: Vec<&str> = (0..header.len()).map(|i| if i == 0 { ":--" } else { "--:" }).collect();
+    out += &format!("| {} |\n", align.join(" | "));
+    for (row, members) in &rows {
+        let seeds: Vec<String> = members
+            .iter()
+            .map(|r| r.summary.seed.map_or(MISSING.into(), |s| s.to_string()))
+            .collect();
+        let errors: Vec<f64> = members.iter().filter_map(|r| r.test_error_pct()).collect();
+        let (err, range) = if errors.is_empty() {
+            (MISSING.to_string(), MISSING.to_string())
+        } else {
+            let n = errors.len() as f64;
+            let mean = errors.iter().sum::<f64>() / n;
+            let std = if errors.len() > 1 {
+                format!(
+                    " ± {:.2}",
+                    (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+                )
+            } else {
+                String::new()
+            };
+            let (lo, hi) = errors.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &e| {
+                (lo.min(e), hi.max(e))
+            });
+            (format!("{mean:.2}{std}"), format!("{lo:.2} – {hi:.2}"))
+        };
+        let mut cells = vec![row.replace('|', "\\|"), seeds.join(", "), err, range];
+        if let Some(p) = paper {
+            cells.push(
+                p.for_run(row)
+                    .map(|p| format!("{:.2} ({})", p.test_error_pct, p.model.replace('|', "\\|")))
+                    .unwrap_or(MISSING.into()),
+            );
+        }
+        cells.extend(lee_cols.iter().map(|(t, _, s)| {
+            let v: Vec<f64> = members
+                .iter()
+                .filter_map(|r| r.last().splits.get(s).and_then(|m| m.lee.get(t)).map(|m| m.mean))
+                .collect();
+            if v.is_empty() {
+                MISSING.into()
+            } else {
+                mean_std(&v)
+            }
+        }));
+        out += &format!("| {} |\n", cells.join(" | "));
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +402,7 @@ mod tests {
         assert_eq!(wall(150.0), "2.5 min");
         assert_eq!(wall(7200.0), "2.00 h");
         assert_eq!(pm(1.234e-4, 5.6e-6), "1.23e-4 ± 5.6e-6");
+        assert_eq!(mean_std(&[1.0, 2.0, 3.0]), "2.00e0 ± 1.0e0");
+        assert_eq!(mean_std(&[0.5]), "5.000e-1");
     }
 }
