@@ -1,83 +1,134 @@
 #!/usr/bin/env bash
 # Table 1 of the paper (learned vs architectural rotation invariance on MNIST-rot) at CPU scale,
-# with LEE (issue 8). Trains every row of experiments/table1/ (one config per row), copies what
-# the report needs from each run (config, metrics, summary; not checkpoints) to
-# experiments/table1/runs/<row>/, and regenerates experiments/table1/RESULTS.md with
-# `liederiv report --paper` (our table, the paper's numbers labelled as theirs, the error-vs-LEE
-# plots, the per-row accuracy and LEE curves) after every row, so a stopped run still leaves a
-# report of the rows it finished.
+# with LEE (issue 8). Trains every row of experiments/table1/ (one config per row) for every seed,
+# copies what the report needs from each run (config, metrics, summary; not checkpoints) to
+# <report dir>/runs/<run>/, and regenerates <report dir>/RESULTS.md with `liederiv report --paper`
+# (our table, mean ± std over seeds, the paper's numbers labelled as theirs, the error-vs-LEE plots,
+# the per-row accuracy and LEE curves) after every row, so a stopped run still leaves a report of
+# the rows it finished.
 #
-#   LIEDERIV_DATA_DIR=/path/to/data scripts/table1.sh            # the full table
+#   LIEDERIV_DATA_DIR=/path/to/data scripts/table1.sh            # the CPU table (experiments/table1/)
 #   BUDGET=smoke scripts/table1.sh                               # a few steps per row, 1k test images
 #   ROWS="cnn_noaug gcnn_c8" scripts/table1.sh                   # some rows only
+#   BUDGET=gpu scripts/table1.sh                                 # the longer table on one GPU
+#                                                                #   (experiments/table1/gpu/)
 #
-# Measured runtime of the full table (one seed per row, 2-core CPU with a load average of 5-11
-# from other jobs, RAYON_NUM_THREADS=1): the rows' wall times sum to about 85 min (the C8 G-CNN
-# alone 33 min, its final evaluation on the 50k test digits included); 72 min elapsed with two rows
-# at a time. Per row: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: about a minute.
-# Rows whose run directory already holds a summary.json are not trained again (FORCE=1 retrains
-# them from scratch), and a row that was interrupted continues from its last checkpoint
-# (`train --resume`), so a stopped table picks up where it stopped. The runs themselves live in
-# runs/table1/ (runs/table1_smoke/ for the smoke budget; both ignored by git).
+# Budgets: `full` is each row's config as committed (about an hour on this 2-core CPU, two rows at
+# a time); `gpu` runs every row for three seeds, all 18 runs at once on one GPU (`--features cuda`
+# build), for as many steps as fit FIT_SECONDS (default 480) of wall time: every run first trains
+# 60 steps next to all the others, and each then gets the steps its measured throughput fits into
+# what is left (its config.toml records them); `smoke` runs the whole chain for a few steps.
+# FIT_SECONDS works with the other budgets too.
+#
+# Run names: <row> for seed 0, <row>_s<seed> otherwise. Runs whose directory already holds a
+# summary.json are not trained again (FORCE=1 retrains them from scratch), and a run that was
+# interrupted continues from its last checkpoint (`train --resume`), so a stopped table picks up
+# where it stopped. The runs themselves live in runs/table1/ (runs/table1_smoke/,
+# runs/table1_gpu/; ignored by git).
+#
+# Measured runtime of the CPU table (one seed per row, 2-core CPU with a load average of 5-11 from
+# other jobs, RAYON_NUM_THREADS=1): the rows' wall times sum to about 85 min (the C8 G-CNN alone
+# 33 min, its final evaluation on the 50k test digits included); 72 min elapsed with two rows at a
+# time. Per row: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: about a minute.
 #
 # Environment: LIEDERIV_DATA_DIR (MNIST and Fashion-MNIST IDX folders; without it the data come
-# from the Hugging Face Hub), CARGO_TARGET_DIR (where the release binary is built), BUDGET
-# (full | smoke), ROWS, FORCE, RAYON_NUM_THREADS (candle's CPU threads; default: all cores). On a
-# machine shared with other jobs, RAYON_NUM_THREADS=1 is faster: with the load average at 9 on 2
-# cores, 10 tiny-ViT steps took 8.4-10.2 s on one thread against 20.5-22.5 s on two (the worker
-# threads spin at their barriers while the other one is descheduled). The committed table was made
-# with RAYON_NUM_THREADS=1.
+# from the Hugging Face Hub), CARGO_TARGET_DIR (where the release binary is built), BIN (a prebuilt
+# liederiv binary instead: no cargo build), BUDGET (full | smoke | gpu), ROWS, SEEDS (default "0";
+# gpu: "0 1 2"), PARALLEL (1: all runs at once; gpu's default), DEVICE (cpu | cuda; gpu's default
+# is cuda), FIT_SECONDS, FORCE, RUNS and REPORT (override the run and report directories),
+# RAYON_NUM_THREADS (candle's CPU threads; default: all cores). On a machine shared with other jobs,
+# RAYON_NUM_THREADS=1 is faster: with the load average at 9 on 2 cores, 10 tiny-ViT steps took
+# 8.4-10.2 s on one thread against 20.5-22.5 s on two (the worker threads spin at their barriers
+# while the other one is descheduled). The committed CPU table was made with RAYON_NUM_THREADS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 EXP=experiments/table1
+ALL_ROWS="mae_vit vit_scratch mae_vit_lee cnn_noaug cnn_aug gcnn_c8"
 ROWS=${ROWS:-"mae_vit vit_scratch gcnn_c8 cnn_aug cnn_noaug mae_vit_lee"}
 BUDGET=${BUDGET:-full}
 FORCE=${FORCE:-0}
+FIT_SECONDS=${FIT_SECONDS:-}
 
 case "$BUDGET" in
     full)
-        RUNS=runs/table1
-        OUT=$EXP
+        RUNS=${RUNS:-runs/table1}
+        REPORT=${REPORT:-$EXP}
         SET=()
         ;;
     smoke)
         # Every stage runs a few steps, evaluates twice and reports on the first 1k test digits.
-        RUNS=runs/table1_smoke
-        OUT=$RUNS/report
+        RUNS=${RUNS:-runs/table1_smoke}
+        REPORT=${REPORT:-$RUNS/report}
         SET=(--set train.steps=4 --set train.warmup_steps=1 --set train.eval_every=2
             --set train.checkpoint_every=4 --set pretrain.steps=4 --set pretrain.warmup_steps=1
             --set data.test_size=1000 --set eval.limit=256 --set lee.limit=16)
         ;;
+    gpu)
+        RUNS=${RUNS:-runs/table1_gpu}
+        REPORT=${REPORT:-$EXP/gpu}
+        SEEDS=${SEEDS:-"0 1 2"}
+        PARALLEL=${PARALLEL:-1}
+        DEVICE=${DEVICE:-cuda}
+        FIT_SECONDS=${FIT_SECONDS:-480}
+        # Batch 128 for every row (a GPU step costs about the same at 64).
+        SET=(--set train.batch_size=128)
+        ;;
     *)
-        echo "table1: BUDGET must be full or smoke, not $BUDGET" >&2
+        echo "table1: BUDGET must be full, smoke or gpu, not $BUDGET" >&2
         exit 2
         ;;
 esac
+SEEDS=${SEEDS:-0}
+PARALLEL=${PARALLEL:-0}
+DEVICE=${DEVICE:-}
+[[ -z $DEVICE ]] || SET+=(--set "device=\"$DEVICE\"")
 
-cargo build --release --bin liederiv
-BIN=${CARGO_TARGET_DIR:-target}/release/liederiv
-mkdir -p "$RUNS" "$OUT/runs"
+# `--set` overrides for a run of `pre` pretraining and `fin` training steps: ten evaluations and
+# four checkpoints per stage, warmup 5% of the steps.
+steps_set() {
+    local pre=$1 fin=$2
+    local out=(--set "train.steps=$fin" --set "train.warmup_steps=$(((fin + 19) / 20))"
+        --set "train.eval_every=$(((fin + 9) / 10))" --set "train.checkpoint_every=$(((fin + 3) / 4))")
+    if [[ $pre -gt 0 ]]; then
+        out+=(--set "pretrain.steps=$pre" --set "pretrain.warmup_steps=$(((pre + 19) / 20))")
+    fi
+    echo "${out[@]}"
+}
+
+if [[ -n ${BIN:-} ]]; then
+    [[ -x $BIN ]] || { echo "table1: BIN=$BIN is not an executable" >&2; exit 2; }
+else
+    cargo build --release --bin liederiv
+    BIN=${CARGO_TARGET_DIR:-target}/release/liederiv
+fi
+mkdir -p "$RUNS" "$REPORT/runs"
+
+run_name() { if [[ $2 == 0 ]]; then echo "$1"; else echo "$1_s$2"; fi; }
 
 report() {
     local dirs=()
-    for row in mae_vit vit_scratch mae_vit_lee cnn_noaug cnn_aug gcnn_c8; do
-        [[ -f "$OUT/runs/$row/metrics.jsonl" ]] && dirs+=("$OUT/runs/$row")
+    for row in $ALL_ROWS; do
+        for d in "$REPORT/runs/$row" "$REPORT/runs/${row}"_s*; do
+            [[ -f "$d/metrics.jsonl" ]] && dirs+=("$d")
+        done
     done
     [[ ${#dirs[@]} -gt 0 ]] || return 0
-    "$BIN" report "${dirs[@]}" --markdown "$OUT/table.md" --paper "$EXP/paper.toml" > /dev/null
+    "$BIN" report "${dirs[@]}" --markdown "$REPORT/table.md" --paper "$EXP/paper.toml" > /dev/null
+    local header=$EXP/header.md discussion=$EXP/discussion.md
+    if [[ $BUDGET == gpu ]]; then header=$EXP/gpu/header.md discussion=$EXP/gpu/discussion.md; fi
     {
-        cat "$EXP/header.md"
+        cat "$header"
         echo
-        cat "$OUT/table.md"
+        cat "$REPORT/table.md"
         echo
         echo "## Plots"
         echo
-        echo "Test error against test LEE, one point per row (the paper's Figure 1-right view):"
+        echo "Test error against test LEE, one point per run (the paper's Figure 1-right view):"
         echo "rotation ![error vs rotation LEE](table_error_vs_lee_rotate.svg),"
         echo "[translate_x](table_error_vs_lee_translate_x.svg), [translate_y](table_error_vs_lee_translate_y.svg)."
         echo
-        echo "Per row, LEE over training on train / test / OOD and accuracy over training:"
+        echo "Per run, LEE over training on train / test / OOD and accuracy over training:"
         echo
         for d in "${dirs[@]}"; do
             row=$(basename "$d")
@@ -86,58 +137,142 @@ report() {
         echo
         echo "## Runtime"
         echo
-        echo "Measured by scripts/table1.sh (BUDGET=$BUDGET), wall clock per row including its final"
-        echo "evaluation, on a 2-core CPU shared with other jobs (load average at the start of each row):"
+        echo "Measured by scripts/table1.sh (BUDGET=$BUDGET), wall clock per run including its final"
+        echo "evaluation (load average of the machine at the start of each run):"
         echo
-        cat "$OUT/runtime.md"
-        [[ -f "$EXP/discussion.md" && "$BUDGET" == full ]] && { echo; cat "$EXP/discussion.md"; }
-    } > "$OUT/RESULTS.md"
-    echo "table1: wrote $OUT/RESULTS.md" >&2
+        cat "$REPORT/runtime.md"
+        [[ -f $discussion && $BUDGET != smoke ]] && { echo; cat "$discussion"; }
+    } > "$REPORT/RESULTS.md"
+    echo "table1: wrote $REPORT/RESULTS.md" >&2
 }
 
-[[ -f "$OUT/runtime.md" && "$FORCE" == 0 ]] || printf '| row | wall time | load average at start |\n| :-- | --: | :-- |\n' > "$OUT/runtime.md"
-for row in $ROWS; do
-    dir=$RUNS/$row
-    trained=0
+# Train one run (row, seed) with extra `--set` arguments; on success copy what the report needs.
+train_run() {
+    local row=$1 seed=$2
+    shift 2
+    local name dir
+    name=$(run_name "$row" "$seed")
+    dir=$RUNS/$name
     if [[ -f "$dir/summary.json" && "$FORCE" == 0 ]]; then
-        echo "table1: $row already finished in $dir (FORCE=1 retrains it)" >&2
+        echo "table1: $name already finished in $dir (FORCE=1 retrains it)" >&2
     else
         [[ "$FORCE" == 0 ]] || rm -rf "$dir"
-        resume=()
+        local resume=()
         if [[ -f $dir/checkpoint.safetensors || -f $dir/pretrain/checkpoint.safetensors ]]; then
             resume=(--resume)
         fi
-        if [[ $row == mae_vit_lee && ! -f $dir/checkpoint.safetensors ]]; then
-            # Same MAE pretraining as mae_vit: the trainer reuses a finished pretrain stage.
-            [[ -f $RUNS/mae_vit/pretrain/checkpoint.safetensors ]] || {
-                echo "table1: mae_vit_lee needs mae_vit's pretraining; run mae_vit first" >&2
-                exit 1
+        local first=$RUNS/$(run_name mae_vit "$seed")
+        if [[ $row == mae_vit_lee && $PARALLEL == 0 && ! -f $dir/checkpoint.safetensors ]]; then
+            # Same MAE pretraining as mae_vit: the trainer reuses a finished pretrain stage (run
+            # in parallel, each row pretrains itself: same config and seed).
+            [[ -f $first/pretrain/checkpoint.safetensors ]] || {
+                echo "table1: $name needs $(basename "$first")'s pretraining; run mae_vit first" >&2
+                return 1
             }
             mkdir -p "$dir"
             rm -rf "$dir/pretrain"
-            cp -r "$RUNS/mae_vit/pretrain" "$dir/pretrain"
+            cp -r "$first/pretrain" "$dir/pretrain"
         fi
+        local load start
         load=$(cut -d' ' -f1-3 /proc/loadavg)
         start=$(date +%s)
-        echo "table1: training $row ($(date -u +%H:%M:%S) UTC, load $load)" >&2
-        "$BIN" train --config "$EXP/$row.toml" --set "output.dir=\"$RUNS\"" "${SET[@]}" "${resume[@]}" \
-            >> "$RUNS/$row.log" 2>&1 || {
-            echo "table1: $row failed; see $RUNS/$row.log" >&2
-            tail -5 "$RUNS/$row.log" >&2
-            exit 1
+        echo "table1: training $name ($(date -u +%H:%M:%S) UTC, load $load)" >&2
+        "$BIN" train --config "$EXP/$row.toml" --set "output.dir=\"$RUNS\"" --set "name=\"$name\"" \
+            --set "seed=$seed" "${SET[@]}" "$@" "${resume[@]}" >> "$RUNS/$name.log" 2>&1 || {
+            echo "table1: $name failed; see $RUNS/$name.log" >&2
+            tail -5 "$RUNS/$name.log" >&2
+            return 1
         }
-        secs=$(($(date +%s) - start))
-        printf '| %s | %d min %02d s%s | %s |\n' "$row" $((secs / 60)) $((secs % 60)) \
-            "${resume:+ (resumed: this invocation only)}" "$load" >> "$OUT/runtime.md"
-        trained=1
+        local secs=$(($(date +%s) - start))
+        printf '| %s | %d min %02d s%s | %s |\n' "$name" $((secs / 60)) $((secs % 60)) \
+            "${resume:+ (resumed: this invocation only)}" "$load" >> "$REPORT/runtime.md"
     fi
-    mkdir -p "$OUT/runs/$row"
-    cp "$dir"/{config.toml,metrics.jsonl,metrics.csv,summary.json} "$OUT/runs/$row/"
+    mkdir -p "$REPORT/runs/$name"
+    cp "$dir"/{config.toml,metrics.jsonl,metrics.csv,summary.json} "$REPORT/runs/$name/"
     if [[ -f $dir/pretrain/metrics.jsonl ]]; then
-        mkdir -p "$OUT/runs/$row/pretrain"
-        cp "$dir/pretrain/metrics.jsonl" "$OUT/runs/$row/pretrain/"
+        mkdir -p "$REPORT/runs/$name/pretrain"
+        cp "$dir/pretrain/metrics.jsonl" "$REPORT/runs/$name/pretrain/"
     fi
-    # A report after every trained row, so a stopped table still shows the rows it finished.
-    if [[ $trained == 1 ]]; then report; fi
-done
+}
+
+# The `--set` step overrides of one run under FIT_SECONDS (none otherwise: the config's own).
+budget_steps() {
+    [[ -z $FIT_SECONDS ]] || cat "$RUNS/fit/$(run_name "$1" "$2").steps"
+}
+
+# FIT_SECONDS: 60 steps of every run at once (the contention of the real thing), then the steps
+# that each run's measured throughput fits into what is left of FIT_SECONDS, less a reserve for
+# the final evaluations.
+fit_steps() {
+    local t0=$1 pids=() row seed name
+    mkdir -p "$RUNS/fit"
+    for row in $ROWS; do
+        for seed in $SEEDS; do
+            name=$(run_name "$row" "$seed")
+            "$BIN" train --config "$EXP/$row.toml" --set "output.dir=\"$RUNS/fit\"" --set "name=\"$name\"" \
+                --set "seed=$seed" "${SET[@]}" --set train.steps=60 --set train.eval_every=30 \
+                --set train.checkpoint_every=60 --set train.warmup_steps=5 --set pretrain.steps=60 \
+                --set pretrain.warmup_steps=5 --set data.test_size=1000 > "$RUNS/fit/$name.log" 2>&1 &
+            pids+=($!)
+        done
+    done
+    local failed=0
+    for p in "${pids[@]}"; do wait "$p" || failed=1; done
+    [[ $failed == 0 ]] || { echo "table1: a fitting run failed; see $RUNS/fit/*.log" >&2; return 1; }
+    local left=$((FIT_SECONDS - ($(date +%s) - t0)))
+    for row in $ROWS; do
+        for seed in $SEEDS; do
+            name=$(run_name "$row" "$seed")
+            python3 - "$RUNS/fit/$name" "$left" > "$RUNS/fit/$name.sps" <<'EOF'
+import json, os, sys
+run, left = sys.argv[1], float(sys.argv[2])
+def sec_per_step(path, batch):
+    last = [json.loads(l) for l in open(path)][-1]    # steps 31-60: past start-up and warm-up
+    return batch / last["images_per_sec"]
+cfg = open(os.path.join(run, "config.toml")).read()
+batch = lambda section: int(cfg.split(f"[{section}]")[1].split("batch_size = ")[1].split()[0])
+# Reserve 60 s for the final 50k-image evaluation and LEE; periodic evaluations take ~15%.
+avail = max(left - 60.0, 10.0) * 0.85
+fin_t = sec_per_step(os.path.join(run, "metrics.jsonl"), batch("train"))
+pre_path = os.path.join(run, "pretrain", "metrics.jsonl")
+hundreds = lambda secs, t: max(int(secs / t) // 100 * 100, 100)
+if os.path.exists(pre_path):
+    pre_t = sec_per_step(pre_path, batch("pretrain"))
+    pre, fin = hundreds(0.4 * avail, pre_t), hundreds(0.6 * avail, fin_t)
+else:
+    pre_t, pre, fin = 0.0, 0, hundreds(avail, fin_t)
+print(pre, fin, round(fin_t * 1e3, 1), round(pre_t * 1e3, 1))
+EOF
+            read -r pre fin fin_ms pre_ms < "$RUNS/fit/$name.sps"
+            echo "table1: fit $name: ${fin_ms} ms/step (pretraining ${pre_ms}) → $pre pretraining + $fin steps" >&2
+            steps_set "$pre" "$fin" > "$RUNS/fit/$name.steps"
+        done
+    done
+}
+
+t0=$(date +%s)
+[[ -f "$REPORT/runtime.md" && "$FORCE" == 0 ]] || printf '| run | wall time | load average at start |\n| :-- | --: | :-- |\n' > "$REPORT/runtime.md"
+[[ -z $FIT_SECONDS ]] || fit_steps "$t0"
+failed=0
+if [[ $PARALLEL == 1 ]]; then
+    pids=()
+    for row in $ROWS; do
+        for seed in $SEEDS; do
+            # shellcheck disable=SC2046
+            train_run "$row" "$seed" $(budget_steps "$row" "$seed") &
+            pids+=($!)
+        done
+    done
+    for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
+else
+    for row in $ROWS; do
+        for seed in $SEEDS; do
+            # shellcheck disable=SC2046
+            train_run "$row" "$seed" $(budget_steps "$row" "$seed") || { failed=1; break 2; }
+            report
+        done
+    done
+fi
 report
+echo "table1: $(($(date +%s) - t0)) s in all, $failed failed run(s)" >&2
+exit $((failed > 0))
