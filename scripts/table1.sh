@@ -107,7 +107,7 @@ mkdir -p "$RUNS" "$REPORT/runs"
 run_name() { if [[ $2 == 0 ]]; then echo "$1"; else echo "$1_s$2"; fi; }
 
 report() {
-    local dirs=()
+    local dirs=() row d
     for row in $ALL_ROWS; do
         for d in "$REPORT/runs/$row" "$REPORT/runs/${row}"_s*; do
             [[ -f "$d/metrics.jsonl" ]] && dirs+=("$d")
