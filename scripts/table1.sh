@@ -26,10 +26,10 @@
 # where it stopped. The runs themselves live in runs/table1/ (runs/table1_smoke/,
 # runs/table1_gpu/; ignored by git).
 #
-# Measured runtime of the CPU table (one seed per row, 2-core CPU with a load average of 5-11 from
-# other jobs, RAYON_NUM_THREADS=1): the rows' wall times sum to about 85 min (the C8 G-CNN alone
-# 33 min, its final evaluation on the 50k test digits included); 72 min elapsed with two rows at a
-# time. Per row: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: about a minute.
+# Measured runtime of the CPU table (2-core CPU, RAYON_NUM_THREADS=1, two or three runs at a time):
+# the six rows of one seed take 75 min of run time (the C8 G-CNN 33-38 min, its final evaluation on
+# the 50k test digits included; MAE-ViT 15; the others 4-7 each); the committed table (15 runs)
+# took 94 min elapsed. Per run: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: a minute.
 #
 # Environment: LIEDERIV_DATA_DIR (MNIST and Fashion-MNIST IDX folders; without it the data come
 # from the Hugging Face Hub), CARGO_TARGET_DIR (where the release binary is built), BIN (a prebuilt
