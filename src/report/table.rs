@@ -201,46 +201,56 @@ pub fn paper_table(paper: &PaperNumbers, runs: &[RunReport]) -> String {
     out
 }
 
+/// The (transform, split) LEE columns over the final evals of `runs`, splits in reading order.
+fn lee_columns(runs: &[RunReport]) -> BTreeSet<(String, u8, String)> {
+    let mut cols = BTreeSet::new();
+    for r in runs {
+        for (split, m) in &r.last().splits {
+            for t in m.lee.keys() {
+                cols.insert((t.clone(), split_rank(split), split.clone()));
+            }
+        }
+    }
+    cols
+}
+
+/// Header cells: `first`, the paper's column when there is a paper, then one per LEE column.
+fn header_cells(first: &[&str], paper: bool, lee_cols: &BTreeSet<(String, u8, String)>) -> Vec<String> {
+    let mut header: Vec<String> = first.iter().map(|c| c.to_string()).collect();
+    if paper {
+        header.push("paper's test error (%), theirs".into());
+    }
+    header.extend(lee_cols.iter().map(|(t, _, s)| format!("LEE {t} ({s})")));
+    header
+}
+
+/// The header line and the alignment line (first column left, the rest right).
+fn table_head(header: &[String]) -> String {
+    let align: Vec<&str> = (0..header.len()).map(|i| if i == 0 { ":--" } else { "--:" }).collect();
+    format!("| {} |\n| {} |\n", header.join(" | "), align.join(" | "))
+}
+
 /// A markdown table of the final eval of each run: name, parameters, seed, test error and the
 /// images it was measured on, the paper's error for the same row (when `paper` is given, labelled
 /// as theirs), LEE per split and transform (mean ± s.e.), the LEE gaps against train, final step
 /// and wall time. Columns are the union over runs; a run without a value shows "–".
 pub fn markdown_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> String {
-    let mut lee_cols = BTreeSet::new();
+    let lee_cols = lee_columns(runs);
     let mut gap_cols = BTreeSet::new();
     for r in runs {
-        let last = r.last();
-        for (split, m) in &last.splits {
-            for t in m.lee.keys() {
-                lee_cols.insert((t.clone(), split_rank(split), split.clone()));
-            }
-        }
-        gap_cols.extend(last.gaps().into_keys().filter(|g| g.contains("_lee_")));
+        gap_cols.extend(r.last().gaps().into_keys().filter(|g| g.contains("_lee_")));
     }
     // Gap columns: test before the OOD sets, each by transform.
     let mut gap_cols: Vec<String> = gap_cols.into_iter().collect();
     gap_cols.sort_by_key(|g| (split_rank(g.split("_minus_train").next().unwrap_or("")), g.clone()));
-    let mut header = vec![
-        "run".to_string(),
-        "params".into(),
-        "seed".into(),
-        "test error (%)".into(),
-        "test images".into(),
-    ];
-    if paper.is_some() {
-        header.push("paper's test error (%), theirs".into());
-    }
-    header.extend(lee_cols.iter().map(|(t, _, s)| format!("LEE {t} ({s})")));
+    let mut header = header_cells(
+        &["run", "params", "seed", "test error (%)", "test images"],
+        paper.is_some(),
+        &lee_cols,
+    );
     header.extend(gap_cols.iter().map(|g| g.replace("_minus_train_lee_", " − train, ")));
     header.extend(["step".into(), "wall time".into()]);
-
-    let mut out = format!("| {} |\n", header.join(" | "));
-    let align: Vec<&str> = header
-        .iter()
-        .enumerate()
-        .map(|(i, _)| if i == 0 { ":--" } else { "--:" })
-        .collect();
-    out += &format!("| {} |\n", align.join(" | "));
+    let mut out = table_head(&header);
     for r in runs {
         let last = r.last();
         let gaps = last.gaps();
@@ -320,27 +330,13 @@ pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<St
     if rows.iter().all(|(_, m)| m.len() < 2) {
         return None;
     }
-    let mut lee_cols = BTreeSet::new();
-    for r in runs {
-        for (split, m) in &r.last().splits {
-            for t in m.lee.keys() {
-                lee_cols.insert((t.clone(), split_rank(split), split.clone()));
-            }
-        }
-    }
-    let mut header = vec![
-        "row".to_string(),
-        "seeds".into(),
-        "test error (%), mean ± std".into(),
-        "min – max".into(),
-    ];
-    if paper.is_some() {
-        header.push("paper's test error (%), theirs".into());
-    }
-    header.extend(lee_cols.iter().map(|(t, _, s)| format!("LEE {t} ({s})")));
-    let mut out = format!("| {} |\n", header.join(" | "));
-    let align: Vec<&str> = (0..header.len()).map(|i| if i == 0 { ":--" } else { "--:" }).collect();
-    out += &format!("| {} |\n", align.join(" | "));
+    let lee_cols = lee_columns(runs);
+    let header = header_cells(
+        &["row", "seeds", "test error (%), mean ± std", "min – max"],
+        paper.is_some(),
+        &lee_cols,
+    );
+    let mut out = table_head(&header);
     for (row, members) in &rows {
         let seeds: Vec<String> = members
             .iter()
