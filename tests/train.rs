@@ -491,19 +491,30 @@ fn frozen_model_matches_and_follows_its_variables_without_a_graph() -> anyhow::R
     Ok(())
 }
 
+/// The batch-norm models (a small CNN and G-CNN): kind, config, variables, model and `images`
+/// test digits.
+type BnCase = (&'static str, Config, VarMap, Box<dyn liederiv::models::Model>, Tensor);
+fn batch_norm_models(out: &Path, images: usize) -> anyhow::Result<Vec<BnCase>> {
+    let mut cases = Vec::new();
+    for (kind, size) in [("cnn", "model.cnn.widths=[4, 8]"), ("gcnn", "model.gcnn.widths=[2, 3]")] {
+        let cfg = tiny_cfg(out, kind, &[&format!("model.kind={kind:?}"), size]);
+        let (varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
+        let test = liederiv::data::load_split(&cfg, "test")?;
+        let (x, _) = liederiv::train::evaluate::head_of(&test, images, &cfg, &Device::Cpu)?;
+        cases.push((kind, cfg, varmap, model, x));
+    }
+    Ok(cases)
+}
+
 #[test]
 fn frozen_batch_norm_models_follow_the_running_statistics() -> anyhow::Result<()> {
     // The CNN and G-CNN also carry state that training writes outside the optimiser: batch-norm
     // running statistics. A frozen model built before training must evaluate with the current
-    // ones, exactly as a model rebuilt from the variables now (they once stayed at their values
-    // of the moment the frozen model was built: evaluation during training was at chance level).
+    // ones, exactly as a model rebuilt from the variables now (it once kept a copy made when it
+    // was built).
     let out = tempfile::tempdir()?;
-    for (kind, size) in [("cnn", "model.cnn.widths=[4, 8]"), ("gcnn", "model.gcnn.widths=[2, 3]")] {
-        let cfg = tiny_cfg(out.path(), kind, &[&format!("model.kind={kind:?}"), size]);
-        let (varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
+    for (kind, cfg, varmap, model, x) in batch_norm_models(out.path(), 16)? {
         let frozen = liederiv::models::frozen(&cfg, &varmap, &Device::Cpu)?;
-        let test = liederiv::data::load_split(&cfg, "test")?;
-        let (x, _) = liederiv::train::evaluate::head_of(&test, 16, &cfg, &Device::Cpu)?;
         let before = frozen.forward(&x)?;
         let mut rng = liederiv::models::Rng::seed_from_u64(0);
         for _ in 0..3 {
@@ -532,11 +543,7 @@ fn lee_penalty_leaves_batch_norm_statistics_to_the_forward_pass() -> anyhow::Res
     // buffers: they must get no gradient, and the optimiser must not own them (once it did, and
     // AdamW with weight decay drove them to garbage: evaluation of a penalised CNN at chance).
     let out = tempfile::tempdir()?;
-    for (kind, size) in [("cnn", "model.cnn.widths=[4, 8]"), ("gcnn", "model.gcnn.widths=[2, 3]")] {
-        let cfg = tiny_cfg(out.path(), kind, &[&format!("model.kind={kind:?}"), size]);
-        let (varmap, model) = liederiv::models::build_model(&cfg, &Device::Cpu)?;
-        let test = liederiv::data::load_split(&cfg, "test")?;
-        let (x, _) = liederiv::train::evaluate::head_of(&test, 8, &cfg, &Device::Cpu)?;
+    for (kind, cfg, varmap, model, x) in batch_norm_models(out.path(), 8)? {
         let rotate = [liederiv::transforms::Transform::Rotate];
         let penalty = liederiv::lie::lee_penalty(model.as_ref(), &x, &rotate, liederiv::transforms::Stencil::Central)?;
         let grads = penalty.backward()?;
