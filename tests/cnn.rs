@@ -546,3 +546,34 @@ fn initialisation_is_deterministic_and_per_parameter() {
         ) > 0.1
     );
 }
+
+#[test]
+fn im2col_conv_and_its_gradients_match_candles_conv2d() {
+    // (x shape, w shape, padding, stride): square and non-square kernels and images, strides 1-2.
+    let cases: [([usize; 4], [usize; 4], usize, usize); 5] = [
+        ([2, 3, 9, 9], [4, 3, 3, 3], 1, 1),
+        ([3, 2, 8, 7], [5, 2, 5, 5], 2, 1),
+        ([2, 4, 10, 9], [3, 4, 3, 2], 0, 2),
+        ([1, 1, 7, 7], [2, 1, 7, 7], 3, 2),
+        ([2, 3, 6, 6], [2, 3, 1, 1], 0, 1),
+    ];
+    for (i, (xs, ws, pad, stride)) in cases.into_iter().enumerate() {
+        let x = Var::from_tensor(&noise(&xs, 10 + i as u64, DType::F64)).unwrap();
+        let w = Var::from_tensor(&noise(&ws, 20 + i as u64, DType::F64)).unwrap();
+        let ours = liederiv::models::im2col::conv2d(&x, &w, pad, stride).unwrap();
+        let theirs = x.conv2d(&w, pad, stride, 1, 1).unwrap();
+        assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+        let e = rel_err(&ours, &theirs);
+        assert!(e < 1e-13, "case {i}: forward vs candle {e:.3e}");
+        // Gradients of ⟨y, r⟩ for a fixed random r: candle's conv2d backward is the oracle.
+        let r = noise(ours.dims(), 30 + i as u64, DType::F64);
+        let (go, gt) = (
+            (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap(),
+            (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap(),
+        );
+        for (name, v) in [("input", &x), ("weight", &w)] {
+            let e = rel_err(go.get(v).unwrap(), gt.get(v).unwrap());
+            assert!(e < 1e-13, "case {i}: {name} gradient vs candle {e:.3e}");
+        }
+    }
+}

@@ -9,8 +9,9 @@
 //! Parameter values come from the VarBuilder's init hints; models built through
 //! [`crate::models::build_model`] draw them from the run seed (see [`crate::models::init`]).
 
+use super::im2col;
 use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
-use candle_core::{Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 /// A layer's primal forward, in training (`train = true`: batch statistics, running-statistic
@@ -115,11 +116,18 @@ fn pad_circular(x: &Tensor, p: usize) -> Result<Tensor> {
 }
 
 /// Cross-correlation of `x: (B, Cin, H, W)` with `w: (Cout, Cin, k, k)` under `spec`, no bias.
+/// On the CPU (f32 / f64) as im2col + matmul ([`super::im2col`]: its backward is two matmuls,
+/// where candle's is a direct loop), elsewhere candle's `conv2d`.
 pub fn conv2d_op(x: &Tensor, w: &Tensor, spec: ConvSpec) -> Result<Tensor> {
-    match spec.pad_mode {
-        PadMode::Zeros => x.conv2d(w, spec.padding, spec.stride, 1, 1),
-        PadMode::Circular if spec.padding == 0 => x.conv2d(w, 0, spec.stride, 1, 1),
-        PadMode::Circular => pad_circular(x, spec.padding)?.conv2d(w, 0, spec.stride, 1, 1),
+    let (x, padding) = match spec.pad_mode {
+        PadMode::Zeros => (x.clone(), spec.padding),
+        PadMode::Circular if spec.padding == 0 => (x.clone(), 0),
+        PadMode::Circular => (pad_circular(x, spec.padding)?, 0),
+    };
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        im2col::conv2d(&x, w, padding, spec.stride)
+    } else {
+        x.conv2d(w, padding, spec.stride, 1, 1)
     }
 }
 

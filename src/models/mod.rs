@@ -7,6 +7,7 @@ pub mod conv;
 pub mod fused;
 pub mod fused_attention;
 pub mod gcnn;
+pub mod im2col;
 pub mod init;
 pub mod layers;
 pub mod mae;
