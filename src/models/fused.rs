@@ -158,11 +158,31 @@ fn par_rows<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + Sync
     }
 }
 
+/// Σ f(i) for i in 0..n, in eight interleaved partial sums. A single running sum is one chain of
+/// n dependent adds (4 cycles each, never vectorised: float addition does not reassociate); eight
+/// independent chains fill one SIMD register. This made the LayerNorm row statistics, 26% of a
+/// small-ViT training step with one running sum, several times cheaper.
+#[inline(always)]
+pub(super) fn lane_sum<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
+    const LANES: usize = 8;
+    let zero = T::from_f64(0.0);
+    let mut acc = [zero; LANES];
+    let full = n - n % LANES;
+    for base in (0..full).step_by(LANES) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += f(base + k);
+        }
+    }
+    let tail = (full..n).fold(zero, |a, i| a + f(i));
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail
+}
+
 /// Mean and 1/σ of one row (biased variance, as PyTorch), accumulated in the element type.
 fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(x.len() as f64);
-    let mean = x.iter().fold(T::from_f64(0.0), |a, &v| a + v) / n;
-    let var = x.iter().fold(T::from_f64(0.0), |a, &v| a + (v - mean) * (v - mean)) / n;
+    let mean = lane_sum(x.len(), |i| x[i]) / n;
+    let var = lane_sum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
     (mean, T::from_f64(1.0) / (var + eps).sqrt())
 }
 
@@ -271,12 +291,8 @@ fn ln_grad_x<T: Real>(
     par_rows(&mut out, d, |r, dx| {
         let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
         let (mean, rstd) = moments(xr, eps);
-        let (mut sg, mut sgx) = (T::from_f64(0.0), T::from_f64(0.0));
-        for i in 0..d {
-            let gh = gr[i] * w[i];
-            sg += gh;
-            sgx += gh * (xr[i] - mean) * rstd;
-        }
+        let sg = lane_sum(d, |i| gr[i] * w[i]);
+        let sgx = lane_sum(d, |i| gr[i] * w[i] * (xr[i] - mean) * rstd);
         let (mg, mgx) = (sg / n, sgx / n);
         for i in 0..d {
             let xhat = (xr[i] - mean) * rstd;
@@ -411,7 +427,7 @@ fn softmax_grad<T: Real>(ss: &CpuStorage, sl: &Layout, gs: &CpuStorage, gl: &Lay
     let mut out = vec![T::from_f64(0.0); s.len()];
     par_rows(&mut out, d, |r, dx| {
         let (sr, gr) = (&s[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-        let dot = sr.iter().zip(gr).fold(T::from_f64(0.0), |a, (&p, &q)| a + p * q);
+        let dot = lane_sum(d, |i| sr[i] * gr[i]);
         for i in 0..d {
             dx[i] = sr[i] * (gr[i] - dot);
         }

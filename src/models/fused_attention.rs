@@ -15,7 +15,7 @@
 //! dv into their columns of one `(B, N, 3D)` gradient. `tests/fused.rs` holds it to the composed
 //! form and to f64 finite differences.
 
-use crate::models::fused::{by_dtype, fusable, slice, softmax, Real};
+use crate::models::fused::{by_dtype, fusable, lane_sum, slice, softmax, Real};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -224,7 +224,7 @@ fn attn_grad<T: Real>(
                 // dS = g·vᵀ
                 matmul((n, n, hd), (ds.as_mut_ptr(), n, 1), (go, d, 1), (v, 1, 3 * d), one);
                 for (sr, dr) in s.chunks(n).zip(ds.chunks_mut(n)) {
-                    let dot = sr.iter().zip(dr.iter()).fold(T::from_f64(0.0), |a, (&p, &q)| a + p * q);
+                    let dot = lane_sum(n, |i| sr[i] * dr[i]);
                     for (p, q) in sr.iter().zip(dr.iter_mut()) {
                         *q = *p * (*q - dot);
                     }
