@@ -26,10 +26,12 @@
 # where it stopped. The runs themselves live in runs/table1/ (runs/table1_smoke/,
 # runs/table1_gpu/; ignored by git).
 #
-# Measured runtime of the CPU table (2-core CPU, RAYON_NUM_THREADS=1, two or three runs at a time):
-# the six rows of one seed take 75 min of run time (the C8 G-CNN 33-38 min, its final evaluation on
-# the 50k test digits included; MAE-ViT 15; the others 4-7 each); the committed table (15 runs)
-# took 94 min elapsed. Per run: experiments/table1/RESULTS.md, "Runtime". BUDGET=smoke: a minute.
+# Measured runtime of the CPU table (2-core CPU, RAYON_NUM_THREADS=1, two to four runs at a time):
+# the committed table (18 runs, three seeds per row) took 213 min elapsed in two sittings and 411
+# min of run time; a C8 G-CNN run is the longest (2400 steps at ~0.9 s on an idle core, plus its
+# final evaluation on the 50k test digits: ~45 min alone, 87-94 min next to three other runs),
+# then MAE-ViT (15 min), the rest 4-7 min each. Per run: experiments/table1/RESULTS.md, "Runtime".
+# BUDGET=smoke: a minute.
 #
 # Environment: LIEDERIV_DATA_DIR (MNIST and Fashion-MNIST IDX folders; without it the data come
 # from the Hugging Face Hub), CARGO_TARGET_DIR (where the release binary is built), BIN (a prebuilt
