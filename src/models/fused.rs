@@ -28,14 +28,16 @@ pub(super) trait Real: WithDType {
 }
 
 macro_rules! real {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $erf:path, $exp:path) => {
         impl Real for $t {
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            #[inline(always)]
             fn erf(self) -> Self {
                 $erf(self)
             }
@@ -45,50 +47,85 @@ macro_rules! real {
         }
     };
 }
-// f64: candle's own erf (libm), so the fused GELU matches the composed `x·Φ(x)` bit for bit.
-// f32: libm's `erff` (branches and two `expf` per call) was ~40% of the small ViT's forward; see
-// [`erf_f32`].
-real!(f32, erf_f32);
-real!(f64, candle_core::cpu::erf::erf_f64);
+// f64: libm (candle's own erf), so the fused GELU matches the composed `x·Φ(x)` bit for bit.
+// f32: branch-free erf and exp ([`erf_f32`], [`exp_f32`]) so that the elementwise loops
+// vectorise; libm's `erff` / `expf` are scalar calls, and the GELU kernels on them were 28% of a
+// one-thread small-ViT training step under perf.
+real!(f32, erf_f32, exp_f32);
+real!(f64, candle_core::cpu::erf::erf_f64, f64::exp);
 
-/// erf in f32 from 16 degree-7 polynomial pieces on [0, 4), evaluated in f64 (table and its
-/// generator: `scripts/erf_table.py`; worst |error| on the pieces: 5.21e-12 against Python's `math.erf`), so
-/// the result is erf(x) correctly rounded to f32 but for near-ties: within 1 ulp of libm's
-/// `erff`, and several times faster (no branches beyond the piece index, no `exp`). For
-/// |x| ≥ 4, erf(x) rounds to ±1 in f32 (1 − erf(4) ≈ 1.5e-8 < ulp(1)/2).
-fn erf_f32(x: f32) -> f32 {
-    let z = f64::from(x).abs();
-    let y = if z >= 4.0 {
-        1.0
-    } else {
-        // z·4 < 16 exactly (scaling by 4 is exact); NaN casts to piece 0 and stays NaN.
-        let i = (z * 4.0) as usize;
-        let u = 8.0 * (z - i as f64 * 0.25) - 1.0;
-        ERF_PIECES[i].iter().rev().fold(0.0, |acc, &c| acc * u + c)
-    };
-    y.copysign(f64::from(x)) as f32
+/// Horner's rule, lowest coefficient first (unrolled: the arrays are constants).
+#[inline(always)]
+fn horner<const N: usize>(c: &[f32; N], x: f32) -> f32 {
+    c.iter().rev().fold(0.0, |acc, &k| acc.mul_add(x, k))
 }
 
-/// erf(z) on [i/4, (i+1)/4) is Σ_k ERF_PIECES[i][k]·u^k with u = 8(z − i/4) − 1.
-#[rustfmt::skip]
-const ERF_PIECES: [[f64; 8]; 16] = [
-    [0.14031620479873938, 0.13886065869932185, -0.002169697709150084, -0.0007006315703679683, 1.6773778169443254e-05, 3.179330004765557e-06, -8.578622678889758e-08, -1.1375100861243936e-08],
-    [0.4041169094296134, 0.12254410119323084, -0.005744254576731916, -0.00045874256607791875, 4.06689384482295e-05, 1.3877963636055313e-06, -1.8980588256667374e-07, -2.6011193199337868e-09],
-    [0.6232408821853153, 0.09543744197028615, -0.007456050054620085, -0.00010873407147671266, 4.3080522342919814e-05, -8.365572452539993e-07, -1.5692285493251745e-07, 6.57887966326598e-09],
-    [0.7840750610607065, 0.06559313066145754, -0.00717424869318049, 0.00018149140366063854, 2.744070268756449e-05, -2.0512355534130222e-06, -3.976775864167337e-08, 8.818723529202543e-09],
-    [0.8883882317044999, 0.03978424481261769, -0.00559465951612198, 0.00031728971217726, 6.8298652107223745e-06, -1.87144689922647e-06, 5.8552281245738413e-08, 4.5754973143630195e-09],
-    [0.9481700727840701, 0.02129497171084832, -0.0036600733261684185, 0.0003084720866218804, -7.446121310927811e-06, -9.340348761099904e-07, 8.40312707195423e-08, -6.532587804031209e-10],
-    [0.9784437332402577, 0.010059032377732008, -0.002043240960503266, 0.00022429808786783578, -1.2138350612631021e-05, -6.516584072358e-08, 5.491838064863863e-08, -2.9279050295372144e-09],
-    [0.9919900576694599, 0.004193228553005898, -0.0009827879209849, 0.00013172088458690556, -1.0317459632092074e-05, 3.498068914531416e-07, 1.5829566768488235e-08, -2.344620497751748e-09],
-    [0.9973459706398757, 0.001542602576808022, -0.00040975378890927873, 6.45261814721243e-05, -6.4358519166508865e-06, 3.813345372805088e-07, -6.783555696332488e-09, -8.956178021435335e-10],
-    [0.9992170617818318, 0.0005008097327282024, -0.00014867788052623659, 2.6817447625115953e-05, -3.2063953306626924e-06, 2.550505247000956e-07, -1.1808316047190459e-08, 5.375966338760918e-11],
-    [0.9997946242638419, 0.00014348439074460262, -4.708081516565492e-05, 9.551613616376464e-06, -1.3218517955111697e-06, 1.287209232536668e-07, -8.566681038157942e-09, 3.2238745006907266e-10],
-    [0.9999521451603192, 3.627853535878578e-05, -1.3037600655322214e-05, 2.93464060530102e-06, -4.594040320725183e-07, 5.2284802265489816e-08, -4.365128754117709e-09, 2.517950292713067e-10],
-    [0.9999901032654268, 8.094835402455702e-06, -3.1620467414214772e-06, 7.812886894109639e-07, -1.3611815643544827e-07, 1.760722412313953e-08, -1.7387086435736608e-09, 1.2745005051328917e-10],
-    [0.9999981847185986, 1.593967598162438e-06, -6.724559064177452e-07, 1.8082612129877162e-07, -3.4636519259760093e-08, 4.997776414938926e-09, -5.650654415983536e-10, 4.9048765049519716e-11],
-    [0.9999997048598172, 2.7699003499193076e-07, -1.255114170761376e-07, 3.6472176834223546e-08, -7.607999248410247e-09, 1.2081682321252174e-09, -1.5320625062296148e-10, 1.517719283583574e-11],
-    [0.9999999574860589, 4.2477797973505815e-08, -2.0575277036865094e-08, 6.422834819552747e-09, -1.4479124515469106e-09, 2.504867424590884e-10, -3.512420321234916e-11, 3.879563337250147e-12],
-];
+/// e^x in f32 within about 1 ulp, without a branch or a call (it vectorises): e^x = 2^n·e^r with
+/// n = round(x·log₂e), r = x − n·ln 2 (ln 2 split in two, Cody–Waite) and e^r from Cephes'
+/// `expf` polynomial. Below −87.33 (e^x subnormal) it returns 0; it is meant for x ≤ 88
+/// (the kernels only take e^x of x ≤ 0); NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer n kept in the low mantissa bits: bits = 0x4B40_0000 + n.
+    const SHIFT: f32 = 12_582_912.0;
+    const EXP_R: [f32; 6] = [
+        5.000_000_1e-1,
+        1.666_666_5e-1,
+        4.166_579_6e-2,
+        8.333_452e-3,
+        1.398_2e-3,
+        1.987_569_1e-4,
+    ];
+    let xc = x.clamp(-87.33, 88.0);
+    let t = xc.mul_add(std::f32::consts::LOG2_E, SHIFT);
+    let n = t - SHIFT;
+    let r = n.mul_add(-0.693_359_375, xc);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let p = horner(&EXP_R, r).mul_add(r * r, r) + 1.0;
+    let scale = f32::from_bits((t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23);
+    if x < -87.33 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// erf in f32 within about 1 ulp (worst 8.2e-8 absolute), without a branch or a call so that
+/// its loops vectorise: z·P(2z² − 1) for |z| ≤ 1, 1 − e^(−z²)·R((2z − 5)/3) for 1 < |z| < 4,
+/// ±1 beyond (1 − erf(4) ≈ 1.5e-8 < ulp(1)/2). Both pieces are computed and one selected.
+/// P and R and their error bound come from `scripts/erf_table.py`.
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    const ERF_P: [f32; 7] = [
+        0.96546876,
+        -0.1405361,
+        0.019852497,
+        -0.0022854195,
+        0.00021751355,
+        -1.7669068e-05,
+        1.2306054e-06,
+    ];
+    const ERF_R: [f32; 11] = [
+        0.21080637,
+        -0.11152139,
+        0.056110628,
+        -0.026997937,
+        0.0124867,
+        -0.0056112334,
+        0.0024183842,
+        -0.0009162726,
+        0.00037647728,
+        -0.00024518644,
+        9.294974e-05,
+    ];
+    let z = x.abs();
+    let small = z * horner(&ERF_P, (z * z).mul_add(2.0, -1.0));
+    // Not `min`: NaN must stay NaN.
+    let zc = if z > 4.0 { 4.0 } else { z };
+    let large = 1.0 - exp_f32(-zc * zc) * horner(&ERF_R, zc.mul_add(2.0 / 3.0, -5.0 / 3.0));
+    let y = if z <= 1.0 { small } else { large };
+    y.copysign(x)
+}
 
 /// Rows per rayon task: below this many elements a task is not worth its scheduling cost.
 const MIN_TASK_ELEMS: usize = 16 * 1024;
@@ -385,22 +422,20 @@ impl CustomOp2 for LayerNormGradParams {
 /// Softmax over the last axis, shifted by the row maximum.
 struct SoftmaxOp;
 
+/// Softmax of one row in place. Three separate passes (max, exp, sum) so that the exp pass
+/// vectorises and the sum runs in [`lane_sum`]'s partial sums.
+pub(super) fn softmax_row<T: Real>(row: &mut [T]) {
+    let m = row.iter().fold(row[0], |a, &v| a.maximum(v));
+    row.iter_mut().for_each(|v| *v = (*v - m).exp());
+    let sum = lane_sum(row.len(), |i| row[i]);
+    row.iter_mut().for_each(|v| *v /= sum);
+}
+
 fn softmax_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(xs, xl, "softmax")?;
     let d = last_dim(xl);
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    par_rows(&mut out, d, |r, s| {
-        let xr = &x[r * d..(r + 1) * d];
-        let m = xr.iter().fold(xr[0], |a, &v| a.maximum(v));
-        let mut sum = T::from_f64(0.0);
-        for i in 0..d {
-            s[i] = (xr[i] - m).exp();
-            sum += s[i];
-        }
-        for v in s.iter_mut() {
-            *v /= sum;
-        }
-    });
+    let mut out = x.to_vec();
+    par_rows(&mut out, d, |_, s| softmax_row(s));
     Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
 }
 
@@ -615,4 +650,45 @@ pub fn gelu_erf_derivative_composed(x: &Tensor) -> Result<Tensor> {
 /// The same GELU from differentiable candle ops (candle's `erf` has an exact backward).
 pub fn gelu_erf_composed(x: &Tensor) -> Result<Tensor> {
     x * (x * std::f64::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{erf_f32, exp_f32};
+
+    /// |a − b| in units of f32's ulp at b (the f64 reference).
+    fn ulps(a: f32, b: f64) -> f64 {
+        (f64::from(a) - b).abs() / (b.abs().max(f64::from(f32::MIN_POSITIVE)) * f64::from(f32::EPSILON))
+    }
+
+    #[test]
+    fn exp_f32_is_within_an_ulp_of_f64_exp() {
+        // Every 2⁻¹⁰ on [−87.33, 88], against libm's f64 exp; 0 below (e^x subnormal), NaN kept.
+        let mut worst = 0.0f64;
+        for k in (-87.33f64 * 1024.0) as i64..=88 * 1024 {
+            let x = k as f32 / 1024.0;
+            worst = worst.max(ulps(exp_f32(x), f64::from(x).exp()));
+        }
+        assert!(worst <= 1.0, "exp_f32: {worst:.2} ulp");
+        assert_eq!(exp_f32(-87.34), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn erf_f32_is_within_its_bound_of_f64_erf() {
+        // Every 2⁻¹⁴ on [−6, 6] (both pieces, the switch at 1, the clamp at 4): the bound
+        // scripts/erf_table.py prints (8.16e-8) plus the difference of FMA against its
+        // separate multiply-add; odd symmetry exact; NaN kept.
+        let mut worst = 0.0f64;
+        for k in -6 * 16384..=6 * 16384 {
+            let x = k as f32 / 16384.0;
+            let e = (f64::from(erf_f32(x)) - candle_core::cpu::erf::erf_f64(f64::from(x))).abs();
+            worst = worst.max(e);
+            assert_eq!(erf_f32(-x), -erf_f32(x));
+        }
+        assert!(worst < 9e-8, "erf_f32: worst |error| {worst:.3e}");
+        assert_eq!(erf_f32(f32::INFINITY), 1.0);
+        assert!(erf_f32(f32::NAN).is_nan());
+    }
 }

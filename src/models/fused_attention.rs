@@ -15,7 +15,7 @@
 //! dv into their columns of one `(B, N, 3D)` gradient. `tests/fused.rs` holds it to the composed
 //! form and to f64 finite differences.
 
-use crate::models::fused::{by_dtype, fusable, lane_sum, slice, softmax, Real};
+use crate::models::fused::{by_dtype, fusable, lane_sum, slice, softmax, softmax_row, Real};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -106,17 +106,7 @@ unsafe fn scores<T: Real>(dm: Dims, scale: T, q: *const T, k: *const T, s: &mut 
     let (n, hd, ld) = (dm.n, dm.hd, 3 * dm.d());
     // kᵀ as a (hd × N) operand: row step 1, column step 3D.
     matmul((n, n, hd), (s.as_mut_ptr(), n, 1), (q, ld, 1), (k, 1, ld), scale);
-    for row in s.chunks_mut(n) {
-        let m = row.iter().fold(row[0], |a, &v| a.maximum(v));
-        let mut sum = T::from_f64(0.0);
-        for v in row.iter_mut() {
-            *v = (*v - m).exp();
-            sum += *v;
-        }
-        for v in row.iter_mut() {
-            *v /= sum;
-        }
-    }
+    s.chunks_mut(n).for_each(softmax_row);
 }
 
 /// softmax(scale · q·kᵀ)·v per head, heads merged: `qkv (B, N, 3D)` → `(B, N, D)`.
