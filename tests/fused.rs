@@ -17,6 +17,7 @@ use liederiv::models::fused::{
     softmax, softmax_composed,
 };
 use liederiv::models::fused_attention::{attention, attention_composed};
+use liederiv::models::fused_linear::{linear, linear_composed};
 
 fn randn(shape: &[usize], scale: f64, seed: u64, dtype: DType) -> Tensor {
     common::randn(shape, scale, dtype, &mut common::rng(seed))
@@ -91,6 +92,63 @@ fn softmax_matches_composed_f64_and_f32() {
         check_softmax(shape, DType::F64, 1e-12);
         check_softmax(shape, DType::F32, 2e-6);
     }
+}
+
+/// Linear layer, fused against composed: values and gradients of x, W and b (with and without
+/// bias). Outputs and dx sum `in` products, dW and db sum all rows: compared relative to the
+/// largest entry, as for LayerNorm's parameter gradients.
+fn check_linear(shape: &[usize], out_dim: usize, dtype: DType, tol: f64) {
+    let in_dim = *shape.last().unwrap();
+    let x = Var::from_tensor(&randn(shape, 1.0, 31, dtype)).unwrap();
+    let w = Var::from_tensor(&randn(&[out_dim, in_dim], 0.3, 32, dtype)).unwrap();
+    let b = Var::from_tensor(&randn(&[out_dim], 1.0, 33, dtype)).unwrap();
+    let rel = |a: &Tensor, c: &Tensor| max_abs_diff(a, c) / max_abs_diff(c, &c.zeros_like().unwrap());
+    for bias in [Some(b.as_tensor()), None] {
+        let yf = linear(&x, &w, bias).unwrap();
+        let yc = linear_composed(&x, &w, bias).unwrap();
+        assert_eq!(yf.dims(), yc.dims());
+        let fwd = rel(&yf, &yc);
+        assert!(
+            fwd < tol,
+            "linear {shape:?} {dtype:?} bias {} forward differs by {fwd}",
+            bias.is_some()
+        );
+        let gf = probe(&yf, 34).backward().unwrap();
+        let gc = probe(&yc, 34).backward().unwrap();
+        let mut vars = vec![("x", &x), ("weight", &w)];
+        if bias.is_some() {
+            vars.push(("bias", &b));
+        }
+        for (name, v) in vars {
+            let e = rel(gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(e < tol, "linear {shape:?} {dtype:?} d{name} differs by {e}");
+        }
+    }
+}
+
+#[test]
+fn linear_matches_composed_f64_and_f32() {
+    // A vector, a tiny batch, and the small ViT's MLP input (rows split across the pool).
+    for (shape, out_dim) in [(&[7usize][..], 3), (&[2, 3, 5], 4), (&[64, 50, 192], 768)] {
+        check_linear(shape, out_dim, DType::F64, 1e-12);
+        check_linear(shape, out_dim, DType::F32, 2e-6);
+    }
+    // A non-contiguous input and weight: the wrapper makes them contiguous.
+    let x = randn(&[4, 6, 5], 1.0, 35, DType::F64).transpose(1, 2).unwrap();
+    let w = randn(&[6, 3], 1.0, 36, DType::F64).t().unwrap();
+    let b = randn(&[3], 1.0, 37, DType::F64);
+    let e = max_abs_diff(
+        &linear(&x, &w, Some(&b)).unwrap(),
+        &linear_composed(&x, &w, Some(&b)).unwrap(),
+    );
+    assert!(e < 1e-12, "{e}");
+    // Shapes that do not fit are a clear error, not a panic.
+    let err = linear(&x, &w.narrow(1, 0, 4).unwrap(), None).unwrap_err().to_string();
+    assert!(err.contains("do not fit"), "{err}");
+    let err = linear(&x, &w, Some(&b.narrow(0, 0, 2).unwrap()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not fit"), "{err}");
 }
 
 #[test]
@@ -257,6 +315,15 @@ fn gradients_match_finite_differences_f64() {
     check_fd("gelu'", &|t| gelu_erf_derivative(t).unwrap(), &g);
     let qkv = Var::from_tensor(&randn(&[2, 6, 3 * 2 * 4], 1.0, 21, DType::F64)).unwrap();
     check_fd("attention", &|t| attention(t, 2, 0.5).unwrap(), &qkv);
+    let (lx, lw, lb) = (
+        Var::from_tensor(&randn(&[2, 3, 5], 1.0, 38, DType::F64)).unwrap(),
+        Var::from_tensor(&randn(&[4, 5], 1.0, 39, DType::F64)).unwrap(),
+        Var::from_tensor(&randn(&[4], 1.0, 40, DType::F64)).unwrap(),
+    );
+    let (xt, wt, bt) = (lx.as_tensor().clone(), lw.as_tensor().clone(), lb.as_tensor().clone());
+    check_fd("linear x", &|t| linear(t, &wt, Some(&bt)).unwrap(), &lx);
+    check_fd("linear weight", &|t| linear(&xt, t, Some(&bt)).unwrap(), &lw);
+    check_fd("linear bias", &|t| linear(&xt, &wt, Some(t)).unwrap(), &lb);
 }
 
 #[test]

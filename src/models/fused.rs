@@ -17,6 +17,7 @@
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
 };
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// The float element types the kernels run on.
@@ -215,12 +216,76 @@ pub(super) fn lane_sum<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
     ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) + tail
 }
 
+/// Σ over `rows` of a per-row contribution of width `width`: `add(r, acc)` adds row r's into
+/// `acc`. Partial sums per block of rows (in parallel), then a serial reduction of the partials.
+pub(super) fn par_row_sums<T: Real>(rows: usize, width: usize, add: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let rows_per_task = (MIN_TASK_ELEMS / width.max(1)).max(1);
+    let partial = |task: usize| {
+        let mut acc = vec![zero; width];
+        for r in task * rows_per_task..((task + 1) * rows_per_task).min(rows) {
+            add(r, &mut acc);
+        }
+        acc
+    };
+    let tasks = rows.div_ceil(rows_per_task);
+    let partials: Vec<Vec<T>> = if rows * width <= MIN_TASK_ELEMS {
+        (0..tasks).map(partial).collect()
+    } else {
+        (0..tasks).into_par_iter().map(partial).collect()
+    };
+    let mut out = vec![zero; width];
+    for p in partials {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+    out
+}
+
 /// Mean and 1/σ of one row (biased variance, as PyTorch), accumulated in the element type.
 fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(x.len() as f64);
     let mean = lane_sum(x.len(), |i| x[i]) / n;
     let var = lane_sum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
     (mean, T::from_f64(1.0) / (var + eps).sqrt())
+}
+
+/// `dst (m×n) = [dst +] beta · lhs (m×k) · rhs (k×n)` (`accumulate` keeps what `dst` holds),
+/// every operand given by pointer and (row, column) strides in elements: the gemm crate (candle's
+/// own CPU matmul) called directly, for kernels that own their output buffer.
+///
+/// # Safety
+/// The pointers must cover the strided extents and `dst` must not alias `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    beta: T,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        T::from_f64(if accumulate { 1.0 } else { 0.0 }),
+        beta,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// Dispatch a kernel on the dtype of its first operand.
@@ -375,34 +440,15 @@ fn ln_grad_params<T: Real>(
     );
     let d = last_dim(xl);
     let eps = T::from_f64(eps);
-    let zero = T::from_f64(0.0);
     let rows = x.len().checked_div(d).unwrap_or(0);
-    // Partial sums per block of rows (in parallel), then a serial reduction of the few partials.
-    let rows_per_task = (MIN_TASK_ELEMS / d.max(1)).max(1);
-    let partial = |task: usize| {
-        let mut acc = vec![zero; 2 * d];
-        for r in task * rows_per_task..((task + 1) * rows_per_task).min(rows) {
-            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-            let (mean, rstd) = moments(xr, eps);
-            for i in 0..d {
-                acc[i] += gr[i] * (xr[i] - mean) * rstd;
-                acc[d + i] += gr[i];
-            }
+    let out = par_row_sums(rows, 2 * d, |r, acc: &mut [T]| {
+        let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+        let (mean, rstd) = moments(xr, eps);
+        for i in 0..d {
+            acc[i] += gr[i] * (xr[i] - mean) * rstd;
+            acc[d + i] += gr[i];
         }
-        acc
-    };
-    let tasks = rows.div_ceil(rows_per_task);
-    let partials: Vec<Vec<T>> = if x.len() <= MIN_TASK_ELEMS {
-        (0..tasks).map(partial).collect()
-    } else {
-        (0..tasks).into_par_iter().map(partial).collect()
-    };
-    let mut out = vec![zero; 2 * d];
-    for p in partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
+    });
     Ok((T::to_cpu_storage_owned(out), Shape::from((2, d))))
 }
 

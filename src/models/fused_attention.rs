@@ -15,9 +15,9 @@
 //! dv into their columns of one `(B, N, 3D)` gradient. `tests/fused.rs` holds it to the composed
 //! form and to f64 finite differences.
 
-use crate::models::fused::{by_dtype, fusable, lane_sum, slice, softmax, softmax_row, Real};
+use crate::models::fused::{by_dtype, fusable, lane_sum, matmul, slice, softmax, softmax_row, Real};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Geometry of one call: `qkv: (B, N, 3D)` with D = heads · hd.
@@ -62,42 +62,6 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// `dst (m×n) = beta · lhs (m×k) · rhs (k×n)`, single-threaded (the caller parallelises over
-/// heads), every operand given by pointer and (row, column) strides in elements.
-///
-/// # Safety
-/// The pointers must cover the strided extents and `dst` must not alias `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut T, usize, usize),
-    lhs: (*const T, usize, usize),
-    rhs: (*const T, usize, usize),
-    beta: T,
-) {
-    gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.2 as isize,
-        dst.1 as isize,
-        false,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        T::from_f64(0.0),
-        beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
-
 /// Scores of one (batch, head) into `s (N×N)`: softmax(scale · q·kᵀ) row by row.
 ///
 /// # Safety
@@ -105,7 +69,15 @@ unsafe fn matmul<T: Real>(
 unsafe fn scores<T: Real>(dm: Dims, scale: T, q: *const T, k: *const T, s: &mut [T]) {
     let (n, hd, ld) = (dm.n, dm.hd, 3 * dm.d());
     // kᵀ as a (hd × N) operand: row step 1, column step 3D.
-    matmul((n, n, hd), (s.as_mut_ptr(), n, 1), (q, ld, 1), (k, 1, ld), scale);
+    matmul(
+        (n, n, hd),
+        (s.as_mut_ptr(), n, 1),
+        (q, ld, 1),
+        (k, 1, ld),
+        scale,
+        false,
+        Parallelism::None,
+    );
     s.chunks_mut(n).for_each(softmax_row);
 }
 
@@ -140,6 +112,8 @@ fn attn_fwd<T: Real>(heads: usize, scale: f64, xs: &CpuStorage, xl: &Layout) -> 
                     (s.as_ptr(), n, 1),
                     (v, 3 * d, 1),
                     T::from_f64(1.0),
+                    false,
+                    Parallelism::None,
                 );
             }
         },
@@ -210,17 +184,49 @@ fn attn_grad<T: Real>(
                 let (dq, dk, dv) = (dbase.add(h * hd), dbase.add(d + h * hd), dbase.add(2 * d + h * hd));
                 scores(dm, scale, q, k, s);
                 // dv = Sᵀ·g: Sᵀ is S read with row step 1, column step N.
-                matmul((n, hd, n), (dv, 3 * d, 1), (s.as_ptr(), 1, n), (go, d, 1), one);
+                matmul(
+                    (n, hd, n),
+                    (dv, 3 * d, 1),
+                    (s.as_ptr(), 1, n),
+                    (go, d, 1),
+                    one,
+                    false,
+                    Parallelism::None,
+                );
                 // dS = g·vᵀ
-                matmul((n, n, hd), (ds.as_mut_ptr(), n, 1), (go, d, 1), (v, 1, 3 * d), one);
+                matmul(
+                    (n, n, hd),
+                    (ds.as_mut_ptr(), n, 1),
+                    (go, d, 1),
+                    (v, 1, 3 * d),
+                    one,
+                    false,
+                    Parallelism::None,
+                );
                 for (sr, dr) in s.chunks(n).zip(ds.chunks_mut(n)) {
                     let dot = lane_sum(n, |i| sr[i] * dr[i]);
                     for (p, q) in sr.iter().zip(dr.iter_mut()) {
                         *q = *p * (*q - dot);
                     }
                 }
-                matmul((n, hd, n), (dq, 3 * d, 1), (ds.as_ptr(), n, 1), (k, 3 * d, 1), scale);
-                matmul((n, hd, n), (dk, 3 * d, 1), (ds.as_ptr(), 1, n), (q, 3 * d, 1), scale);
+                matmul(
+                    (n, hd, n),
+                    (dq, 3 * d, 1),
+                    (ds.as_ptr(), n, 1),
+                    (k, 3 * d, 1),
+                    scale,
+                    false,
+                    Parallelism::None,
+                );
+                matmul(
+                    (n, hd, n),
+                    (dk, 3 * d, 1),
+                    (ds.as_ptr(), 1, n),
+                    (q, 3 * d, 1),
+                    scale,
+                    false,
+                    Parallelism::None,
+                );
             }
         },
     );

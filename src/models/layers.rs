@@ -11,16 +11,11 @@
 
 use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Tape};
 use crate::models::fused_attention::{self, merge_heads, split_heads};
+use crate::models::fused_linear;
 use crate::models::{fused, Rng};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rand::Rng as _;
-
-/// `x: (..., K)` → `(rows, K)` with rows the product of the leading dims.
-fn flatten_rows(x: &Tensor) -> Result<Tensor> {
-    let k = x.dim(D::Minus1)?;
-    x.reshape((x.elem_count() / k, k))
-}
 
 /// `(T, G, R, K) × (G, K, M)` → `(T, G, R, M)`: a tangent on the left of a primal matrix, as one
 /// batched matmul over G with the T directions folded into the rows (no copy of the primal).
@@ -59,15 +54,7 @@ impl Linear {
 
     /// `x: (..., in)` → `(..., out)`; the bias is skipped for tangents.
     fn apply(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
-        let y = flatten_rows(x)?.matmul(&self.weight.t()?)?;
-        let mut shape = x.dims().to_vec();
-        let last = shape.len() - 1; // rank ≥ 1: flatten_rows checked it
-        shape[last] = self.weight.dim(0)?;
-        let y = match (&self.bias, with_bias) {
-            (Some(b), true) => y.broadcast_add(b)?,
-            _ => y,
-        };
-        y.reshape(shape)
+        fused_linear::linear(x, &self.weight, self.bias.as_ref().filter(|_| with_bias))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -6,6 +6,7 @@ pub mod cnn;
 pub mod conv;
 pub mod fused;
 pub mod fused_attention;
+pub mod fused_linear;
 pub mod gcnn;
 pub mod im2col;
 pub mod init;
