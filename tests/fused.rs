@@ -13,10 +13,10 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::max_abs_diff;
 use liederiv::models::fused::{
-    gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, layer_norm, layer_norm_composed,
-    softmax, softmax_composed,
+    gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, gelu_erf_jvp, layer_norm,
+    layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed, softmax, softmax_composed,
 };
-use liederiv::models::fused_attention::{attention, attention_composed};
+use liederiv::models::fused_attention::{attention, attention_composed, attention_jvp, attention_jvp_composed};
 use liederiv::models::fused_linear::{linear, linear_composed};
 
 fn randn(shape: &[usize], scale: f64, seed: u64, dtype: DType) -> Tensor {
@@ -324,6 +324,98 @@ fn gradients_match_finite_differences_f64() {
     check_fd("linear x", &|t| linear(t, &wt, Some(&bt)).unwrap(), &lx);
     check_fd("linear weight", &|t| linear(&xt, t, Some(&bt)).unwrap(), &lw);
     check_fd("linear bias", &|t| linear(&xt, &wt, Some(t)).unwrap(), &lb);
+}
+
+#[test]
+fn attention_jvp_matches_composed_and_stays_differentiable() {
+    // Fused (nothing tracks a gradient) against composed, two tangents, f64 and f32, values
+    // relative to the largest entry as for the attention itself.
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+        for (b, n, heads, hd) in [(2, 5, 2, 3), (8, 50, 3, 64)] {
+            let qkv = randn(&[b, n, 3 * heads * hd], 1.0, 41, dtype);
+            let dqkv = randn(&[2, b, n, 3 * heads * hd], 1.0, 42, dtype);
+            let scale = (hd as f64).powf(-0.5);
+            let (o, d_o) = attention_jvp(&qkv, &dqkv, heads, scale).unwrap();
+            let (oc, d_oc) = attention_jvp_composed(&qkv, &dqkv, heads, scale).unwrap();
+            assert_eq!((o.dims(), d_o.dims()), (oc.dims(), d_oc.dims()));
+            let rel = |a: &Tensor, c: &Tensor| max_abs_diff(a, c) / max_abs_diff(c, &c.zeros_like().unwrap());
+            assert!(
+                rel(&o, &oc) < tol,
+                "attention jvp {dtype:?} output differs by {}",
+                rel(&o, &oc)
+            );
+            assert!(
+                rel(&d_o, &d_oc) < tol,
+                "attention jvp {dtype:?} tangent differs by {}",
+                rel(&d_o, &d_oc)
+            );
+        }
+    }
+    // When qkv is a variable (LEE-penalised training differentiates the JVP), the gradient
+    // flows: the composed path is taken, not the fused one, which has no backward.
+    let qkv = Var::from_tensor(&randn(&[2, 6, 3 * 2 * 4], 1.0, 43, DType::F64)).unwrap();
+    let dqkv = randn(&[1, 2, 6, 3 * 2 * 4], 1.0, 44, DType::F64);
+    let (_, d_o) = attention_jvp(&qkv, &dqkv, 2, 0.5).unwrap();
+    let (_, d_oc) = attention_jvp_composed(&qkv, &dqkv, 2, 0.5).unwrap();
+    let (g, gc) = (
+        probe(&d_o, 45).backward().unwrap(),
+        probe(&d_oc, 45).backward().unwrap(),
+    );
+    assert!(max_abs_diff(g.get(&qkv).unwrap(), gc.get(&qkv).unwrap()) < 1e-12);
+}
+
+#[test]
+fn layer_norm_and_gelu_jvps_match_composed_and_stay_differentiable() {
+    // Fused tangents (nothing tracks a gradient) against the composed JVPs, three tangents.
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+        for shape in [&[3usize, 5, 17][..], &[64, 50, 192]] {
+            let (x, w, b) = ln_params(shape, dtype);
+            let (x, w, b) = (x.as_tensor().detach(), w.as_tensor().detach(), b.as_tensor().detach());
+            let mut tshape = vec![3];
+            tshape.extend_from_slice(shape);
+            let dx = randn(&tshape, 1.0, 46, dtype);
+            let (y, dy) = layer_norm_jvp(&x, &dx, &w, &b, 1e-6).unwrap();
+            let (yc, dyc) = layer_norm_jvp_composed(&x, &dx, &w, &b, 1e-6).unwrap();
+            assert!(max_abs_diff(&y, &yc) < tol, "layer_norm jvp {dtype:?} y");
+            let e = max_abs_diff(&dy, &dyc);
+            assert!(e < tol, "layer_norm jvp {shape:?} {dtype:?} tangent differs by {e}");
+            let (y, dy) = gelu_erf_jvp(&x, &dx).unwrap();
+            let dyc = (gelu_erf_derivative_composed(&x)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .broadcast_mul(&dx))
+            .unwrap();
+            assert!(
+                max_abs_diff(&y, &gelu_erf_composed(&x).unwrap()) < tol,
+                "gelu jvp {dtype:?} y"
+            );
+            let e = max_abs_diff(&dy, &dyc);
+            assert!(e < tol, "gelu jvp {shape:?} {dtype:?} tangent differs by {e}");
+        }
+    }
+    // With x a variable the composed, differentiable forms are taken: gradients through the
+    // tangents equal those through the composed JVP.
+    let (x, w, b) = ln_params(&[2, 3, 8], DType::F64);
+    let dx = randn(&[2, 2, 3, 8], 1.0, 47, DType::F64);
+    let (_, dy) = layer_norm_jvp(&x, &dx, &w, &b, 1e-6).unwrap();
+    let (_, dyc) = layer_norm_jvp_composed(&x, &dx, &w, &b, 1e-6).unwrap();
+    let (g, gc) = (probe(&dy, 48).backward().unwrap(), probe(&dyc, 48).backward().unwrap());
+    for v in [&x, &w] {
+        assert!(max_abs_diff(g.get(v).unwrap(), gc.get(v).unwrap()) < 1e-12);
+    }
+    let (_, dy) = gelu_erf_jvp(&x, &dx).unwrap();
+    let dyc = gelu_erf_derivative_composed(&x)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_mul(&dx)
+        .unwrap();
+    let (g, gc) = (probe(&dy, 49).backward().unwrap(), probe(&dyc, 49).backward().unwrap());
+    assert!(max_abs_diff(g.get(&x).unwrap(), gc.get(&x).unwrap()) < 1e-12);
+    // Tangents of the wrong shape are a clear error.
+    let err = layer_norm_jvp(&x, &x, &w, &b, 1e-6).unwrap_err().to_string();
+    assert!(err.contains("do not fit"), "{err}");
 }
 
 #[test]

@@ -14,6 +14,7 @@
 //! differentiable form, so callers never need to branch. Second derivatives through the fused
 //! backward are not supported and fail loudly (`BackwardNotSupported`) rather than being cut.
 
+use crate::lie::tangent_mul;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
 };
@@ -556,12 +557,14 @@ impl CustomOp1 for GeluOp {
 struct GeluGrad;
 
 /// φ(x) = exp(−x²/2)/√(2π).
+#[inline(always)]
 fn normal_pdf<T: Real>(x: T) -> T {
     (x * x * T::from_f64(-0.5)).exp()
         * T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2)
 }
 
 /// gelu'(x) = Φ(x) + x·φ(x).
+#[inline(always)]
 fn gelu_deriv<T: Real>(x: T) -> T {
     let half = T::from_f64(0.5);
     (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf() * half + half + x * normal_pdf(x)
@@ -623,6 +626,96 @@ impl CustomOp2 for GeluSecond {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tangents (JVP) for inference: no backward; the public `*_jvp` functions take them only when
+// nothing needs a gradient and the composed, differentiable forms otherwise.
+
+/// `(dx (T, …, D), x (…, D), weight (D))` → `dy (T, …, D)`, the LayerNorm tangent
+/// `(dx − mean(dx) − x̂·mean(x̂ ⊙ dx))·weight/σ`, row by row (tangent row r is x's row r mod rows).
+struct LayerNormTangent {
+    eps: f64,
+}
+
+fn ln_tangent<T: Real>(
+    eps: f64,
+    (ts, tl): (&CpuStorage, &Layout),
+    (xs, xl): (&CpuStorage, &Layout),
+    (ws, wl): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let name = "layer_norm jvp";
+    let (dx, x, w) = (
+        slice::<T>(ts, tl, name)?,
+        slice::<T>(xs, xl, name)?,
+        slice::<T>(ws, wl, name)?,
+    );
+    let d = last_dim(xl);
+    let (eps, n, rows) = (T::from_f64(eps), T::from_f64(d as f64), x.len() / d.max(1));
+    let mut out = vec![T::from_f64(0.0); dx.len()];
+    par_rows(&mut out, d, |r, dy| {
+        let (xr, tr) = (&x[(r % rows) * d..][..d], &dx[r * d..][..d]);
+        let (mean, rstd) = moments(xr, eps);
+        let m1 = lane_sum(d, |i| tr[i]) / n;
+        let m2 = lane_sum(d, |i| (xr[i] - mean) * rstd * tr[i]) / n;
+        for i in 0..d {
+            dy[i] = (tr[i] - m1 - (xr[i] - mean) * rstd * m2) * rstd * w[i];
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), tl.shape().clone()))
+}
+
+impl CustomOp3 for LayerNormTangent {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-tangent"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ts: &CpuStorage,
+        tl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(ts, self.name(), ln_tangent(self.eps, (ts, tl), (xs, xl), (ws, wl)))
+    }
+}
+
+/// `(dx (T, …), x (…))` → `gelu'(x)·dx`, each tangent against the same x.
+struct GeluTangent;
+
+fn gelu_tangent<T: Real>(ts: &CpuStorage, tl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (dx, x) = (slice::<T>(ts, tl, "gelu jvp")?, slice::<T>(xs, xl, "gelu jvp")?);
+    let mut out = vec![T::from_f64(0.0); dx.len()];
+    // Tangent by tangent, each against x, in parallel blocks.
+    for (dy, t) in out.chunks_mut(x.len().max(1)).zip(dx.chunks(x.len().max(1))) {
+        dy.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(t.par_chunks(MIN_TASK_ELEMS).zip(x.par_chunks(MIN_TASK_ELEMS)))
+            .for_each(|(dy, (t, x))| {
+                dy.iter_mut()
+                    .zip(t.iter().zip(x))
+                    .for_each(|(y, (&t, &x))| *y = gelu_deriv(x) * t)
+            });
+    }
+    Ok((T::to_cpu_storage_owned(out), tl.shape().clone()))
+}
+
+impl CustomOp2 for GeluTangent {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-tangent"
+    }
+
+    fn cpu_fwd(&self, ts: &CpuStorage, tl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(ts, self.name(), gelu_tangent(ts, tl, xs, xl))
+    }
+}
+
+/// Whether the fused, backward-less tangent kernels may run: CPU f32/f64 and no operand that
+/// carries an autograd graph.
+fn inference_only(x: &Tensor, others: &[&Tensor]) -> bool {
+    fusable(x) && !x.track_op() && others.iter().all(|t| !t.track_op())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Public API
 
 /// Whether the fused kernel can run on this tensor (CPU, f32 / f64).
@@ -648,6 +741,45 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
 }
 
+/// LayerNorm and its JVP: `x: (…, D)`, `dx: (T, …, D)` → `(y, dy)`. Fused when nothing needs a
+/// gradient, [`layer_norm_jvp_composed`] otherwise.
+pub fn layer_norm_jvp(x: &Tensor, dx: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if dx.rank() != x.rank() + 1 || dx.dims()[1..] != *x.dims() {
+        bail!(
+            "layer_norm jvp: tangents {:?} do not fit x {:?} (expected (T, …x))",
+            dx.dims(),
+            x.dims()
+        );
+    }
+    if !inference_only(x, &[dx, weight, bias]) {
+        return layer_norm_jvp_composed(x, dx, weight, bias, eps);
+    }
+    let y = layer_norm(x, weight, bias, eps)?;
+    let dy = dx
+        .contiguous()?
+        .apply_op3_no_bwd(&x.contiguous()?, &weight.contiguous()?, &LayerNormTangent { eps })?;
+    Ok((y, dy))
+}
+
+/// The same JVP from differentiable candle ops: d x̂ = (dx − mean(dx) − x̂·mean(x̂ ⊙ dx))/σ,
+/// then scaled by the weight.
+pub fn layer_norm_jvp_composed(
+    x: &Tensor,
+    dx: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let y = xhat.broadcast_mul(weight)?.broadcast_add(bias)?;
+    let dxc = dx.broadcast_sub(&dx.mean_keepdim(D::Minus1)?)?;
+    let proj = tangent_mul(&dxc, &xhat)?.mean_keepdim(D::Minus1)?; // (T, ..., 1)
+    let dxhat = tangent_mul(&(dxc - tangent_mul(&proj, &xhat)?)?, &rstd)?;
+    Ok((y, dxhat.broadcast_mul(weight)?))
+}
+
 /// The same LayerNorm from differentiable candle ops (other devices and dtypes).
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
@@ -670,6 +802,14 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// The softmax JVP: dS = S ⊙ (dA − Σ S ⊙ dA) over the last axis, given the primal output
+/// `s: (..., N)` and tangents `da: (T, ..., N)`; differentiable candle ops.
+pub fn softmax_tangent(s: &Tensor, da: &Tensor) -> Result<Tensor> {
+    let sda = tangent_mul(da, s)?;
+    let total = sda.sum_keepdim(D::Minus1)?; // (T, ..., 1)
+    sda - tangent_mul(&total, s)?
+}
+
 /// Exact GELU x·Φ(x), elementwise, with the exact derivative.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !fusable(x) {
@@ -684,6 +824,25 @@ pub fn gelu_erf_derivative(x: &Tensor) -> Result<Tensor> {
         return gelu_erf_derivative_composed(x);
     }
     x.contiguous()?.apply_op1(GeluDerivOp)
+}
+
+/// GELU and its JVP: `x: (…)`, `dx: (T, …)` → `(gelu(x), gelu'(x)·dx)`. Fused when nothing
+/// needs a gradient; otherwise from [`gelu_erf_derivative`], which LEE-penalised training
+/// differentiates once more.
+pub fn gelu_erf_jvp(x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
+    if dx.rank() != x.rank() + 1 || dx.dims()[1..] != *x.dims() {
+        bail!(
+            "gelu jvp: tangents {:?} do not fit x {:?} (expected (T, …x))",
+            dx.dims(),
+            x.dims()
+        );
+    }
+    let y = gelu_erf(x)?;
+    if !inference_only(x, &[dx]) {
+        return Ok((y, tangent_mul(dx, &gelu_erf_derivative(x)?)?));
+    }
+    let dy = dx.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &GeluTangent)?;
+    Ok((y, dy))
 }
 
 /// The same derivative from differentiable candle ops.

@@ -15,7 +15,9 @@
 //! dv into their columns of one `(B, N, 3D)` gradient. `tests/fused.rs` holds it to the composed
 //! form and to f64 finite differences.
 
-use crate::models::fused::{by_dtype, fusable, lane_sum, matmul, slice, softmax, softmax_row, Real};
+use crate::lie::{merge_tangent, split_tangent};
+use crate::models::fused::{by_dtype, fusable, lane_sum, matmul, slice, softmax, softmax_row, softmax_tangent, Real};
+use crate::models::layers::tangent_matmul;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -243,6 +245,125 @@ impl CustomOp2 for AttentionGrad {
     }
 }
 
+/// The JVP of the attention core along `T` tangents of `qkv`, for inference (no backward):
+/// `(qkv (B, N, 3D), dqkv (T, B, N, 3D))` → `(1 + T, B, N, D)`, the output then its tangents.
+/// Per (batch, head) task, with S = softmax(A), A = scale·q·kᵀ:
+/// dA = scale·(dq·kᵀ + q·dkᵀ), dS = S ⊙ (dA − rowsum(S ⊙ dA)), dO = dS·v + S·dv.
+struct AttentionJvpOp {
+    heads: usize,
+    scale: f64,
+}
+
+fn attn_jvp<T: Real>(
+    heads: usize,
+    scale: f64,
+    (xs, xl): (&CpuStorage, &Layout),
+    (ts, tl): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let dm = Dims::of(xl, heads)?;
+    let (qkv, dqkv) = (
+        slice::<T>(xs, xl, "attention jvp")?,
+        slice::<T>(ts, tl, "attention jvp")?,
+    );
+    let (n, d, hd) = (dm.n, dm.d(), dm.hd);
+    let tangents = dqkv.len() / qkv.len().max(1);
+    if tl.dims().len() != 4 || tl.dims()[1..] != *xl.dims() {
+        bail!(
+            "attention jvp: tangents {:?} do not fit qkv {:?} (expected (T, B, N, 3D))",
+            tl.dims(),
+            xl.dims()
+        );
+    }
+    let (scale, one) = (T::from_f64(scale), T::from_f64(1.0));
+    let mut out = vec![T::from_f64(0.0); (1 + tangents) * dm.b * n * d];
+    let dst = SharedMut(out.as_mut_ptr());
+    let per_slab = dm.b * n * d; // one (B, N, D) slab of the output
+    (0..dm.b * heads).into_par_iter().for_each_init(
+        || (vec![T::from_f64(0.0); n * n], vec![T::from_f64(0.0); n * n]),
+        |(s, ds), task| {
+            let (b, h) = (task / heads, task % heads);
+            let col = |base: *const T, part: usize| base.wrapping_add(b * n * 3 * d + part * d + h * hd);
+            let (q, k, v) = (col(qkv.as_ptr(), 0), col(qkv.as_ptr(), 1), col(qkv.as_ptr(), 2));
+            let ld = 3 * d;
+            // SAFETY: reads as in `attn_fwd` (and the same offsets in each tangent's slab of
+            // dqkv); this task alone writes columns [h·hd, (h+1)·hd) of batch b's rows in every
+            // (B, N, D) slab of `out`.
+            unsafe {
+                scores(dm, scale, q, k, s);
+                let o = |slab: usize| dst.get().add(slab * per_slab + b * n * d + h * hd);
+                matmul(
+                    (n, hd, n),
+                    (o(0), d, 1),
+                    (s.as_ptr(), n, 1),
+                    (v, ld, 1),
+                    one,
+                    false,
+                    Parallelism::None,
+                );
+                for t in 0..tangents {
+                    let tb = dqkv.as_ptr().add(t * qkv.len());
+                    let (dq, dk, dv) = (col(tb, 0), col(tb, 1), col(tb, 2));
+                    let da = ds.as_mut_ptr();
+                    matmul(
+                        (n, n, hd),
+                        (da, n, 1),
+                        (dq, ld, 1),
+                        (k, 1, ld),
+                        scale,
+                        false,
+                        Parallelism::None,
+                    );
+                    matmul(
+                        (n, n, hd),
+                        (da, n, 1),
+                        (q, ld, 1),
+                        (dk, 1, ld),
+                        scale,
+                        true,
+                        Parallelism::None,
+                    );
+                    for (sr, dr) in s.chunks(n).zip(ds.chunks_mut(n)) {
+                        let dot = lane_sum(n, |i| sr[i] * dr[i]);
+                        for (p, q) in sr.iter().zip(dr.iter_mut()) {
+                            *q = *p * (*q - dot);
+                        }
+                    }
+                    let d_o = o(1 + t);
+                    matmul(
+                        (n, hd, n),
+                        (d_o, d, 1),
+                        (ds.as_ptr(), n, 1),
+                        (v, ld, 1),
+                        one,
+                        false,
+                        Parallelism::None,
+                    );
+                    matmul(
+                        (n, hd, n),
+                        (d_o, d, 1),
+                        (s.as_ptr(), n, 1),
+                        (dv, ld, 1),
+                        one,
+                        true,
+                        Parallelism::None,
+                    );
+                }
+            }
+        },
+    );
+    Ok((T::to_cpu_storage_owned(out), Shape::from((1 + tangents, dm.b, n, d))))
+}
+
+impl CustomOp2 for AttentionJvpOp {
+    fn name(&self) -> &'static str {
+        "fused-attention-jvp"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(xs, self.name(), attn_jvp(self.heads, self.scale, (xs, xl), (ts, tl)))
+    }
+}
+
 /// `qkv: (B, N, 3D)` → q (scaled), k, v, each `(B·H, N, D/H)`: timm's packing, (3, H, hd) on the
 /// last axis.
 pub fn split_heads(qkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
@@ -275,6 +396,48 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
         return attention_composed(qkv, heads, scale);
     }
     qkv.contiguous()?.apply_op1(AttentionOp { heads, scale })
+}
+
+/// The attention core and its JVP: `qkv: (B, N, 3D)`, `dqkv: (T, B, N, 3D)` → the output
+/// `(B, N, D)` and its tangents `(T, B, N, D)`. When nothing needs a gradient (evaluation, the
+/// LEE metric) this is one fused CPU pass; when the JVP itself is differentiated (LEE-penalised
+/// training) or off the CPU it is [`attention_jvp_composed`].
+pub fn attention_jvp(qkv: &Tensor, dqkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (_, _, d3) = qkv.dims3()?;
+    if heads == 0 || !d3.is_multiple_of(3 * heads) {
+        bail!("attention: qkv width {d3} is not 3 × a multiple of {heads} heads");
+    }
+    if !fusable(qkv) || qkv.track_op() || dqkv.track_op() {
+        return attention_jvp_composed(qkv, dqkv, heads, scale);
+    }
+    let both = qkv
+        .contiguous()?
+        .apply_op2_no_bwd(&dqkv.contiguous()?, &AttentionJvpOp { heads, scale })?;
+    let t = both.dim(0)? - 1;
+    Ok((both.get(0)?, both.narrow(0, 1, t)?))
+}
+
+/// The same JVP from differentiable candle ops: the product rule through A = q·kᵀ,
+/// S = softmax(A) and O = S·V.
+pub fn attention_jvp_composed(qkv: &Tensor, dqkv: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (q, k, v) = split_heads(qkv, heads, scale)?;
+    // (T, B, N, 3D) -> (T·B, N, 3D) -> 3 × (T·B·H, N, hd) -> (T, B·H, N, hd)
+    let (dqkv, t) = merge_tangent(dqkv)?;
+    let (dq, dk, dv) = split_heads(&dqkv, heads, scale)?;
+    let (dq, dk, dv) = (split_tangent(&dq, t)?, split_tangent(&dk, t)?, split_tangent(&dv, t)?);
+
+    let s = softmax(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
+                                           // dA = dq·kᵀ + q·dkᵀ, with q·dkᵀ = (dk·qᵀ)ᵀ
+    let da = (tangent_matmul(&dq, &k.t()?)? + tangent_matmul(&dk, &q.t()?)?.transpose(2, 3)?)?;
+    let ds = softmax_tangent(&s, &da)?;
+    // dO = dS·V + S·dV, with S·dV = (dVᵀ·Sᵀ)ᵀ
+    let s_dv = tangent_matmul(&dv.transpose(2, 3)?, &s.t()?)?.transpose(2, 3)?;
+    let d_o = (tangent_matmul(&ds, &v)? + s_dv)?; // (T, B·H, N, hd)
+
+    let o = merge_heads(&s.matmul(&v)?, heads)?;
+    // (T, B·H, N, hd) -> (T·B·H, N, hd) -> (T·B, N, D) -> (T, B, N, D)
+    let (d_o, _) = merge_tangent(&d_o)?;
+    Ok((o, split_tangent(&merge_heads(&d_o, heads)?, t)?))
 }
 
 /// The same attention from differentiable candle ops.

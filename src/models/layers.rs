@@ -9,11 +9,11 @@
 //! These leaf layers do not call [`Tape::step`]: the composite models (`vit`, `mae`) name the
 //! steps, because only they know the token grid a step's output lives on.
 
-use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Tape};
-use crate::models::fused_attention::{self, merge_heads, split_heads};
+use crate::lie::{merge_tangent, split_tangent, Jvp, Tape};
+use crate::models::fused_attention;
 use crate::models::fused_linear;
 use crate::models::{fused, Rng};
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::Rng as _;
 
@@ -83,13 +83,6 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 }
 
 impl LayerNorm {
-    /// Normalised input x̂ and 1/σ, both `(..., D)` / `(..., 1)`.
-    fn normalize(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        Ok((xc.broadcast_mul(&rstd)?, rstd))
-    }
-
     /// One fused pass on CPU (`models::fused`, with its own backward), composed elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         fused::layer_norm(x, &self.weight, &self.bias, self.eps)
@@ -97,14 +90,8 @@ impl LayerNorm {
 }
 
 impl Jvp for LayerNorm {
-    /// d x̂ = (dx − mean(dx) − x̂·mean(x̂ ⊙ dx)) / σ, then scaled by the weight.
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let (xhat, rstd) = self.normalize(x)?;
-        let y = xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
-        let dxc = dx.broadcast_sub(&dx.mean_keepdim(D::Minus1)?)?;
-        let proj = tangent_mul(&dxc, &xhat)?.mean_keepdim(D::Minus1)?; // (T, ..., 1)
-        let dxhat = tangent_mul(&(dxc - tangent_mul(&proj, &xhat)?)?, &rstd)?;
-        Ok((y, dxhat.broadcast_mul(&self.weight)?))
+        fused::layer_norm_jvp(x, dx, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -122,7 +109,7 @@ impl Gelu {
 impl Jvp for Gelu {
     /// d gelu = gelu'(x)·dx = (Φ(x) + x·φ(x))·dx.
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        Ok((fused::gelu_erf(x)?, tangent_mul(dx, &fused::gelu_erf_derivative(x)?)?))
+        fused::gelu_erf_jvp(x, dx)
     }
 }
 
@@ -134,19 +121,12 @@ impl Softmax {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         fused::softmax(x)
     }
-
-    /// dS = S ⊙ (dA − Σ S ⊙ dA), given the primal output `s`.
-    fn tangent(s: &Tensor, da: &Tensor) -> Result<Tensor> {
-        let sda = tangent_mul(da, s)?;
-        let total = sda.sum_keepdim(D::Minus1)?; // (T, ..., 1)
-        sda - tangent_mul(&total, s)?
-    }
 }
 
 impl Jvp for Softmax {
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let s = self.forward(x)?;
-        let ds = Self::tangent(&s, dx)?;
+        let ds = fused::softmax_tangent(&s, dx)?;
         Ok((s, ds))
     }
 }
@@ -184,27 +164,9 @@ impl Attention {
 }
 
 impl Jvp for Attention {
-    /// Product rule through A = q·kᵀ, S = softmax(A) and O = S·V.
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let (qkv, dqkv) = self.qkv.jvp(x, dx, tape)?;
-        let (q, k, v) = split_heads(&qkv, self.heads, self.scale)?;
-        // (T, B, N, 3D) -> (T·B, N, 3D) -> 3 × (T·B·H, N, hd) -> (T, B·H, N, hd)
-        let (dqkv, t) = merge_tangent(&dqkv)?;
-        let (dq, dk, dv) = split_heads(&dqkv, self.heads, self.scale)?;
-        let (dq, dk, dv) = (split_tangent(&dq, t)?, split_tangent(&dk, t)?, split_tangent(&dv, t)?);
-
-        let s = Softmax.forward(&q.matmul(&k.t()?)?)?; // (B·H, N, N)
-                                                       // dA = dq·kᵀ + q·dkᵀ, with q·dkᵀ = (dk·qᵀ)ᵀ
-        let da = (tangent_matmul(&dq, &k.t()?)? + tangent_matmul(&dk, &q.t()?)?.transpose(2, 3)?)?;
-        let ds = Softmax::tangent(&s, &da)?;
-        // dO = dS·V + S·dV, with S·dV = (dVᵀ·Sᵀ)ᵀ
-        let s_dv = tangent_matmul(&dv.transpose(2, 3)?, &s.t()?)?.transpose(2, 3)?;
-        let d_o = (tangent_matmul(&ds, &v)? + s_dv)?; // (T, B·H, N, hd)
-
-        let o = merge_heads(&s.matmul(&v)?, self.heads)?;
-        // (T, B·H, N, hd) -> (T·B·H, N, hd) -> (T·B, N, D) -> (T, B, N, D)
-        let (d_o, _) = merge_tangent(&d_o)?;
-        let d_o = split_tangent(&merge_heads(&d_o, self.heads)?, t)?;
+        let (o, d_o) = fused_attention::attention_jvp(&qkv, &dqkv, self.heads, self.scale)?;
         self.proj.jvp(&o, &d_o, tape)
     }
 }
