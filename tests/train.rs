@@ -469,7 +469,11 @@ fn frozen_model_matches_and_follows_its_variables_without_a_graph() -> anyhow::R
     let (y, dy) = model.jvp(&x, &dx, &mut liederiv::lie::Tape::off())?;
     let (fy, fdy) = frozen.jvp(&x, &dx, &mut liederiv::lie::Tape::off())?;
     assert_eq!((&y - &fy)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
-    assert_eq!((&dy - &fdy)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    // The tangents differ by rounding only: the frozen JVP runs the fused inference kernels, the
+    // trainable one their composed, differentiable forms (tests/fused.rs holds the two together).
+    let scale = dy.abs()?.max_all()?.to_scalar::<f32>()?;
+    let e = (&dy - &fdy)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(e <= 1e-5 * scale, "frozen JVP tangent differs by {e} (scale {scale})");
     assert!(
         dy.track_op(),
         "the trainable model's JVP joins the graph, so the next check can fail"

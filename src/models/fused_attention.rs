@@ -16,7 +16,9 @@
 //! form and to f64 finite differences.
 
 use crate::lie::{merge_tangent, split_tangent};
-use crate::models::fused::{by_dtype, fusable, lane_sum, matmul, slice, softmax, softmax_row, softmax_tangent, Real};
+use crate::models::fused::{
+    by_dtype, fusable, lane_sum, matmul, par_zeros, slice, softmax, softmax_row, softmax_tangent, Real, SharedMut,
+};
 use crate::models::layers::tangent_matmul;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -50,20 +52,6 @@ impl Dims {
     }
 }
 
-/// A raw pointer that tasks share; each task writes a disjoint set of elements through it.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: only used by tasks that write disjoint elements (see each use).
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    /// Through a method, so that closures capture the whole (Sync) wrapper, not the raw field.
-    fn get(&self) -> *mut T {
-        self.0
-    }
-}
-
 /// Scores of one (batch, head) into `s (N×N)`: softmax(scale · q·kᵀ) row by row.
 ///
 /// # Safety
@@ -94,7 +82,7 @@ fn attn_fwd<T: Real>(heads: usize, scale: f64, xs: &CpuStorage, xl: &Layout) -> 
     let dm = Dims::of(xl, heads)?;
     let (n, hd, d) = (dm.n, dm.hd, dm.d());
     let scale = T::from_f64(scale);
-    let mut out = vec![T::from_f64(0.0); dm.b * n * d];
+    let mut out = par_zeros::<T>(dm.b * n * d);
     let dst = SharedMut(out.as_mut_ptr());
     (0..dm.b * heads).into_par_iter().for_each_init(
         || vec![T::from_f64(0.0); n * n],
@@ -170,7 +158,7 @@ fn attn_grad<T: Real>(
         );
     }
     let (scale, one) = (T::from_f64(scale), T::from_f64(1.0));
-    let mut out = vec![T::from_f64(0.0); qkv.len()];
+    let mut out = par_zeros::<T>(qkv.len());
     let dst = SharedMut(out.as_mut_ptr());
     (0..dm.b * heads).into_par_iter().for_each_init(
         || (vec![T::from_f64(0.0); n * n], vec![T::from_f64(0.0); n * n]),
@@ -275,7 +263,7 @@ fn attn_jvp<T: Real>(
         );
     }
     let (scale, one) = (T::from_f64(scale), T::from_f64(1.0));
-    let mut out = vec![T::from_f64(0.0); (1 + tangents) * dm.b * n * d];
+    let mut out = par_zeros::<T>((1 + tangents) * dm.b * n * d);
     let dst = SharedMut(out.as_mut_ptr());
     let per_slab = dm.b * n * d; // one (B, N, D) slab of the output
     (0..dm.b * heads).into_par_iter().for_each_init(
@@ -434,7 +422,8 @@ pub fn attention_jvp_composed(qkv: &Tensor, dqkv: &Tensor, heads: usize, scale: 
     let s_dv = tangent_matmul(&dv.transpose(2, 3)?, &s.t()?)?.transpose(2, 3)?;
     let d_o = (tangent_matmul(&ds, &v)? + s_dv)?; // (T, B·H, N, hd)
 
-    let o = merge_heads(&s.matmul(&v)?, heads)?;
+    // The primal through the same (differentiable) kernel as the fused path: identical values.
+    let o = attention(qkv, heads, scale)?;
     // (T, B·H, N, hd) -> (T·B·H, N, hd) -> (T·B, N, D) -> (T, B, N, D)
     let (d_o, _) = merge_tangent(&d_o)?;
     Ok((o, split_tangent(&merge_heads(&d_o, heads)?, t)?))

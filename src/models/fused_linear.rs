@@ -6,13 +6,16 @@
 //! before overwriting it, and the bias gradient is a strided `sum_keepdim` over the rows; under
 //! perf, the reduce, the adds and the memsets were ~15% of a one-thread small-ViT step. Here the
 //! forward writes the bias into the output rows and gemm accumulates x·Wᵀ onto them; the backward
-//! is `dx = g·W`, `dW = gᵀ·x` (candle matmuls) and a vectorised column sum for `db`.
+//! is `dx = g·W`, `dW = gᵀ·x` and a vectorised column sum for `db`. All three products run on
+//! [`matmul_par`] (row blocks per thread), which scales to two cores better than gemm's own
+//! threading.
 //!
 //! Other devices and dtypes take [`linear_composed`], which is also the tests' oracle.
 
-use crate::models::fused::{by_dtype, fusable, matmul, par_row_sums, slice, Real};
+use crate::models::fused::{by_dtype, fusable, matmul, matmul_par, par_filled, par_row_sums, par_zeros, slice, Real};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// `x (…, in) · W (out, in)ᵀ [+ b (out)]`.
 struct LinearOp;
@@ -26,26 +29,19 @@ fn linear_fwd<T: Real>(
     let (out_dim, in_dim) = wl.shape().dims2()?;
     let rows = x.len() / in_dim;
     let (mut y, accumulate) = match bias {
-        Some((bs, bl)) => (slice::<T>(bs, bl, "linear")?.repeat(rows), true),
-        None => (vec![T::from_f64(0.0); rows * out_dim], false),
-    };
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
+        Some((bs, bl)) => (par_filled(rows * out_dim, slice::<T>(bs, bl, "linear")?), true),
+        None => (par_zeros(rows * out_dim), false),
     };
     // SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W read with row step 1
     // and column step `in`; all three are exactly the buffers' extents and y aliases neither.
     unsafe {
-        matmul(
+        matmul_par(
             (rows, out_dim, in_dim),
             (y.as_mut_ptr(), out_dim, 1),
             (x.as_ptr(), in_dim, 1),
             (w.as_ptr(), 1, in_dim),
             T::from_f64(1.0),
             accumulate,
-            par,
         );
     }
     let mut dims = xl.dims().to_vec();
@@ -53,14 +49,91 @@ fn linear_fwd<T: Real>(
     Ok((T::to_cpu_storage_owned(y), Shape::from(dims)))
 }
 
-/// `(dx, dW)` for `g = dL/dy`: `g·W` and `gᵀ·x` with the leading dims flattened into rows.
+/// `(dx, dW)` for `g = dL/dy`: `g·W` and `gᵀ·x` with the leading dims flattened into rows
+/// (`g` made contiguous, `(rows, out)`, returned too for the bias gradient).
 fn input_and_weight_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let (out_dim, in_dim) = w.dims2()?;
-    let rows = x.elem_count() / in_dim;
-    let g2 = g.contiguous()?.reshape((rows, out_dim))?;
-    let dx = g2.matmul(w)?.reshape(x.shape())?;
-    let dw = g2.t()?.matmul(&x.reshape((rows, in_dim))?)?;
+    let out_dim = w.dim(0)?;
+    let g2 = g.contiguous()?.reshape((g.elem_count() / out_dim.max(1), out_dim))?;
+    let dx = g2.apply_op2_no_bwd(w, &LinearGrad::Input)?.reshape(x.shape())?;
+    let dw = g2.apply_op2_no_bwd(x, &LinearGrad::Weight)?;
     Ok((dx, dw, g2))
+}
+
+/// The two gradient products of [`LinearOp`], on [`matmul_par`]: `(g (rows, out), W)` → `g·W`
+/// and `(g, x (…, in))` → `gᵀ·x (out, in)`. Not differentiable: candle's backward detaches them.
+enum LinearGrad {
+    Input,
+    Weight,
+}
+
+fn linear_grad<T: Real>(
+    which: &LinearGrad,
+    (gs, gl): (&CpuStorage, &Layout),
+    (os, ol): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (g, other) = (slice::<T>(gs, gl, "linear grad")?, slice::<T>(os, ol, "linear grad")?);
+    let (rows, out_dim) = gl.shape().dims2()?;
+    let in_dim = *ol.dims().last().expect("linear grad: rank ≥ 1");
+    let one = T::from_f64(1.0);
+    match which {
+        LinearGrad::Input => {
+            let mut dx = par_zeros(rows * in_dim);
+            // SAFETY: g is (rows × out) and W (out × in) row-major; dx is a fresh buffer of
+            // exactly the product's extent.
+            unsafe {
+                matmul_par(
+                    (rows, in_dim, out_dim),
+                    (dx.as_mut_ptr(), in_dim, 1),
+                    (g.as_ptr(), out_dim, 1),
+                    (other.as_ptr(), in_dim, 1),
+                    one,
+                    false,
+                );
+            }
+            Ok((T::to_cpu_storage_owned(dx), Shape::from((rows, in_dim))))
+        }
+        LinearGrad::Weight => {
+            // dW sums over the rows (the long axis): split it, one partial gᵀ·x per thread on
+            // its rows, then add the partials. Row blocks of dW instead would each pack all of
+            // x again.
+            let threads = rayon::current_num_threads();
+            let block = rows.div_ceil(threads).max(1);
+            let partial = |i: usize| {
+                let (r0, k) = (i * block, block.min(rows - i * block));
+                let mut dw = vec![T::from_f64(0.0); out_dim * in_dim];
+                // SAFETY: rows [r0, r0 + k) of g (read transposed: row step 1, column step
+                // `out`) and of x (row-major); dw is a fresh (out × in) buffer.
+                unsafe {
+                    matmul(
+                        (out_dim, in_dim, k),
+                        (dw.as_mut_ptr(), in_dim, 1),
+                        (g.as_ptr().add(r0 * out_dim), 1, out_dim),
+                        (other.as_ptr().add(r0 * in_dim), in_dim, 1),
+                        one,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                dw
+            };
+            let partials: Vec<Vec<T>> = (0..rows.div_ceil(block)).into_par_iter().map(partial).collect();
+            let mut dw = vec![T::from_f64(0.0); out_dim * in_dim];
+            for p in partials {
+                dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+            Ok((T::to_cpu_storage_owned(dw), Shape::from((out_dim, in_dim))))
+        }
+    }
+}
+
+impl CustomOp2 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, os: &CpuStorage, ol: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(gs, "linear grad", linear_grad(self, (gs, gl), (os, ol)))
+    }
 }
 
 impl CustomOp2 for LinearOp {

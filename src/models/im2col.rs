@@ -9,7 +9,7 @@
 //! gradient's scatter back to the image is [`Col2im`], im2col's adjoint. (candle's backward
 //! detaches gradients, so col2im needs no backward of its own.)
 
-use super::fused::{by_dtype, slice};
+use super::fused::{by_dtype, par_zeros, slice};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -53,7 +53,7 @@ fn im2col<T: WithDType>(g: Geometry, xs: &CpuStorage, xl: &Layout) -> Result<(Cp
     let (oh, ow) = g.out_hw();
     let (plane, l) = (g.h * g.w, g.l());
     let b = x.len() / (g.c * plane);
-    let mut out = vec![T::from_f64(0.0); g.c * g.kh * g.kw * b * l];
+    let mut out = par_zeros::<T>(g.c * g.kh * g.kw * b * l);
     out.par_chunks_mut(b * l).enumerate().for_each(|(row, dst)| {
         let (c, i, j) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
         for n in 0..b {
@@ -95,7 +95,7 @@ fn col2im<T: WithDType>(g: Geometry, cs: &CpuStorage, cl: &Layout) -> Result<(Cp
     let (oh, ow) = g.out_hw();
     let (plane, l) = (g.h * g.w, g.l());
     let b = cols.len() / (g.c * g.kh * g.kw * l);
-    let mut out = vec![T::from_f64(0.0); b * g.c * plane];
+    let mut out = par_zeros::<T>(b * g.c * plane);
     // One task per (image, channel) plane: every plane is written by its own taps only.
     out.par_chunks_mut(plane).enumerate().for_each(|(p, dst)| {
         let (n, c) = (p / g.c, p % g.c);
