@@ -71,7 +71,7 @@ fn exp_f32(x: f32) -> f32 {
     // Adding 1.5·2²³ rounds to an integer n kept in the low mantissa bits: bits = 0x4B40_0000 + n.
     const SHIFT: f32 = 12_582_912.0;
     const EXP_R: [f32; 6] = [
-        5.000_000_1e-1,
+        0.5,
         1.666_666_5e-1,
         4.166_579_6e-2,
         8.333_452e-3,
@@ -81,7 +81,8 @@ fn exp_f32(x: f32) -> f32 {
     let xc = x.clamp(-87.33, 88.0);
     let t = xc.mul_add(std::f32::consts::LOG2_E, SHIFT);
     let n = t - SHIFT;
-    let r = n.mul_add(-0.693_359_375, xc);
+    // 0.693_359_4 is 0.693359375 = 710/1024 in f32 (exact n·C1), C1 + C2 = ln 2 to f32 precision.
+    let r = n.mul_add(-0.693_359_4, xc);
     let r = n.mul_add(2.121_944_4e-4, r);
     let p = horner(&EXP_R, r).mul_add(r * r, r) + 1.0;
     let scale = f32::from_bits((t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23);
