@@ -1,14 +1,34 @@
 //! Process-wide settings that the CPU training loop depends on for speed; binaries call
-//! [`tune_allocator`] once at start-up (the CLI and `bench`).
+//! [`tune_process`] once at start-up (the CLI and `bench`), before any thread exists.
 //!
-//! A ViT training step allocates and frees hundreds of activation-sized buffers (0.1–30 MB each,
-//! every candle op returns a fresh `Vec`). With glibc's defaults the freed top of the heap is
-//! trimmed back to the kernel and blocks above the mmap threshold are unmapped on free, so every
-//! step faults its activations in again, page by zeroed page: on the small ViT (batch 128) that
-//! was a quarter of the process's CPU time (11.6 s of sys time in a 36 s benchmark run, against
-//! 2.5 s with the settings below; `perf` showed `clear_page_erms` and page-fault handling at
-//! ~20% of samples). Keeping freed memory in the heap costs no peak memory (the peak is reached
-//! anyway); the resident set just does not shrink between steps.
+//! Allocator: a ViT training step allocates and frees hundreds of activation-sized buffers
+//! (0.1–30 MB each, every candle op returns a fresh `Vec`). With glibc's defaults the freed top of
+//! the heap is trimmed back to the kernel and blocks above the mmap threshold are unmapped on
+//! free, so every step faults its activations in again, page by zeroed page: on the small ViT
+//! (batch 128) that was a quarter of the process's CPU time (11.6 s of sys time in a 36 s
+//! benchmark run, against 2.5 s with the settings below; `perf` showed `clear_page_erms` and
+//! page-fault handling at ~20% of samples). Keeping freed memory in the heap costs no peak memory
+//! (the peak is reached anyway); the resident set just does not shrink between steps.
+//!
+//! Threads: candle runs its elementwise ops on its own "barrier pool", whose workers spin 25 000
+//! times (about 0.6 ms here) after every op before they park, while our fused kernels and gemm
+//! run on rayon's pool. On a 2-core machine the spinning worker holds the core that the next
+//! rayon task needs: `perf` showed a quarter of a tiny-ViT step's samples in idle workers.
+//! [`CANDLE_SPIN_LIMIT`] spins lets the core go within ~25 µs.
+
+/// Spins of an idle candle barrier-pool worker before it parks, unless the user sets
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` (candle's default: 25 000). On the 2-core development
+/// machine, limits of 50–2000 all cut the tiny ViT's training step from 65–69 ms to 45–53 ms.
+pub const CANDLE_SPIN_LIMIT: u32 = 1000;
+
+/// Apply [`tune_allocator`] and the candle spin limit; call first thing in `main`.
+pub fn tune_process() {
+    tune_allocator();
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Before any thread exists (candle reads it when its pool starts, at the first op).
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT.to_string());
+    }
+}
 
 /// Largest block glibc serves from the heap: its hard limit for `M_MMAP_THRESHOLD` on 64-bit
 /// (`HEAP_MAX_SIZE / 2`); larger blocks are still mapped and unmapped per allocation.

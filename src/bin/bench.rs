@@ -198,7 +198,7 @@ fn bench_kernels(args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    liederiv::runtime::tune_allocator(); // as the CLI does: time what users run
+    liederiv::runtime::tune_process(); // as the CLI does: time what users run
     let args = Args::parse();
     if args.kernels {
         return bench_kernels(&args);

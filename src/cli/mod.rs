@@ -164,7 +164,7 @@ pub struct ReportArgs {
 
 /// Parse the command line, run the command, print errors once with their context chain.
 pub fn main() -> ExitCode {
-    crate::runtime::tune_allocator();
+    crate::runtime::tune_process();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
