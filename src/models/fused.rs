@@ -572,6 +572,13 @@ pub(super) fn softmax_row<T: Real>(row: &mut [T]) {
     row.iter_mut().for_each(|v| *v /= sum);
 }
 
+/// In place, `d ← s ⊙ (d − Σ s ⊙ d)` for one row: the softmax's backward (d a cotangent) and
+/// its JVP (d a tangent) alike, given the row's softmax `s`.
+pub(super) fn softmax_row_grad<T: Real>(s: &[T], d: &mut [T]) {
+    let dot = lane_sum(s.len(), |i| s[i] * d[i]);
+    d.iter_mut().zip(s).for_each(|(d, &s)| *d = s * (*d - dot));
+}
+
 fn softmax_fwd<T: Real>(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(xs, xl, "softmax")?;
     let d = last_dim(xl);
@@ -605,11 +612,8 @@ fn softmax_grad<T: Real>(ss: &CpuStorage, sl: &Layout, gs: &CpuStorage, gl: &Lay
     let d = last_dim(sl);
     let mut out = par_zeros(s.len());
     par_rows(&mut out, d, |r, dx| {
-        let (sr, gr) = (&s[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-        let dot = lane_sum(d, |i| sr[i] * gr[i]);
-        for i in 0..d {
-            dx[i] = sr[i] * (gr[i] - dot);
-        }
+        dx.copy_from_slice(&g[r * d..(r + 1) * d]);
+        softmax_row_grad(&s[r * d..(r + 1) * d], dx);
     });
     Ok((T::to_cpu_storage_owned(out), sl.shape().clone()))
 }

@@ -17,7 +17,8 @@
 
 use crate::lie::{merge_tangent, split_tangent};
 use crate::models::fused::{
-    by_dtype, fusable, lane_sum, matmul, par_zeros, slice, softmax, softmax_row, softmax_tangent, Real, SharedMut,
+    by_dtype, fusable, matmul, par_zeros, slice, softmax, softmax_row, softmax_row_grad, softmax_tangent, Real,
+    SharedMut,
 };
 use crate::models::layers::tangent_matmul;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -193,12 +194,9 @@ fn attn_grad<T: Real>(
                     false,
                     Parallelism::None,
                 );
-                for (sr, dr) in s.chunks(n).zip(ds.chunks_mut(n)) {
-                    let dot = lane_sum(n, |i| sr[i] * dr[i]);
-                    for (p, q) in sr.iter().zip(dr.iter_mut()) {
-                        *q = *p * (*q - dot);
-                    }
-                }
+                s.chunks(n)
+                    .zip(ds.chunks_mut(n))
+                    .for_each(|(sr, dr)| softmax_row_grad(sr, dr));
                 matmul(
                     (n, hd, n),
                     (dq, 3 * d, 1),
@@ -310,12 +308,9 @@ fn attn_jvp<T: Real>(
                         true,
                         Parallelism::None,
                     );
-                    for (sr, dr) in s.chunks(n).zip(ds.chunks_mut(n)) {
-                        let dot = lane_sum(n, |i| sr[i] * dr[i]);
-                        for (p, q) in sr.iter().zip(dr.iter_mut()) {
-                            *q = *p * (*q - dot);
-                        }
-                    }
+                    s.chunks(n)
+                        .zip(ds.chunks_mut(n))
+                        .for_each(|(sr, dr)| softmax_row_grad(sr, dr));
                     let d_o = o(1 + t);
                     matmul(
                         (n, hd, n),
