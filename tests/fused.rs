@@ -142,6 +142,16 @@ fn linear_matches_composed_f64_and_f32() {
         &linear_composed(&x, &w, Some(&b)).unwrap(),
     );
     assert!(e < 1e-12, "{e}");
+    // Zero input features: the output is the bias in every row.
+    let (x0, w0) = (
+        Tensor::zeros((3, 0), DType::F64, &Device::Cpu).unwrap(),
+        Tensor::zeros((3, 0), DType::F64, &Device::Cpu).unwrap(),
+    );
+    let y0 = linear(&x0, &w0, Some(&b)).unwrap();
+    assert_eq!(
+        max_abs_diff(&y0, &b.unsqueeze(0).unwrap().broadcast_as((3, 3)).unwrap()),
+        0.0
+    );
     // Shapes that do not fit are a clear error, not a panic.
     let err = linear(&x, &w.narrow(1, 0, 4).unwrap(), None).unwrap_err().to_string();
     assert!(err.contains("do not fit"), "{err}");

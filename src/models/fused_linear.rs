@@ -27,7 +27,8 @@ fn linear_fwd<T: Real>(
 ) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (slice::<T>(xs, xl, "linear")?, slice::<T>(ws, wl, "linear")?);
     let (out_dim, in_dim) = wl.shape().dims2()?;
-    let rows = x.len() / in_dim;
+    // The product of the leading dims (not x.len() / in: in may be 0).
+    let rows: usize = xl.dims()[..xl.dims().len() - 1].iter().product();
     let (mut y, accumulate) = match bias {
         Some((bs, bl)) => (par_filled(rows * out_dim, slice::<T>(bs, bl, "linear")?), true),
         None => (par_zeros(rows * out_dim), false),
