@@ -10,9 +10,17 @@
 //! The ops are exact rewrites: the tests (`tests/fused.rs`) hold them to the composed versions
 //! and to f64 finite differences.
 //!
+//! The JVPs of LayerNorm and GELU (`*_jvp`, used by the LEE metric) have fused tangent kernels
+//! without a backward; they run only when no operand tracks a gradient, and the composed,
+//! differentiable JVP otherwise (LEE-penalised training differentiates it).
+//!
 //! On other devices or dtypes (CUDA, f16/bf16) the public functions fall back to the composed,
 //! differentiable form, so callers never need to branch. Second derivatives through the fused
 //! backward are not supported and fail loudly (`BackwardNotSupported`) rather than being cut.
+//!
+//! Also here, shared by `fused_attention`, `fused_linear` and `im2col`: the row-parallel driver
+//! (`par_rows`), parallel output allocation (`par_filled`) and gemm on raw strided operands
+//! (`matmul`, `matmul_par`).
 
 use crate::lie::tangent_mul;
 use candle_core::{

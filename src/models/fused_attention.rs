@@ -12,8 +12,10 @@
 //! of `qkv` (gemm takes the strides), keeps the N×N scores in a task-local buffer and writes its
 //! output columns straight into the merged `(B, N, D)` result. Backward recomputes the scores
 //! (as flash attention does; they are cheap next to storing `B·H·N²` floats) and writes dq, dk,
-//! dv into their columns of one `(B, N, 3D)` gradient. `tests/fused.rs` holds it to the composed
-//! form and to f64 finite differences.
+//! dv into their columns of one `(B, N, 3D)` gradient. The JVP used by the LEE metric
+//! ([`attention_jvp`]) is one more such pass, per task the output and its tangents, when nothing
+//! needs a gradient. `tests/fused.rs` holds all three to the composed forms and the backward to
+//! f64 finite differences.
 
 use crate::lie::{merge_tangent, split_tangent};
 use crate::models::fused::{

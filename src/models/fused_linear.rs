@@ -7,7 +7,7 @@
 //! perf, the reduce, the adds and the memsets were ~15% of a one-thread small-ViT step. Here the
 //! forward writes the bias into the output rows and gemm accumulates x·Wᵀ onto them; the backward
 //! is `dx = g·W`, `dW = gᵀ·x` and a vectorised column sum for `db`. All three products run on
-//! [`matmul_par`] (row blocks per thread), which scales to two cores better than gemm's own
+//! `fused::matmul_par` (row blocks per thread), which scales to two cores better than gemm's own
 //! threading.
 //!
 //! Other devices and dtypes take [`linear_composed`], which is also the tests' oracle.
