@@ -152,6 +152,9 @@ fn linear_matches_composed_f64_and_f32() {
         max_abs_diff(&y0, &b.unsqueeze(0).unwrap().broadcast_as((3, 3)).unwrap()),
         0.0
     );
+    // …and without a bias, zeros (gemm writes the whole unzeroed output even for an empty sum).
+    let z0 = linear(&x0, &w0, None).unwrap();
+    assert_eq!(max_abs_diff(&z0, &z0.zeros_like().unwrap()), 0.0);
     // Shapes that do not fit are a clear error, not a panic.
     let err = linear(&x, &w.narrow(1, 0, 4).unwrap(), None).unwrap_err().to_string();
     assert!(err.contains("do not fit"), "{err}");

@@ -9,9 +9,9 @@
 //! Parameter values come from the VarBuilder's init hints; models built through
 //! [`crate::models::build_model`] draw them from the run seed (see [`crate::models::init`]).
 
-use super::im2col;
+use super::{fused, im2col};
 use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
-use candle_core::{DType, Result, Tensor, Var, D};
+use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 /// A layer's primal forward, in training (`train = true`: batch statistics, running-statistic
@@ -124,7 +124,7 @@ pub fn conv2d_op(x: &Tensor, w: &Tensor, spec: ConvSpec) -> Result<Tensor> {
         PadMode::Circular if spec.padding == 0 => (x.clone(), 0),
         PadMode::Circular => (pad_circular(x, spec.padding)?, 0),
     };
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if fused::fusable(&x) {
         im2col::conv2d(&x, w, padding, spec.stride)
     } else {
         x.conv2d(w, padding, spec.stride, 1, 1)

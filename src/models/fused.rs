@@ -179,6 +179,20 @@ pub(super) fn par_filled<T: WithDType>(n: usize, pattern: &[T]) -> Vec<T> {
     v
 }
 
+/// A fresh buffer of `n` elements that `fill` writes completely through the raw pointer it is
+/// given (gemm products with `accumulate == false` and the per-head attention kernels), so that
+/// it is not zero-filled first only to be overwritten.
+///
+/// # Safety
+/// `fill` must write every one of the `n` elements (and may not read them).
+pub(super) unsafe fn written_by<T>(n: usize, fill: impl FnOnce(*mut T)) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    fill(v.as_mut_ptr());
+    // SAFETY: the caller's contract: all n elements are initialised by `fill`.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `n` zeros, written by the whole rayon pool (see [`par_filled`]).
 pub(super) fn par_zeros<T: WithDType>(n: usize) -> Vec<T> {
     par_filled(n, &[T::zero()])
@@ -278,7 +292,14 @@ pub(super) fn par_row_sums<T: Real>(rows: usize, width: usize, add: impl Fn(usiz
     } else {
         (0..tasks).into_par_iter().map(partial).collect()
     };
-    let mut out = vec![zero; width];
+    sum_partials(partials, width)
+}
+
+/// The element-wise sum of per-task partial results of length `width` (zeros if there are none),
+/// added into the first one.
+pub(super) fn sum_partials<T: Real>(partials: Vec<Vec<T>>, width: usize) -> Vec<T> {
+    let mut partials = partials.into_iter();
+    let mut out = partials.next().unwrap_or_else(|| vec![T::from_f64(0.0); width]);
     for p in partials {
         out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
     }
@@ -879,9 +900,7 @@ pub fn layer_norm_jvp_composed(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    let xhat = xc.broadcast_mul(&rstd)?;
+    let (xhat, rstd) = normalize_composed(x, eps)?;
     // The primal through the same (differentiable) kernel as the fused path: identical values.
     let y = layer_norm(x, weight, bias, eps)?;
     let dxc = dx.broadcast_sub(&dx.mean_keepdim(D::Minus1)?)?;
@@ -892,9 +911,15 @@ pub fn layer_norm_jvp_composed(
 
 /// The same LayerNorm from differentiable candle ops (other devices and dtypes).
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xhat, _) = normalize_composed(x, eps)?;
+    xhat.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// x̂ = (x − mean)/σ over the last axis and 1/σ (`(…, 1)`), from differentiable candle ops.
+fn normalize_composed(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    xc.broadcast_mul(&rstd)?.broadcast_mul(weight)?.broadcast_add(bias)
+    Ok((xc.broadcast_mul(&rstd)?, rstd))
 }
 
 /// Softmax over the last axis: `x: (..., N)` → `(..., N)`.

@@ -19,7 +19,7 @@
 
 use crate::lie::{merge_tangent, split_tangent};
 use crate::models::fused::{
-    by_dtype, fusable, matmul, par_zeros, slice, softmax, softmax_row, softmax_row_grad, softmax_tangent, Real,
+    by_dtype, fusable, matmul, slice, softmax, softmax_row, softmax_row_grad, softmax_tangent, written_by, Real,
     SharedMut,
 };
 use crate::models::layers::tangent_matmul;
@@ -85,32 +85,35 @@ fn attn_fwd<T: Real>(heads: usize, scale: f64, xs: &CpuStorage, xl: &Layout) -> 
     let dm = Dims::of(xl, heads)?;
     let (n, hd, d) = (dm.n, dm.hd, dm.d());
     let scale = T::from_f64(scale);
-    let mut out = par_zeros::<T>(dm.b * n * d);
-    let dst = SharedMut(out.as_mut_ptr());
-    (0..dm.b * heads).into_par_iter().for_each_init(
-        || vec![T::from_f64(0.0); n * n],
-        |s, task| {
-            let (b, h) = (task / heads, task % heads);
-            let base = qkv[b * n * 3 * d..].as_ptr();
-            // SAFETY: q, k, v of head h are columns [h·hd, (h+1)·hd) of the q / k / v thirds of
-            // batch b's rows, in bounds of `qkv`; this task alone writes columns [h·hd, (h+1)·hd)
-            // of batch b's rows of `out`.
-            unsafe {
-                let (q, k, v) = (base.add(h * hd), base.add(d + h * hd), base.add(2 * d + h * hd));
-                scores(dm, scale, q, k, s);
-                let o = dst.get().add(b * n * d + h * hd);
-                matmul(
-                    (n, hd, n),
-                    (o, d, 1),
-                    (s.as_ptr(), n, 1),
-                    (v, 3 * d, 1),
-                    T::from_f64(1.0),
-                    false,
-                    Parallelism::None,
-                );
-            }
-        },
-    );
+    let fill = |ptr: *mut T| {
+        let dst = SharedMut(ptr);
+        (0..dm.b * heads).into_par_iter().for_each_init(
+            || vec![T::from_f64(0.0); n * n],
+            |s, task| {
+                let (b, h) = (task / heads, task % heads);
+                let base = qkv[b * n * 3 * d..].as_ptr();
+                // SAFETY: q, k, v of head h are columns [h·hd, (h+1)·hd) of the q / k / v thirds of
+                // batch b's rows, in bounds of `qkv`; this task alone writes columns [h·hd, (h+1)·hd)
+                // of batch b's rows of `out`.
+                unsafe {
+                    let (q, k, v) = (base.add(h * hd), base.add(d + h * hd), base.add(2 * d + h * hd));
+                    scores(dm, scale, q, k, s);
+                    let o = dst.get().add(b * n * d + h * hd);
+                    matmul(
+                        (n, hd, n),
+                        (o, d, 1),
+                        (s.as_ptr(), n, 1),
+                        (v, 3 * d, 1),
+                        T::from_f64(1.0),
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+    };
+    // SAFETY: every (batch, head) task writes its hd columns of batch b's rows: all of `out`.
+    let out = unsafe { written_by::<T>(dm.b * n * d, fill) };
     Ok((T::to_cpu_storage_owned(out), Shape::from((dm.b, n, d))))
 }
 
@@ -161,65 +164,68 @@ fn attn_grad<T: Real>(
         );
     }
     let (scale, one) = (T::from_f64(scale), T::from_f64(1.0));
-    let mut out = par_zeros::<T>(qkv.len());
-    let dst = SharedMut(out.as_mut_ptr());
-    (0..dm.b * heads).into_par_iter().for_each_init(
-        || (vec![T::from_f64(0.0); n * n], vec![T::from_f64(0.0); n * n]),
-        |(s, ds), task| {
-            let (b, h) = (task / heads, task % heads);
-            let base = qkv[b * n * 3 * d..].as_ptr();
-            let go = g[b * n * d + h * hd..].as_ptr();
-            // SAFETY: reads as in `attn_fwd`; this task alone writes columns h·hd.. of the q, k
-            // and v thirds of batch b's rows of `out`.
-            unsafe {
-                let (q, k, v) = (base.add(h * hd), base.add(d + h * hd), base.add(2 * d + h * hd));
-                let dbase = dst.get().add(b * n * 3 * d);
-                let (dq, dk, dv) = (dbase.add(h * hd), dbase.add(d + h * hd), dbase.add(2 * d + h * hd));
-                scores(dm, scale, q, k, s);
-                // dv = Sᵀ·g: Sᵀ is S read with row step 1, column step N.
-                matmul(
-                    (n, hd, n),
-                    (dv, 3 * d, 1),
-                    (s.as_ptr(), 1, n),
-                    (go, d, 1),
-                    one,
-                    false,
-                    Parallelism::None,
-                );
-                // dS = g·vᵀ
-                matmul(
-                    (n, n, hd),
-                    (ds.as_mut_ptr(), n, 1),
-                    (go, d, 1),
-                    (v, 1, 3 * d),
-                    one,
-                    false,
-                    Parallelism::None,
-                );
-                s.chunks(n)
-                    .zip(ds.chunks_mut(n))
-                    .for_each(|(sr, dr)| softmax_row_grad(sr, dr));
-                matmul(
-                    (n, hd, n),
-                    (dq, 3 * d, 1),
-                    (ds.as_ptr(), n, 1),
-                    (k, 3 * d, 1),
-                    scale,
-                    false,
-                    Parallelism::None,
-                );
-                matmul(
-                    (n, hd, n),
-                    (dk, 3 * d, 1),
-                    (ds.as_ptr(), 1, n),
-                    (q, 3 * d, 1),
-                    scale,
-                    false,
-                    Parallelism::None,
-                );
-            }
-        },
-    );
+    let fill = |ptr: *mut T| {
+        let dst = SharedMut(ptr);
+        (0..dm.b * heads).into_par_iter().for_each_init(
+            || (vec![T::from_f64(0.0); n * n], vec![T::from_f64(0.0); n * n]),
+            |(s, ds), task| {
+                let (b, h) = (task / heads, task % heads);
+                let base = qkv[b * n * 3 * d..].as_ptr();
+                let go = g[b * n * d + h * hd..].as_ptr();
+                // SAFETY: reads as in `attn_fwd`; this task alone writes columns h·hd.. of the q, k
+                // and v thirds of batch b's rows of `out`.
+                unsafe {
+                    let (q, k, v) = (base.add(h * hd), base.add(d + h * hd), base.add(2 * d + h * hd));
+                    let dbase = dst.get().add(b * n * 3 * d);
+                    let (dq, dk, dv) = (dbase.add(h * hd), dbase.add(d + h * hd), dbase.add(2 * d + h * hd));
+                    scores(dm, scale, q, k, s);
+                    // dv = Sᵀ·g: Sᵀ is S read with row step 1, column step N.
+                    matmul(
+                        (n, hd, n),
+                        (dv, 3 * d, 1),
+                        (s.as_ptr(), 1, n),
+                        (go, d, 1),
+                        one,
+                        false,
+                        Parallelism::None,
+                    );
+                    // dS = g·vᵀ
+                    matmul(
+                        (n, n, hd),
+                        (ds.as_mut_ptr(), n, 1),
+                        (go, d, 1),
+                        (v, 1, 3 * d),
+                        one,
+                        false,
+                        Parallelism::None,
+                    );
+                    s.chunks(n)
+                        .zip(ds.chunks_mut(n))
+                        .for_each(|(sr, dr)| softmax_row_grad(sr, dr));
+                    matmul(
+                        (n, hd, n),
+                        (dq, 3 * d, 1),
+                        (ds.as_ptr(), n, 1),
+                        (k, 3 * d, 1),
+                        scale,
+                        false,
+                        Parallelism::None,
+                    );
+                    matmul(
+                        (n, hd, n),
+                        (dk, 3 * d, 1),
+                        (ds.as_ptr(), 1, n),
+                        (q, 3 * d, 1),
+                        scale,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+    };
+    // SAFETY: the tasks write dq, dk and dv of every (batch, head), i.e. all 3D columns of every row.
+    let out = unsafe { written_by::<T>(qkv.len(), fill) };
     Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
 }
 
@@ -263,79 +269,83 @@ fn attn_jvp<T: Real>(
         );
     }
     let (scale, one) = (T::from_f64(scale), T::from_f64(1.0));
-    let mut out = par_zeros::<T>((1 + tangents) * dm.b * n * d);
-    let dst = SharedMut(out.as_mut_ptr());
-    let per_slab = dm.b * n * d; // one (B, N, D) slab of the output
-    (0..dm.b * heads).into_par_iter().for_each_init(
-        || (vec![T::from_f64(0.0); n * n], vec![T::from_f64(0.0); n * n]),
-        |(s, ds), task| {
-            let (b, h) = (task / heads, task % heads);
-            let col = |base: *const T, part: usize| base.wrapping_add(b * n * 3 * d + part * d + h * hd);
-            let (q, k, v) = (col(qkv.as_ptr(), 0), col(qkv.as_ptr(), 1), col(qkv.as_ptr(), 2));
-            let ld = 3 * d;
-            // SAFETY: reads as in `attn_fwd` (and the same offsets in each tangent's slab of
-            // dqkv); this task alone writes columns [h·hd, (h+1)·hd) of batch b's rows in every
-            // (B, N, D) slab of `out`.
-            unsafe {
-                scores(dm, scale, q, k, s);
-                let o = |slab: usize| dst.get().add(slab * per_slab + b * n * d + h * hd);
-                matmul(
-                    (n, hd, n),
-                    (o(0), d, 1),
-                    (s.as_ptr(), n, 1),
-                    (v, ld, 1),
-                    one,
-                    false,
-                    Parallelism::None,
-                );
-                for t in 0..tangents {
-                    let tb = dqkv.as_ptr().add(t * qkv.len());
-                    let (dq, dk, dv) = (col(tb, 0), col(tb, 1), col(tb, 2));
-                    let da = ds.as_mut_ptr();
-                    matmul(
-                        (n, n, hd),
-                        (da, n, 1),
-                        (dq, ld, 1),
-                        (k, 1, ld),
-                        scale,
-                        false,
-                        Parallelism::None,
-                    );
-                    matmul(
-                        (n, n, hd),
-                        (da, n, 1),
-                        (q, ld, 1),
-                        (dk, 1, ld),
-                        scale,
-                        true,
-                        Parallelism::None,
-                    );
-                    s.chunks(n)
-                        .zip(ds.chunks_mut(n))
-                        .for_each(|(sr, dr)| softmax_row_grad(sr, dr));
-                    let d_o = o(1 + t);
+    let fill = |ptr: *mut T| {
+        let dst = SharedMut(ptr);
+        let per_slab = dm.b * n * d; // one (B, N, D) slab of the output
+        (0..dm.b * heads).into_par_iter().for_each_init(
+            || (vec![T::from_f64(0.0); n * n], vec![T::from_f64(0.0); n * n]),
+            |(s, ds), task| {
+                let (b, h) = (task / heads, task % heads);
+                let col = |base: *const T, part: usize| base.wrapping_add(b * n * 3 * d + part * d + h * hd);
+                let (q, k, v) = (col(qkv.as_ptr(), 0), col(qkv.as_ptr(), 1), col(qkv.as_ptr(), 2));
+                let ld = 3 * d;
+                // SAFETY: reads as in `attn_fwd` (and the same offsets in each tangent's slab of
+                // dqkv); this task alone writes columns [h·hd, (h+1)·hd) of batch b's rows in every
+                // (B, N, D) slab of `out`.
+                unsafe {
+                    scores(dm, scale, q, k, s);
+                    let o = |slab: usize| dst.get().add(slab * per_slab + b * n * d + h * hd);
                     matmul(
                         (n, hd, n),
-                        (d_o, d, 1),
-                        (ds.as_ptr(), n, 1),
+                        (o(0), d, 1),
+                        (s.as_ptr(), n, 1),
                         (v, ld, 1),
                         one,
                         false,
                         Parallelism::None,
                     );
-                    matmul(
-                        (n, hd, n),
-                        (d_o, d, 1),
-                        (s.as_ptr(), n, 1),
-                        (dv, ld, 1),
-                        one,
-                        true,
-                        Parallelism::None,
-                    );
+                    for t in 0..tangents {
+                        let tb = dqkv.as_ptr().add(t * qkv.len());
+                        let (dq, dk, dv) = (col(tb, 0), col(tb, 1), col(tb, 2));
+                        let da = ds.as_mut_ptr();
+                        matmul(
+                            (n, n, hd),
+                            (da, n, 1),
+                            (dq, ld, 1),
+                            (k, 1, ld),
+                            scale,
+                            false,
+                            Parallelism::None,
+                        );
+                        matmul(
+                            (n, n, hd),
+                            (da, n, 1),
+                            (q, ld, 1),
+                            (dk, 1, ld),
+                            scale,
+                            true,
+                            Parallelism::None,
+                        );
+                        s.chunks(n)
+                            .zip(ds.chunks_mut(n))
+                            .for_each(|(sr, dr)| softmax_row_grad(sr, dr));
+                        let d_o = o(1 + t);
+                        matmul(
+                            (n, hd, n),
+                            (d_o, d, 1),
+                            (ds.as_ptr(), n, 1),
+                            (v, ld, 1),
+                            one,
+                            false,
+                            Parallelism::None,
+                        );
+                        matmul(
+                            (n, hd, n),
+                            (d_o, d, 1),
+                            (s.as_ptr(), n, 1),
+                            (dv, ld, 1),
+                            one,
+                            true,
+                            Parallelism::None,
+                        );
+                    }
                 }
-            }
-        },
-    );
+            },
+        );
+    };
+    // SAFETY: every (batch, head) task writes its columns of batch b's rows in the output slab and in
+    // each tangent's slab.
+    let out = unsafe { written_by::<T>((1 + tangents) * dm.b * n * d, fill) };
     Ok((T::to_cpu_storage_owned(out), Shape::from((1 + tangents, dm.b, n, d))))
 }
 

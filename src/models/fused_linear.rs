@@ -12,7 +12,9 @@
 //!
 //! Other devices and dtypes take [`linear_composed`], which is also the tests' oracle.
 
-use crate::models::fused::{by_dtype, fusable, matmul, matmul_par, par_filled, par_row_sums, par_zeros, slice, Real};
+use crate::models::fused::{
+    by_dtype, fusable, matmul, matmul_par, par_filled, par_row_sums, slice, sum_partials, written_by, Real,
+};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -29,22 +31,29 @@ fn linear_fwd<T: Real>(
     let (out_dim, in_dim) = wl.shape().dims2()?;
     // The product of the leading dims (not x.len() / in: in may be 0).
     let rows: usize = xl.dims()[..xl.dims().len() - 1].iter().product();
-    let (mut y, accumulate) = match bias {
-        Some((bs, bl)) => (par_filled(rows * out_dim, slice::<T>(bs, bl, "linear")?), true),
-        None => (par_zeros(rows * out_dim), false),
-    };
-    // SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W read with row step 1
-    // and column step `in`; all three are exactly the buffers' extents and y aliases neither.
-    unsafe {
+    let n = rows * out_dim;
+    // y = [y +] x·Wᵀ. SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W read
+    // with row step 1 and column step `in`; all three are exactly the buffers' extents and y
+    // aliases neither. Without `accumulate`, gemm writes every element of y.
+    let product = |y: *mut T, accumulate: bool| unsafe {
         matmul_par(
             (rows, out_dim, in_dim),
-            (y.as_mut_ptr(), out_dim, 1),
+            (y, out_dim, 1),
             (x.as_ptr(), in_dim, 1),
             (w.as_ptr(), 1, in_dim),
             T::from_f64(1.0),
             accumulate,
-        );
-    }
+        )
+    };
+    let y = match bias {
+        Some((bs, bl)) => {
+            let mut y = par_filled(n, slice::<T>(bs, bl, "linear")?);
+            product(y.as_mut_ptr(), true);
+            y
+        }
+        // SAFETY: the product overwrites all n elements.
+        None => unsafe { written_by(n, |y| product(y, false)) },
+    };
     let mut dims = xl.dims().to_vec();
     *dims.last_mut().expect("linear: rank ≥ 1 checked by the wrapper") = out_dim;
     Ok((T::to_cpu_storage_owned(y), Shape::from(dims)))
@@ -78,19 +87,20 @@ fn linear_grad<T: Real>(
     let one = T::from_f64(1.0);
     match which {
         LinearGrad::Input => {
-            let mut dx = par_zeros(rows * in_dim);
             // SAFETY: g is (rows × out) and W (out × in) row-major; dx is a fresh buffer of
-            // exactly the product's extent.
-            unsafe {
-                matmul_par(
-                    (rows, in_dim, out_dim),
-                    (dx.as_mut_ptr(), in_dim, 1),
-                    (g.as_ptr(), out_dim, 1),
-                    (other.as_ptr(), in_dim, 1),
-                    one,
-                    false,
-                );
-            }
+            // exactly the product's extent, which gemm (no `accumulate`) writes whole.
+            let dx = unsafe {
+                written_by(rows * in_dim, |dx| {
+                    matmul_par(
+                        (rows, in_dim, out_dim),
+                        (dx, in_dim, 1),
+                        (g.as_ptr(), out_dim, 1),
+                        (other.as_ptr(), in_dim, 1),
+                        one,
+                        false,
+                    )
+                })
+            };
             Ok((T::to_cpu_storage_owned(dx), Shape::from((rows, in_dim))))
         }
         LinearGrad::Weight => {
@@ -101,27 +111,25 @@ fn linear_grad<T: Real>(
             let block = rows.div_ceil(threads).max(1);
             let partial = |i: usize| {
                 let (r0, k) = (i * block, block.min(rows - i * block));
-                let mut dw = vec![T::from_f64(0.0); out_dim * in_dim];
                 // SAFETY: rows [r0, r0 + k) of g (read transposed: row step 1, column step
-                // `out`) and of x (row-major); dw is a fresh (out × in) buffer.
+                // `out`) and of x (row-major); dw is a fresh (out × in) buffer that gemm (no
+                // `accumulate`) writes whole.
                 unsafe {
-                    matmul(
-                        (out_dim, in_dim, k),
-                        (dw.as_mut_ptr(), in_dim, 1),
-                        (g.as_ptr().add(r0 * out_dim), 1, out_dim),
-                        (other.as_ptr().add(r0 * in_dim), in_dim, 1),
-                        one,
-                        false,
-                        Parallelism::None,
-                    );
+                    written_by(out_dim * in_dim, |dw| {
+                        matmul(
+                            (out_dim, in_dim, k),
+                            (dw, in_dim, 1),
+                            (g.as_ptr().add(r0 * out_dim), 1, out_dim),
+                            (other.as_ptr().add(r0 * in_dim), in_dim, 1),
+                            one,
+                            false,
+                            Parallelism::None,
+                        )
+                    })
                 }
-                dw
             };
             let partials: Vec<Vec<T>> = (0..rows.div_ceil(block)).into_par_iter().map(partial).collect();
-            let mut dw = vec![T::from_f64(0.0); out_dim * in_dim];
-            for p in partials {
-                dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-            }
+            let dw = sum_partials(partials, out_dim * in_dim);
             Ok((T::to_cpu_storage_owned(dw), Shape::from((out_dim, in_dim))))
         }
     }
