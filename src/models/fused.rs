@@ -19,8 +19,8 @@
 //! backward are not supported and fail loudly (`BackwardNotSupported`) rather than being cut.
 //!
 //! Also here, shared by `fused_attention`, `fused_linear` and `im2col`: the row-parallel driver
-//! (`par_rows`), parallel output allocation (`par_filled`) and gemm on raw strided operands
-//! (`matmul`, `matmul_par`).
+//! (`par_rows`), parallel output allocation (`par_zeros`, `written_by`) and gemm on raw strided
+//! operands (`matmul`, `matmul_par`).
 
 use crate::lie::tangent_mul;
 use candle_core::{
@@ -101,40 +101,29 @@ fn exp_f32(x: f32) -> f32 {
     }
 }
 
-/// erf in f32 within about 1 ulp (worst 8.2e-8 absolute), without a branch or a call so that
-/// its loops vectorise: z·P(2z² − 1) for |z| ≤ 1, 1 − e^(−z²)·R((2z − 5)/3) for 1 < |z| < 4,
-/// ±1 beyond (1 − erf(4) ≈ 1.5e-8 < ulp(1)/2). Both pieces are computed and one selected.
-/// P and R and their error bound come from `scripts/erf_table.py`.
+/// erf in f32 within 3 ulp (worst 3.1e-7 absolute), without a branch or a call so that its
+/// loops vectorise: z·P(z²)/Q(z²) for |z| < 3.92, ±1 beyond (1 − erf(3.92) ≈ 9.6e-9 < ulp(1)/2).
+/// P and Q (degree 5, all coefficients positive, so the sums never cancel) and the error bound
+/// come from `scripts/erf_table.py`. A third of the work of the polynomial-plus-exp erf it
+/// replaced (~1 ulp): that one was 8.5% of a small-ViT forward, GELU's share.
 #[inline(always)]
 fn erf_f32(x: f32) -> f32 {
-    const ERF_P: [f32; 7] = [
-        0.96546876,
-        -0.1405361,
-        0.019852497,
-        -0.0022854195,
-        0.00021751355,
-        -1.7669068e-05,
-        1.2306054e-06,
+    // P's constant term is the fit's, one ulp below 2/√π (the slope of erf at 0).
+    #[allow(clippy::approx_constant)]
+    const ERF_P: [f32; 6] = [
+        1.128379,
+        0.19276358,
+        0.053060096,
+        0.0038682134,
+        0.00028746075,
+        2.0345321e-06,
     ];
-    const ERF_R: [f32; 11] = [
-        0.21080637,
-        -0.11152139,
-        0.056110628,
-        -0.026997937,
-        0.0124867,
-        -0.0056112334,
-        0.0024183842,
-        -0.0009162726,
-        0.00037647728,
-        -0.00024518644,
-        9.294974e-05,
-    ];
+    const ERF_Q: [f32; 6] = [1.0, 0.504164, 0.11508413, 0.0151720885, 0.001188057, 3.8067552e-05];
     let z = x.abs();
-    let small = z * horner(&ERF_P, (z * z).mul_add(2.0, -1.0));
-    // Not `min`: NaN must stay NaN.
-    let zc = if z > 4.0 { 4.0 } else { z };
-    let large = 1.0 - exp_f32(-zc * zc) * horner(&ERF_R, zc.mul_add(2.0 / 3.0, -5.0 / 3.0));
-    let y = if z <= 1.0 { small } else { large };
+    let t = z * z;
+    let y = z * horner(&ERF_P, t) / horner(&ERF_Q, t);
+    // Not `min`/`clamp`: NaN must stay NaN.
+    let y = if z < 3.92 || z.is_nan() { y } else { 1.0 };
     y.copysign(x)
 }
 
@@ -150,38 +139,23 @@ pub(super) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -
     }
 }
 
-/// `n` elements repeating `pattern` (zeros: `&[0]`), written by the whole rayon pool. Every fused
-/// kernel's output starts as one of these: a serial `vec![0; n]` memset (or `repeat`) over a
-/// 20 MB activation left the second core idle for ~5% of a small-ViT forward.
-pub(super) fn par_filled<T: WithDType>(n: usize, pattern: &[T]) -> Vec<T> {
-    assert!(n == 0 || !pattern.is_empty(), "par_filled: empty pattern");
-    let p = pattern.len().max(1);
+/// `n` zeros, written by the whole rayon pool: a serial `vec![0; n]` memset over a 20 MB
+/// activation left the second core idle for ~5% of a small-ViT forward.
+pub(super) fn par_zeros<T: WithDType>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
-    // Chunks of whole patterns, so that each starts at the pattern's first element.
-    let chunk = (MIN_TASK_ELEMS / p).max(1) * p;
-    // Plain slice loops (a `cycle()` iterator per element does not vectorise).
-    v.spare_capacity_mut()
-        .par_chunks_mut(chunk)
-        .for_each(|c| match pattern {
-            [x] => c.iter_mut().for_each(|d| {
-                d.write(*x);
-            }),
-            _ => c.chunks_mut(p).for_each(|row| {
-                row.iter_mut().zip(pattern).for_each(|(d, s)| {
-                    d.write(*s);
-                })
-            }),
-        });
-    // SAFETY: every element of the spare capacity (≥ n of them) was written above: each chunk
-    // to its end (the last row of the last chunk may be a prefix of `pattern`), as `pattern` is
-    // non-empty whenever n > 0 (asserted).
+    v.spare_capacity_mut().par_chunks_mut(MIN_TASK_ELEMS).for_each(|c| {
+        c.iter_mut().for_each(|d| {
+            d.write(T::zero());
+        })
+    });
+    // SAFETY: every element of the spare capacity (≥ n of them) was written above.
     unsafe { v.set_len(n) };
     v
 }
 
 /// A fresh buffer of `n` elements that `fill` writes completely through the raw pointer it is
-/// given (gemm products with `accumulate == false` and the per-head attention kernels), so that
-/// it is not zero-filled first only to be overwritten.
+/// given (the gemm products and the per-head attention kernels), so that it is not zero-filled
+/// first only to be overwritten.
 ///
 /// # Safety
 /// `fill` must write every one of the `n` elements (and may not read them).
@@ -193,20 +167,23 @@ pub(super) unsafe fn written_by<T>(n: usize, fill: impl FnOnce(*mut T)) -> Vec<T
     v
 }
 
-/// `n` zeros, written by the whole rayon pool (see [`par_filled`]).
-pub(super) fn par_zeros<T: WithDType>(n: usize) -> Vec<T> {
-    par_filled(n, &[T::zero()])
-}
-
 /// An elementwise kernel `f(x)` over one contiguous operand, in parallel blocks of
-/// `MIN_TASK_ELEMS` (each block a plain loop over slices, which the compiler can vectorise).
+/// `MIN_TASK_ELEMS` (each block a plain loop over slices, which the compiler can vectorise),
+/// written straight into the fresh output (no zero fill first: a pass over 20 MB for GELU).
 fn map1<T: Real>(xs: &CpuStorage, xl: &Layout, op: &str, f: impl Fn(T) -> T + Sync) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(xs, xl, op)?;
-    let mut out = par_zeros(x.len());
-    par_rows(&mut out, MIN_TASK_ELEMS, |r, y| {
-        let x = &x[r * MIN_TASK_ELEMS..r * MIN_TASK_ELEMS + y.len()];
-        y.iter_mut().zip(x).for_each(|(y, &x)| *y = f(x));
-    });
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(MIN_TASK_ELEMS)
+        .zip(x.par_chunks(MIN_TASK_ELEMS))
+        .for_each(|(y, x)| {
+            y.iter_mut().zip(x).for_each(|(y, &x)| {
+                y.write(f(x));
+            })
+        });
+    // SAFETY: the chunks of x cover all x.len() elements, and each wrote its own span of the
+    // spare capacity (≥ x.len(), chunked from the same start with the same size).
+    unsafe { out.set_len(x.len()) };
     Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
 }
 
@@ -220,14 +197,20 @@ fn map2<T: Real>(
     f: impl Fn(T, T) -> T + Sync,
 ) -> Result<(CpuStorage, Shape)> {
     let (x, g) = (slice::<T>(xs, xl, op)?, slice::<T>(gs, gl, op)?);
-    let mut out = par_zeros(x.len());
-    par_rows(&mut out, MIN_TASK_ELEMS, |r, y| {
-        let at = r * MIN_TASK_ELEMS..r * MIN_TASK_ELEMS + y.len();
-        y.iter_mut()
-            .zip(&x[at.clone()])
-            .zip(&g[at])
-            .for_each(|((y, &x), &g)| *y = f(x, g));
-    });
+    if x.len() != g.len() {
+        bail!("{op}: operand of {} elements, gradient of {}", x.len(), g.len());
+    }
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(MIN_TASK_ELEMS)
+        .zip(x.par_chunks(MIN_TASK_ELEMS).zip(g.par_chunks(MIN_TASK_ELEMS)))
+        .for_each(|(y, (x, g))| {
+            y.iter_mut().zip(x).zip(g).for_each(|((y, &x), &g)| {
+                y.write(f(x, g));
+            })
+        });
+    // SAFETY: as in map1 (x and g have the same length, checked above).
+    unsafe { out.set_len(x.len()) };
     Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
 }
 
@@ -367,49 +350,65 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// [`matmul`] on the whole rayon pool: blocks of `dst` rows (and the matching `lhs` rows), one
-/// single-threaded gemm each. Each block packs its own copy of `rhs`, which is cheap next to the
-/// product; in exchange the two cores never wait on each other inside a gemm. gemm's own
-/// `Parallelism::Rayon(2)` reached ~90 GFLOP/s on the small ViT's shapes where one thread alone
-/// reaches ~65 (and MKL, inside PyTorch's forward, ~120).
+/// `dst = [bias rows +] beta·lhs·rhs` on the whole rayon pool: blocks of `dst` rows (and the
+/// matching `lhs` rows), one single-threaded gemm each. Each block packs its own copy of `rhs`,
+/// which is cheap next to the product; in exchange the two cores never wait on each other inside
+/// a gemm. gemm's own `Parallelism::Rayon(2)` reached ~90 GFLOP/s on the small ViT's shapes where
+/// one thread alone reaches ~65 (and MKL, inside PyTorch's forward, ~120). With a `bias` (one row
+/// of `n`), each block writes it into its rows right before its gemm accumulates onto them, while
+/// they are in cache: filling the whole output first cost a separate pass over it (~5% of a
+/// small-ViT forward). Without one, gemm overwrites `dst` and never reads it.
 ///
 /// # Safety
-/// As [`matmul`].
+/// As [`matmul`]; with a `bias`, `dst` rows are contiguous (`dst.2 == 1`).
 pub(super) unsafe fn matmul_par<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: (*mut T, usize, usize),
     lhs: (*const T, usize, usize),
     rhs: (*const T, usize, usize),
     beta: T,
-    accumulate: bool,
+    bias: Option<&[T]>,
 ) {
+    assert!(
+        bias.is_none_or(|b| b.len() == n && dst.2 == 1),
+        "matmul_par: bias is not one dst row"
+    );
     // A few blocks per thread, so that a core slowed by other load hands work to the other;
     // whole multiples of gemm's 16-row micro-tile.
     let blocks = 4 * rayon::current_num_threads();
     let rows = m.div_ceil(blocks).next_multiple_of(16).max(16);
-    if rows >= m {
-        return matmul((m, n, k), dst, lhs, rhs, beta, accumulate, Parallelism::None);
-    }
     let (d, l, r) = (
         SharedMut(dst.0),
         SharedMut(lhs.0.cast_mut()),
         SharedMut(rhs.0.cast_mut()),
     );
-    (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+    let block = |i: usize| {
         let (r0, mm) = (i * rows, rows.min(m - i * rows));
-        // SAFETY: block i writes dst rows [r0, r0 + mm) only; lhs and rhs are only read.
+        // SAFETY: block i writes dst rows [r0, r0 + mm) only (the bias rows are n contiguous
+        // elements at each row start, asserted above); lhs and rhs are only read.
         unsafe {
+            let out = d.get().add(r0 * dst.1);
+            if let Some(b) = bias {
+                for row in 0..mm {
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), out.add(row * dst.1), n);
+                }
+            }
             matmul(
                 (mm, n, k),
-                (d.get().add(r0 * dst.1), dst.1, dst.2),
+                (out, dst.1, dst.2),
                 (l.get().add(r0 * lhs.1).cast_const(), lhs.1, lhs.2),
                 (r.get().cast_const(), rhs.1, rhs.2),
                 beta,
-                accumulate,
+                bias.is_some(),
                 Parallelism::None,
             )
         }
-    });
+    };
+    if rows >= m {
+        block(0)
+    } else {
+        (0..m.div_ceil(rows)).into_par_iter().for_each(block)
+    }
 }
 
 /// Dispatch a kernel on the dtype of its first operand.
@@ -1017,9 +1016,9 @@ mod tests {
 
     #[test]
     fn erf_f32_is_within_its_bound_of_f64_erf() {
-        // Every 2⁻¹⁴ on [−6, 6] (both pieces, the switch at 1, the clamp at 4): the bound
-        // scripts/erf_table.py prints (8.16e-8) plus the difference of FMA against its
-        // separate multiply-add; odd symmetry exact; NaN kept.
+        // Every 2⁻¹⁴ on [−6, 6] (the rational piece, the switch to ±1 at 3.92): the bound
+        // scripts/erf_table.py prints (3.09e-7) plus a little for the ulp of the last operations;
+        // odd symmetry exact; ±1 at ±∞; NaN kept.
         let mut worst = 0.0f64;
         for k in -6 * 16384..=6 * 16384 {
             let x = k as f32 / 16384.0;
@@ -1027,8 +1026,9 @@ mod tests {
             worst = worst.max(e);
             assert_eq!(erf_f32(-x), -erf_f32(x));
         }
-        assert!(worst < 9e-8, "erf_f32: worst |error| {worst:.3e}");
+        assert!(worst < 3.2e-7, "erf_f32: worst |error| {worst:.3e}");
         assert_eq!(erf_f32(f32::INFINITY), 1.0);
+        assert_eq!(erf_f32(f32::NEG_INFINITY), -1.0);
         assert!(erf_f32(f32::NAN).is_nan());
     }
 }

@@ -5,15 +5,15 @@
 //! tensor (a memset and an add over the activation each), candle's matmul zero-fills its output
 //! before overwriting it, and the bias gradient is a strided `sum_keepdim` over the rows; under
 //! perf, the reduce, the adds and the memsets were ~15% of a one-thread small-ViT step. Here the
-//! forward writes the bias into the output rows and gemm accumulates x·Wᵀ onto them; the backward
-//! is `dx = g·W`, `dW = gᵀ·x` and a vectorised column sum for `db`. All three products run on
-//! `fused::matmul_par` (row blocks per thread), which scales to two cores better than gemm's own
-//! threading.
+//! forward writes the bias into each block of output rows and gemm accumulates x·Wᵀ onto it; the
+//! backward is `dx = g·W`, `dW = gᵀ·x` and a vectorised column sum for `db`. All three products
+//! run on `fused::matmul_par` (row blocks per thread), which scales to two cores better than
+//! gemm's own threading.
 //!
 //! Other devices and dtypes take [`linear_composed`], which is also the tests' oracle.
 
 use crate::models::fused::{
-    by_dtype, fusable, matmul, matmul_par, par_filled, par_row_sums, slice, sum_partials, written_by, Real,
+    by_dtype, fusable, matmul, matmul_par, par_row_sums, slice, sum_partials, written_by, Real,
 };
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::Parallelism;
@@ -32,27 +32,22 @@ fn linear_fwd<T: Real>(
     // The product of the leading dims (not x.len() / in: in may be 0).
     let rows: usize = xl.dims()[..xl.dims().len() - 1].iter().product();
     let n = rows * out_dim;
-    // y = [y +] x·Wᵀ. SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W read
+    let bias = bias.map(|(bs, bl)| slice::<T>(bs, bl, "linear")).transpose()?;
+    // y = [b +] x·Wᵀ. SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W read
     // with row step 1 and column step `in`; all three are exactly the buffers' extents and y
-    // aliases neither. Without `accumulate`, gemm writes every element of y.
-    let product = |y: *mut T, accumulate: bool| unsafe {
-        matmul_par(
-            (rows, out_dim, in_dim),
-            (y, out_dim, 1),
-            (x.as_ptr(), in_dim, 1),
-            (w.as_ptr(), 1, in_dim),
-            T::from_f64(1.0),
-            accumulate,
-        )
-    };
-    let y = match bias {
-        Some((bs, bl)) => {
-            let mut y = par_filled(n, slice::<T>(bs, bl, "linear")?);
-            product(y.as_mut_ptr(), true);
-            y
-        }
-        // SAFETY: the product overwrites all n elements.
-        None => unsafe { written_by(n, |y| product(y, false)) },
+    // aliases neither. matmul_par writes every element of y (the bias rows, or gemm without
+    // accumulation).
+    let y = unsafe {
+        written_by(n, |y| {
+            matmul_par(
+                (rows, out_dim, in_dim),
+                (y, out_dim, 1),
+                (x.as_ptr(), in_dim, 1),
+                (w.as_ptr(), 1, in_dim),
+                T::from_f64(1.0),
+                bias,
+            )
+        })
     };
     let mut dims = xl.dims().to_vec();
     *dims.last_mut().expect("linear: rank ≥ 1 checked by the wrapper") = out_dim;
@@ -97,7 +92,7 @@ fn linear_grad<T: Real>(
                         (g.as_ptr(), out_dim, 1),
                         (other.as_ptr(), in_dim, 1),
                         one,
-                        false,
+                        None,
                     )
                 })
             };
