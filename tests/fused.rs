@@ -17,7 +17,7 @@ use liederiv::models::fused::{
     layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed, softmax, softmax_composed,
 };
 use liederiv::models::fused_attention::{attention, attention_composed, attention_jvp, attention_jvp_composed};
-use liederiv::models::fused_linear::{linear, linear_composed};
+use liederiv::models::fused_linear::{linear, linear_add, linear_composed};
 
 fn randn(shape: &[usize], scale: f64, seed: u64, dtype: DType) -> Tensor {
     common::randn(shape, scale, dtype, &mut common::rng(seed))
@@ -162,6 +162,47 @@ fn linear_matches_composed_f64_and_f32() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("do not fit"), "{err}");
+}
+
+#[test]
+fn linear_add_matches_linear_plus_residual() {
+    // The fused no-gradient path (residual and bias written into the output rows, gemm adds the
+    // product): the small ViT's MLP output over its 128·50 rows (split across the pool), a tiny
+    // batch, with and without bias, a non-contiguous residual; f64 strict, f32 at the linear
+    // tolerance.
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+        for (shape, in_dim, out_dim) in [(&[128usize, 50][..], 768, 192), (&[2, 3][..], 5, 4)] {
+            let xs: Vec<usize> = shape.iter().copied().chain([in_dim]).collect();
+            let rs: Vec<usize> = shape.iter().copied().chain([out_dim]).collect();
+            let (x, w) = (randn(&xs, 1.0, 40, dtype), randn(&[out_dim, in_dim], 0.1, 41, dtype));
+            let (b, r) = (randn(&[out_dim], 1.0, 42, dtype), randn(&rs, 1.0, 43, dtype));
+            for bias in [Some(&b), None] {
+                let fused = linear_add(&x, &w, bias, &r).unwrap();
+                let composed = (linear_composed(&x, &w, bias).unwrap() + &r).unwrap();
+                let e = max_abs_diff(&fused, &composed);
+                assert!(e < tol, "{shape:?} {dtype:?} bias {}: {e}", bias.is_some());
+            }
+        }
+    }
+    let x = randn(&[3, 4], 1.0, 44, DType::F64);
+    let (w, b) = (randn(&[5, 4], 1.0, 45, DType::F64), randn(&[5], 1.0, 46, DType::F64));
+    let r = randn(&[5, 3], 1.0, 47, DType::F64).t().unwrap();
+    let e = max_abs_diff(
+        &linear_add(&x, &w, Some(&b), &r).unwrap(),
+        &(linear_composed(&x, &w, Some(&b)).unwrap() + &r).unwrap(),
+    );
+    assert!(e < 1e-12, "non-contiguous residual: {e}");
+    // With a variable among the operands it is linear + residual, gradients included.
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = linear_add(&xv, &w, Some(&b), &r).unwrap();
+    let yc = (linear_composed(&xv, &w, Some(&b)).unwrap() + &r).unwrap();
+    let (g, gc) = (probe(&y, 48).backward().unwrap(), probe(&yc, 48).backward().unwrap());
+    assert!(max_abs_diff(g.get(&xv).unwrap(), gc.get(&xv).unwrap()) < 1e-12);
+    // A residual that does not fit the output is a clear error.
+    let err = linear_add(&x, &w, Some(&b), &r.narrow(1, 0, 4).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shape mismatch"), "{err}");
 }
 
 #[test]

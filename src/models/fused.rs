@@ -350,28 +350,44 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// `dst = [bias rows +] beta·lhs·rhs` on the whole rayon pool: blocks of `dst` rows (and the
-/// matching `lhs` rows), one single-threaded gemm each. Each block packs its own copy of `rhs`,
-/// which is cheap next to the product; in exchange the two cores never wait on each other inside
-/// a gemm. gemm's own `Parallelism::Rayon(2)` reached ~90 GFLOP/s on the small ViT's shapes where
-/// one thread alone reaches ~65 (and MKL, inside PyTorch's forward, ~120). With a `bias` (one row
-/// of `n`), each block writes it into its rows right before its gemm accumulates onto them, while
-/// they are in cache: filling the whole output first cost a separate pass over it (~5% of a
-/// small-ViT forward). Without one, gemm overwrites `dst` and never reads it.
+/// What `dst` holds before [`matmul_par`] adds the product to it: each block writes its own rows
+/// right before its gemm accumulates onto them, while they are in cache (filling the whole
+/// output first cost a separate pass over it, ~5% of a small-ViT forward). With neither, gemm
+/// overwrites `dst` and never reads it.
+#[derive(Clone, Copy)]
+pub(super) struct RowInit<'a, T> {
+    /// `(m, n)` row-major values to start from (a residual stream).
+    pub rows: Option<&'a [T]>,
+    /// One row of `n` added to every row (a bias).
+    pub bias: Option<&'a [T]>,
+}
+
+impl<T> RowInit<'_, T> {
+    pub(super) const NONE: Self = RowInit { rows: None, bias: None };
+}
+
+/// `dst = init + beta·lhs·rhs` on the whole rayon pool: blocks of `dst` rows (and the matching
+/// `lhs` rows), one single-threaded gemm each. Each block packs its own copy of `rhs`, which is
+/// cheap next to the product; in exchange the two cores never wait on each other inside a gemm.
+/// gemm's own `Parallelism::Rayon(2)` reached ~90 GFLOP/s on the small ViT's shapes where one
+/// thread alone reaches ~65 (and MKL, inside PyTorch's forward, ~120).
 ///
 /// # Safety
-/// As [`matmul`]; with a `bias`, `dst` rows are contiguous (`dst.2 == 1`).
+/// As [`matmul`]; with an `init`, `dst` rows are contiguous (`dst.2 == 1`).
 pub(super) unsafe fn matmul_par<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: (*mut T, usize, usize),
     lhs: (*const T, usize, usize),
     rhs: (*const T, usize, usize),
     beta: T,
-    bias: Option<&[T]>,
+    init: RowInit<T>,
 ) {
+    let initialised = init.rows.is_some() || init.bias.is_some();
     assert!(
-        bias.is_none_or(|b| b.len() == n && dst.2 == 1),
-        "matmul_par: bias is not one dst row"
+        (!initialised || dst.2 == 1)
+            && init.rows.is_none_or(|r| r.len() == m * n)
+            && init.bias.is_none_or(|b| b.len() == n),
+        "matmul_par: init does not fit a contiguous ({m}, {n}) dst"
     );
     // A few blocks per thread, so that a core slowed by other load hands work to the other;
     // whole multiples of gemm's 16-row micro-tile.
@@ -384,13 +400,21 @@ pub(super) unsafe fn matmul_par<T: Real>(
     );
     let block = |i: usize| {
         let (r0, mm) = (i * rows, rows.min(m - i * rows));
-        // SAFETY: block i writes dst rows [r0, r0 + mm) only (the bias rows are n contiguous
-        // elements at each row start, asserted above); lhs and rhs are only read.
+        // SAFETY: block i writes dst rows [r0, r0 + mm) only (n contiguous elements from each
+        // row start when initialised, asserted above); lhs and rhs are only read.
         unsafe {
             let out = d.get().add(r0 * dst.1);
-            if let Some(b) = bias {
-                for row in 0..mm {
-                    std::ptr::copy_nonoverlapping(b.as_ptr(), out.add(row * dst.1), n);
+            for row in 0..mm {
+                let (y, at) = (out.add(row * dst.1), (r0 + row) * n);
+                match (init.rows.map(|v| &v[at..at + n]), init.bias) {
+                    (Some(v), Some(b)) => v
+                        .iter()
+                        .zip(b)
+                        .enumerate()
+                        .for_each(|(j, (&v, &b))| y.add(j).write(v + b)),
+                    (Some(v), None) => std::ptr::copy_nonoverlapping(v.as_ptr(), y, n),
+                    (None, Some(b)) => std::ptr::copy_nonoverlapping(b.as_ptr(), y, n),
+                    (None, None) => break,
                 }
             }
             matmul(
@@ -399,7 +423,7 @@ pub(super) unsafe fn matmul_par<T: Real>(
                 (l.get().add(r0 * lhs.1).cast_const(), lhs.1, lhs.2),
                 (r.get().cast_const(), rhs.1, rhs.2),
                 beta,
-                bias.is_some(),
+                initialised,
                 Parallelism::None,
             )
         }
@@ -840,7 +864,7 @@ impl CustomOp2 for GeluTangent {
 
 /// Whether the fused, backward-less tangent kernels may run: CPU f32/f64 and no operand that
 /// carries an autograd graph.
-fn inference_only(x: &Tensor, others: &[&Tensor]) -> bool {
+pub(super) fn inference_only(x: &Tensor, others: &[&Tensor]) -> bool {
     fusable(x) && !x.track_op() && others.iter().all(|t| !t.track_op())
 }
 

@@ -13,7 +13,7 @@
 //! Other devices and dtypes take [`linear_composed`], which is also the tests' oracle.
 
 use crate::models::fused::{
-    by_dtype, fusable, matmul, matmul_par, par_row_sums, slice, sum_partials, written_by, Real,
+    by_dtype, fusable, inference_only, matmul, matmul_par, par_row_sums, slice, sum_partials, written_by, Real, RowInit,
 };
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::Parallelism;
@@ -25,17 +25,16 @@ struct LinearOp;
 fn linear_fwd<T: Real>(
     (xs, xl): (&CpuStorage, &Layout),
     (ws, wl): (&CpuStorage, &Layout),
-    bias: Option<(&CpuStorage, &Layout)>,
+    init: RowInit<T>,
 ) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (slice::<T>(xs, xl, "linear")?, slice::<T>(ws, wl, "linear")?);
     let (out_dim, in_dim) = wl.shape().dims2()?;
     // The product of the leading dims (not x.len() / in: in may be 0).
     let rows: usize = xl.dims()[..xl.dims().len() - 1].iter().product();
     let n = rows * out_dim;
-    let bias = bias.map(|(bs, bl)| slice::<T>(bs, bl, "linear")).transpose()?;
-    // y = [b +] x·Wᵀ. SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W read
-    // with row step 1 and column step `in`; all three are exactly the buffers' extents and y
-    // aliases neither. matmul_par writes every element of y (the bias rows, or gemm without
+    // y = init + x·Wᵀ. SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W
+    // read with row step 1 and column step `in`; all three are exactly the buffers' extents and y
+    // aliases neither. matmul_par writes every element of y (the init rows, or gemm without
     // accumulation).
     let y = unsafe {
         written_by(n, |y| {
@@ -45,13 +44,40 @@ fn linear_fwd<T: Real>(
                 (x.as_ptr(), in_dim, 1),
                 (w.as_ptr(), 1, in_dim),
                 T::from_f64(1.0),
-                bias,
+                init,
             )
         })
     };
     let mut dims = xl.dims().to_vec();
     *dims.last_mut().expect("linear: rank ≥ 1 checked by the wrapper") = out_dim;
     Ok((T::to_cpu_storage_owned(y), Shape::from(dims)))
+}
+
+fn linear_bias_fwd<T: Real>(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    (bs, bl): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let bias = Some(slice::<T>(bs, bl, "linear")?);
+    linear_fwd(x, w, RowInit { rows: None, bias })
+}
+
+fn linear_add_fwd<T: Real>(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    (rs, rl): (&CpuStorage, &Layout),
+    bias: Option<&Tensor>,
+) -> Result<(CpuStorage, Shape)> {
+    let bias = bias.map(|b| b.to_vec1::<T>()).transpose()?;
+    let rows = Some(slice::<T>(rs, rl, "linear_add")?);
+    linear_fwd(
+        x,
+        w,
+        RowInit {
+            rows,
+            bias: bias.as_deref(),
+        },
+    )
 }
 
 /// `(dx, dW)` for `g = dL/dy`: `g·W` and `gᵀ·x` with the leading dims flattened into rows
@@ -92,7 +118,7 @@ fn linear_grad<T: Real>(
                         (g.as_ptr(), out_dim, 1),
                         (other.as_ptr(), in_dim, 1),
                         one,
-                        None,
+                        RowInit::NONE,
                     )
                 })
             };
@@ -146,7 +172,7 @@ impl CustomOp2 for LinearOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(xs, "linear", linear_fwd((xs, xl), (ws, wl), None))
+        by_dtype!(xs, "linear", linear_fwd((xs, xl), (ws, wl), RowInit::NONE))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -169,7 +195,7 @@ impl CustomOp3 for LinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(xs, "linear", linear_fwd((xs, xl), (ws, wl), Some((bs, bl))))
+        by_dtype!(xs, "linear", linear_bias_fwd((xs, xl), (ws, wl), (bs, bl)))
     }
 
     fn bwd(
@@ -207,18 +233,38 @@ impl CustomOp1 for ColumnSums {
     }
 }
 
+/// `residual + x·Wᵀ [+ b]` with operands `(x, W, residual)`, for [`linear_add`]'s no-gradient
+/// path (no backward; the bias rides along as a field).
+struct LinearAddOp {
+    bias: Option<Tensor>,
+}
+
+impl CustomOp3 for LinearAddOp {
+    fn name(&self) -> &'static str {
+        "fused-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(
+            xs,
+            self.name(),
+            linear_add_fwd((xs, xl), (ws, wl), (rs, rl), self.bias.as_ref())
+        )
+    }
+}
+
 /// `y = x·Wᵀ [+ b]` on the last axis: `x: (…, in)`, `weight: (out, in)` (PyTorch layout),
 /// `bias: (out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (out_dim, in_dim) = weight.dims2()?;
-    if x.dim(D::Minus1)? != in_dim || bias.is_some_and(|b| b.dims() != [out_dim]) {
-        bail!(
-            "linear: input {:?}, weight {:?} and bias {:?} do not fit (x: (…, in), weight: (out, in), bias: (out))",
-            x.dims(),
-            weight.dims(),
-            bias.map(|b| b.dims().to_vec())
-        );
-    }
+    check(x, weight, bias)?;
     if !fusable(x) {
         return linear_composed(x, weight, bias);
     }
@@ -227,6 +273,36 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
         None => x.apply_op2(&w, LinearOp),
     }
+}
+
+/// `residual + x·Wᵀ [+ b]`: a linear layer that feeds a residual stream. Where nothing tracks a
+/// gradient on the CPU (evaluation, the LEE's primal), the residual and bias are written into the
+/// output rows and gemm accumulates the product onto them: no separate add over the stream
+/// (two per transformer block). Otherwise `linear(x, weight, bias) + residual`.
+pub fn linear_add(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+    check(x, weight, bias)?;
+    let mut out = x.dims().to_vec();
+    *out.last_mut().expect("rank ≥ 1: checked") = weight.dim(0)?;
+    let others: Vec<&Tensor> = [weight, residual].into_iter().chain(bias).collect();
+    if residual.dims() != out || !inference_only(x, &others) {
+        return linear(x, weight, bias)? + residual;
+    }
+    let (x, w, r) = (x.contiguous()?, weight.contiguous()?, residual.contiguous()?);
+    x.apply_op3_no_bwd(&w, &r, &LinearAddOp { bias: bias.cloned() })
+}
+
+/// The shapes `linear` accepts: `x: (…, in)`, `weight: (out, in)`, `bias: (out)`.
+fn check(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    if x.rank() == 0 || x.dim(D::Minus1)? != in_dim || bias.is_some_and(|b| b.dims() != [out_dim]) {
+        bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit (x: (…, in), weight: (out, in), bias: (out))",
+            x.dims(),
+            weight.dims(),
+            bias.map(|b| b.dims().to_vec())
+        );
+    }
+    Ok(())
 }
 
 /// The same layer from differentiable candle ops.

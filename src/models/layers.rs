@@ -60,6 +60,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.apply(x, true)
     }
+
+    /// `residual + forward(x)`, fused into one op where nothing tracks a gradient.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        fused_linear::linear_add(x, &self.weight, self.bias.as_ref(), residual)
+    }
 }
 
 impl Jvp for Linear {
@@ -158,8 +163,17 @@ pub fn attention(dim: usize, heads: usize, qkv_bias: bool, vb: VarBuilder) -> Re
 impl Attention {
     /// `x: (B, N, D)` → `(B, N, D)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let o = fused_attention::attention(&self.qkv.forward(x)?, self.heads, self.scale)?;
-        self.proj.forward(&o)
+        self.proj.forward(&self.heads_output(x)?)
+    }
+
+    /// `residual + forward(x)` (see [`Linear::forward_add`]).
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.proj.forward_add(&self.heads_output(x)?, residual)
+    }
+
+    /// The heads' outputs, concatenated, before the output projection.
+    fn heads_output(&self, x: &Tensor) -> Result<Tensor> {
+        fused_attention::attention(&self.qkv.forward(x)?, self.heads, self.scale)
     }
 }
 
@@ -189,7 +203,16 @@ pub fn mlp(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Mlp> {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+        self.fc2.forward(&self.hidden(x)?)
+    }
+
+    /// `residual + forward(x)` (see [`Linear::forward_add`]).
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.fc2.forward_add(&self.hidden(x)?, residual)
+    }
+
+    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        self.act.forward(&self.fc1.forward(x)?)
     }
 }
 
@@ -260,6 +283,11 @@ pub struct DropPath {
 }
 
 impl DropPath {
+    /// Whether [`DropPath::forward`] returns its input unchanged (eval mode, or a zero rate).
+    pub fn is_identity(&self, training: bool) -> bool {
+        !training || self.rate <= 0.0
+    }
+
     /// `x: (B, ...)`; `rng = None` is eval mode.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let Some(rng) = rng else { return Ok(x.clone()) };

@@ -186,10 +186,21 @@ pub fn block(dim: usize, heads: usize, cfg: &VitConfig, drop_path: f64, vb: VarB
 impl Block {
     /// `x: (B, N, D)`; `rng = None` is eval mode (no drop path).
     pub fn forward(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
-        let a = self.attn.forward(&self.norm1.forward(x)?)?;
-        let x = (x + self.drop_path.forward(&a, rng.as_deref_mut())?)?;
-        let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        &x + self.drop_path.forward(&m, rng)?
+        // Without drop path the residual adds ride in the output projections (one op each where
+        // nothing tracks a gradient).
+        let direct = self.drop_path.is_identity(rng.is_some());
+        let h = self.norm1.forward(x)?;
+        let x = if direct {
+            self.attn.forward_add(&h, x)?
+        } else {
+            (x + self.drop_path.forward(&self.attn.forward(&h)?, rng.as_deref_mut())?)?
+        };
+        let h = self.norm2.forward(&x)?;
+        if direct {
+            self.mlp.forward_add(&h, &x)
+        } else {
+            &x + self.drop_path.forward(&self.mlp.forward(&h)?, rng)?
+        }
     }
 
     /// JVP recording one tape step per operation; `repr` is the token layout of `x`.
