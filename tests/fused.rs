@@ -166,10 +166,10 @@ fn linear_matches_composed_f64_and_f32() {
 
 #[test]
 fn linear_add_matches_linear_plus_residual() {
-    // The fused no-gradient path (residual and bias written into the output rows, gemm adds the
-    // product): the small ViT's MLP output over its 128·50 rows (split across the pool), a tiny
-    // batch, with and without bias, a non-contiguous residual; f64 strict, f32 at the linear
-    // tolerance.
+    // The fused no-gradient path (each block of output rows gets its residual right after its
+    // gemm): equal to the bit to the fused linear plus a separate add, and within the linear
+    // tolerances of the composed oracle. The small ViT's MLP output over its 128·50 rows (split
+    // across the pool), a tiny batch, with and without bias.
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
         for (shape, in_dim, out_dim) in [(&[128usize, 50][..], 768, 192), (&[2, 3][..], 5, 4)] {
             let xs: Vec<usize> = shape.iter().copied().chain([in_dim]).collect();
@@ -178,6 +178,8 @@ fn linear_add_matches_linear_plus_residual() {
             let (b, r) = (randn(&[out_dim], 1.0, 42, dtype), randn(&rs, 1.0, 43, dtype));
             for bias in [Some(&b), None] {
                 let fused = linear_add(&x, &w, bias, &r).unwrap();
+                let separate = (linear(&x, &w, bias).unwrap() + &r).unwrap();
+                assert_eq!(max_abs_diff(&fused, &separate), 0.0, "{shape:?} {dtype:?}");
                 let composed = (linear_composed(&x, &w, bias).unwrap() + &r).unwrap();
                 let e = max_abs_diff(&fused, &composed);
                 assert!(e < tol, "{shape:?} {dtype:?} bias {}: {e}", bias.is_some());

@@ -350,44 +350,47 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// What `dst` holds before [`matmul_par`] adds the product to it: each block writes its own rows
-/// right before its gemm accumulates onto them, while they are in cache (filling the whole
-/// output first cost a separate pass over it, ~5% of a small-ViT forward). With neither, gemm
-/// overwrites `dst` and never reads it.
+/// What [`matmul_par`] adds to the product, block by block while the block's rows are in cache
+/// (a separate pass over the whole output cost ~5% of a small-ViT forward): a `bias` row written
+/// into the rows before gemm accumulates onto them, and `residual` rows added after. The result
+/// is the same to the bit as the product, plus the bias, plus the residual in separate passes.
 #[derive(Clone, Copy)]
-pub(super) struct RowInit<'a, T> {
-    /// `(m, n)` row-major values to start from (a residual stream).
-    pub rows: Option<&'a [T]>,
-    /// One row of `n` added to every row (a bias).
+pub(super) struct Terms<'a, T> {
+    /// One row of `n`, added to every row first.
     pub bias: Option<&'a [T]>,
+    /// `(m, n)` row-major, added last (a residual stream).
+    pub residual: Option<&'a [T]>,
 }
 
-impl<T> RowInit<'_, T> {
-    pub(super) const NONE: Self = RowInit { rows: None, bias: None };
+impl<T> Terms<'_, T> {
+    pub(super) const NONE: Self = Terms {
+        bias: None,
+        residual: None,
+    };
 }
 
-/// `dst = init + beta·lhs·rhs` on the whole rayon pool: blocks of `dst` rows (and the matching
-/// `lhs` rows), one single-threaded gemm each. Each block packs its own copy of `rhs`, which is
-/// cheap next to the product; in exchange the two cores never wait on each other inside a gemm.
-/// gemm's own `Parallelism::Rayon(2)` reached ~90 GFLOP/s on the small ViT's shapes where one
-/// thread alone reaches ~65 (and MKL, inside PyTorch's forward, ~120).
+/// `dst = beta·lhs·rhs [+ bias] [+ residual]` on the whole rayon pool: blocks of `dst` rows (and
+/// the matching `lhs` rows), one single-threaded gemm each. Each block packs its own copy of
+/// `rhs`, which is cheap next to the product; in exchange the two cores never wait on each other
+/// inside a gemm. gemm's own `Parallelism::Rayon(2)` reached ~90 GFLOP/s on the small ViT's
+/// shapes where one thread alone reaches ~65 (and MKL, inside PyTorch's forward, ~120). Without
+/// a bias, gemm overwrites `dst` and never reads it.
 ///
 /// # Safety
-/// As [`matmul`]; with an `init`, `dst` rows are contiguous (`dst.2 == 1`).
+/// As [`matmul`]; with any of the `terms`, `dst` rows are contiguous (`dst.2 == 1`).
 pub(super) unsafe fn matmul_par<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: (*mut T, usize, usize),
     lhs: (*const T, usize, usize),
     rhs: (*const T, usize, usize),
     beta: T,
-    init: RowInit<T>,
+    terms: Terms<T>,
 ) {
-    let initialised = init.rows.is_some() || init.bias.is_some();
     assert!(
-        (!initialised || dst.2 == 1)
-            && init.rows.is_none_or(|r| r.len() == m * n)
-            && init.bias.is_none_or(|b| b.len() == n),
-        "matmul_par: init does not fit a contiguous ({m}, {n}) dst"
+        ((terms.bias.is_none() && terms.residual.is_none()) || dst.2 == 1)
+            && terms.bias.is_none_or(|b| b.len() == n)
+            && terms.residual.is_none_or(|r| r.len() == m * n),
+        "matmul_par: terms do not fit a contiguous ({m}, {n}) dst"
     );
     // A few blocks per thread, so that a core slowed by other load hands work to the other;
     // whole multiples of gemm's 16-row micro-tile.
@@ -401,20 +404,12 @@ pub(super) unsafe fn matmul_par<T: Real>(
     let block = |i: usize| {
         let (r0, mm) = (i * rows, rows.min(m - i * rows));
         // SAFETY: block i writes dst rows [r0, r0 + mm) only (n contiguous elements from each
-        // row start when initialised, asserted above); lhs and rhs are only read.
+        // row start when there are terms, asserted above); lhs and rhs are only read.
         unsafe {
             let out = d.get().add(r0 * dst.1);
-            for row in 0..mm {
-                let (y, at) = (out.add(row * dst.1), (r0 + row) * n);
-                match (init.rows.map(|v| &v[at..at + n]), init.bias) {
-                    (Some(v), Some(b)) => v
-                        .iter()
-                        .zip(b)
-                        .enumerate()
-                        .for_each(|(j, (&v, &b))| y.add(j).write(v + b)),
-                    (Some(v), None) => std::ptr::copy_nonoverlapping(v.as_ptr(), y, n),
-                    (None, Some(b)) => std::ptr::copy_nonoverlapping(b.as_ptr(), y, n),
-                    (None, None) => break,
+            if let Some(b) = terms.bias {
+                for row in 0..mm {
+                    std::ptr::copy_nonoverlapping(b.as_ptr(), out.add(row * dst.1), n);
                 }
             }
             matmul(
@@ -423,9 +418,17 @@ pub(super) unsafe fn matmul_par<T: Real>(
                 (l.get().add(r0 * lhs.1).cast_const(), lhs.1, lhs.2),
                 (r.get().cast_const(), rhs.1, rhs.2),
                 beta,
-                initialised,
+                terms.bias.is_some(),
                 Parallelism::None,
-            )
+            );
+            if let Some(res) = terms.residual {
+                for row in 0..mm {
+                    // The row is initialised: gemm wrote it.
+                    let y = std::slice::from_raw_parts_mut(out.add(row * dst.1), n);
+                    let at = (r0 + row) * n;
+                    y.iter_mut().zip(&res[at..at + n]).for_each(|(y, &v)| *y += v);
+                }
+            }
         }
     };
     if rows >= m {

@@ -13,7 +13,7 @@
 //! Other devices and dtypes take [`linear_composed`], which is also the tests' oracle.
 
 use crate::models::fused::{
-    by_dtype, fusable, inference_only, matmul, matmul_par, par_row_sums, slice, sum_partials, written_by, Real, RowInit,
+    by_dtype, fusable, inference_only, matmul, matmul_par, par_row_sums, slice, sum_partials, written_by, Real, Terms,
 };
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::Parallelism;
@@ -25,17 +25,17 @@ struct LinearOp;
 fn linear_fwd<T: Real>(
     (xs, xl): (&CpuStorage, &Layout),
     (ws, wl): (&CpuStorage, &Layout),
-    init: RowInit<T>,
+    terms: Terms<T>,
 ) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (slice::<T>(xs, xl, "linear")?, slice::<T>(ws, wl, "linear")?);
     let (out_dim, in_dim) = wl.shape().dims2()?;
     // The product of the leading dims (not x.len() / in: in may be 0).
     let rows: usize = xl.dims()[..xl.dims().len() - 1].iter().product();
     let n = rows * out_dim;
-    // y = init + x·Wᵀ. SAFETY: y is (rows × out) row-major, x (rows × in) row-major, Wᵀ is W
-    // read with row step 1 and column step `in`; all three are exactly the buffers' extents and y
-    // aliases neither. matmul_par writes every element of y (the init rows, or gemm without
-    // accumulation).
+    // y = x·Wᵀ [+ b] [+ residual]. SAFETY: y is (rows × out) row-major, x (rows × in) row-major,
+    // Wᵀ is W read with row step 1 and column step `in`; all three are exactly the buffers'
+    // extents and y aliases neither. matmul_par writes every element of y (the bias rows, or gemm
+    // without accumulation).
     let y = unsafe {
         written_by(n, |y| {
             matmul_par(
@@ -44,7 +44,7 @@ fn linear_fwd<T: Real>(
                 (x.as_ptr(), in_dim, 1),
                 (w.as_ptr(), 1, in_dim),
                 T::from_f64(1.0),
-                init,
+                terms,
             )
         })
     };
@@ -59,7 +59,7 @@ fn linear_bias_fwd<T: Real>(
     (bs, bl): (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     let bias = Some(slice::<T>(bs, bl, "linear")?);
-    linear_fwd(x, w, RowInit { rows: None, bias })
+    linear_fwd(x, w, Terms { bias, residual: None })
 }
 
 fn linear_add_fwd<T: Real>(
@@ -69,13 +69,13 @@ fn linear_add_fwd<T: Real>(
     bias: Option<&Tensor>,
 ) -> Result<(CpuStorage, Shape)> {
     let bias = bias.map(|b| b.to_vec1::<T>()).transpose()?;
-    let rows = Some(slice::<T>(rs, rl, "linear_add")?);
+    let residual = Some(slice::<T>(rs, rl, "linear_add")?);
     linear_fwd(
         x,
         w,
-        RowInit {
-            rows,
+        Terms {
             bias: bias.as_deref(),
+            residual,
         },
     )
 }
@@ -118,7 +118,7 @@ fn linear_grad<T: Real>(
                         (g.as_ptr(), out_dim, 1),
                         (other.as_ptr(), in_dim, 1),
                         one,
-                        RowInit::NONE,
+                        Terms::NONE,
                     )
                 })
             };
@@ -172,7 +172,7 @@ impl CustomOp2 for LinearOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(xs, "linear", linear_fwd((xs, xl), (ws, wl), RowInit::NONE))
+        by_dtype!(xs, "linear", linear_fwd((xs, xl), (ws, wl), Terms::NONE))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -275,10 +275,10 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
-/// `residual + x·Wᵀ [+ b]`: a linear layer that feeds a residual stream. Where nothing tracks a
-/// gradient on the CPU (evaluation, the LEE's primal), the residual and bias are written into the
-/// output rows and gemm accumulates the product onto them: no separate add over the stream
-/// (two per transformer block). Otherwise `linear(x, weight, bias) + residual`.
+/// `linear(x, weight, bias) + residual`: a linear layer that feeds a residual stream. Where
+/// nothing tracks a gradient on the CPU (evaluation, the LEE's JVP), one op adds the residual to
+/// each block of output rows right after its gemm, equal to the bit to the two separate ops but
+/// without a second pass over the stream (two per transformer block).
 pub fn linear_add(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
     check(x, weight, bias)?;
     let mut out = x.dims().to_vec();

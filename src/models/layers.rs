@@ -61,9 +61,17 @@ impl Linear {
         self.apply(x, true)
     }
 
-    /// `residual + forward(x)`, fused into one op where nothing tracks a gradient.
+    /// `forward(x) + residual`, one op where nothing tracks a gradient.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         fused_linear::linear_add(x, &self.weight, self.bias.as_ref(), residual)
+    }
+
+    /// The JVP of `forward(x) + residual` from the residual's own `(residual, dresidual)`.
+    pub fn jvp_add(&self, (x, dx): (&Tensor, &Tensor), (r, dr): (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.forward_add(x, r)?,
+            fused_linear::linear_add(dx, &self.weight, None, dr)?,
+        ))
     }
 }
 
@@ -166,9 +174,16 @@ impl Attention {
         self.proj.forward(&self.heads_output(x)?)
     }
 
-    /// `residual + forward(x)` (see [`Linear::forward_add`]).
+    /// `forward(x) + residual` (see [`Linear::forward_add`]).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         self.proj.forward_add(&self.heads_output(x)?, residual)
+    }
+
+    /// The JVP of `forward(x) + residual` (see [`Linear::jvp_add`]).
+    pub fn jvp_add(&self, (x, dx): (&Tensor, &Tensor), residual: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
+        let (qkv, dqkv) = self.qkv.jvp(x, dx, &mut Tape::off())?;
+        let (o, d_o) = fused_attention::attention_jvp(&qkv, &dqkv, self.heads, self.scale)?;
+        self.proj.jvp_add((&o, &d_o), residual)
     }
 
     /// The heads' outputs, concatenated, before the output projection.
@@ -206,9 +221,16 @@ impl Mlp {
         self.fc2.forward(&self.hidden(x)?)
     }
 
-    /// `residual + forward(x)` (see [`Linear::forward_add`]).
+    /// `forward(x) + residual` (see [`Linear::forward_add`]).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         self.fc2.forward_add(&self.hidden(x)?, residual)
+    }
+
+    /// The JVP of `forward(x) + residual` (see [`Linear::jvp_add`]).
+    pub fn jvp_add(&self, (x, dx): (&Tensor, &Tensor), residual: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
+        let (h, dh) = self.fc1.jvp(x, dx, &mut Tape::off())?;
+        let (h, dh) = self.act.jvp(&h, &dh, &mut Tape::off())?;
+        self.fc2.jvp_add((&h, &dh), residual)
     }
 
     fn hidden(&self, x: &Tensor) -> Result<Tensor> {

@@ -206,6 +206,14 @@ impl Block {
     /// JVP recording one tape step per operation; `repr` is the token layout of `x`.
     pub fn jvp_steps(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, repr: Repr) -> Result<(Tensor, Tensor)> {
         let name = |s: &str| format!("{}.{s}", self.name);
+        if !tape.is_layerwise() {
+            // Nothing to record: the residual adds ride in the output projections, the same
+            // values to the bit as the steps below.
+            let (h, dh) = self.norm1.jvp(x, dx, tape)?;
+            let (x, dx) = self.attn.jvp_add((&h, &dh), (x, dx))?;
+            let (h, dh) = self.norm2.jvp(&x, &dx, tape)?;
+            return self.mlp.jvp_add((&h, &dh), (&x, &dx));
+        }
         let (h, dh) = self.norm1.jvp(x, dx, tape)?;
         let dh = tape.step(&name("norm1"), StepKind::Norm, repr, &h, dh)?;
         let (a, da) = self.attn.jvp(&h, &dh, tape)?;
