@@ -180,10 +180,19 @@ impl Attention {
     }
 
     /// The JVP of `forward(x) + residual` (see [`Linear::jvp_add`]).
-    pub fn jvp_add(&self, (x, dx): (&Tensor, &Tensor), residual: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
-        let (qkv, dqkv) = self.qkv.jvp(x, dx, &mut Tape::off())?;
-        let (o, d_o) = fused_attention::attention_jvp(&qkv, &dqkv, self.heads, self.scale)?;
+    pub fn jvp_add(
+        &self,
+        (x, dx): (&Tensor, &Tensor),
+        residual: (&Tensor, &Tensor),
+        tape: &mut Tape,
+    ) -> Result<(Tensor, Tensor)> {
+        let (o, d_o) = self.heads_jvp(x, dx, tape)?;
         self.proj.jvp_add((&o, &d_o), residual)
+    }
+
+    fn heads_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (qkv, dqkv) = self.qkv.jvp(x, dx, tape)?;
+        fused_attention::attention_jvp(&qkv, &dqkv, self.heads, self.scale)
     }
 
     /// The heads' outputs, concatenated, before the output projection.
@@ -194,8 +203,7 @@ impl Attention {
 
 impl Jvp for Attention {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let (qkv, dqkv) = self.qkv.jvp(x, dx, tape)?;
-        let (o, d_o) = fused_attention::attention_jvp(&qkv, &dqkv, self.heads, self.scale)?;
+        let (o, d_o) = self.heads_jvp(x, dx, tape)?;
         self.proj.jvp(&o, &d_o, tape)
     }
 }
@@ -227,10 +235,19 @@ impl Mlp {
     }
 
     /// The JVP of `forward(x) + residual` (see [`Linear::jvp_add`]).
-    pub fn jvp_add(&self, (x, dx): (&Tensor, &Tensor), residual: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
-        let (h, dh) = self.fc1.jvp(x, dx, &mut Tape::off())?;
-        let (h, dh) = self.act.jvp(&h, &dh, &mut Tape::off())?;
+    pub fn jvp_add(
+        &self,
+        (x, dx): (&Tensor, &Tensor),
+        residual: (&Tensor, &Tensor),
+        tape: &mut Tape,
+    ) -> Result<(Tensor, Tensor)> {
+        let (h, dh) = self.hidden_jvp(x, dx, tape)?;
         self.fc2.jvp_add((&h, &dh), residual)
+    }
+
+    fn hidden_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (h, dh) = self.fc1.jvp(x, dx, tape)?;
+        self.act.jvp(&h, &dh, tape)
     }
 
     fn hidden(&self, x: &Tensor) -> Result<Tensor> {
@@ -240,8 +257,7 @@ impl Mlp {
 
 impl Jvp for Mlp {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let (h, dh) = self.fc1.jvp(x, dx, tape)?;
-        let (a, da) = self.act.jvp(&h, &dh, tape)?;
+        let (a, da) = self.hidden_jvp(x, dx, tape)?;
         self.fc2.jvp(&a, &da, tape)
     }
 }

@@ -210,9 +210,9 @@ impl Block {
             // Nothing to record: the residual adds ride in the output projections, the same
             // values to the bit as the steps below.
             let (h, dh) = self.norm1.jvp(x, dx, tape)?;
-            let (x, dx) = self.attn.jvp_add((&h, &dh), (x, dx))?;
+            let (x, dx) = self.attn.jvp_add((&h, &dh), (x, dx), tape)?;
             let (h, dh) = self.norm2.jvp(&x, &dx, tape)?;
-            return self.mlp.jvp_add((&h, &dh), (&x, &dx));
+            return self.mlp.jvp_add((&h, &dh), (&x, &dx), tape);
         }
         let (h, dh) = self.norm1.jvp(x, dx, tape)?;
         let dh = tape.step(&name("norm1"), StepKind::Norm, repr, &h, dh)?;
