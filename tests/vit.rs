@@ -8,7 +8,9 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use common::rel_err;
 use liederiv::config::{MaeConfig, VitConfig};
 use liederiv::lie::{Jvp, Tape};
-use liederiv::models::layers::{attention, layer_norm, linear, mlp, patch_embed, DropPath, Gelu, Softmax};
+use liederiv::models::layers::{
+    attention, layer_norm, linear, mlp, patch_embed, DropPath, Gelu, ResidualBranch, Softmax,
+};
 use liederiv::models::mae::Mae;
 use liederiv::models::vit::{interpolate_pos_embed, sincos_pos_embed, Vit};
 use liederiv::models::{Model, Rng};

@@ -144,6 +144,47 @@ impl Jvp for Softmax {
     }
 }
 
+/// A transformer block's residual branch that ends in a linear layer (attention: qkv → heads →
+/// proj; MLP: fc1 → GELU → fc2), so that the block's residual add can ride in that layer's op
+/// ([`Linear::forward_add`]).
+pub trait ResidualBranch {
+    /// Everything before the output layer.
+    fn inner(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The JVP of [`ResidualBranch::inner`].
+    fn inner_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)>;
+
+    /// The branch's last layer.
+    fn output(&self) -> &Linear;
+
+    /// `x: (B, N, D)` → `(B, N, D)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.output().forward(&self.inner(x)?)
+    }
+
+    /// `forward(x) + residual` (see [`Linear::forward_add`]).
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.output().forward_add(&self.inner(x)?, residual)
+    }
+
+    /// The branch's JVP (what its [`Jvp`] impl returns).
+    fn branch_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (h, dh) = self.inner_jvp(x, dx, tape)?;
+        self.output().jvp(&h, &dh, tape)
+    }
+
+    /// The JVP of `forward(x) + residual` (see [`Linear::jvp_add`]).
+    fn jvp_add(
+        &self,
+        (x, dx): (&Tensor, &Tensor),
+        residual: (&Tensor, &Tensor),
+        tape: &mut Tape,
+    ) -> Result<(Tensor, Tensor)> {
+        let (h, dh) = self.inner_jvp(x, dx, tape)?;
+        self.output().jvp_add((&h, &dh), residual)
+    }
+}
+
 /// Multi-head self-attention with a fused `qkv` projection (timm `Attention`).
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -168,43 +209,25 @@ pub fn attention(dim: usize, heads: usize, qkv_bias: bool, vb: VarBuilder) -> Re
     })
 }
 
-impl Attention {
-    /// `x: (B, N, D)` → `(B, N, D)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&self.heads_output(x)?)
+impl ResidualBranch for Attention {
+    /// The heads' outputs, concatenated.
+    fn inner(&self, x: &Tensor) -> Result<Tensor> {
+        fused_attention::attention(&self.qkv.forward(x)?, self.heads, self.scale)
     }
 
-    /// `forward(x) + residual` (see [`Linear::forward_add`]).
-    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.proj.forward_add(&self.heads_output(x)?, residual)
-    }
-
-    /// The JVP of `forward(x) + residual` (see [`Linear::jvp_add`]).
-    pub fn jvp_add(
-        &self,
-        (x, dx): (&Tensor, &Tensor),
-        residual: (&Tensor, &Tensor),
-        tape: &mut Tape,
-    ) -> Result<(Tensor, Tensor)> {
-        let (o, d_o) = self.heads_jvp(x, dx, tape)?;
-        self.proj.jvp_add((&o, &d_o), residual)
-    }
-
-    fn heads_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+    fn inner_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let (qkv, dqkv) = self.qkv.jvp(x, dx, tape)?;
         fused_attention::attention_jvp(&qkv, &dqkv, self.heads, self.scale)
     }
 
-    /// The heads' outputs, concatenated, before the output projection.
-    fn heads_output(&self, x: &Tensor) -> Result<Tensor> {
-        fused_attention::attention(&self.qkv.forward(x)?, self.heads, self.scale)
+    fn output(&self) -> &Linear {
+        &self.proj
     }
 }
 
 impl Jvp for Attention {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let (o, d_o) = self.heads_jvp(x, dx, tape)?;
-        self.proj.jvp(&o, &d_o, tape)
+        self.branch_jvp(x, dx, tape)
     }
 }
 
@@ -224,41 +247,25 @@ pub fn mlp(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Mlp> {
     })
 }
 
-impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.hidden(x)?)
+impl ResidualBranch for Mlp {
+    /// GELU of the hidden layer.
+    fn inner(&self, x: &Tensor) -> Result<Tensor> {
+        self.act.forward(&self.fc1.forward(x)?)
     }
 
-    /// `forward(x) + residual` (see [`Linear::forward_add`]).
-    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.fc2.forward_add(&self.hidden(x)?, residual)
-    }
-
-    /// The JVP of `forward(x) + residual` (see [`Linear::jvp_add`]).
-    pub fn jvp_add(
-        &self,
-        (x, dx): (&Tensor, &Tensor),
-        residual: (&Tensor, &Tensor),
-        tape: &mut Tape,
-    ) -> Result<(Tensor, Tensor)> {
-        let (h, dh) = self.hidden_jvp(x, dx, tape)?;
-        self.fc2.jvp_add((&h, &dh), residual)
-    }
-
-    fn hidden_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+    fn inner_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let (h, dh) = self.fc1.jvp(x, dx, tape)?;
         self.act.jvp(&h, &dh, tape)
     }
 
-    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        self.act.forward(&self.fc1.forward(x)?)
+    fn output(&self) -> &Linear {
+        &self.fc2
     }
 }
 
 impl Jvp for Mlp {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let (a, da) = self.hidden_jvp(x, dx, tape)?;
-        self.fc2.jvp(&a, &da, tape)
+        self.branch_jvp(x, dx, tape)
     }
 }
 

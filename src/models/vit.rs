@@ -11,7 +11,7 @@ use crate::config::VitConfig;
 use crate::lie::{add_tangents, Jvp, Repr, StepKind, Tape};
 use crate::models::layers::{
     attention, layer_norm, linear, mlp, patch_embed, zero_tangent, Attention, DropPath, LayerNorm, Linear, Mlp,
-    PatchEmbed,
+    PatchEmbed, ResidualBranch,
 };
 use crate::models::{Model, Rng};
 use candle_core::{DType, Device, Result, Tensor};
