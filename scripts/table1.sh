@@ -159,10 +159,6 @@ train_run() {
         echo "table1: $name already finished in $dir (FORCE=1 retrains it)" >&2
     else
         [[ "$FORCE" == 0 ]] || rm -rf "$dir"
-        local resume=()
-        if [[ -f $dir/checkpoint.safetensors || -f $dir/pretrain/checkpoint.safetensors ]]; then
-            resume=(--resume)
-        fi
         local first=$RUNS/$(run_name mae_vit "$seed")
         if [[ $row == mae_vit_lee && $PARALLEL == 0 && ! -f $dir/checkpoint.safetensors ]]; then
             # Same MAE pretraining as mae_vit: the trainer reuses a finished pretrain stage (run
@@ -174,6 +170,12 @@ train_run() {
             mkdir -p "$dir"
             rm -rf "$dir/pretrain"
             cp -r "$first/pretrain" "$dir/pretrain"
+        fi
+        # A folder holding a run (a checkpoint of either stage, the copied pretraining included)
+        # is continued; `train` refuses to start over in it.
+        local resume=()
+        if [[ -f $dir/checkpoint.safetensors || -f $dir/pretrain/checkpoint.safetensors ]]; then
+            resume=(--resume)
         fi
         local load start
         load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -214,7 +216,7 @@ fit_steps() {
             "$BIN" train --config "$EXP/$row.toml" --set "output.dir=\"$RUNS/fit\"" --set "name=\"$name\"" \
                 --set "seed=$seed" "${SET[@]}" --set train.steps=60 --set train.eval_every=30 \
                 --set train.checkpoint_every=60 --set train.warmup_steps=5 --set pretrain.steps=60 \
-                --set pretrain.warmup_steps=5 --set data.test_size=1000 > "$RUNS/fit/$name.log" 2>&1 &
+                --set pretrain.warmup_steps=5 --set data.test_size=1000 --overwrite > "$RUNS/fit/$name.log" 2>&1 &
             pids+=($!)
         done
     done

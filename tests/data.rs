@@ -1,6 +1,7 @@
 //! Data sources and the Hub client: IDX / `.amat` parsing and validation, MNIST-rot generation
 //! and caching, the loader, and `hub::fetch` against a loopback mock Hub and a pre-populated
-//! cache. Real-data tests read `LIEDERIV_DATA_DIR` and fail (not skip) when it is absent.
+//! cache. Real-data tests find the data as the CLI does (`LIEDERIV_DATA_DIR`, else the Hub cache)
+//! and fail (not skip) when neither has it.
 
 use liederiv::hub::{self, HubError, HubSource, RepoKind};
 use std::collections::HashMap;
@@ -773,8 +774,8 @@ fn hub_parquet_source_matches_the_idx_source() {
             cache.path(),
             &[
                 "data.source=\"hub\"",
-                &format!("init.hub_cache_dir={:?}", cache_dir.display().to_string()),
-                "init.offline=true",
+                &format!("data.hub_cache_dir={:?}", cache_dir.display().to_string()),
+                "data.offline=true",
             ],
         )
     };
@@ -796,14 +797,12 @@ fn hub_parquet_source_matches_the_idx_source() {
 
 #[test]
 fn real_mnist_rot_splits() {
-    let root = std::env::var("LIEDERIV_DATA_DIR")
-        .expect("LIEDERIV_DATA_DIR must name the shared data folder (with mnist/ and fashion-mnist/)");
+    // The data as the CLI finds it: $LIEDERIV_DATA_DIR, else the Hub cache.
     let cache = tempfile::tempdir().unwrap();
     let cfg = Config::resolve_str(
         "",
         "<test>",
         &[
-            format!("data.root={root:?}"),
             format!("data.cache_dir={:?}", cache.path().display().to_string()),
             "output.progress=false".into(),
         ],
@@ -889,4 +888,126 @@ fn data_info_json_from_the_cli() {
         .map(|k| first.find(k).unwrap())
         .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{first}");
+}
+
+/// `liederiv data info --json` with `--set` overrides and extra environment; (stdout, stderr, ok).
+fn data_info(sets: &[String], env: &[(&str, &str)]) -> (String, String, bool) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liederiv"));
+    cmd.args(["data", "info", "--json"]).env_remove("LIEDERIV_DATA_DIR");
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+#[test]
+fn a_machine_without_local_data_gets_both_sets_from_the_hub() {
+    // A mock Hub serving ylecun/mnist and zalando-datasets/fashion_mnist as the dataset viewer's
+    // Parquet files, made from the local IDX files: the CLI, with no data folder, must build
+    // the very same splits (hashes) as from the IDX folder.
+    let root = Config::default()
+        .data_root()
+        .expect("this test makes its Hub files from the local IDX files: set LIEDERIV_DATA_DIR");
+    let (train, _) = idx::read_pair(&root.join("mnist"), "train").unwrap();
+    let (test, _) = idx::read_pair(&root.join("mnist"), "t10k").unwrap();
+    let (fashion, _) = idx::read_pair(&root.join("fashion-mnist"), "t10k").unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let mut served = HashMap::new();
+    for (name, d) in [
+        ("mnist/train/0000.parquet", &train),
+        ("mnist/test/0000.parquet", &test),
+        ("fashion_mnist/test/0000.parquet", &fashion),
+    ] {
+        let path = files.path().join(name);
+        write_parquet(&path, &d.images, &d.labels);
+        served.insert(name.to_string(), std::fs::read(&path).unwrap());
+    }
+    let mock = MockHub::start(served);
+
+    let hub_cache = tempfile::tempdir().unwrap();
+    let split_cache = tempfile::tempdir().unwrap();
+    let common = |extra: &[String]| {
+        let mut v = vec![
+            format!("data.cache_dir={:?}", split_cache.path().display().to_string()),
+            format!("data.hub_cache_dir={:?}", hub_cache.path().display().to_string()),
+            "data.train_size=300".to_string(),
+            "data.val_size=100".to_string(),
+            "data.test_size=500".to_string(),
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    // The default OOD entry falls back to zalando-datasets/fashion_mnist; its local folder is
+    // renamed to one no machine has (Debian's package would otherwise be found first).
+    assert_eq!(
+        liederiv::config::OodConfig::default().hub_repo(),
+        Some("zalando-datasets/fashion_mnist")
+    );
+    let hub_ood = "data.ood=[{name=\"fashion\", path=\"no-such-fashion-mnist\", hub_repo=\"zalando-datasets/fashion_mnist\", limit=400}]";
+    let idx_ood = "data.ood=[{name=\"fashion\", path=\"fashion-mnist\", limit=400}]";
+    let (hub, err, ok) = data_info(&common(&[hub_ood.to_string()]), &[("HF_ENDPOINT", &mock.url)]);
+    assert!(ok, "{err}");
+    assert!(
+        mock.requests.load(Ordering::SeqCst) >= 6,
+        "three files, HEAD + GET each"
+    );
+    for repo in ["datasets--ylecun--mnist", "datasets--zalando-datasets--fashion_mnist"] {
+        assert!(hub_cache.path().join(repo).is_dir(), "{repo} not in the Hub cache");
+    }
+    let root_set = format!("data.root={:?}", root.display().to_string());
+    let (local, err, ok) = data_info(&common(&[root_set, idx_ood.to_string()]), &[]);
+    assert!(ok, "{err}");
+    let splits = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap()["splits"].clone();
+    let (hub, local) = (splits(&hub), splits(&local));
+    for name in ["train", "val", "test", "ood_fashion"] {
+        assert!(hub[name]["sha256"].is_string(), "{name}: {hub}");
+        assert_eq!(hub[name]["sha256"], local[name]["sha256"], "{name}: Hub and IDX differ");
+    }
+    assert_eq!(hub["ood_fashion"]["n"], 400);
+
+    // Offline with the Hub gone: everything comes from the Hub cache, without a request.
+    let requests = mock.requests.load(Ordering::SeqCst);
+    let fresh_splits = tempfile::tempdir().unwrap();
+    let offline = |hub_dir: &Path| {
+        let mut v = common(&["data.offline=true".to_string(), hub_ood.to_string()]);
+        v[0] = format!("data.cache_dir={:?}", fresh_splits.path().display().to_string());
+        v[1] = format!("data.hub_cache_dir={:?}", hub_dir.display().to_string());
+        v
+    };
+    let (again, err, ok) = data_info(&offline(hub_cache.path()), &[("HF_ENDPOINT", &mock.url)]);
+    assert!(ok, "{err}");
+    assert_eq!(splits(&again), hub);
+    assert_eq!(mock.requests.load(Ordering::SeqCst), requests);
+    // Offline with an empty cache: a one-paragraph error naming the repo and the way out.
+    let empty = tempfile::tempdir().unwrap();
+    let (_, err, ok) = data_info(&offline(empty.path()), &[("HF_ENDPOINT", &mock.url)]);
+    assert!(!ok);
+    assert!(
+        err.contains("ylecun/mnist") && err.contains("huggingface-cli download") && !err.contains("panicked"),
+        "{err}"
+    );
+    // With MNIST cached and Fashion-MNIST not, the error names the Fashion-MNIST repo.
+    let partial = tempfile::tempdir().unwrap();
+    let src = hub_cache.path().join("datasets--ylecun--mnist");
+    let dst = partial.path().join("datasets--ylecun--mnist");
+    std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&dst)
+        .status()
+        .unwrap();
+    let (_, err, ok) = data_info(&offline(partial.path()), &[("HF_ENDPOINT", &mock.url)]);
+    assert!(!ok);
+    assert!(
+        err.contains("zalando-datasets/fashion_mnist") && err.contains("fashion_mnist/test/0000.parquet"),
+        "{err}"
+    );
 }

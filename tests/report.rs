@@ -50,7 +50,7 @@ fn record(step: usize, with_train_acc: bool) -> EvalRecord {
         step,
         epoch: s / 3.0,
         lr: 1e-3 * (1.0 + s).recip(),
-        train_loss: (10.0f64).ln() / (1.0 + s),
+        train_loss: Some((10.0f64).ln() / (1.0 + s)),
         images_per_sec: 1234.5678,
         splits,
     }

@@ -269,26 +269,19 @@ fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// End-to-end runs on real MNIST-rot ($LIEDERIV_DATA_DIR; a test that needs it fails without it).
+// End-to-end runs on real MNIST-rot, found as the CLI finds it ($LIEDERIV_DATA_DIR, else the Hub
+// cache; a test that needs it fails without both).
 
 use liederiv::report::EvalRecord;
-use liederiv::train::{train, TrainError};
+use liederiv::train::{train, Start, TrainError};
 use liederiv::Config;
 use std::path::{Path, PathBuf};
-
-fn data_dir() -> String {
-    match std::env::var("LIEDERIV_DATA_DIR") {
-        Ok(d) if !d.is_empty() => d,
-        _ => panic!("set LIEDERIV_DATA_DIR to the folder holding mnist/ and fashion-mnist/ (IDX files)"),
-    }
-}
 
 /// A tiny ViT on 2,000 training digits; the split cache is shared by the tests of this binary.
 fn tiny_cfg(out: &Path, name: &str, extra: &[&str]) -> Config {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("liederiv-train-cache");
     let mut o: Vec<String> = vec![
         format!("name={name:?}"),
-        format!("data.root={:?}", data_dir()),
         format!("data.cache_dir={:?}", cache.display().to_string()),
         "data.train_size=2000".into(),
         "data.val_size=0".into(),
@@ -336,10 +329,17 @@ fn training_reaches_accuracy_with_finite_lee_on_every_split() -> anyhow::Result<
         &["train.steps=300", "train.eval_every=150", "train.checkpoint_every=300"],
     );
     let t0 = std::time::Instant::now();
-    let summary = train(&cfg, false)?;
+    let summary = train(&cfg, Start::New)?;
     eprintln!("300 steps + 2 evals in {:.1} s", t0.elapsed().as_secs_f64());
     let recs = records(&summary.run_dir);
-    assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), vec![150, 300]);
+    assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), vec![0, 150, 300]);
+    // Step 0 is the untrained model: no training loss yet, accuracy near chance, LEE everywhere.
+    let first = &recs[0];
+    assert_eq!((first.train_loss, first.epoch), (None, 0.0));
+    assert!(first.splits["test"].accuracy.is_some_and(|a| a < 0.25));
+    for split in ["train", "test", "ood_fashion"] {
+        assert!(first.splits[split].lee["rotate"].mean.is_finite(), "{split}");
+    }
     let last = recs.last().cloned().ok_or_else(|| anyhow::anyhow!("no records"))?;
     let acc = last.splits["test"].accuracy.unwrap_or(0.0);
     eprintln!("test accuracy {acc:.3}");
@@ -370,7 +370,7 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
         "train.checkpoint_every=20",
         "augment.rotate_deg=180",
     ];
-    let whole = train(&tiny_cfg(out.path(), "whole", &common), false)?;
+    let whole = train(&tiny_cfg(out.path(), "whole", &common), Start::New)?;
 
     let cfg = tiny_cfg(out.path(), "killed", &common);
     let sets: Vec<String> = tiny_set_args(&cfg);
@@ -409,7 +409,7 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
     };
     let a = strip(records(&whole.run_dir));
     let b = strip(records(&out.path().join("killed")));
-    assert_eq!(a.len(), 3);
+    assert_eq!(a.len(), 4);
     assert_eq!(a, b, "resumed metrics differ from the uninterrupted run");
     let dev = Device::Cpu;
     let wa = candle_core::safetensors::load(whole.run_dir.join("checkpoint.safetensors"), &dev)?;
@@ -592,7 +592,7 @@ fn lee_penalty_lowers_test_lee() -> anyhow::Result<()> {
         let sub = format!("train.lee_penalty_images={images}");
         extra.push(&set);
         extra.push(&sub);
-        let s = train(&tiny_cfg(out.path(), name, &extra), false)?;
+        let s = train(&tiny_cfg(out.path(), name, &extra), Start::New)?;
         let last = records(&s.run_dir).pop().ok_or_else(|| anyhow::anyhow!("no records"))?;
         Ok(last.splits["test"].lee["rotate"].mean)
     };
@@ -639,7 +639,7 @@ fn bad_inputs_fail_before_training() -> anyhow::Result<()> {
     // --resume without a checkpoint.
     let out = tempfile::tempdir()?;
     let cfg = tiny_cfg(out.path(), "fresh", &["train.steps=5"]);
-    match train(&cfg, true) {
+    match train(&cfg, Start::Resume) {
         Err(e @ TrainError::NoCheckpoint { .. }) => {
             let msg = e.to_string();
             assert!(
@@ -659,7 +659,7 @@ fn bad_inputs_fail_before_training() -> anyhow::Result<()> {
     std::fs::write(&blocker, "x")?;
     let mut cfg = tiny_cfg(out.path(), "x", &["train.steps=5"]);
     cfg.output.dir = blocker.display().to_string();
-    match train(&cfg, false) {
+    match train(&cfg, Start::New) {
         Err(e @ TrainError::RunDir { .. }) => assert!(e.to_string().contains("not-a-dir"), "{e}"),
         other => panic!("expected RunDir, got {:?}", other.map(|_| ()).err()),
     }
@@ -681,7 +681,7 @@ fn a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint() -> anyhow::Res
             "train.eval_every=1000",
         ],
     );
-    match train(&cfg, false) {
+    match train(&cfg, Start::New) {
         Err(TrainError::NonFinite {
             step, checkpoint: ckpt, ..
         }) => {
@@ -690,5 +690,219 @@ fn a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint() -> anyhow::Res
         }
         other => panic!("expected a non-finite loss, got {:?}", other.map(|_| ()).err()),
     }
+    Ok(())
+}
+
+/// Every file under `dir` with its bytes, for before/after comparisons.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `liederiv <args>`; (stdout, stderr, success).
+fn cli(args: &[String]) -> (String, String, bool) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_liederiv"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+#[test]
+fn a_folder_holding_a_run_is_never_overwritten() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let steps = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3"];
+    let cfg = tiny_cfg(out.path(), "kept", &steps);
+    train(&cfg, Start::New)?;
+    let dir = cfg.run_dir();
+    let before = snapshot(&dir);
+    assert!(before.len() >= 5, "{:?}", before.keys());
+    let args = |extra: &[&str]| {
+        let mut a = vec!["train".to_string()];
+        a.extend(tiny_set_args(&cfg));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+
+    // The same command again: refused, naming the folder, its progress and the three ways on.
+    let (_, err, ok) = cli(&args(&[]));
+    assert!(!ok, "a second run into the same folder was not refused");
+    for needle in [
+        dir.display().to_string().as_str(),
+        "step 6 of 6",
+        "--resume",
+        "--set name=",
+        "--overwrite",
+    ] {
+        assert!(err.contains(needle), "refusal lacks {needle:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(snapshot(&dir), before, "the refused command changed the old run");
+    // The library refuses the same way.
+    assert!(matches!(train(&cfg, Start::New), Err(TrainError::RunExists { .. })));
+    assert_eq!(snapshot(&dir), before);
+
+    // Way 1: --resume continues it (finished: nothing is trained again, no record added).
+    let (_, err, ok) = cli(&args(&["--resume"]));
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(dir.join("metrics.jsonl"))?,
+        before[&dir.join("metrics.jsonl")]
+    );
+    assert_eq!(
+        std::fs::read(dir.join("checkpoint.safetensors"))?,
+        before[&dir.join("checkpoint.safetensors")]
+    );
+
+    // Way 2: another name starts a run beside it.
+    let (_, err, ok) = cli(&args(&["--set", "name=\"beside\""]));
+    assert!(ok, "{err}");
+    assert!(out.path().join("beside").join("checkpoint.safetensors").exists());
+    assert_eq!(records(&dir).len(), 3);
+
+    // Way 3: --overwrite deletes the old run (a file a user left there goes with it) and starts
+    // over; the run is deterministic, so its records come back the same.
+    std::fs::write(dir.join("note.txt"), "mine")?;
+    let (_, err, ok) = cli(&args(&["--overwrite"]));
+    assert!(ok, "{err}");
+    assert!(err.contains("--overwrite: deleting the earlier run"), "{err}");
+    assert!(!dir.join("note.txt").exists());
+    assert_eq!(records(&dir).iter().map(|r| r.step).collect::<Vec<_>>(), vec![0, 3, 6]);
+    assert!(!cli(&["train".into(), "--resume".into(), "--overwrite".into()]).2);
+    Ok(())
+}
+
+#[test]
+fn non_finite_numbers_are_config_errors() {
+    for (set, key) in [
+        ("data.mean=nan", "data.mean"),
+        ("train.base_lr=inf", "train.base_lr"),
+        ("augment.rotate_deg=-inf", "augment.rotate_deg"),
+        ("train.lee_penalty=nan", "train.lee_penalty"),
+    ] {
+        let e = Config::resolve_str("", "<test>", &[set.to_string()])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains(key) && e.contains("finite")),
+            "{set}: {e:?}"
+        );
+    }
+    let (_, err, ok) = cli(&[
+        "train".into(),
+        "--set".into(),
+        "data.mean=nan".into(),
+        "--dry-run".into(),
+    ]);
+    assert!(!ok && err.contains("data.mean") && err.contains("finite"), "{err}");
+}
+
+#[test]
+fn lee_and_eval_measure_the_trained_checkpoint() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let steps = [
+        "train.steps=4",
+        "train.eval_every=4",
+        "train.checkpoint_every=4",
+        "lee.limit=16",
+        "eval.limit=64",
+    ];
+    let cfg = tiny_cfg(out.path(), "measured", &steps);
+    let config = tiny_set_args(&cfg);
+    let lee = |extra: &[&str], json: &Path| {
+        let mut a = vec!["lee".to_string()];
+        a.extend(config.clone());
+        a.extend([
+            "--json".to_string(),
+            json.display().to_string(),
+            "--splits".into(),
+            "test".into(),
+        ]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        cli(&a)
+    };
+    // Before training: the random initial weights, and it says so.
+    let (_, err, ok) = lee(&[], &out.path().join("init.json"));
+    assert!(ok, "{err}");
+    assert!(err.contains("random initial weights"), "{err}");
+
+    let run = train(&cfg, Start::New)?;
+    let ckpt = run.run_dir.join("checkpoint.safetensors");
+    let (_, err, ok) = lee(&[], &out.path().join("default.json"));
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!("checkpoint {} (train step 4 of 4)", ckpt.display())),
+        "{err}"
+    );
+    let (_, err, ok) = lee(
+        &["--checkpoint", &ckpt.display().to_string()],
+        &out.path().join("explicit.json"),
+    );
+    assert!(ok, "{err}");
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.path().join(name)).unwrap()).unwrap()
+    };
+    let (default, explicit, init) = (read("default.json"), read("explicit.json"), read("init.json"));
+    assert_eq!(default["checkpoint"], ckpt.display().to_string());
+    assert_eq!(default["splits"], explicit["splits"]);
+    assert_ne!(
+        default["splits"], init["splits"],
+        "the trained model measured like the initial one"
+    );
+    // The trainer's own final LEE on the same images is what `lee` reports.
+    let last = records(&run.run_dir).pop().unwrap();
+    let logged = last.splits["test"].lee["rotate"].mean;
+    let measured = default["splits"]["test"]["lee"]["rotate"]["mean"].as_f64().unwrap();
+    assert!(
+        (logged - measured).abs() <= 1e-6 * logged.abs(),
+        "{logged} vs {measured}"
+    );
+
+    // eval: the same default, and a checkpoint of another model is a checked error.
+    let mut a = vec!["eval".to_string()];
+    a.extend(config.clone());
+    let (_, err, ok) = cli(&a);
+    assert!(ok && err.contains("train step 4 of 4"), "{err}");
+    a.extend(["--set".into(), "model.vit.dim=48".into()]);
+    a.extend(["--checkpoint".into(), ckpt.display().to_string()]);
+    let (_, err, ok) = cli(&a);
+    assert!(
+        !ok && err.contains("does not fit this model") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    // A config that starts from its own MAE pretraining, which has not run: an error, not a
+    // silently random model.
+    let mut a = vec!["lee".to_string()];
+    a.extend(config.clone());
+    a.extend(
+        [
+            "--set",
+            "name=\"never_pretrained\"",
+            "--set",
+            "pretrain.enabled=true",
+            "--set",
+            "init.weights=\"pretrain\"",
+        ]
+        .map(String::from),
+    );
+    let (_, err, ok) = cli(&a);
+    assert!(!ok, "measured a model whose pretraining never ran");
+    assert!(err.contains("has not run") && err.contains("random"), "{err}");
     Ok(())
 }

@@ -597,16 +597,12 @@ fn interpolate_pos_embed_matches_pytorch_bicubic() {
     }
 }
 
-/// Read the first `n` MNIST training images as `(n, 1, 28, 28)` f32 in [0, 1].
+/// The first `n` MNIST training images as `(n, 1, 28, 28)` f32 in [0, 1], found as the CLI finds
+/// them (`$LIEDERIV_DATA_DIR`, else the Hub cache; neither is an error, not a skip).
 fn mnist_images(n: usize) -> Tensor {
-    use std::io::Read;
-    let dir = std::env::var("LIEDERIV_DATA_DIR").expect("LIEDERIV_DATA_DIR must point at the data folder");
-    let path = std::path::Path::new(&dir).join("mnist/train-images-idx3-ubyte.gz");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(file).read_to_end(&mut bytes).unwrap();
-    assert_eq!(&bytes[..4], &[0, 0, 8, 3], "not an IDX image file");
-    let pixels: Vec<f32> = bytes[16..16 + n * 784].iter().map(|&b| b as f32 / 255.0).collect();
+    let pool = liederiv::data::mnist_pool(&liederiv::Config::default())
+        .unwrap_or_else(|e| panic!("MNIST (set LIEDERIV_DATA_DIR or fill the Hub cache): {e}"));
+    let pixels: Vec<f32> = pool.images[..n * 784].iter().map(|&b| b as f32 / 255.0).collect();
     Tensor::from_vec(pixels, (n, 1, 28, 28), &DEV).unwrap()
 }
 

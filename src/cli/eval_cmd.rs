@@ -21,21 +21,9 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         let s = crate::data::load_split(cfg, name).with_context(|| format!("loading split {name:?}"))?;
         splits.insert(name.clone(), s);
     }
-    let (varmap, _) = crate::models::build_model(cfg, &device).context("building the model")?;
-    match &args.checkpoint {
-        Some(path) => {
-            crate::train::checkpoint::load_weights(path, &varmap, &device)?;
-        }
-        None if cfg.init.weights == "pretrain" => {
-            let path = cfg
-                .run_dir()
-                .join(crate::train::PRETRAIN_DIR)
-                .join(crate::train::CHECKPOINT);
-            crate::train::init_from_pretrain(&path, &varmap, &device)?;
-        }
-        None => {}
-    }
-    let model = crate::models::frozen(cfg, &varmap, &device)?;
+    let loaded = crate::train::load_for_inference(cfg, args.checkpoint.as_deref(), &device)?;
+    eprintln!("eval: measuring {}", loaded.source);
+    let model = crate::models::frozen(cfg, &loaded.varmap, &device)?;
     let spec = lee_spec(cfg).map_err(anyhow::Error::msg)?;
     let metrics = evaluate(
         model.as_ref(),
@@ -51,11 +39,11 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         step: 0,
         epoch: 0.0,
         lr: 0.0,
-        train_loss: 0.0,
+        train_loss: None,
         images_per_sec: 0.0,
         splits: metrics,
     };
-    print!("{}", super::train_cmd::final_table(&record));
+    print!("{}", crate::report::eval_table(&record));
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&record.splits)?;
         crate::report::write_atomic(path, text.as_bytes())?;

@@ -15,7 +15,7 @@ use crate::lie::{
     decompose, LayerwiseAccumulator, LayerwiseReport, LeeAccumulator, LeeSpec, LeeSummary, Metric, MetricStat,
     MetricsAccumulator, Statistic,
 };
-use crate::models::{build_model, frozen, Rng};
+use crate::models::{frozen, Rng};
 use crate::transforms::{Stencil, Transform};
 use anyhow::{bail, Context};
 use rand::SeedableRng;
@@ -91,19 +91,10 @@ struct SplitResult {
 pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
     let opts = resolve(cfg, args)?;
     let device = crate::train::select_device(&cfg.device)?;
-    let (mut varmap, _) = build_model(cfg, &device).context("building the model from the config")?;
-    if let Some(ckpt) = &args.checkpoint {
-        varmap.load(ckpt).with_context(|| {
-            format!(
-                "loading checkpoint {} into a {} model: it must be a safetensors file written for this \
-                 config's model (same model.kind and sizes)",
-                ckpt.display(),
-                cfg.model.kind
-            )
-        })?;
-    }
+    let loaded = crate::train::load_for_inference(cfg, args.checkpoint.as_deref(), &device)?;
+    eprintln!("lee: measuring {}", loaded.source);
     // Everything here is forward mode (the layerwise decomposition too): no autograd graph needed.
-    let model = frozen(cfg, &varmap, &device)?;
+    let model = frozen(cfg, &loaded.varmap, &device)?;
     let mut rng = Rng::seed_from_u64(cfg.seed);
     let bs = opts.spec.batch_size.max(1);
     let mut results = Vec::new();
@@ -159,7 +150,7 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
     }
     let doc = to_json(
         cfg,
-        args.checkpoint.as_deref(),
+        loaded.checkpoint.as_deref(),
         &opts.spec,
         &results,
         &layerwise,

@@ -66,15 +66,20 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub cfg: ConfigArgs,
     /// Continue the run in `<output.dir>/<name>/` from its last checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Delete the run already in `<output.dir>/<name>/` and start over (without it, or
+    /// `--resume`, a folder that holds a run is refused and left as it is).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub cfg: ConfigArgs,
-    /// Checkpoint (`.safetensors` with its `.json` sidecar); default: the config's initial weights.
+    /// Checkpoint (`.safetensors` with its `.json` sidecar); default: the one in the config's run
+    /// directory, else the config's initial weights.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Comma-separated splits (train, val, test, ood_<name>); default: eval.splits.
@@ -95,7 +100,8 @@ pub struct EvalArgs {
 pub struct LeeArgs {
     #[command(flatten)]
     pub cfg: ConfigArgs,
-    /// Checkpoint to measure; default: the model as the config initialises it.
+    /// Checkpoint to measure; default: the one in the config's run directory, else the model as
+    /// the config initialises it.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Comma-separated transforms; default: lee.transforms.

@@ -3,15 +3,21 @@
 
 use super::TrainArgs;
 use crate::config::Config;
-use crate::report::{self, EvalRecord, RunSummary, METRICS_JSONL, SUMMARY_JSON};
+use crate::report::{self, RunSummary, METRICS_JSONL, SUMMARY_JSON};
+use crate::train::Start;
 use anyhow::Context;
 use std::time::Instant;
 
 pub fn run(args: &TrainArgs, cfg: &Config) -> anyhow::Result<()> {
     let start = Instant::now();
-    let summary = crate::train::train(cfg, args.resume).with_context(|| format!("training run {:?}", cfg.name))?;
+    let start_mode = match (args.resume, args.overwrite) {
+        (true, _) => Start::Resume,
+        (_, true) => Start::Overwrite,
+        _ => Start::New,
+    };
+    let summary = crate::train::train(cfg, start_mode).with_context(|| format!("training run {:?}", cfg.name))?;
     if let Some(last) = &summary.last {
-        print!("{}", final_table(last));
+        print!("{}{}", report::eval_heading(last), report::eval_table(last));
     }
     let dir = &summary.run_dir;
     let (varmap, _) = crate::models::build_model(cfg, &candle_core::Device::Cpu)?;
@@ -36,44 +42,4 @@ pub fn run(args: &TrainArgs, cfg: &Config) -> anyhow::Result<()> {
     }
     println!("run directory: {}", dir.display());
     Ok(())
-}
-
-/// The closing table: one row per split (accuracy, loss, LEE mean ± stderr per transform).
-pub fn final_table(r: &EvalRecord) -> String {
-    let transforms: std::collections::BTreeSet<&String> = r.splits.values().flat_map(|m| m.lee.keys()).collect();
-    let mut out = format!(
-        "step {} (epoch {:.2}), {:.0} images/s\n| split | n | loss | accuracy |",
-        r.step, r.epoch, r.images_per_sec
-    );
-    for t in &transforms {
-        out += &format!(" LEE {t} |");
-    }
-    out += "\n|---|---|---|---|";
-    out += &"---|".repeat(transforms.len());
-    out += "\n";
-    let opt = |v: Option<f64>, pct: bool| match v {
-        Some(x) if pct => format!("{:.2}%", 100.0 * x),
-        Some(x) => format!("{x:.4}"),
-        None => "–".into(),
-    };
-    for (name, m) in &r.splits {
-        // n counts the accuracy images; a LEE-only split shows its LEE subset size instead.
-        let n = match m.n {
-            0 => m
-                .lee
-                .values()
-                .next()
-                .map_or("–".to_string(), |v| format!("{} (LEE)", v.n)),
-            n => n.to_string(),
-        };
-        out += &format!("| {name} | {n} | {} | {} |", opt(m.loss, false), opt(m.accuracy, true));
-        for t in &transforms {
-            match m.lee.get(*t) {
-                Some(v) => out += &format!(" {:.3e} ± {:.1e} |", v.mean, v.stderr),
-                None => out += " – |",
-            }
-        }
-        out += "\n";
-    }
-    out
 }

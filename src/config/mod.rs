@@ -65,6 +65,11 @@ pub struct DataConfig {
     pub mnist_dir: String,
     /// Hugging Face dataset repo used when `source` resolves to "hub".
     pub hub_repo: String,
+    /// Hub cache folder of the data sets; empty = hf-hub's default ($HF_HUB_CACHE, else
+    /// $HF_HOME/hub, else ~/.cache/huggingface/hub).
+    pub hub_cache_dir: String,
+    /// Never touch the network for data: Hub data sets come from the cache only.
+    pub offline: bool,
     /// Folder with the original `mnist_all_rotation_normalized_float_{train_valid,test}.amat`.
     pub amat_dir: String,
     /// Where regenerated MNIST-rot sets are cached (relative to the working directory).
@@ -97,6 +102,8 @@ impl Default for DataConfig {
             source: "auto".into(),
             mnist_dir: "mnist".into(),
             hub_repo: "ylecun/mnist".into(),
+            hub_cache_dir: String::new(),
+            offline: false,
             amat_dir: String::new(),
             cache_dir: ".cache/liederiv".into(),
             split_seed: 0,
@@ -121,6 +128,10 @@ pub struct OodConfig {
     pub name: String,
     /// IDX folder holding `t10k-images-idx3-ubyte[.gz]` and `t10k-labels-idx1-ubyte[.gz]`.
     pub path: String,
+    /// Hugging Face dataset repo whose test split is read (its Parquet conversion) when no local
+    /// folder holds the set: "auto" (= "zalando-datasets/fashion_mnist" when `path` is
+    /// "fashion-mnist", else none), "" (none: the local folder only) or a repo id.
+    pub hub_repo: String,
     /// Rotate each image by a seeded uniform angle, as MNIST-rot does.
     pub rotate: bool,
     /// Use the first N images (0 = all).
@@ -132,8 +143,21 @@ impl Default for OodConfig {
         Self {
             name: "fashion".into(),
             path: "fashion-mnist".into(),
+            hub_repo: "auto".into(),
             rotate: true,
             limit: 0,
+        }
+    }
+}
+
+impl OodConfig {
+    /// The Hub repo this set falls back to when no local folder holds it ("auto" resolved).
+    pub fn hub_repo(&self) -> Option<&str> {
+        match self.hub_repo.as_str() {
+            "" => None,
+            "auto" if self.path == "fashion-mnist" => Some("zalando-datasets/fashion_mnist"),
+            "auto" => None,
+            repo => Some(repo),
         }
     }
 }

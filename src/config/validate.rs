@@ -143,9 +143,38 @@ pub const TRANSFORMS: &[&str] = &[
     "saturate",
 ];
 
+/// The dotted key and value of the first NaN or infinite float in `value` (every float of the
+/// config is a finite quantity: rates, sizes in [0, 1], degrees, statistics).
+fn non_finite(value: &toml::Value, key: &str) -> Option<(String, f64)> {
+    let join = |k: &str| {
+        if key.is_empty() {
+            k.to_string()
+        } else {
+            format!("{key}.{k}")
+        }
+    };
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => Some((key.to_string(), *f)),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| non_finite(v, &join(k))),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| non_finite(v, &format!("{key}[{i}]"))),
+        _ => None,
+    }
+}
+
 impl Config {
     /// Every range check, in one place. Called by `resolve`.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Before the range checks: some keys (data.mean) have no range a NaN would fail.
+        if let Some((key, value)) = toml::Value::try_from(self).ok().and_then(|v| non_finite(&v, "")) {
+            return Err(ConfigError::OutOfRange {
+                key,
+                value: value.to_string(),
+                allowed: "a finite number".into(),
+            });
+        }
         check(
             !self.name.is_empty() && !self.name.contains(['/', '\\']),
             "name",

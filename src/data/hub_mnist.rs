@@ -1,8 +1,10 @@
-//! MNIST from the Hugging Face Hub when no local folder is configured: the dataset viewer's
-//! Parquet conversion of `ylecun/mnist` (revision `refs/convert/parquet`, files
-//! `mnist/train/0000.parquet` and `mnist/test/0000.parquet`). Each row is
-//! `{image: {bytes: PNG, path: string}, label: int64}` (the `datasets` Image feature); the PNGs
-//! are 8-bit greyscale 28×28. Decoded with the `parquet` crate's row API (no Arrow) and `png`.
+//! MNIST and Fashion-MNIST from the Hugging Face Hub when no local folder has them: the dataset
+//! viewer's Parquet conversion of a repo (revision `refs/convert/parquet`, files
+//! `<config>/<split>/0000.parquet`, where the config is the repo's name: `ylecun/mnist` →
+//! `mnist/train/0000.parquet`, `zalando-datasets/fashion_mnist` →
+//! `fashion_mnist/test/0000.parquet`). Each row is `{image: {bytes: PNG, path: string}, label:
+//! int64}` (the `datasets` Image feature); the PNGs are 8-bit greyscale 28×28. Decoded with the
+//! `parquet` crate's row API (no Arrow) and `png`.
 
 use super::{DataError, Digits};
 use crate::hub::{self, HubSource, RepoKind};
@@ -13,13 +15,14 @@ use std::path::{Path, PathBuf};
 /// The Parquet conversion branch of a Hub dataset.
 pub const REVISION: &str = "refs/convert/parquet";
 
-/// The file of one split (`train` or `test`) inside the repo.
-pub fn file_name(split: &str) -> String {
-    format!("mnist/{split}/0000.parquet")
+/// The file of one split (`train` or `test`) of `repo` inside the repo.
+pub fn file_name(repo: &str, split: &str) -> String {
+    let config = repo.rsplit('/').next().unwrap_or(repo);
+    format!("{config}/{split}/0000.parquet")
 }
 
-/// Fetch (or find in the Hub cache) the train and test Parquet files of `repo`.
-pub fn fetch(repo: &str, cache_dir: Option<&Path>, offline: bool) -> Result<[PathBuf; 2], DataError> {
+/// Fetch (or find in the Hub cache) the Parquet file of each of `splits` of `repo`.
+pub fn fetch(repo: &str, splits: &[&str], cache_dir: Option<&Path>, offline: bool) -> Result<Vec<PathBuf>, DataError> {
     let src = HubSource {
         repo,
         kind: RepoKind::Dataset,
@@ -28,10 +31,10 @@ pub fn fetch(repo: &str, cache_dir: Option<&Path>, offline: bool) -> Result<[Pat
         offline,
         endpoint: None,
     };
-    Ok([
-        hub::fetch(&src, &file_name("train"))?,
-        hub::fetch(&src, &file_name("test"))?,
-    ])
+    splits
+        .iter()
+        .map(|split| Ok(hub::fetch(&src, &file_name(repo, split))?))
+        .collect()
 }
 
 /// Decode one 8-bit greyscale PNG into (pixels, h, w).

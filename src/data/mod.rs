@@ -13,7 +13,7 @@ mod loader;
 mod rot;
 
 pub use loader::{batch, epoch_order};
-pub use rot::{cache_path, rotate_images};
+pub use rot::{cache_path, mnist_pool, rotate_images};
 
 use crate::config::Config;
 use sha2::{Digest, Sha256};
@@ -132,8 +132,9 @@ pub enum DataError {
         w2: usize,
     },
     #[error(
-        "OOD set {name:?}: no t10k-images-idx3-ubyte[.gz] in any of {tried:?}; set \
-         data.ood.path to an IDX folder holding the t10k files (relative to data.root or absolute)"
+        "OOD set {name:?}: no t10k-images-idx3-ubyte[.gz] in any of {tried:?} and no Hub repo to \
+         fall back to; set data.ood.path to an IDX folder holding the t10k files (relative to \
+         data.root or absolute) or data.ood.hub_repo to a Hub dataset in MNIST's Parquet layout"
     )]
     OodNotFound { name: String, tried: Vec<PathBuf> },
     #[error("unknown split {name:?}; this config defines {known:?}")]

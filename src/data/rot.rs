@@ -97,10 +97,7 @@ fn source_files(cfg: &Config, src: &Source) -> Result<Vec<PathBuf>, DataError> {
             }
             v
         }
-        Source::Hub => {
-            let cache = (!cfg.init.hub_cache_dir.is_empty()).then(|| Path::new(&cfg.init.hub_cache_dir));
-            hub_mnist::fetch(&cfg.data.hub_repo, cache, cfg.init.offline)?.to_vec()
-        }
+        Source::Hub => hub_fetch(cfg, &cfg.data.hub_repo, &["train", "test"])?,
         Source::Amat(dir) => {
             let v = vec![dir.join(amat::TRAIN_VALID), dir.join(amat::TEST)];
             if let Some(p) = v.iter().find(|p| !p.is_file()) {
@@ -111,14 +108,49 @@ fn source_files(cfg: &Config, src: &Source) -> Result<Vec<PathBuf>, DataError> {
     })
 }
 
+/// The Parquet files of `splits` of a Hub data set, from `data.hub_cache_dir` (downloaded into
+/// it first unless `data.offline`).
+fn hub_fetch(cfg: &Config, repo: &str, splits: &[&str]) -> Result<Vec<PathBuf>, DataError> {
+    let d = &cfg.data;
+    let cache = (!d.hub_cache_dir.is_empty()).then(|| Path::new(&d.hub_cache_dir));
+    hub_mnist::fetch(repo, splits, cache, d.offline)
+}
+
 fn ood_config<'a>(cfg: &'a Config, name: &str) -> Option<&'a OodConfig> {
     let short = name.strip_prefix("ood_")?;
     cfg.data.ood.iter().find(|o| o.name == short)
 }
 
-/// The IDX folder of an OOD set: an absolute path, else `<root>/<path>`, else `./<path>`; for
-/// Fashion-MNIST also Debian's `/usr/share/datasets/fashion-mnist`.
-fn ood_dir(cfg: &Config, o: &OodConfig) -> Result<PathBuf, DataError> {
+/// Where an OOD set's test images come from.
+enum OodSource {
+    Idx(PathBuf),
+    /// The fetched test Parquet file of the set's Hub repo.
+    Hub(PathBuf),
+}
+
+impl OodSource {
+    fn files(&self) -> Result<Vec<PathBuf>, DataError> {
+        Ok(match self {
+            OodSource::Idx(dir) => vec![
+                idx::find_file(dir, "t10k", "images-idx3")?,
+                idx::find_file(dir, "t10k", "labels-idx1")?,
+            ],
+            OodSource::Hub(file) => vec![file.clone()],
+        })
+    }
+
+    fn read(&self) -> Result<Digits, DataError> {
+        match self {
+            OodSource::Idx(dir) => Ok(idx::read_pair(dir, "t10k")?.0),
+            OodSource::Hub(file) => hub_mnist::read(file),
+        }
+    }
+}
+
+/// An OOD set's source: the first IDX folder that holds it (an absolute path, else
+/// `<root>/<path>`, else `./<path>`; for Fashion-MNIST also Debian's
+/// `/usr/share/datasets/fashion-mnist`), else its Hub repo's test split.
+fn ood_source(cfg: &Config, o: &OodConfig) -> Result<OodSource, DataError> {
     let p = Path::new(&o.path);
     let mut tried = Vec::new();
     if p.is_absolute() {
@@ -130,14 +162,16 @@ fn ood_dir(cfg: &Config, o: &OodConfig) -> Result<PathBuf, DataError> {
             tried.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
         }
     }
-    tried
-        .iter()
-        .find(|d| idx::find_file(d, "t10k", "images-idx3").is_ok())
-        .cloned()
-        .ok_or_else(|| DataError::OodNotFound {
+    if let Some(dir) = tried.iter().find(|d| idx::find_file(d, "t10k", "images-idx3").is_ok()) {
+        return Ok(OodSource::Idx(dir.clone()));
+    }
+    match o.hub_repo() {
+        Some(repo) => Ok(OodSource::Hub(hub_fetch(cfg, repo, &["test"])?.remove(0))),
+        None => Err(DataError::OodNotFound {
             name: o.name.clone(),
             tried,
-        })
+        }),
+    }
 }
 
 /// The cache directory of split `name`: its key hashes the parameters and the source files.
@@ -145,11 +179,7 @@ fn locate(cfg: &Config, name: &str) -> Result<PathBuf, DataError> {
     let d = &cfg.data;
     let root = Path::new(&d.cache_dir);
     if let Some(o) = ood_config(cfg, name) {
-        let dir = ood_dir(cfg, o)?;
-        let files = [
-            idx::find_file(&dir, "t10k", "images-idx3")?,
-            idx::find_file(&dir, "t10k", "labels-idx1")?,
-        ];
+        let files = ood_source(cfg, o)?.files()?;
         let seed = if o.rotate { d.split_seed.to_string() } else { "-".into() };
         let k = key(&format!(
             "ood name={} rotate={} limit={} seed={seed} files={}",
@@ -279,18 +309,9 @@ fn split_of(name: &str, images: Vec<f32>, labels: Vec<u8>, h: usize, w: usize) -
 fn build_main(cfg: &Config) -> Result<Vec<Split>, DataError> {
     let d = &cfg.data;
     let (tr, va, te) = (d.train_size, d.val_size, d.test_size);
-    let src = source(cfg)?;
-    let pool = match &src {
-        Source::Amat(dir) => return build_amat(cfg, dir),
-        Source::Idx(dir) => {
-            let (train, _) = idx::read_pair(dir, "train")?;
-            let (test, _) = idx::read_pair(dir, "t10k")?;
-            join_pool(train, test, &dir.display().to_string())?
-        }
-        Source::Hub => {
-            let files = source_files(cfg, &src)?;
-            join_pool(hub_mnist::read(&files[0])?, hub_mnist::read(&files[1])?, &d.hub_repo)?
-        }
+    let pool = match source(cfg)? {
+        Source::Amat(dir) => return build_amat(cfg, &dir),
+        src => read_pool(cfg, &src)?,
     };
     let hw = pool.h * pool.w;
     let need = tr + va + te;
@@ -321,6 +342,35 @@ fn build_main(cfg: &Config) -> Result<Vec<Split>, DataError> {
         out.push(split_of(name, imgs, labs, pool.h, pool.w));
     }
     Ok(out)
+}
+
+/// The 70k MNIST digits, train then test, from an IDX or Hub source.
+fn read_pool(cfg: &Config, src: &Source) -> Result<Digits, DataError> {
+    match src {
+        Source::Idx(dir) => {
+            let (train, _) = idx::read_pair(dir, "train")?;
+            let (test, _) = idx::read_pair(dir, "t10k")?;
+            join_pool(train, test, &dir.display().to_string())
+        }
+        Source::Hub => {
+            let files = source_files(cfg, src)?;
+            join_pool(
+                hub_mnist::read(&files[0])?,
+                hub_mnist::read(&files[1])?,
+                &cfg.data.hub_repo,
+            )
+        }
+        Source::Amat(dir) => Err(DataError::Corrupt {
+            path: dir.clone(),
+            message: "the .amat files hold MNIST-rot, not the unrotated MNIST pool".into(),
+        }),
+    }
+}
+
+/// The unrotated MNIST pool (train then test, 70k digits) from the source this config resolves
+/// to: the IDX folder under the data root, else the Hub (`.amat` holds no unrotated digits).
+pub fn mnist_pool(cfg: &Config) -> Result<Digits, DataError> {
+    read_pool(cfg, &source(cfg)?)
 }
 
 fn join_pool(mut a: Digits, b: Digits, what: &str) -> Result<Digits, DataError> {
@@ -376,8 +426,7 @@ fn build_amat(cfg: &Config, dir: &Path) -> Result<Vec<Split>, DataError> {
 }
 
 fn build_ood(cfg: &Config, o: &OodConfig) -> Result<Split, DataError> {
-    let dir = ood_dir(cfg, o)?;
-    let (mut digits, _) = idx::read_pair(&dir, "t10k")?;
+    let mut digits = ood_source(cfg, o)?.read()?;
     let hw = digits.h * digits.w;
     if o.limit > 0 && o.limit < digits.labels.len() {
         digits.labels.truncate(o.limit);

@@ -50,8 +50,8 @@ pub struct EvalRecord {
     pub epoch: f64,
     /// Learning rate at this step.
     pub lr: f64,
-    /// Mean training loss since the previous eval.
-    pub train_loss: f64,
+    /// Mean training loss since the previous eval; `None` at step 0 (before any training).
+    pub train_loss: Option<f64>,
     /// Training throughput since the previous eval.
     pub images_per_sec: f64,
     pub splits: BTreeMap<String, SplitMetrics>,
@@ -89,9 +89,9 @@ impl EvalRecord {
         let mut v = vec![
             ("epoch".to_string(), self.epoch),
             ("lr".to_string(), self.lr),
-            ("train_loss".to_string(), self.train_loss),
             ("images_per_sec".to_string(), self.images_per_sec),
         ];
+        v.extend(self.train_loss.map(|x| ("train_loss".to_string(), x)));
         for (col, value) in self.csv_cells() {
             if let Cell::Num(x) = value {
                 v.push((col.to_string(), x));
@@ -106,9 +106,9 @@ impl EvalRecord {
             (Column::Step, Cell::Int(self.step)),
             (Column::Epoch, Cell::Num(self.epoch)),
             (Column::Lr, Cell::Num(self.lr)),
-            (Column::TrainLoss, Cell::Num(self.train_loss)),
             (Column::ImagesPerSec, Cell::Num(self.images_per_sec)),
         ];
+        cells.extend(self.train_loss.map(|x| (Column::TrainLoss, Cell::Num(x))));
         for (name, s) in &self.splits {
             let col = |field| Column::Split(name.clone(), field);
             if let Some(x) = s.loss {
@@ -138,6 +138,69 @@ impl EvalRecord {
             None => Ok(()),
         }
     }
+}
+
+/// The training state of an evaluation in one line: step, epoch, lr, train loss, throughput.
+pub fn eval_heading(r: &EvalRecord) -> String {
+    let loss = r
+        .train_loss
+        .map_or("– (before training)".to_string(), |l| format!("{l:.4}"));
+    format!(
+        "step {} (epoch {:.2}, lr {:.3e}, train loss {loss}, {:.0} images/s)\n",
+        r.step, r.epoch, r.lr, r.images_per_sec
+    )
+}
+
+/// An evaluation as the console shows it: one row per split (images, loss, accuracy, LEE mean ±
+/// stderr per transform), aligned, in Markdown table syntax.
+pub fn eval_table(r: &EvalRecord) -> String {
+    if r.splits.is_empty() {
+        return String::new();
+    }
+    let transforms: BTreeSet<&String> = r.splits.values().flat_map(|m| m.lee.keys()).collect();
+    let mut out = String::new();
+    let mut rows = vec![vec!["split".to_string(), "n".into(), "loss".into(), "accuracy".into()]];
+    rows[0].extend(transforms.iter().map(|t| format!("LEE {t}")));
+    let opt = |v: Option<f64>, pct: bool| match v {
+        Some(x) if pct => format!("{:.2}%", 100.0 * x),
+        Some(x) => format!("{x:.4}"),
+        None => "–".into(),
+    };
+    for (name, m) in &r.splits {
+        // n counts the accuracy images; a LEE-only split shows its LEE subset size instead.
+        let n = match m.n {
+            0 => m
+                .lee
+                .values()
+                .next()
+                .map_or("–".to_string(), |v| format!("{} (LEE)", v.n)),
+            n => n.to_string(),
+        };
+        let mut row = vec![name.clone(), n, opt(m.loss, false), opt(m.accuracy, true)];
+        row.extend(transforms.iter().map(|t| match m.lee.get(*t) {
+            Some(v) => format!("{:.3e} ± {:.1e}", v.mean, v.stderr),
+            None => "–".into(),
+        }));
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    for (i, row) in rows.into_iter().enumerate() {
+        out += &line(row);
+        if i == 0 {
+            out += &line(widths.iter().map(|w| "-".repeat(*w)).collect());
+        }
+    }
+    out
 }
 
 /// A CSV column. The derived order is the canonical header order: the fixed columns, then per

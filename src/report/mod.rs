@@ -8,7 +8,9 @@ pub mod log;
 pub mod plot;
 pub mod table;
 
-pub use log::{read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL};
+pub use log::{
+    eval_heading, eval_table, read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL,
+};
 pub use plot::{plot_error_vs_lee, plot_layerwise, plot_training, ScatterPoint};
 pub use table::{
     load_run, markdown_table, paper_table, row_of, seed_table, PaperNumbers, PaperRow, RunReport, RunSummary,

@@ -153,6 +153,26 @@ fn sci(v: &f64) -> String {
     format!("{v:.0e}")
 }
 
+/// Log axes are labelled at their decades only: plotters also ticks 2…9 × 10ᵏ, and those labels
+/// (9e-1, 8e-1, 7e-1, …) pile on top of each other. `log_range` spans two decades or more, so
+/// every log axis keeps at least two labels.
+fn at_decades(v: f64, label: fn(&f64) -> String) -> String {
+    let l = v.log10();
+    if (l - l.round()).abs() < 1e-9 {
+        label(&v)
+    } else {
+        String::new()
+    }
+}
+
+fn decade_sci(v: &f64) -> String {
+    at_decades(*v, sci)
+}
+
+fn decade_tick(v: &f64) -> String {
+    at_decades(*v, tick)
+}
+
 /// A tick label: plain decimals (≤ 3 significant figures, no trailing zeros) between 0.01 and
 /// 10⁴, scientific outside.
 fn tick(v: &f64) -> String {
@@ -286,7 +306,10 @@ impl Figure for AccuracyFigure<'_> {
         let mut loss: Vec<(String, RGBColor, Curve)> = vec![(
             "train (running)".into(),
             BLACK,
-            t.records.iter().map(|r| (r.step as f64, r.train_loss)).collect(),
+            t.records
+                .iter()
+                .filter_map(|r| Some((r.step as f64, r.train_loss?)))
+                .collect(),
         )];
         for s in &t.splits {
             let pts = t.series(s, |m| m.loss);
@@ -306,7 +329,7 @@ impl Figure for AccuracyFigure<'_> {
             .x_desc("training step")
             .x_label_formatter(&step_tick)
             .y_desc("loss (nats, log scale)")
-            .y_label_formatter(&tick)
+            .y_label_formatter(&decade_tick)
             .axis_desc_style(text(18))
             .label_style(text(14))
             .draw()?;
@@ -385,7 +408,7 @@ impl Figure for LeeFigure<'_> {
                 .x_desc("training step")
                 .x_label_formatter(&step_tick)
                 .y_desc("LEE (mean ± s.e., log scale)")
-                .y_label_formatter(&sci)
+                .y_label_formatter(&decade_sci)
                 .axis_desc_style(text(18))
                 .label_style(text(14))
                 .draw()?;
@@ -602,7 +625,7 @@ impl Figure for ScatterFigure<'_> {
             .x_desc(format!("test LEE, {} (log scale)", self.transform))
             .y_desc("test error (%)")
             .y_label_formatter(&tick)
-            .x_label_formatter(&sci)
+            .x_label_formatter(&decade_sci)
             .axis_desc_style(text(18))
             .label_style(text(14))
             .draw()?;
@@ -638,4 +661,24 @@ pub fn plot_error_vs_lee(path_stem: &Path, transform: &str, points: &[ScatterPoi
         });
     }
     render(path_stem, &ScatterFigure { transform, points })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_axes_label_decades_only() {
+        // The values plotters ticks on a log axis from 0.05 to 2: the decades and 2…9 × 10ᵏ.
+        let labelled: Vec<String> = [0.05, 0.06, 0.09, 0.1, 0.2, 0.5, 0.9, 1.0, 2.0]
+            .iter()
+            .map(decade_sci)
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(labelled, ["1e-1", "1e0"]);
+        // Decades computed the way an axis does (powers of ten in floating point) still count.
+        assert_eq!(decade_sci(&10f64.powi(-3)), "1e-3");
+        assert_eq!(decade_tick(&(0.1f64 * 3.0 / 3.0)), "0.1");
+        assert_eq!(decade_tick(&0.3), "");
+    }
 }

@@ -20,7 +20,9 @@ use crate::lie::lee_penalty;
 use crate::models::init::SeededVarMap;
 use crate::models::mae::Mae;
 use crate::models::{Model, Rng};
-use crate::report::{EvalRecord, MetricsLog, ReportError, SplitMetrics};
+use crate::report::{
+    eval_heading, eval_table, EvalRecord, MetricsLog, ReportError, SplitMetrics, METRICS_JSONL, SUMMARY_JSON,
+};
 use crate::transforms::{Stencil, Transform};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -40,10 +42,27 @@ pub const PRETRAIN_DIR: &str = "pretrain";
 const STREAM_TRAIN: u64 = 1;
 const STREAM_PRETRAIN: u64 = 2;
 
+/// How `train` begins with respect to the run directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: refused when the directory already holds one.
+    New,
+    /// Continue the run in the directory from its last checkpoint.
+    Resume,
+    /// Delete the run in the directory, then start a new one.
+    Overwrite,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("run directory {path} is not writable: {source} (set output.dir to a writable folder)")]
     RunDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "run directory {path} already holds a run ({progress}); nothing in it was changed. To go on: \
+         `--resume` continues that run from its last checkpoint, `--set name=<another name>` starts \
+         a new run beside it, or `--overwrite` deletes it and starts over"
+    )]
+    RunExists { path: PathBuf, progress: String },
     #[error("--resume: no checkpoint at {path}; run without --resume to start the run")]
     NoCheckpoint { path: PathBuf },
     #[error("--resume: the checkpoint {path} was written with a different config; resume with the same config and --set overrides, or start a new run (another `name`)")]
@@ -214,6 +233,25 @@ fn run_stage(
         None => (0.0f64, 0usize, 0usize),
     };
     let mut clock = Instant::now();
+    // Step 0: the starting model (pretrained or not), the reference every fine-tuning curve is
+    // read against. Evaluation draws no randomness, so the training that follows is unchanged.
+    if step == 0 {
+        let splits = eval_fn(false)?;
+        if !splits.is_empty() {
+            let record = EvalRecord {
+                step: 0,
+                epoch: 0.0,
+                lr: stage.schedule.lr_at(0),
+                train_loss: None,
+                images_per_sec: 0.0,
+                splits,
+            };
+            bar.println(console(stage, &record));
+            log.append(&record)?;
+            last = Some(record);
+        }
+        clock = Instant::now();
+    }
     while step < stage.steps {
         let lr = stage.schedule.lr_at(step);
         for _ in 0..stage.accum {
@@ -252,11 +290,11 @@ fn run_stage(
                 step,
                 epoch: data.epochs(),
                 lr,
-                train_loss: loss_sum / loss_n.max(1) as f64,
+                train_loss: Some(loss_sum / loss_n.max(1) as f64),
                 images_per_sec: images as f64 / secs,
                 splits: eval_fn(finished)?,
             };
-            bar.println(format!("{} step {step}: {}", stage.name, summary_line(&record)));
+            bar.println(console(stage, &record));
             log.append(&record)?;
             last = Some(record);
             (loss_sum, loss_n, images) = (0.0, 0, 0);
@@ -283,18 +321,9 @@ fn run_stage(
     Ok(last)
 }
 
-/// One line per eval: accuracy per split and LEE per split and transform.
-pub fn summary_line(r: &EvalRecord) -> String {
-    let mut parts = vec![format!("train loss {:.4}", r.train_loss)];
-    for (name, m) in &r.splits {
-        if let Some(a) = m.accuracy {
-            parts.push(format!("{name} acc {:.2}%", 100.0 * a));
-        }
-        for (t, v) in &m.lee {
-            parts.push(format!("{name} LEE[{t}] {:.3e}", v.mean));
-        }
-    }
-    parts.join(", ")
+/// What the console shows after an evaluation: the stage, its training state, the split table.
+fn console(stage: &Stage, r: &EvalRecord) -> String {
+    format!("{} {}{}", stage.name, eval_heading(r), eval_table(r))
 }
 
 /// Load and check the checkpoint a stage resumes from.
@@ -353,14 +382,53 @@ pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Resu
     }
 }
 
+/// What a run directory holds of an earlier run, in words ("train stage at step 40 of 120"), or
+/// `None` when it holds none. A folder with only `config.toml` (a start that failed before its
+/// first checkpoint or evaluation) holds nothing to lose.
+fn existing_run(dir: &Path) -> Option<String> {
+    let stage_at = |ckpt: PathBuf, what: &str| {
+        checkpoint::load_meta(&ckpt)
+            .ok()
+            .map(|m| match m.step == m.total_steps {
+                true => format!("{what} finished: step {} of {}", m.step, m.total_steps),
+                false => format!("{what} at step {} of {}", m.step, m.total_steps),
+            })
+    };
+    if let Some(p) = stage_at(dir.join(CHECKPOINT), "training") {
+        return Some(p);
+    }
+    if let Some(p) = stage_at(dir.join(PRETRAIN_DIR).join(CHECKPOINT), "pretraining") {
+        return Some(format!("{p}, fine-tuning not started"));
+    }
+    [
+        dir.join(METRICS_JSONL),
+        dir.join(SUMMARY_JSON),
+        dir.join(PRETRAIN_DIR).join(METRICS_JSONL),
+    ]
+    .iter()
+    .any(|p| p.exists())
+    .then(|| "metrics but no checkpoint".to_string())
+}
+
 /// Create the run directory and save the resolved config in it: the first thing a run does,
-/// so an unwritable directory fails before any data or model is loaded.
-fn prepare_run_dir(cfg: &Config) -> Result<PathBuf, TrainError> {
+/// so an unwritable directory fails before any data or model is loaded. A directory that holds
+/// a run is refused unless the run resumes it or overwrites it (then it is deleted first).
+fn prepare_run_dir(cfg: &Config, start: Start) -> Result<PathBuf, TrainError> {
     let dir = cfg.run_dir();
     let fail = |source| TrainError::RunDir {
         path: dir.clone(),
         source,
     };
+    if let Some(progress) = existing_run(&dir) {
+        match start {
+            Start::New => return Err(TrainError::RunExists { path: dir, progress }),
+            Start::Overwrite => {
+                eprintln!("{}: --overwrite: deleting the earlier run ({progress})", dir.display());
+                std::fs::remove_dir_all(&dir).map_err(fail)?;
+            }
+            Start::Resume => {}
+        }
+    }
     std::fs::create_dir_all(&dir).map_err(fail)?;
     crate::report::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes()).map_err(|e| match e {
         ReportError::Io { source, .. } => fail(source),
@@ -413,10 +481,12 @@ fn run_mae(
     )
 }
 
-/// `liederiv train`: the whole run. Bad inputs (unwritable run dir, `--resume` without a
-/// checkpoint, unknown splits, a batch larger than the training set) fail before training.
-pub fn train(cfg: &Config, resume: bool) -> Result<RunSummary, TrainError> {
-    let run_dir = prepare_run_dir(cfg)?;
+/// `liederiv train`: the whole run. Bad inputs (a run directory that holds a run and no
+/// `--resume` / `--overwrite`, an unwritable one, `--resume` without a checkpoint, unknown
+/// splits, a batch larger than the training set) fail before training.
+pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
+    let resume = start == Start::Resume;
+    let run_dir = prepare_run_dir(cfg, start)?;
     let main_ckpt = run_dir.join(CHECKPOINT);
     let pre_dir = run_dir.join(PRETRAIN_DIR);
     let pre_ckpt = pre_dir.join(CHECKPOINT);

@@ -6,12 +6,14 @@ pub mod augment;
 pub mod checkpoint;
 pub mod engine;
 pub mod evaluate;
+pub mod inference;
 pub mod optim;
 pub mod schedule;
 
 pub use augment::{soft_targets, Augmented, Augmenter};
 pub use engine::{
-    init_from_pretrain, select_device, train, RunSummary, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR,
+    init_from_pretrain, select_device, train, RunSummary, Start, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR,
 };
+pub use inference::{load_for_inference, Loaded};
 pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
 pub use schedule::Schedule;
