@@ -246,7 +246,7 @@ fn run_stage(
                 images_per_sec: 0.0,
                 splits,
             };
-            bar.println(console(stage, &record));
+            say(&bar, console(stage, &record));
             log.append(&record)?;
             last = Some(record);
         }
@@ -294,7 +294,7 @@ fn run_stage(
                 images_per_sec: images as f64 / secs,
                 splits: eval_fn(finished)?,
             };
-            bar.println(console(stage, &record));
+            say(&bar, console(stage, &record));
             log.append(&record)?;
             last = Some(record);
             (loss_sum, loss_n, images) = (0.0, 0, 0);
@@ -319,6 +319,16 @@ fn run_stage(
     }
     bar.finish();
     Ok(last)
+}
+
+/// Print above the progress bar, or to stderr when there is none (not a terminal, or
+/// `output.progress = false`: indicatif drops the lines of a hidden bar, and logs need them).
+fn say(bar: &ProgressBar, text: String) {
+    if bar.is_hidden() {
+        eprint!("{text}");
+    } else {
+        bar.println(text.trim_end());
+    }
 }
 
 /// What the console shows after an evaluation: the stage, its training state, the split table.
