@@ -1,4 +1,4 @@
-"""Coefficients of models::fused's f32 erf, branch-free so that its loops vectorise:
+"""Coefficients of kernels::fastmath's f32 erf, branch-free so that its loops vectorise:
 
   |z| < 3.92:   erf(z) = z · P(z²) / Q(z²)      (P, Q of degree 5, Q(0) = 1)
   |z| ≥ 3.92:   erf(z) = ±1 in f32 (1 − erf(3.92) ≈ 9.6e-9 < ulp(1)/2)

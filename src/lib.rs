@@ -2,16 +2,25 @@
 //! equivariant they are with the Lie derivative ("The Lie Derivative for Measuring Learned
 //! Equivariance", Gruver, Finzi, Goldblum, Wilson, ICLR 2023).
 //!
-//! Module map (paper ↔ code): `transforms` (finite warps, generators, stencils), `lie` (JVP, LEE,
-//! layerwise decomposition, other metrics), `models` (ViT, MAE, CNN, G-CNN, weight loading),
-//! `data` (MNIST, MNIST-rot, OOD sets, loader), `train` (loop, optimiser, schedule,
-//! augmentation, checkpoints), `report` (logs, tables, plots), `config`, `cli`, `runtime`
-//! (process-wide allocator settings for CPU speed).
+//! Layers, each importing only from the ones above it in this list (paper ↔ code):
+//! - `runtime` (process settings, devices, atomic writes), `hub` (the Hugging Face Hub client);
+//! - `transforms` (finite warps, generators, stencils, how a transform acts on a tensor);
+//! - `config` (the one typed config, validated once);
+//! - `data` (MNIST, MNIST-rot, OOD sets, loader);
+//! - `kernels` (fused CPU ops with their backward and tangent kernels);
+//! - `jvp` (the forward-mode contract: `Jvp`, `Tape`, the tangent layout);
+//! - `models` (ViT, MAE, CNN, G-CNN, weight loading);
+//! - `lie` (LEE, layerwise decomposition, other metrics);
+//! - `report` (the metrics record and its files, tables, plots, console formatting);
+//! - `train` (loop, optimiser, schedule, augmentation, checkpoints, evaluation);
+//! - `cli` (flags wired to the library).
 
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod hub;
+pub mod jvp;
+pub mod kernels;
 pub mod lie;
 pub mod models;
 pub mod report;

@@ -1,5 +1,6 @@
-//! Process-wide settings that the CPU training loop depends on for speed; binaries call
-//! [`tune_process`] once at start-up (the CLI and `bench`), before any thread exists.
+//! The machine: the device a config names ([`select_device`]), and process-wide settings that the
+//! CPU training loop depends on for speed; binaries call [`tune_process`] once at start-up (the
+//! CLI and `bench`), before any thread exists.
 //!
 //! Allocator: a ViT training step allocates and frees hundreds of activation-sized buffers
 //! (0.1–30 MB each, every candle op returns a fresh `Vec`). With glibc's defaults the freed top of
@@ -15,6 +16,40 @@
 //! run on rayon's pool. On a 2-core machine the spinning worker holds the core that the next
 //! rayon task needs: `perf` showed a quarter of a tiny-ViT step's samples in idle workers.
 //! [`CANDLE_SPIN_LIMIT`] spins lets the core go within ~25 µs.
+
+use candle_core::Device;
+
+/// A `device` value that names no usable device.
+#[derive(Debug, thiserror::Error)]
+#[error("device {name:?}: {message}")]
+pub struct DeviceError {
+    pub name: String,
+    pub message: String,
+}
+
+/// `device = "auto" | "cpu" | "cuda" | "cuda:N"`; `auto` is CUDA 0 when built with the `cuda`
+/// feature and a GPU is present, else the CPU.
+pub fn select_device(name: &str) -> Result<Device, DeviceError> {
+    let cuda = |i: usize| {
+        Device::new_cuda(i).map_err(|e| DeviceError {
+            name: name.into(),
+            message: format!("{e} (build with `--features cuda` on a machine with CUDA, or set device = \"cpu\")"),
+        })
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if candle_core::utils::cuda_is_available() => cuda(0),
+        "auto" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(i) => cuda(i),
+            None => Err(DeviceError {
+                name: name.into(),
+                message: "expected auto, cpu, cuda or cuda:N".into(),
+            }),
+        },
+    }
+}
 
 /// Spins of an idle candle barrier-pool worker before it parks, unless the user sets
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT` (candle's default: 25 000). On the 2-core development

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::rel_err;
 use liederiv::config::{CnnConfig, GcnnConfig};
-use liederiv::lie::{Jvp, Tape};
+use liederiv::jvp::{Jvp, Tape};
 use liederiv::models::cnn::Cnn;
 use liederiv::models::conv::{
     AvgPool2d, BatchNorm, Conv2d, ConvSpec, Elu, GlobalAvgPool, Layer, Linear, MaxPool2d, PadMode, Relu,
@@ -560,7 +560,7 @@ fn im2col_conv_and_its_gradients_match_candles_conv2d() {
     for (i, (xs, ws, pad, stride)) in cases.into_iter().enumerate() {
         let x = Var::from_tensor(&noise(&xs, 10 + i as u64, DType::F64)).unwrap();
         let w = Var::from_tensor(&noise(&ws, 20 + i as u64, DType::F64)).unwrap();
-        let ours = liederiv::models::im2col::conv2d(&x, &w, pad, stride).unwrap();
+        let ours = liederiv::kernels::im2col::conv2d(&x, &w, pad, stride).unwrap();
         let theirs = x.conv2d(&w, pad, stride, 1, 1).unwrap();
         assert_eq!(ours.dims(), theirs.dims(), "case {i}");
         let e = rel_err(&ours, &theirs);

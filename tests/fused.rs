@@ -1,4 +1,4 @@
-//! The fused CPU kernels (`models::fused`) against two independent oracles: the composed,
+//! The fused CPU kernels (`kernels`) against two independent oracles: the composed,
 //! differentiable candle versions (forward values and backward gradients, f32 and f64) and
 //! central finite differences in f64 (gradients).
 //!
@@ -12,12 +12,12 @@
 mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::max_abs_diff;
-use liederiv::models::fused::{
+use liederiv::kernels::{attention, attention_composed, attention_jvp, attention_jvp_composed};
+use liederiv::kernels::{
     gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, gelu_erf_jvp, layer_norm,
     layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed, softmax, softmax_composed,
 };
-use liederiv::models::fused_attention::{attention, attention_composed, attention_jvp, attention_jvp_composed};
-use liederiv::models::fused_linear::{linear, linear_add, linear_composed};
+use liederiv::kernels::{linear, linear_add, linear_composed};
 
 fn randn(shape: &[usize], scale: f64, seed: u64, dtype: DType) -> Tensor {
     common::randn(shape, scale, dtype, &mut common::rng(seed))

@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use liederiv::lie::{decompose, exact_sq_norms, hutchinson_sq_norms, layerwise_split, StepKind};
+use liederiv::jvp::StepKind;
+use liederiv::lie::{decompose, exact_sq_norms, hutchinson_sq_norms, layerwise_split};
 use liederiv::models::Model;
 use liederiv::transforms::{Stencil, Transform};
 

@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::{DType, Result, Tensor};
 use common::*;
-use liederiv::lie::{lanczos_warp, metric_per_image, metrics_split, roll, softmax, Metric, Output};
+use liederiv::kernels::softmax;
+use liederiv::lie::{lanczos_warp, metric_per_image, metrics_split, roll, Metric, Output};
 use liederiv::models::Model;
 use liederiv::transforms::IDENTITY;
 

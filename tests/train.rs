@@ -466,8 +466,8 @@ fn frozen_model_matches_and_follows_its_variables_without_a_graph() -> anyhow::R
     let test = liederiv::data::load_split(&cfg, "test")?;
     let (x, _) = liederiv::train::evaluate::head_of(&test, 8, &cfg, &Device::Cpu)?;
     let dx = Tensor::stack(&[&x.sqr()?, &x.neg()?], 0)?; // two tangents, (2, B, C, H, W)
-    let (y, dy) = model.jvp(&x, &dx, &mut liederiv::lie::Tape::off())?;
-    let (fy, fdy) = frozen.jvp(&x, &dx, &mut liederiv::lie::Tape::off())?;
+    let (y, dy) = model.jvp(&x, &dx, &mut liederiv::jvp::Tape::off())?;
+    let (fy, fdy) = frozen.jvp(&x, &dx, &mut liederiv::jvp::Tape::off())?;
     assert_eq!((&y - &fy)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
     // The tangents differ by rounding only: the frozen JVP runs the fused inference kernels, the
     // trainable one their composed, differentiable forms (tests/fused.rs holds the two together).

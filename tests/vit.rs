@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use common::rel_err;
 use liederiv::config::{MaeConfig, VitConfig};
-use liederiv::lie::{Jvp, Tape};
+use liederiv::jvp::{Jvp, Tape};
 use liederiv::models::layers::{
     attention, layer_norm, linear, mlp, patch_embed, DropPath, Gelu, ResidualBranch, Softmax,
 };

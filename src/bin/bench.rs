@@ -10,17 +10,19 @@
 //!
 //! Each time is the median of `--reps` repetitions after `--warmup` untimed ones. Output: one line
 //! `impl=ours model=NAME train_ms=X forward_ms=X lee_ms=X peak_mb=X`. `--kernels` instead times the
-//! fused row kernels of `models::fused` against their composed candle forms on the small ViT's
+//! fused row kernels of `kernels` against their composed candle forms on the small ViT's
 //! shapes (`kernel=NAME ... composed_ms=X fused_ms=X` lines), which is what each fusion buys.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use clap::Parser;
 use liederiv::config::{Config, VitConfig};
+use liederiv::jvp::Tape;
+use liederiv::kernels;
 use liederiv::lie::lee::softmax_jvp;
-use liederiv::lie::Tape;
-use liederiv::models::{build_model, frozen, fused, Rng};
-use liederiv::train::{select_device, AdamW, AdamWParams};
+use liederiv::models::{build_model, frozen, Rng};
+use liederiv::runtime::select_device;
+use liederiv::train::{AdamW, AdamWParams};
 use rand::SeedableRng;
 use std::time::Instant;
 
@@ -184,17 +186,23 @@ fn bench_kernels(args: &Args) -> Result<()> {
         "layer_norm",
         &[b, 50, 192],
         args,
-        &|x| fused::layer_norm_composed(x, &w, &bias, 1e-6),
-        &|x| fused::layer_norm(x, &w, &bias, 1e-6),
+        &|x| kernels::layer_norm_composed(x, &w, &bias, 1e-6),
+        &|x| kernels::layer_norm(x, &w, &bias, 1e-6),
     )?;
     bench_kernel(
         "softmax",
         &[b * 3, 50, 50],
         args,
-        &fused::softmax_composed,
-        &fused::softmax,
+        &kernels::softmax_composed,
+        &kernels::softmax,
     )?;
-    bench_kernel("gelu", &[b, 50, 768], args, &fused::gelu_erf_composed, &fused::gelu_erf)
+    bench_kernel(
+        "gelu",
+        &[b, 50, 768],
+        args,
+        &kernels::gelu_erf_composed,
+        &kernels::gelu_erf,
+    )
 }
 
 fn main() -> Result<()> {

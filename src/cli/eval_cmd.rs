@@ -9,7 +9,7 @@ use anyhow::Context;
 use std::collections::BTreeMap;
 
 pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
-    let device = crate::train::select_device(&cfg.device)?;
+    let device = crate::runtime::select_device(&cfg.device)?;
     let splits_wanted = if args.splits.is_empty() {
         cfg.eval.splits.clone()
     } else {

@@ -90,7 +90,7 @@ struct SplitResult {
 
 pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
     let opts = resolve(cfg, args)?;
-    let device = crate::train::select_device(&cfg.device)?;
+    let device = crate::runtime::select_device(&cfg.device)?;
     let loaded = crate::train::load_for_inference(cfg, args.checkpoint.as_deref(), &device)?;
     eprintln!("lee: measuring {}", loaded.source);
     // Everything here is forward mode (the layerwise decomposition too): no autograd graph needed.

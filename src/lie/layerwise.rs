@@ -12,7 +12,7 @@
 //! the paper contrasts (Figure 4, right).
 
 use super::lee::{output_lie_derivative, softmax_jvp, MeanStderr};
-use crate::lie::{pad_channels, StepKind, StepRecord, Tape};
+use crate::jvp::{pad_channels, StepKind, StepRecord, Tape};
 use crate::models::{Model, Rng};
 use crate::transforms::{image_lie_derivative, Stencil, Transform};
 use candle_core::{DType, Result, Tensor, D};

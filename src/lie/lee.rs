@@ -3,13 +3,14 @@
 //!
 //! Every requested transform is measured in ONE primal pass: the input tangents L_X x of all
 //! transforms are stacked on the tangent axis `(T, B, C, H, W)` and pushed through
-//! [`Model::jvp`](crate::lie::Jvp) together (DESIGN.md, "The Lie derivative"). The softmax JVP is
+//! [`Model::jvp`](crate::jvp::Jvp) together (DESIGN.md, "The Lie derivative"). The softmax JVP is
 //! written from differentiable ops, so [`lee_penalty`] backprops into the weights (LEE-regularised
 //! training). Means and standard errors over images are accumulated in f64 ([`MeanStderr`]).
 //!
 //! `x` is the image the model sees, i.e. the NORMALIZED image; L_X is taken of it.
 
-use crate::lie::Tape;
+use crate::jvp::Tape;
+use crate::kernels::softmax;
 use crate::models::Model;
 use crate::transforms::{image_lie_derivative, Stencil, Transform};
 use candle_core::{DType, Result, Tensor, D};
@@ -50,9 +51,6 @@ pub fn input_tangents(x: &Tensor, transforms: &[Transform], stencil: Stencil) ->
         .collect::<Result<Vec<_>>>()?;
     Tensor::stack(&parts, 0)
 }
-
-/// Softmax over the last axis (fused on CPU, with its backward; composed elsewhere).
-pub use crate::models::fused::softmax;
 
 /// Softmax over the last axis and its JVP, from differentiable ops (candle's fused softmax has
 /// no backward). `logits: (B, K)`, `dlogits: (T, B, K)` → `p: (B, K)`, `dp: (T, B, K)` with

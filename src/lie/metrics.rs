@@ -10,7 +10,8 @@
 //! 0..7 pixels along each axis (1 = consistent). Fractional shifts and rotations resample with a
 //! Lanczos-windowed sinc (a = 3, zero fill): band-limited, so an integer shift is exact.
 
-use super::lee::{softmax, MeanStderr};
+use super::lee::MeanStderr;
+use crate::kernels::softmax;
 use crate::models::{Model, Rng};
 use crate::transforms::{apply, coord, warp, Affine, Padding, Transform};
 use candle_core::{DType, Result, Tensor, D};

@@ -9,7 +9,7 @@
 use super::conv::{BatchNorm, Conv2d, ConvSpec, Flow, GlobalAvgPool, Linear, PadMode, Relu};
 use super::{Model, Rng};
 use crate::config::CnnConfig;
-use crate::lie::{add_tangents, Jvp, Repr, StepKind, Tape};
+use crate::jvp::{add_tangents, Jvp, Repr, StepKind, Tape};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 

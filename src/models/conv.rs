@@ -9,8 +9,8 @@
 //! Parameter values come from the VarBuilder's init hints; models built through
 //! [`crate::models::build_model`] draw them from the run seed (see [`crate::models::init`]).
 
-use super::{fused, im2col};
-use crate::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
+use crate::jvp::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
+use crate::kernels::{fusable, im2col};
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -116,7 +116,7 @@ fn pad_circular(x: &Tensor, p: usize) -> Result<Tensor> {
 }
 
 /// Cross-correlation of `x: (B, Cin, H, W)` with `w: (Cout, Cin, k, k)` under `spec`, no bias.
-/// On the CPU (f32 / f64) as im2col + matmul ([`super::im2col`]: its backward is two matmuls,
+/// On the CPU (f32 / f64) as im2col + matmul ([`crate::kernels::im2col`]: its backward is two matmuls,
 /// where candle's is a direct loop), elsewhere candle's `conv2d`.
 pub fn conv2d_op(x: &Tensor, w: &Tensor, spec: ConvSpec) -> Result<Tensor> {
     let (x, padding) = match spec.pad_mode {
@@ -124,7 +124,7 @@ pub fn conv2d_op(x: &Tensor, w: &Tensor, spec: ConvSpec) -> Result<Tensor> {
         PadMode::Circular if spec.padding == 0 => (x.clone(), 0),
         PadMode::Circular => (pad_circular(x, spec.padding)?, 0),
     };
-    if fused::fusable(&x) {
+    if fusable(&x) {
         im2col::conv2d(&x, w, padding, spec.stride)
     } else {
         x.conv2d(w, padding, spec.stride, 1, 1)

@@ -22,7 +22,7 @@ use super::conv::{
 };
 use super::{Model, Rng};
 use crate::config::GcnnConfig;
-use crate::lie::{merge_tangent, split_tangent, Jvp, Repr, StepKind, Tape};
+use crate::jvp::{merge_tangent, split_tangent, Jvp, Repr, StepKind, Tape};
 use crate::transforms::{apply, Padding, Transform};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;

@@ -4,29 +4,17 @@
 //! Layout and parameter names follow timm's `vision_transformer.py` (and facebookresearch/mae,
 //! which uses timm's `Block`), so timm checkpoints load by name. Every forward has a backward:
 //! candle-nn's fused LayerNorm / softmax / sdpa silently cut the gradient (DESIGN.md, "Candle
-//! facts"), so LayerNorm, softmax and GELU run on `models::fused` (one-pass CPU kernels with their
+//! facts"), so LayerNorm, softmax and GELU run on `crate::kernels` (one-pass CPU kernels with their
 //! own backward, composed candle ops on other devices) and the rest on composed candle ops. Tangents follow the [`Jvp`] convention `dx: (T, B, ...)`.
 //! These leaf layers do not call [`Tape::step`]: the composite models (`vit`, `mae`) name the
 //! steps, because only they know the token grid a step's output lives on.
 
-use crate::lie::{merge_tangent, split_tangent, Jvp, Tape};
-use crate::models::fused_attention;
-use crate::models::fused_linear;
-use crate::models::{fused, Rng};
+use crate::jvp::{merge_tangent, split_tangent, Jvp, Tape};
+use crate::kernels;
+use crate::models::Rng;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::Rng as _;
-
-/// `(T, G, R, K) × (G, K, M)` → `(T, G, R, M)`: a tangent on the left of a primal matrix, as one
-/// batched matmul over G with the T directions folded into the rows (no copy of the primal).
-pub fn tangent_matmul(dx: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (t, g, r, k) = dx.dims4()?;
-    let m = w.dim(2)?;
-    // (T, G, R, K) -> (G, T·R, K)
-    let lhs = dx.transpose(0, 1)?.reshape((g, t * r, k))?;
-    // (G, T·R, M) -> (G, T, R, M) -> (T, G, R, M)
-    lhs.matmul(w)?.reshape((g, t, r, m))?.transpose(0, 1)
-}
 
 /// A fully connected layer `y = x·Wᵀ + b` on the last axis; `weight: (out, in)` (PyTorch layout).
 #[derive(Clone, Debug)]
@@ -54,7 +42,7 @@ impl Linear {
 
     /// `x: (..., in)` → `(..., out)`; the bias is skipped for tangents.
     fn apply(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
-        fused_linear::linear(x, &self.weight, self.bias.as_ref().filter(|_| with_bias))
+        kernels::linear(x, &self.weight, self.bias.as_ref().filter(|_| with_bias))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -63,14 +51,14 @@ impl Linear {
 
     /// `forward(x) + residual`, one op where nothing tracks a gradient.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        fused_linear::linear_add(x, &self.weight, self.bias.as_ref(), residual)
+        kernels::linear_add(x, &self.weight, self.bias.as_ref(), residual)
     }
 
     /// The JVP of `forward(x) + residual` from the residual's own `(residual, dresidual)`.
     pub fn jvp_add(&self, (x, dx): (&Tensor, &Tensor), (r, dr): (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
         Ok((
             self.forward_add(x, r)?,
-            fused_linear::linear_add(dx, &self.weight, None, dr)?,
+            kernels::linear_add(dx, &self.weight, None, dr)?,
         ))
     }
 }
@@ -96,15 +84,15 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 }
 
 impl LayerNorm {
-    /// One fused pass on CPU (`models::fused`, with its own backward), composed elsewhere.
+    /// One fused pass on CPU (`crate::kernels`, with its own backward), composed elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
 impl Jvp for LayerNorm {
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        fused::layer_norm_jvp(x, dx, &self.weight, &self.bias, self.eps)
+        kernels::layer_norm_jvp(x, dx, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -115,14 +103,14 @@ pub struct Gelu;
 
 impl Gelu {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::gelu_erf(x)
+        kernels::gelu_erf(x)
     }
 }
 
 impl Jvp for Gelu {
     /// d gelu = gelu'(x)·dx = (Φ(x) + x·φ(x))·dx.
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        fused::gelu_erf_jvp(x, dx)
+        kernels::gelu_erf_jvp(x, dx)
     }
 }
 
@@ -132,14 +120,14 @@ pub struct Softmax;
 
 impl Softmax {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        fused::softmax(x)
+        kernels::softmax(x)
     }
 }
 
 impl Jvp for Softmax {
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let s = self.forward(x)?;
-        let ds = fused::softmax_tangent(&s, dx)?;
+        let ds = kernels::softmax_tangent(&s, dx)?;
         Ok((s, ds))
     }
 }
@@ -212,12 +200,12 @@ pub fn attention(dim: usize, heads: usize, qkv_bias: bool, vb: VarBuilder) -> Re
 impl ResidualBranch for Attention {
     /// The heads' outputs, concatenated.
     fn inner(&self, x: &Tensor) -> Result<Tensor> {
-        fused_attention::attention(&self.qkv.forward(x)?, self.heads, self.scale)
+        kernels::attention(&self.qkv.forward(x)?, self.heads, self.scale)
     }
 
     fn inner_jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let (qkv, dqkv) = self.qkv.jvp(x, dx, tape)?;
-        fused_attention::attention_jvp(&qkv, &dqkv, self.heads, self.scale)
+        kernels::attention_jvp(&qkv, &dqkv, self.heads, self.scale)
     }
 
     fn output(&self) -> &Linear {

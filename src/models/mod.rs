@@ -4,11 +4,7 @@
 
 pub mod cnn;
 pub mod conv;
-pub mod fused;
-pub mod fused_attention;
-pub mod fused_linear;
 pub mod gcnn;
-pub mod im2col;
 pub mod init;
 pub mod layers;
 pub mod mae;
@@ -16,7 +12,7 @@ pub mod vit;
 pub mod weights;
 
 use crate::config::Config;
-use crate::lie::Jvp;
+use crate::jvp::Jvp;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 

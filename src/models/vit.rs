@@ -8,7 +8,7 @@
 //! steps' contributions sum exactly to the end-to-end Lie derivative.
 
 use crate::config::VitConfig;
-use crate::lie::{add_tangents, Jvp, Repr, StepKind, Tape};
+use crate::jvp::{add_tangents, Jvp, Repr, StepKind, Tape};
 use crate::models::layers::{
     attention, layer_norm, linear, mlp, patch_embed, zero_tangent, Attention, DropPath, LayerNorm, Linear, Mlp,
     PatchEmbed, ResidualBranch,

@@ -74,8 +74,8 @@ pub enum TrainError {
         value: f32,
         checkpoint: String,
     },
-    #[error("device {name:?}: {message}")]
-    Device { name: String, message: String },
+    #[error(transparent)]
+    Device(#[from] crate::runtime::DeviceError),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -86,30 +86,6 @@ pub enum TrainError {
     Report(#[from] ReportError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
-}
-
-/// `device = "auto" | "cpu" | "cuda" | "cuda:N"`; `auto` is CUDA 0 when built with the `cuda`
-/// feature and a GPU is present, else the CPU.
-pub fn select_device(name: &str) -> Result<Device, TrainError> {
-    let cuda = |i: usize| {
-        Device::new_cuda(i).map_err(|e| TrainError::Device {
-            name: name.into(),
-            message: format!("{e} (build with `--features cuda` on a machine with CUDA, or set device = \"cpu\")"),
-        })
-    };
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => cuda(0),
-        "auto" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(i) => cuda(i),
-            None => Err(TrainError::Device {
-                name: name.into(),
-                message: "expected auto, cpu, cuda or cuda:N".into(),
-            }),
-        },
-    }
 }
 
 /// What a finished run reports.
@@ -506,7 +482,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
     } else {
         None
     };
-    let device = select_device(&cfg.device)?;
+    let device = crate::runtime::select_device(&cfg.device)?;
     let train_set = crate::data::training_set(cfg)?;
     let eff_batch = cfg.train.batch_size;
     if eff_batch > train_set.len() || (cfg.pretrain.enabled && cfg.pretrain.batch_size > train_set.len()) {

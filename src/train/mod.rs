@@ -11,9 +11,7 @@ pub mod optim;
 pub mod schedule;
 
 pub use augment::{soft_targets, Augmented, Augmenter};
-pub use engine::{
-    init_from_pretrain, select_device, train, RunSummary, Start, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR,
-};
+pub use engine::{init_from_pretrain, train, RunSummary, Start, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR};
 pub use inference::{load_for_inference, Loaded};
 pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
 pub use schedule::Schedule;

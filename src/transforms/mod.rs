@@ -9,7 +9,7 @@
 mod stencil;
 mod warp;
 
-pub use stencil::{grid_derivative, image_lie_derivative, lie_derivative, Axis, Stencil};
+pub use stencil::{grid_derivative, image_lie_derivative, lie_derivative, Axis, Repr, Stencil};
 pub use warp::{apply, warp, Padding};
 
 /// A 2×3 affine matrix acting on normalized coordinates `[u_x, u_y, 1]`.

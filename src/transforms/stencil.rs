@@ -2,8 +2,22 @@
 //! (L_X x)(u) = ∂x/∂u_x·X_x(u) + ∂x/∂u_y·X_y(u), ∂/∂u_x = (W−1)/2 · D_x (DESIGN.md).
 
 use super::{coord, Transform};
-use crate::lie::Repr;
 use candle_core::{Result, Tensor};
+
+/// What a step's output is, so that its own ("canonical") Lie derivative can be formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repr {
+    /// `(B, C, H, W)` feature map on an H×W grid.
+    Image,
+    /// `(B, [1 +] h·w, C)` tokens on an h×w grid, with an optional leading cls token
+    /// (the cls token is not spatial: its Lie derivative is zero).
+    Tokens { h: usize, w: usize, cls: bool },
+    /// `(B, C, N, H, W)` C_N group feature map: the grid derivative acts on the last two axes;
+    /// the orientation axis has no infinitesimal generator for a finite group and is left alone.
+    Group,
+    /// A value the transforms act on trivially (pooled features, logits, probabilities).
+    Invariant,
+}
 
 /// How D_x is computed on the pixel grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use liederiv::lie::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
+use liederiv::jvp::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
 use liederiv::models::{Model, Rng};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};

@@ -7,14 +7,15 @@
 //! perf, the reduce, the adds and the memsets were ~15% of a one-thread small-ViT step. Here the
 //! forward writes the bias into each block of output rows and gemm accumulates x·Wᵀ onto it; the
 //! backward is `dx = g·W`, `dW = gᵀ·x` and a vectorised column sum for `db`. All three products
-//! run on `fused::matmul_par` (row blocks per thread), which scales to two cores better than
+//! run on `driver::matmul_par` (row blocks per thread), which scales to two cores better than
 //! gemm's own threading.
 //!
 //! Other devices and dtypes take [`linear_composed`], which is also the tests' oracle.
 
-use crate::models::fused::{
-    by_dtype, fusable, inference_only, matmul, matmul_par, par_row_sums, slice, sum_partials, written_by, Real, Terms,
+use super::driver::{
+    by_dtype, fusable, inference_only, matmul, matmul_par, par_row_sums, slice, sum_partials, written_by, Terms,
 };
+use super::fastmath::Real;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::Parallelism;
 use rayon::prelude::*;

@@ -1,11 +1,14 @@
-//! Forward-mode JVP: the contract every layer and model implements, and the tape that turns one
-//! JVP pass into the layerwise decomposition of the paper's Eq. 6.
+//! Forward-mode JVP: the contract every layer and model implements, the tangent layout and its
+//! helpers, and the tape that turns one JVP pass into the layerwise decomposition of the
+//! paper's Eq. 6. Sits between the kernels (whose tangent layout it re-exports) and the models.
 //!
 //! Tangents carry a leading axis of T directions: `x: (B, ...)`, `dx: (T, B, ...)`. One primal
 //! pass then pushes several tangents at once (every transform of an LEE measurement, or every
 //! step's error in the layerwise decomposition). Tangents are made of ordinary differentiable
 //! candle ops, so backprop through them gives the gradient of LEE (LEE-regularised training).
 
+pub use crate::kernels::tangent::{merge_tangent, split_tangent, tangent_mul};
+pub use crate::transforms::Repr;
 use crate::transforms::{lie_derivative, Stencil, Transform};
 use candle_core::{Result, Tensor};
 
@@ -13,21 +16,6 @@ use candle_core::{Result, Tensor};
 pub trait Jvp {
     /// `x: (B, ...)`, `dx: (T, B, ...)` → `(y, dy)` with `dy: (T, B, ...)` = J(x)·dx, eval mode.
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)>;
-}
-
-/// What a step's output is, so that its own ("canonical") Lie derivative can be formed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Repr {
-    /// `(B, C, H, W)` feature map on an H×W grid.
-    Image,
-    /// `(B, [1 +] h·w, C)` tokens on an h×w grid, with an optional leading cls token
-    /// (the cls token is not spatial: its Lie derivative is zero).
-    Tokens { h: usize, w: usize, cls: bool },
-    /// `(B, C, N, H, W)` C_N group feature map: the grid derivative acts on the last two axes;
-    /// the orientation axis has no infinitesimal generator for a finite group and is left alone.
-    Group,
-    /// A value the transforms act on trivially (pooled features, logits, probabilities).
-    Invariant,
 }
 
 /// The kind of a network step, for the layerwise report.
@@ -167,27 +155,4 @@ pub fn pad_channels(dx: &Tensor, t: usize) -> Result<Tensor> {
 pub fn add_tangents(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let t = a.dim(0)?.max(b.dim(0)?);
     pad_channels(a, t)? + pad_channels(b, t)?
-}
-
-/// Broadcast a primal-shaped factor `(B, ...)` against a tangent `(T, B, ...)`.
-pub fn tangent_mul(dx: &Tensor, factor: &Tensor) -> Result<Tensor> {
-    dx.broadcast_mul(&factor.unsqueeze(0)?)
-}
-
-/// Merge the tangent axis into the batch: `(T, B, ...)` → `(T·B, ...)`, for ops that need a
-/// fixed rank (conv2d). Returns the merged tensor and T.
-pub fn merge_tangent(dx: &Tensor) -> Result<(Tensor, usize)> {
-    let dims = dx.dims();
-    let t = dims[0];
-    let mut shape = vec![t * dims[1]];
-    shape.extend_from_slice(&dims[2..]);
-    Ok((dx.reshape(shape)?, t))
-}
-
-/// Undo [`merge_tangent`]: `(T·B, ...)` → `(T, B, ...)`.
-pub fn split_tangent(dx: &Tensor, t: usize) -> Result<Tensor> {
-    let dims = dx.dims();
-    let mut shape = vec![t, dims[0] / t];
-    shape.extend_from_slice(&dims[1..]);
-    dx.reshape(shape)
 }

@@ -9,7 +9,7 @@
 //! gradient's scatter back to the image is [`Col2im`], im2col's adjoint. (candle's backward
 //! detaches gradients, so col2im needs no backward of its own.)
 
-use super::fused::{by_dtype, par_zeros, slice};
+use super::driver::{by_dtype, par_zeros, slice};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 

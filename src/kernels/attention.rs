@@ -17,12 +17,10 @@
 //! needs a gradient. `tests/fused.rs` holds all three to the composed forms and the backward to
 //! f64 finite differences.
 
-use crate::lie::{merge_tangent, split_tangent};
-use crate::models::fused::{
-    by_dtype, fusable, matmul, slice, softmax, softmax_row, softmax_row_grad, softmax_tangent, written_by, Real,
-    SharedMut,
-};
-use crate::models::layers::tangent_matmul;
+use super::driver::{by_dtype, fusable, matmul, slice, written_by, SharedMut};
+use super::fastmath::Real;
+use super::softmax::{softmax, softmax_row, softmax_row_grad, softmax_tangent};
+use super::tangent::{merge_tangent, split_tangent, tangent_matmul};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
