@@ -42,7 +42,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 fn config(kind: &str) -> Config {
     let mut cfg = Config::default();
-    cfg.model.kind = kind.into();
+    cfg.model.kind = serde_json::from_value(serde_json::json!(kind)).unwrap();
     if kind == "vit" {
         cfg.model.vit = VitConfig::tiny_mnist();
     }

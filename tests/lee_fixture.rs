@@ -33,7 +33,7 @@ fn tiny_cfg(fx: &Value) -> VitConfig {
         depth: get("depth"),
         heads: get("heads"),
         mlp_ratio: c["mlp_ratio"].as_f64().unwrap(),
-        pool: c["pool"].as_str().unwrap().to_string(),
+        pool: serde_json::from_value(c["pool"].clone()).unwrap(),
         ..VitConfig::default()
     }
 }
@@ -70,13 +70,7 @@ fn check(dtype: DType, tol: f64) {
     for (a, b) in logits.iter().zip(floats(&fx["logits"])) {
         assert!((a - b).abs() < tol * 10.0 * b.abs().max(1.0), "logits {a} vs {b}");
     }
-    let names: Vec<String> = fx["transforms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().into())
-        .collect();
-    let trs = Transform::parse_list(&names).unwrap();
+    let trs: Vec<Transform> = serde_json::from_value(fx["transforms"].clone()).unwrap();
     let mut worst = 0.0f64;
     for (stat, key, logits) in [
         (Statistic::Sq, "sq", false),
@@ -84,7 +78,8 @@ fn check(dtype: DType, tol: f64) {
         (Statistic::Sq, "sq_logits", true),
     ] {
         let ours = lee_per_image(&vit, &x, &trs, Stencil::Central, stat, logits).unwrap();
-        for (t, name) in names.iter().enumerate() {
+        for (t, tr) in trs.iter().enumerate() {
+            let name = tr.name();
             let want = floats(&fx["lee"][name][key]);
             for (a, b) in ours[t].iter().zip(&want) {
                 let rel = (a - b).abs() / b.abs();

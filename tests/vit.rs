@@ -182,8 +182,8 @@ fn small_cfg(pool: &str, pos: &str) -> VitConfig {
         depth: 2,
         heads: 2,
         mlp_ratio: 2.0,
-        pool: pool.into(),
-        pos_embed: pos.into(),
+        pool: serde_json::from_value(serde_json::json!(pool)).unwrap(),
+        pos_embed: serde_json::from_value(serde_json::json!(pos)).unwrap(),
         ..VitConfig::default()
     }
 }

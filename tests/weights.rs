@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::max_abs_diff;
-use liederiv::config::{InitConfig, VitConfig};
+use liederiv::config::{InitConfig, InitWeights, Pool, PosEmbed, VitConfig, WeightFormat};
 use liederiv::hub::HubError;
 use liederiv::models::vit::Vit;
 use liederiv::models::weights::{
@@ -33,8 +33,8 @@ fn tiny() -> VitConfig {
         heads: 2,
         mlp_ratio: 4.0,
         qkv_bias: true,
-        pool: "cls".into(),
-        pos_embed: "learned".into(),
+        pool: Pool::Cls,
+        pos_embed: PosEmbed::Learned,
         drop_path: 0.0,
         ln_eps: 1e-6,
     }
@@ -73,9 +73,9 @@ fn build_vit(pre: &Pretrained, vit: &VitConfig, image_size: usize) -> Vit {
 
 fn file_init(path: &Path, format: &str) -> InitConfig {
     InitConfig {
-        weights: "file".into(),
+        weights: InitWeights::File,
         file: path.display().to_string(),
-        format: format.into(),
+        format: serde_json::from_value(serde_json::json!(format)).unwrap(),
         ..InitConfig::default()
     }
 }
@@ -96,11 +96,11 @@ fn populated_cache(repo: &str, files: &[(&str, PathBuf)]) -> tempfile::TempDir {
 
 fn hub_init(repo: &str, cache: &Path) -> InitConfig {
     InitConfig {
-        weights: "hub".into(),
+        weights: InitWeights::Hub,
         hub_repo: repo.into(),
         hub_cache_dir: cache.display().to_string(),
         offline: true,
-        format: "hf".into(),
+        format: WeightFormat::Hf,
         ..InitConfig::default()
     }
 }
@@ -190,7 +190,7 @@ fn hub_timm_repo_and_hf_classifier_head() {
     let repo = "someone/tiny-timm-vit";
     let cache = populated_cache(repo, &[("model.safetensors", fixture("timm_vit/model.safetensors"))]);
     let init = InitConfig {
-        format: "timm".into(),
+        format: WeightFormat::Timm,
         ..hub_init(repo, cache.path())
     };
     let got = load_pretrained(&init, &tiny(), 28, 1, 10).unwrap();
@@ -314,7 +314,7 @@ fn new_head_and_mean_pooling_follow_mae_finetuning() {
 
     // Mean pooling: `norm` is dropped, `fc_norm` is new (MAE's global_pool fine-tuning).
     let vit = VitConfig {
-        pool: "mean".into(),
+        pool: Pool::Mean,
         ..tiny()
     };
     let got = load_pretrained(&init, &vit, 28, 1, 10).unwrap();
@@ -381,7 +381,13 @@ fn broken_hf_checkpoints_are_named() {
         ]
     );
     // Unknown formats and non-pretrained sources are refused with the key to change.
-    assert!(matches!(Layout::parse("onnx"), Err(WeightsError::Format { .. })));
+    // (An unknown name such as "onnx" no longer reaches the loader: the config refuses it.)
+    let onnx = liederiv::Config::resolve_str("", "t", &["init.format=\"onnx\"".to_string()]);
+    assert!(onnx.is_err_and(|e| e.to_string().contains("init.format")));
+    assert!(matches!(
+        Layout::of(WeightFormat::Liederiv),
+        Err(WeightsError::Format { .. })
+    ));
     let random = InitConfig::default();
     assert!(matches!(
         load_pretrained(&random, &tiny(), 28, 1, 10),
@@ -431,7 +437,7 @@ fn pos_embed_interpolated_to_a_larger_grid() {
 
     // A fixed sin-cos model has no pos_embed parameter: the checkpoint's is dropped.
     let sincos = VitConfig {
-        pos_embed: "sincos".into(),
+        pos_embed: PosEmbed::Sincos,
         ..tiny()
     };
     let got = load_pretrained(&init, &sincos, 28, 1, 10).unwrap();

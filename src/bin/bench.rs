@@ -16,7 +16,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use clap::Parser;
-use liederiv::config::{Config, VitConfig};
+use liederiv::config::{Config, ModelKind, Pool, VitConfig};
 use liederiv::jvp::Tape;
 use liederiv::kernels;
 use liederiv::lie::lee::softmax_jvp;
@@ -53,20 +53,20 @@ struct Args {
 fn config_for(name: &str) -> Result<Config> {
     let mut cfg = Config::default();
     match name {
-        "vit_tiny" => (cfg.model.kind, cfg.model.vit) = ("vit".into(), VitConfig::tiny_mnist()),
-        "vit_small" => (cfg.model.kind, cfg.model.vit) = ("vit".into(), VitConfig::small_mnist()),
-        "cnn" => cfg.model.kind = "cnn".into(),
-        "gcnn" => cfg.model.kind = "gcnn".into(),
+        "vit_tiny" => (cfg.model.kind, cfg.model.vit) = (ModelKind::Vit, VitConfig::tiny_mnist()),
+        "vit_small" => (cfg.model.kind, cfg.model.vit) = (ModelKind::Vit, VitConfig::small_mnist()),
+        "cnn" => cfg.model.kind = ModelKind::Cnn,
+        "gcnn" => cfg.model.kind = ModelKind::Gcnn,
         "vit_base" => {
             // ViT-B/16 at 224 px on RGB-replicated digits, as configs/rotmnist_mae_gpu.toml.
             (cfg.data.image_size, cfg.data.channels) = (224, 3);
-            cfg.model.kind = "vit".into();
+            cfg.model.kind = ModelKind::Vit;
             cfg.model.vit = VitConfig {
                 patch_size: 16,
                 dim: 768,
                 depth: 12,
                 heads: 12,
-                pool: "mean".into(),
+                pool: Pool::Mean,
                 ..VitConfig::default()
             };
         }
@@ -119,7 +119,7 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
     let dx = randn(&[1, b, c, s, s], 2, &dev)?; // one tangent direction: (T=1, B, C, H, W)
     let labels = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect::<Vec<_>>(), b, &dev)?;
     // The trainer's own AdamW (parameter groups, decoupled weight decay), as `train` runs it.
-    let vit_depth = (cfg.model.kind == "vit").then_some(cfg.model.vit.depth);
+    let vit_depth = (cfg.model.kind == ModelKind::Vit).then_some(cfg.model.vit.depth);
     let mut opt = AdamW::new(&varmap, AdamWParams::from_train(&cfg.train), vit_depth)?;
     let mut rng = Rng::seed_from_u64(cfg.seed);
     // Forward and LEE run as evaluation and `lee` run them: on detached views, no autograd graph

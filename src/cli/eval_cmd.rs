@@ -3,8 +3,9 @@
 
 use super::EvalArgs;
 use crate::config::Config;
+use crate::lie::LeeSpec;
 use crate::report::EvalRecord;
-use crate::train::evaluate::{evaluate, lee_spec, logits_of};
+use crate::train::evaluate::{evaluate, logits_of};
 use anyhow::Context;
 use std::collections::BTreeMap;
 
@@ -24,7 +25,7 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
     let loaded = crate::train::load_for_inference(cfg, args.checkpoint.as_deref(), &device)?;
     eprintln!("eval: measuring {}", loaded.source);
     let model = crate::models::frozen(cfg, &loaded.varmap, &device)?;
-    let spec = lee_spec(cfg).map_err(anyhow::Error::msg)?;
+    let spec = LeeSpec::of(&cfg.lee);
     let metrics = evaluate(
         model.as_ref(),
         cfg,

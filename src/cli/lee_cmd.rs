@@ -13,16 +13,16 @@ use crate::config::Config;
 use crate::data;
 use crate::lie::{
     decompose, LayerwiseAccumulator, LayerwiseReport, LeeAccumulator, LeeSpec, LeeSummary, Metric, MetricStat,
-    MetricsAccumulator, Statistic,
+    MetricsAccumulator,
 };
 use crate::models::{frozen, Rng};
-use crate::transforms::{Stencil, Transform};
 use anyhow::{bail, Context};
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 
-/// The flags resolved against the `lee` config section (flags win).
+/// What to measure: the `[lee]` section (its flags are overrides of it, applied when the config
+/// was resolved) and the metrics.
 #[derive(Debug)]
 struct Options {
     spec: LeeSpec,
@@ -33,29 +33,8 @@ struct Options {
 
 fn resolve(cfg: &Config, args: &LeeArgs) -> anyhow::Result<Options> {
     let l = &cfg.lee;
-    let names = if args.transforms.is_empty() {
-        &l.transforms
-    } else {
-        &args.transforms
-    };
-    let transforms = Transform::parse_list(names).map_err(|e| anyhow::anyhow!("--transforms: {e}"))?;
-    if transforms.is_empty() {
+    if l.transforms.is_empty() {
         bail!("no transforms to measure: pass --transforms rotate,translate_x,... or set lee.transforms");
-    }
-    let stencil_name = args.stencil.as_deref().unwrap_or(&l.stencil);
-    let stencil = Stencil::parse(stencil_name)
-        .with_context(|| format!("--stencil {stencil_name:?}: expected central, forward or spectral"))?;
-    let stat_name = args.statistic.as_deref().unwrap_or(&l.statistic);
-    let statistic =
-        Statistic::parse(stat_name).with_context(|| format!("--statistic {stat_name:?}: expected sq or abs"))?;
-    let splits = if args.splits.is_empty() {
-        l.splits.clone()
-    } else {
-        args.splits.clone()
-    };
-    let known = cfg.split_names();
-    if let Some(s) = splits.iter().find(|s| !known.contains(s)) {
-        bail!("--splits: unknown split {s:?}; this config defines {known:?}");
     }
     let mut metrics = Vec::new();
     for name in &args.metrics {
@@ -68,15 +47,9 @@ fn resolve(cfg: &Config, args: &LeeArgs) -> anyhow::Result<Options> {
         }
     }
     Ok(Options {
-        spec: LeeSpec {
-            transforms,
-            stencil,
-            statistic,
-            use_logits: l.use_logits,
-            batch_size: l.batch_size,
-        },
-        splits,
-        limit: args.limit.unwrap_or(l.limit),
+        spec: LeeSpec::of(l),
+        splits: l.splits.clone(),
+        limit: l.limit,
         metrics,
     })
 }

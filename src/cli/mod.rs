@@ -42,7 +42,13 @@ pub struct ConfigArgs {
 impl ConfigArgs {
     /// Read, override and validate the config (errors name the key, file and line).
     pub fn resolve(&self) -> anyhow::Result<Config> {
-        Ok(Config::resolve(self.config.as_deref(), &self.overrides)?)
+        self.resolve_with(&[])
+    }
+
+    /// As [`ConfigArgs::resolve`], with a command's own flags as further overrides (after `--set`).
+    pub fn resolve_with(&self, flags: &[String]) -> anyhow::Result<Config> {
+        let all: Vec<String> = self.overrides.iter().chain(flags).cloned().collect();
+        Ok(Config::resolve(self.config.as_deref(), &all)?)
     }
 }
 
@@ -130,6 +136,36 @@ pub struct LeeArgs {
     pub json: Option<PathBuf>,
 }
 
+impl LeeArgs {
+    /// The flags that set `[lee]` fields, as the `--set` overrides they stand for: the config
+    /// parses and checks them like any other value.
+    pub fn overrides(&self) -> Vec<String> {
+        let list = |v: &[String]| {
+            format!(
+                "[{}]",
+                v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+            )
+        };
+        let mut out = Vec::new();
+        if !self.transforms.is_empty() {
+            out.push(format!("lee.transforms={}", list(&self.transforms)));
+        }
+        if !self.splits.is_empty() {
+            out.push(format!("lee.splits={}", list(&self.splits)));
+        }
+        if let Some(n) = self.limit {
+            out.push(format!("lee.limit={n}"));
+        }
+        if let Some(s) = &self.stencil {
+            out.push(format!("lee.stencil={s:?}"));
+        }
+        if let Some(s) = &self.statistic {
+            out.push(format!("lee.statistic={s:?}"));
+        }
+        out
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct DataArgs {
     #[command(subcommand)]
@@ -206,7 +242,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             eval_cmd::run(&a, &cfg)
         }
         Command::Lee(a) => {
-            let cfg = a.cfg.resolve()?;
+            let cfg = a.cfg.resolve_with(&a.overrides())?;
             if dry_run(&a.cfg, &cfg) {
                 return Ok(());
             }

@@ -4,12 +4,16 @@
 //! Follows nanoGPT's configurator (unknown keys and wrong types are errors) and ripgrep's
 //! two-stage arguments (raw text → validated config). Every field documents its units.
 
+mod choices;
 mod validate;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+pub use choices::{DataSource, InitWeights, ModelKind, Objective, Pool, PosEmbed, Statistic, WeightFormat};
 pub use validate::ConfigError;
+
+use crate::transforms::{Stencil, Transform};
 
 /// The environment variable that names the local data root (IDX folders, `.amat` files).
 pub const DATA_DIR_ENV: &str = "LIEDERIV_DATA_DIR";
@@ -60,7 +64,7 @@ pub struct DataConfig {
     /// Local data root holding `mnist/` (IDX files). Empty: `$LIEDERIV_DATA_DIR`, else the Hub.
     pub root: String,
     /// "auto" (IDX under the root if one is set, else the Hub) | "idx" | "hub" | "amat".
-    pub source: String,
+    pub source: DataSource,
     /// Folder of MNIST IDX files, relative to `root` (or absolute).
     pub mnist_dir: String,
     /// Hugging Face dataset repo used when `source` resolves to "hub".
@@ -99,7 +103,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             root: String::new(),
-            source: "auto".into(),
+            source: DataSource::Auto,
             mnist_dir: "mnist".into(),
             hub_repo: "ylecun/mnist".into(),
             hub_cache_dir: String::new(),
@@ -167,7 +171,7 @@ impl OodConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// "vit" | "cnn" | "gcnn".
-    pub kind: String,
+    pub kind: ModelKind,
     pub num_classes: usize,
     pub vit: VitConfig,
     pub mae: MaeConfig,
@@ -178,7 +182,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
-            kind: "vit".into(),
+            kind: ModelKind::Vit,
             num_classes: 10,
             vit: VitConfig::default(),
             mae: MaeConfig::default(),
@@ -202,9 +206,9 @@ pub struct VitConfig {
     pub mlp_ratio: f64,
     pub qkv_bias: bool,
     /// "cls" | "mean" (mean pooling of patch tokens followed by fc_norm).
-    pub pool: String,
+    pub pool: Pool,
     /// "learned" | "sincos".
-    pub pos_embed: String,
+    pub pos_embed: PosEmbed,
     /// Stochastic depth rate at the last block (linear in depth), in [0, 1).
     pub drop_path: f64,
     pub ln_eps: f64,
@@ -219,8 +223,8 @@ impl Default for VitConfig {
             heads: 2,
             mlp_ratio: 4.0,
             qkv_bias: true,
-            pool: "cls".into(),
-            pos_embed: "learned".into(),
+            pool: Pool::Cls,
+            pos_embed: PosEmbed::Learned,
             drop_path: 0.0,
             ln_eps: 1e-6,
         }
@@ -297,7 +301,7 @@ impl Default for GcnnConfig {
 pub struct InitConfig {
     /// "random" | "hub" (repo id below) | "file" (safetensors / pytorch_model.bin) | "pretrain"
     /// (the encoder of this config's own `[pretrain]` stage).
-    pub weights: String,
+    pub weights: InitWeights,
     /// Hugging Face model repo, e.g. "facebook/vit-mae-base".
     pub hub_repo: String,
     pub hub_revision: String,
@@ -308,19 +312,19 @@ pub struct InitConfig {
     /// Local checkpoint path for `weights = "file"`.
     pub file: String,
     /// Key layout of the checkpoint: "hf" | "timm" | "liederiv".
-    pub format: String,
+    pub format: WeightFormat,
 }
 
 impl Default for InitConfig {
     fn default() -> Self {
         Self {
-            weights: "random".into(),
+            weights: InitWeights::Random,
             hub_repo: String::new(),
             hub_revision: "main".into(),
             hub_cache_dir: String::new(),
             offline: false,
             file: String::new(),
-            format: "hf".into(),
+            format: WeightFormat::Hf,
         }
     }
 }
@@ -359,7 +363,7 @@ impl Default for PretrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// "classify" | "mae".
-    pub objective: String,
+    pub objective: Objective,
     /// Optimiser steps (each = accum_steps micro-batches).
     pub steps: usize,
     pub batch_size: usize,
@@ -383,7 +387,7 @@ pub struct TrainConfig {
     /// λ of the λ·LEE penalty added to the loss (0 = off).
     pub lee_penalty: f64,
     /// Transforms whose LEE the penalty sums.
-    pub lee_penalty_transforms: Vec<String>,
+    pub lee_penalty_transforms: Vec<Transform>,
     /// Images of each micro-batch the penalty is measured on: its first N (the batch order is
     /// already shuffled), 0 = all. The penalty's JVP and its backward cost several train steps per
     /// image, and the batch mean of LEE is estimated well from a subset.
@@ -397,7 +401,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            objective: "classify".into(),
+            objective: Objective::Classify,
             steps: 1000,
             batch_size: 128,
             accum_steps: 1,
@@ -412,7 +416,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             grad_clip: 0.0,
             lee_penalty: 0.0,
-            lee_penalty_transforms: vec!["rotate".into()],
+            lee_penalty_transforms: vec![Transform::Rotate],
             lee_penalty_images: 0,
             eval_every: 200,
             checkpoint_every: 200,
@@ -479,15 +483,15 @@ impl Default for EvalConfig {
 pub struct LeeConfig {
     /// Transforms measured: translate_x, translate_y, rotate, shear_x, shear_y, stretch_x,
     /// stretch_y, scale, hyperbolic, saturate.
-    pub transforms: Vec<String>,
+    pub transforms: Vec<Transform>,
     /// Splits measured, each on the same fixed first `limit` images every time.
     pub splits: Vec<String>,
     /// Images per split (0 = all).
     pub limit: usize,
     /// Pixel derivative: "central" | "forward" | "spectral".
-    pub stencil: String,
+    pub stencil: Stencil,
     /// "sq": (1/K)Σ(L_X p_k)² (paper Eq. 4) | "abs": (1/K)Σ|L_X p_k| (the reference code's CSVs).
-    pub statistic: String,
+    pub statistic: Statistic,
     /// Differentiate the logits instead of the softmax probabilities.
     pub use_logits: bool,
     pub batch_size: usize,
@@ -501,11 +505,11 @@ pub struct LeeConfig {
 impl Default for LeeConfig {
     fn default() -> Self {
         Self {
-            transforms: vec!["rotate".into(), "translate_x".into(), "translate_y".into()],
+            transforms: vec![Transform::Rotate, Transform::TranslateX, Transform::TranslateY],
             splits: vec!["train".into(), "test".into(), "ood_fashion".into()],
             limit: 256,
-            stencil: "central".into(),
-            statistic: "sq".into(),
+            stencil: Stencil::Central,
+            statistic: Statistic::Sq,
             use_logits: false,
             batch_size: 64,
             layerwise_probes: 0,

@@ -53,7 +53,7 @@ fn overrides_apply_in_order_and_keep_types() {
     ];
     let c = Config::resolve_str("[train]\nsteps = 3\n", "t", &o).unwrap();
     assert_eq!(c.train.base_lr, 5e-4);
-    assert_eq!(c.model.kind, "cnn");
+    assert_eq!(c.model.kind, super::ModelKind::Cnn);
     assert_eq!(c.train.steps, 9);
     assert!(err("", &["nokey"]).contains("dotted.key=value"));
     let e = err("name = \"a\"\n", &["name.x=1"]);

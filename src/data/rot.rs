@@ -14,7 +14,7 @@
 //! (a rebuild), an unchanged one reads the file back. Files are written atomically.
 
 use super::{amat, hub_mnist, idx, DataError, Digits, Split};
-use crate::config::{Config, OodConfig};
+use crate::config::{Config, DataSource, OodConfig};
 use crate::transforms::{apply, Padding, Transform};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -51,19 +51,19 @@ fn under_root(cfg: &Config, p: &str) -> Option<PathBuf> {
 
 fn source(cfg: &Config) -> Result<Source, DataError> {
     let d = &cfg.data;
-    let kind = match d.source.as_str() {
-        "auto" if !d.amat_dir.is_empty() => "amat",
-        "auto" if cfg.data_root().is_some() => "idx",
-        "auto" => "hub",
+    let kind = match d.source {
+        DataSource::Auto if !d.amat_dir.is_empty() => DataSource::Amat,
+        DataSource::Auto if cfg.data_root().is_some() => DataSource::Idx,
+        DataSource::Auto => DataSource::Hub,
         other => other,
     };
     let no_root = |key| DataError::NoRoot {
-        source_kind: kind.into(),
+        source_kind: kind.name().into(),
         key,
     };
     Ok(match kind {
-        "amat" => Source::Amat(under_root(cfg, &d.amat_dir).ok_or(no_root("amat_dir"))?),
-        "hub" => Source::Hub,
+        DataSource::Amat => Source::Amat(under_root(cfg, &d.amat_dir).ok_or(no_root("amat_dir"))?),
+        DataSource::Hub => Source::Hub,
         _ => Source::Idx(under_root(cfg, &d.mnist_dir).ok_or(no_root("mnist_dir"))?),
     })
 }

@@ -9,38 +9,13 @@
 //!
 //! `x` is the image the model sees, i.e. the NORMALIZED image; L_X is taken of it.
 
+use crate::config::LeeConfig;
+pub use crate::config::Statistic;
 use crate::jvp::Tape;
 use crate::kernels::softmax;
 use crate::models::Model;
 use crate::transforms::{image_lie_derivative, Stencil, Transform};
 use candle_core::{DType, Result, Tensor, D};
-
-/// How the per-class Lie derivatives of one image are reduced to a number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Statistic {
-    /// (1/K)·Σ_k (L_X p_k)²: the paper's Eq. 4.
-    Sq,
-    /// (1/K)·Σ_k |L_X p_k|: the reference code's CSV number.
-    Abs,
-}
-
-impl Statistic {
-    pub fn parse(name: &str) -> Option<Statistic> {
-        match name {
-            "sq" => Some(Statistic::Sq),
-            "abs" => Some(Statistic::Abs),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Statistic::Sq => "sq",
-            Statistic::Abs => "abs",
-        }
-    }
-}
 
 /// Input tangents of every transform stacked on the tangent axis:
 /// `x: (B, C, H, W)` → `(T, B, C, H, W)`.
@@ -163,7 +138,7 @@ pub struct LeeSummary {
     pub lee: Vec<(Transform, MeanStderr)>,
 }
 
-/// What an LEE measurement computes (the `lee` config section, parsed).
+/// What an LEE measurement computes (the `lee` config section).
 #[derive(Clone, Debug)]
 pub struct LeeSpec {
     pub transforms: Vec<Transform>,
@@ -171,6 +146,18 @@ pub struct LeeSpec {
     pub statistic: Statistic,
     pub use_logits: bool,
     pub batch_size: usize,
+}
+
+impl LeeSpec {
+    pub fn of(l: &LeeConfig) -> Self {
+        Self {
+            transforms: l.transforms.clone(),
+            stencil: l.stencil,
+            statistic: l.statistic,
+            use_logits: l.use_logits,
+            batch_size: l.batch_size,
+        }
+    }
 }
 
 /// Accumulates LEE and accuracy over the batches of a split.

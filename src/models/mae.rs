@@ -83,7 +83,7 @@ impl Mae {
         Ok(Self {
             patch_embed: patch_embed(in_chans, vit.dim, p, vb.pp("patch_embed"))?,
             cls_token: vb.get_with_hints((1, 1, vit.dim), "cls_token", Init::Randn { mean: 0.0, stdev: 0.02 })?,
-            pos_embed: pos_embed(&vit.pos_embed, vit.dim, grid, &vb)?,
+            pos_embed: pos_embed(vit.pos_embed, vit.dim, grid, &vb)?,
             blocks: blocks(vit, vb.clone())?,
             norm: layer_norm(vit.dim, vit.ln_eps, vb.pp("norm"))?,
             decoder_embed: linear(vit.dim, mae.decoder_dim, true, vb.pp("decoder_embed"))?,

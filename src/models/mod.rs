@@ -11,7 +11,7 @@ pub mod mae;
 pub mod vit;
 pub mod weights;
 
-use crate::config::Config;
+use crate::config::{Config, InitWeights, ModelKind};
 use crate::jvp::Jvp;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
@@ -51,11 +51,10 @@ pub fn frozen(cfg: &Config, varmap: &VarMap, device: &Device) -> Result<Box<dyn 
 
 fn build_from(cfg: &Config, vb: candle_nn::VarBuilder) -> Result<Box<dyn Model>> {
     let (m, d) = (&cfg.model, &cfg.data);
-    Ok(match m.kind.as_str() {
-        "vit" => Box::new(vit::Vit::new(&m.vit, d.image_size, d.channels, m.num_classes, vb)?),
-        "cnn" => Box::new(cnn::Cnn::new(&m.cnn, d.channels, m.num_classes, vb)?),
-        "gcnn" => Box::new(gcnn::Gcnn::new(&m.gcnn, d.channels, m.num_classes, vb)?),
-        other => candle_core::bail!("unknown model.kind {other:?} (expected vit, cnn or gcnn)"),
+    Ok(match m.kind {
+        ModelKind::Vit => Box::new(vit::Vit::new(&m.vit, d.image_size, d.channels, m.num_classes, vb)?),
+        ModelKind::Cnn => Box::new(cnn::Cnn::new(&m.cnn, d.channels, m.num_classes, vb)?),
+        ModelKind::Gcnn => Box::new(gcnn::Gcnn::new(&m.gcnn, d.channels, m.num_classes, vb)?),
     })
 }
 
@@ -64,10 +63,10 @@ fn build_from(cfg: &Config, vb: candle_nn::VarBuilder) -> Result<Box<dyn Model>>
 /// initialised from `cfg.seed`. `init.weights = "pretrain"` is resolved by the trainer.
 pub fn build_model(cfg: &Config, device: &Device) -> Result<(VarMap, Box<dyn Model>)> {
     let varmap = VarMap::new();
-    if matches!(cfg.init.weights.as_str(), "hub" | "file") {
-        if cfg.model.kind != "vit" {
+    if matches!(cfg.init.weights, InitWeights::Hub | InitWeights::File) {
+        if cfg.model.kind != ModelKind::Vit {
             candle_core::bail!(
-                "init.weights = {:?} loads ViT checkpoints only; model.kind is {:?} (use init.weights = \"random\")",
+                "init.weights = \"{}\" loads ViT checkpoints only; model.kind is \"{}\" (use init.weights = \"random\")",
                 cfg.init.weights,
                 cfg.model.kind
             );

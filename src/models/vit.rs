@@ -7,7 +7,7 @@
 //! the cls concat, position-embedding add and pooling that the reference code leaves out, so the
 //! steps' contributions sum exactly to the end-to-end Lie derivative.
 
-use crate::config::VitConfig;
+use crate::config::{Pool, PosEmbed, VitConfig};
 use crate::jvp::{add_tangents, Jvp, Repr, StepKind, Tape};
 use crate::models::layers::{
     attention, layer_norm, linear, mlp, patch_embed, zero_tangent, Attention, DropPath, LayerNorm, Linear, Mlp,
@@ -41,25 +41,6 @@ impl VitConfig {
     }
 }
 
-/// How the token sequence becomes one feature vector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pool {
-    /// Final `norm` over all tokens, then the cls token.
-    Cls,
-    /// Mean of the patch tokens, then `fc_norm` (timm `global_pool="avg"`, MAE fine-tuning).
-    Mean,
-}
-
-impl Pool {
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "cls" => Ok(Self::Cls),
-            "mean" => Ok(Self::Mean),
-            other => candle_core::bail!("model.vit.pool = \"{other}\" is not a pooling; use \"cls\" or \"mean\""),
-        }
-    }
-}
-
 /// MAE's `get_2d_sincos_pos_embed(dim, grid, cls_token=True)` for an `h×w` grid: `(1 + h·w, dim)`
 /// row-major, cls row zero. Token (i, j) gets sin/cos of the column j in its first half and of
 /// the row i in its second half (MAE meshes `grid_w` first). `dim` must be a multiple of 4.
@@ -88,16 +69,11 @@ pub fn sincos_pos_embed(dim: usize, h: usize, w: usize, dtype: DType, device: &D
 
 /// The position embedding `(1, 1 + h·w, dim)` (cls slot included): a trainable `pos_embed` for
 /// `"learned"`, a fixed sin-cos buffer (not in the VarMap) for `"sincos"`.
-pub(crate) fn pos_embed(kind: &str, dim: usize, grid: (usize, usize), vb: &VarBuilder) -> Result<Tensor> {
+pub(crate) fn pos_embed(kind: PosEmbed, dim: usize, grid: (usize, usize), vb: &VarBuilder) -> Result<Tensor> {
     let n = 1 + grid.0 * grid.1;
     match kind {
-        "learned" => vb.get_with_hints((1, n, dim), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 }),
-        "sincos" => sincos_pos_embed(dim, grid.0, grid.1, vb.dtype(), vb.device()),
-        other => {
-            candle_core::bail!(
-                "model.vit.pos_embed = \"{other}\" is not a position embedding; use \"learned\" or \"sincos\""
-            )
-        }
+        PosEmbed::Learned => vb.get_with_hints((1, n, dim), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 }),
+        PosEmbed::Sincos => sincos_pos_embed(dim, grid.0, grid.1, vb.dtype(), vb.device()),
     }
 }
 
@@ -292,7 +268,7 @@ impl Vit {
         vb: VarBuilder,
     ) -> Result<Self> {
         let grid = token_grid(image_size, cfg.patch_size)?;
-        let pool = Pool::parse(&cfg.pool)?;
+        let pool = cfg.pool;
         let norm_name = match pool {
             Pool::Cls => "norm",
             Pool::Mean => "fc_norm",
@@ -300,7 +276,7 @@ impl Vit {
         Ok(Self {
             patch_embed: patch_embed(in_chans, cfg.dim, cfg.patch_size, vb.pp("patch_embed"))?,
             cls_token: vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Randn { mean: 0.0, stdev: 0.02 })?,
-            pos_embed: pos_embed(&cfg.pos_embed, cfg.dim, grid, &vb)?,
+            pos_embed: pos_embed(cfg.pos_embed, cfg.dim, grid, &vb)?,
             blocks: blocks(cfg, vb.clone())?,
             norm: layer_norm(cfg.dim, cfg.ln_eps, vb.pp(norm_name))?,
             pool,

@@ -14,7 +14,7 @@
 //! optional and the separate query / key / value projections are concatenated into timm's fused
 //! `attn.qkv` (rows q | k | v).
 
-use crate::config::{InitConfig, VitConfig};
+use crate::config::{InitConfig, InitWeights, VitConfig, WeightFormat};
 use crate::hub::{self, HubError, HubSource, RepoKind};
 use crate::models::vit::{interpolate_pos_embed, Vit};
 use candle_core::{DType, Device, Tensor, Var};
@@ -81,12 +81,14 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// `init.format` → layout; "liederiv" (our own checkpoints) and anything else is refused.
-    pub fn parse(format: &str) -> Result<Self, WeightsError> {
+    /// `init.format` → layout; "liederiv" (our own checkpoints) is refused.
+    pub fn of(format: WeightFormat) -> Result<Self, WeightsError> {
         match format {
-            "hf" => Ok(Self::Hf),
-            "timm" => Ok(Self::Timm),
-            _ => Err(WeightsError::Format { format: format.into() }),
+            WeightFormat::Hf => Ok(Self::Hf),
+            WeightFormat::Timm => Ok(Self::Timm),
+            WeightFormat::Liederiv => Err(WeightsError::Format {
+                format: format.name().into(),
+            }),
         }
     }
 }
@@ -520,16 +522,20 @@ pub fn load_pretrained(
     in_chans: usize,
     num_classes: usize,
 ) -> Result<Pretrained, WeightsError> {
-    let layout = Layout::parse(&init.format)?;
-    let (weights, config) = match init.weights.as_str() {
-        "hub" => fetch_hub_files(&hub_source(init), layout)?,
-        "file" => {
+    let layout = Layout::of(init.format)?;
+    let (weights, config) = match init.weights {
+        InitWeights::Hub => fetch_hub_files(&hub_source(init), layout)?,
+        InitWeights::File => {
             let file = PathBuf::from(&init.file);
             let beside = file.with_file_name("config.json");
             let config = (layout == Layout::Hf && beside.is_file()).then_some(beside);
             (file, config)
         }
-        other => return Err(WeightsError::NotPretrained { weights: other.into() }),
+        other => {
+            return Err(WeightsError::NotPretrained {
+                weights: other.name().into(),
+            })
+        }
     };
     if let Some(path) = config {
         let mismatches = HfVitConfig::read(&path)?.mismatches(vit);

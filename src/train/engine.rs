@@ -12,18 +12,17 @@
 //! uninterrupted run on CPU.
 
 use super::checkpoint::{self, CheckpointError, Meta, RngState};
-use super::evaluate::{cross_entropy, evaluate, lee_spec};
+use super::evaluate::{cross_entropy, evaluate};
 use super::{AdamW, AdamWParams, Augmenter, Schedule};
-use crate::config::Config;
+use crate::config::{Config, InitWeights, ModelKind, Objective};
 use crate::data::{DataError, Split};
-use crate::lie::lee_penalty;
+use crate::lie::{lee_penalty, LeeSpec};
 use crate::models::init::SeededVarMap;
 use crate::models::mae::Mae;
 use crate::models::{Model, Rng};
 use crate::report::{
     eval_heading, eval_table, EvalRecord, MetricsLog, ReportError, SplitMetrics, METRICS_JSONL, SUMMARY_JSON,
 };
-use crate::transforms::{Stencil, Transform};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -555,7 +554,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
         stream: STREAM_TRAIN,
     };
     let hp = AdamWParams::from_train(t);
-    if t.objective == "mae" {
+    if t.objective == Objective::Mae {
         let last = run_mae(cfg, &stage, hp, &train_set, &device, main_meta.as_ref())?;
         return Ok(RunSummary { run_dir, last });
     }
@@ -570,15 +569,13 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
         let s = crate::data::load_split(cfg, &name)?;
         splits.insert(name, s);
     }
-    let spec = lee_spec(cfg).map_err(TrainError::Invalid)?;
-    let penalty_transforms = Transform::parse_list(&t.lee_penalty_transforms).map_err(TrainError::Invalid)?;
-    let stencil = Stencil::parse(&cfg.lee.stencil).unwrap_or(Stencil::Central);
+    let spec = LeeSpec::of(&cfg.lee);
 
     let (varmap, model) = crate::models::build_model(cfg, &device)?;
-    if cfg.init.weights == "pretrain" && main_meta.is_none() {
+    if cfg.init.weights == InitWeights::Pretrain && main_meta.is_none() {
         init_from_pretrain(&pre_ckpt, &varmap, &device)?;
     }
-    let vit_depth = (cfg.model.kind == "vit").then_some(cfg.model.vit.depth);
+    let vit_depth = (cfg.model.kind == ModelKind::Vit).then_some(cfg.model.vit.depth);
     let mut opt = AdamW::new(&varmap, hp, vit_depth)?;
     if let Some(m) = &main_meta {
         let optim = checkpoint::load_weights(&main_ckpt, &varmap, &device)?;
@@ -602,7 +599,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
                 0 => batch.x.clone(),
                 k => batch.x.narrow(0, 0, k.min(n))?,
             };
-            loss + (lee_penalty(model, &x, &penalty_transforms, stencil)? * lambda)?
+            loss + (lee_penalty(model, &x, &t.lee_penalty_transforms, cfg.lee.stencil)? * lambda)?
         } else {
             Ok(loss)
         }

@@ -5,10 +5,9 @@
 
 use crate::config::Config;
 use crate::data::Split;
-use crate::lie::{lee_split, LeeSpec, Statistic};
+use crate::lie::{lee_split, LeeSpec};
 use crate::models::Model;
 use crate::report::{MeanStderr, SplitMetrics};
-use crate::transforms::{Stencil, Transform};
 use candle_core::{DType, Device, Result, Tensor, D};
 use std::collections::BTreeMap;
 
@@ -19,18 +18,6 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let log_p = shifted.broadcast_sub(&log_z)?; // (B, K)
     (targets * log_p)?.sum(D::Minus1)?.neg()?.mean_all()
-}
-
-/// The LEE measurement of `[lee]`, parsed (the config validated the names already).
-pub fn lee_spec(cfg: &Config) -> std::result::Result<LeeSpec, String> {
-    Ok(LeeSpec {
-        transforms: Transform::parse_list(&cfg.lee.transforms)?,
-        stencil: Stencil::parse(&cfg.lee.stencil).ok_or_else(|| format!("unknown stencil {:?}", cfg.lee.stencil))?,
-        statistic: Statistic::parse(&cfg.lee.statistic)
-            .ok_or_else(|| format!("unknown LEE statistic {:?}", cfg.lee.statistic))?,
-        use_logits: cfg.lee.use_logits,
-        batch_size: cfg.lee.batch_size,
-    })
 }
 
 /// `n = min(limit, len)` images of `split` (limit 0 = all), normalised, `(n, C, S, S)`, and

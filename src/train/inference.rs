@@ -5,7 +5,7 @@
 
 use super::checkpoint;
 use super::engine::{init_from_pretrain, TrainError, CHECKPOINT, PRETRAIN_DIR};
-use crate::config::Config;
+use crate::config::{Config, InitWeights};
 use candle_core::Device;
 use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
@@ -50,8 +50,8 @@ pub fn load_for_inference(cfg: &Config, checkpoint: Option<&Path>, device: &Devi
             checkpoint: Some(path),
         });
     }
-    let source = match cfg.init.weights.as_str() {
-        "pretrain" => {
+    let source = match cfg.init.weights {
+        InitWeights::Pretrain => {
             let pre = cfg.run_dir().join(PRETRAIN_DIR).join(CHECKPOINT);
             if !pre.exists() {
                 return Err(TrainError::Invalid(format!(
@@ -70,13 +70,13 @@ pub fn load_for_inference(cfg: &Config, checkpoint: Option<&Path>, device: &Devi
                 cfg.run_dir().display()
             )
         }
-        "random" => format!(
+        InitWeights::Random => format!(
             "the config's random initial weights (seed {}; no checkpoint in {})",
             cfg.seed,
             cfg.run_dir().display()
         ),
         other => format!(
-            "the config's initial weights (init.weights = {other:?}; no checkpoint in {})",
+            "the config's initial weights (init.weights = \"{other}\"; no checkpoint in {})",
             cfg.run_dir().display()
         ),
     };

@@ -64,24 +64,6 @@ impl Transform {
         }
     }
 
-    /// Parse a config / CLI name (`rotate`, `translate_x`, ...).
-    pub fn parse(name: &str) -> Option<Transform> {
-        Self::ALL.into_iter().find(|t| t.name() == name)
-    }
-
-    /// Parse a list of names, naming the first unknown one in the error.
-    pub fn parse_list<S: AsRef<str>>(names: &[S]) -> Result<Vec<Transform>, String> {
-        names
-            .iter()
-            .map(|n| {
-                Self::parse(n.as_ref()).ok_or_else(|| {
-                    let all: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
-                    format!("unknown transform {:?}; expected one of {}", n.as_ref(), all.join(", "))
-                })
-            })
-            .collect()
-    }
-
     /// A(t) for the spatial transforms (t in radians for `rotate`); `None` for `saturate`.
     pub fn matrix(self, t: f64) -> Option<Affine> {
         let (c, s) = (t.cos(), t.sin());

@@ -33,15 +33,6 @@ pub enum Stencil {
 }
 
 impl Stencil {
-    pub fn parse(name: &str) -> Option<Stencil> {
-        match name {
-            "central" => Some(Stencil::Central),
-            "forward" => Some(Stencil::Forward),
-            "spectral" => Some(Stencil::Spectral),
-            _ => None,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Stencil::Central => "central",

@@ -1,0 +1,115 @@
+//! The named choices of the config, as enums: serde reads the name once (an unknown one is an
+//! error naming the key, file and line, with the names it accepts) and nothing downstream
+//! parses a string again. The transforms and stencils are `crate::transforms`' own enums.
+
+use serde::{Deserialize, Serialize};
+
+/// An enum whose variants are config names, with `name()` and `Display` giving the name back.
+macro_rules! choice {
+    ($(#[$m:meta])* $ty:ident { $($(#[$vm:meta])* $var:ident = $s:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $ty {
+            $($(#[$vm])* #[serde(rename = $s)] $var,)+
+        }
+
+        impl $ty {
+            /// The name the config uses.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$var => $s,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+choice! {
+    /// `data.source`: where the MNIST digits come from.
+    DataSource {
+        /// `.amat` files when `data.amat_dir` is set, else IDX under the data root when one is
+        /// set, else the Hub.
+        Auto = "auto",
+        Idx = "idx",
+        Hub = "hub",
+        Amat = "amat",
+    }
+}
+
+choice! {
+    /// `model.kind`: which network.
+    ModelKind {
+        Vit = "vit",
+        Cnn = "cnn",
+        Gcnn = "gcnn",
+    }
+}
+
+choice! {
+    /// `model.vit.pool`: what the head reads.
+    Pool {
+        /// The cls token after the final norm.
+        Cls = "cls",
+        /// The mean of the patch tokens, then fc_norm (MAE fine-tuning's global pool).
+        Mean = "mean",
+    }
+}
+
+choice! {
+    /// `model.vit.pos_embed`.
+    PosEmbed {
+        Learned = "learned",
+        /// Fixed 2-D sin-cos (MAE's).
+        Sincos = "sincos",
+    }
+}
+
+choice! {
+    /// `init.weights`: where the starting weights come from.
+    InitWeights {
+        /// Seeded by `seed`.
+        Random = "random",
+        /// A Hugging Face model repo (`init.hub_repo`).
+        Hub = "hub",
+        /// A local checkpoint (`init.file`).
+        File = "file",
+        /// The encoder of this config's own `[pretrain]` MAE stage.
+        Pretrain = "pretrain",
+    }
+}
+
+choice! {
+    /// `init.format`: the key layout of a pretrained checkpoint.
+    WeightFormat {
+        /// Hugging Face `ViTModel` / `ViTMAEModel`.
+        Hf = "hf",
+        Timm = "timm",
+        /// Our own checkpoints (they load through the checkpoint module, not as pretrained weights).
+        Liederiv = "liederiv",
+    }
+}
+
+choice! {
+    /// `train.objective`.
+    Objective {
+        Classify = "classify",
+        /// MAE reconstruction.
+        Mae = "mae",
+    }
+}
+
+choice! {
+    /// `lee.statistic`: how the per-class Lie derivatives of one image are reduced to a number.
+    Statistic {
+        /// (1/K)·Σ_k (L_X p_k)²: the paper's Eq. 4.
+        Sq = "sq",
+        /// (1/K)·Σ_k |L_X p_k|: the reference code's CSV number.
+        Abs = "abs",
+    }
+}
