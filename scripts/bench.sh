@@ -7,7 +7,8 @@
 #
 # Environment: PYTHON (an interpreter with torch; default: .venv-bench/, created and filled with
 # CPU torch on first use), MODELS (vit_tiny,vit_small,cnn,gcnn), ROUNDS (3), REPS (3 timed reps
-# per round, after WARMUP=1), BATCH (128), THREADS (2). Each (impl, model, round) is its own
+# per round, after WARMUP=1), BATCH (128), THREADS (2), BENCH (a prebuilt `bench` binary, e.g. an
+# older commit's for a before/after comparison; default: built here). Each (impl, model, round) is its own
 # process, so peak memory is per model. Reported times are the median over rounds of each round's
 # median; peak memory is the maximum. The last line is
 #   ratio_train_tiny=X ratio_train_small=Y ratio_lee_small=Z      (ours / PyTorch; lower is better)
@@ -34,9 +35,11 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 "$PYTHON" -c 'import torch' 2>/dev/null || { echo "bench: $PYTHON cannot import torch; set PYTHON to an interpreter that can" >&2; exit 1; }
 
-echo "bench: building the Rust benchmark (release)" >&2
-cargo build --release --quiet --bin bench
-BENCH=${CARGO_TARGET_DIR:-target}/release/bench
+if [[ -z ${BENCH:-} ]]; then
+    echo "bench: building the Rust benchmark (release)" >&2
+    cargo build --release --quiet --bin bench
+    BENCH=${CARGO_TARGET_DIR:-target}/release/bench
+fi
 
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
 RESULTS=$(mktemp)

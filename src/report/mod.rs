@@ -1,9 +1,11 @@
 //! Reporting: what a run leaves behind for people to read. The per-eval metrics log
 //! (`metrics.jsonl` + `metrics.csv`, [`log`]), the plots (accuracy and LEE over training, the
 //! paper's Figure-4 layerwise view and Figure-1-right error-vs-LEE scatter, [`plot`]) and the
-//! markdown table of final metrics across runs ([`table`]). This module only serialises and draws:
+//! markdown table of final metrics across runs ([`table`]), and the `lee` command's tables, CSV
+//! and JSON schema ([`lee`]). This module only serialises and draws:
 //! the numbers come from the trainer and the LEE engine.
 
+pub mod lee;
 pub mod log;
 pub mod plot;
 pub mod table;

@@ -204,3 +204,47 @@ pub fn load_weights(path: &Path, varmap: &VarMap, device: &Device) -> Result<Has
     }
     Ok(tensors)
 }
+
+/// Copy the encoder of a finished MAE checkpoint into a classifier's variables. As MAE's
+/// main_finetune checks `missing_keys`, the only variables the checkpoint may lack are the new
+/// head and `fc_norm`; anything else (or a shape mismatch) is an error listing them all.
+pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Result<(), CheckpointError> {
+    if !path.exists() {
+        return Err(CheckpointError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    let fmt = |message: String| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| fmt(e.to_string()))?;
+    let data = varmap.data().lock().map_err(|e| fmt(format!("varmap lock: {e}")))?;
+    let mut problems = Vec::new();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        match tensors.get(name) {
+            Some(t) if t.dims() == var.dims() => t
+                .to_dtype(var.dtype())
+                .and_then(|t| var.set(&t))
+                .map_err(|e| fmt(e.to_string()))?,
+            Some(t) => problems.push(format!(
+                "{name}: pretrained shape {:?}, model shape {:?}",
+                t.dims(),
+                var.dims()
+            )),
+            None if name.starts_with("head.") || name.starts_with("fc_norm.") => {}
+            None => problems.push(format!("{name}: not in the pretrained checkpoint")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckpointError::Mismatch {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+}

@@ -11,8 +11,9 @@
 //! step, and evaluation consumes no randomness, so `--resume` ends bit-identical to an
 //! uninterrupted run on CPU.
 
-use super::checkpoint::{self, CheckpointError, Meta, RngState};
+use super::checkpoint::{self, init_from_pretrain, CheckpointError, Meta, RngState};
 use super::evaluate::{cross_entropy, evaluate};
+use super::run_dir::prepare_run_dir;
 use super::{AdamW, AdamWParams, Augmenter, Schedule};
 use crate::config::{Config, InitWeights, ModelKind, Objective};
 use crate::data::{DataError, Split};
@@ -20,9 +21,7 @@ use crate::lie::{lee_penalty, LeeSpec};
 use crate::models::init::SeededVarMap;
 use crate::models::mae::Mae;
 use crate::models::{Model, Rng};
-use crate::report::{
-    eval_heading, eval_table, EvalRecord, MetricsLog, ReportError, SplitMetrics, METRICS_JSONL, SUMMARY_JSON,
-};
+use crate::report::{eval_heading, eval_table, EvalRecord, MetricsLog, ReportError, SplitMetrics};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -143,6 +142,53 @@ struct Stage {
     accum: usize,
     schedule: Schedule,
     stream: u64,
+}
+
+impl Stage {
+    /// The MAE pretraining stage (`[pretrain]`, in `<run>/pretrain/`) or the main stage
+    /// (`[train]`, in `<run>/`).
+    fn of(cfg: &Config, run_dir: &Path, pretrain: bool) -> Stage {
+        let (p, t) = (&cfg.pretrain, &cfg.train);
+        let (name, dir, steps, batch_size, accum, peak_lr, min_lr, warmup_steps, stream) = match pretrain {
+            true => (
+                "pretrain",
+                run_dir.join(PRETRAIN_DIR),
+                p.steps,
+                p.batch_size,
+                1,
+                cfg.pretrain_lr(),
+                p.min_lr,
+                p.warmup_steps,
+                STREAM_PRETRAIN,
+            ),
+            false => (
+                "train",
+                run_dir.to_path_buf(),
+                t.steps,
+                t.batch_size,
+                t.accum_steps,
+                cfg.lr(),
+                t.min_lr,
+                t.warmup_steps,
+                STREAM_TRAIN,
+            ),
+        };
+        let schedule = Schedule {
+            peak_lr,
+            min_lr,
+            warmup_steps,
+            total_steps: steps,
+        };
+        Stage {
+            name,
+            dir,
+            steps,
+            batch_size,
+            accum,
+            schedule,
+            stream,
+        }
+    }
 }
 
 /// Where a stage starts: (step, epoch, cursor, rng), fresh or from a checkpoint's meta.
@@ -325,103 +371,6 @@ fn resume_meta(path: &Path, cfg: &Config) -> Result<Meta, TrainError> {
     Ok(meta)
 }
 
-/// Copy the encoder of a finished MAE checkpoint into a classifier's variables. As MAE's
-/// main_finetune checks `missing_keys`, the only variables the checkpoint may lack are the new
-/// head and `fc_norm`; anything else (or a shape mismatch) is an error listing them all.
-pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Result<(), TrainError> {
-    if !path.exists() {
-        return Err(CheckpointError::Missing {
-            path: path.to_path_buf(),
-        }
-        .into());
-    }
-    let tensors = candle_core::safetensors::load(path, device)?;
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|e| TrainError::Invalid(format!("varmap lock: {e}")))?;
-    let mut problems = Vec::new();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        match tensors.get(name) {
-            Some(t) if t.dims() == var.dims() => var.set(&t.to_dtype(var.dtype())?)?,
-            Some(t) => problems.push(format!(
-                "{name}: pretrained shape {:?}, model shape {:?}",
-                t.dims(),
-                var.dims()
-            )),
-            None if name.starts_with("head.") || name.starts_with("fc_norm.") => {}
-            None => problems.push(format!("{name}: not in the pretrained checkpoint")),
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CheckpointError::Mismatch {
-            path: path.to_path_buf(),
-            problems,
-        }
-        .into())
-    }
-}
-
-/// What a run directory holds of an earlier run, in words ("train stage at step 40 of 120"), or
-/// `None` when it holds none. A folder with only `config.toml` (a start that failed before its
-/// first checkpoint or evaluation) holds nothing to lose.
-fn existing_run(dir: &Path) -> Option<String> {
-    let stage_at = |ckpt: PathBuf, what: &str| {
-        checkpoint::load_meta(&ckpt)
-            .ok()
-            .map(|m| match m.step == m.total_steps {
-                true => format!("{what} finished: step {} of {}", m.step, m.total_steps),
-                false => format!("{what} at step {} of {}", m.step, m.total_steps),
-            })
-    };
-    if let Some(p) = stage_at(dir.join(CHECKPOINT), "training") {
-        return Some(p);
-    }
-    if let Some(p) = stage_at(dir.join(PRETRAIN_DIR).join(CHECKPOINT), "pretraining") {
-        return Some(format!("{p}, fine-tuning not started"));
-    }
-    [
-        dir.join(METRICS_JSONL),
-        dir.join(SUMMARY_JSON),
-        dir.join(PRETRAIN_DIR).join(METRICS_JSONL),
-    ]
-    .iter()
-    .any(|p| p.exists())
-    .then(|| "metrics but no checkpoint".to_string())
-}
-
-/// Create the run directory and save the resolved config in it: the first thing a run does,
-/// so an unwritable directory fails before any data or model is loaded. A directory that holds
-/// a run is refused unless the run resumes it or overwrites it (then it is deleted first).
-fn prepare_run_dir(cfg: &Config, start: Start) -> Result<PathBuf, TrainError> {
-    let dir = cfg.run_dir();
-    let fail = |source| TrainError::RunDir {
-        path: dir.clone(),
-        source,
-    };
-    if let Some(progress) = existing_run(&dir) {
-        match start {
-            Start::New => return Err(TrainError::RunExists { path: dir, progress }),
-            Start::Overwrite => {
-                eprintln!("{}: --overwrite: deleting the earlier run ({progress})", dir.display());
-                std::fs::remove_dir_all(&dir).map_err(fail)?;
-            }
-            Start::Resume => {}
-        }
-    }
-    std::fs::create_dir_all(&dir).map_err(fail)?;
-    crate::report::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes()).map_err(|e| match e {
-        ReportError::Io { source, .. } => fail(source),
-        other => other.into(),
-    })?;
-    Ok(dir)
-}
-
 fn mae_model(cfg: &Config, device: &Device) -> candle_core::Result<(VarMap, Mae)> {
     let varmap = VarMap::new();
     let vb = SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device);
@@ -503,20 +452,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
 
     if cfg.pretrain.enabled {
         let p = &cfg.pretrain;
-        let stage = Stage {
-            name: "pretrain",
-            dir: pre_dir.clone(),
-            steps: p.steps,
-            batch_size: p.batch_size,
-            accum: 1,
-            schedule: Schedule {
-                peak_lr: cfg.pretrain_lr(),
-                min_lr: p.min_lr,
-                warmup_steps: p.warmup_steps,
-                total_steps: p.steps,
-            },
-            stream: STREAM_PRETRAIN,
-        };
+        let stage = Stage::of(cfg, &run_dir, true);
         let finished =
             checkpoint::load_meta(&pre_ckpt).is_ok_and(|m| m.step == m.total_steps && m.total_steps == p.steps);
         if finished {
@@ -539,20 +475,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
     }
 
     let t = &cfg.train;
-    let stage = Stage {
-        name: "train",
-        dir: run_dir.clone(),
-        steps: t.steps,
-        batch_size: t.batch_size,
-        accum: t.accum_steps,
-        schedule: Schedule {
-            peak_lr: cfg.lr(),
-            min_lr: t.min_lr,
-            warmup_steps: t.warmup_steps,
-            total_steps: t.steps,
-        },
-        stream: STREAM_TRAIN,
-    };
+    let stage = Stage::of(cfg, &run_dir, false);
     let hp = AdamWParams::from_train(t);
     if t.objective == Objective::Mae {
         let last = run_mae(cfg, &stage, hp, &train_set, &device, main_meta.as_ref())?;

@@ -5,8 +5,11 @@
 
 use crate::config::Config;
 use crate::data::Split;
-use crate::lie::{lee_split, LeeSpec};
-use crate::models::Model;
+use crate::lie::{
+    decompose, lee_split, LayerwiseAccumulator, LayerwiseReport, LeeAccumulator, LeeSpec, LeeSummary, Metric,
+    MetricStat, MetricsAccumulator,
+};
+use crate::models::{Model, Rng};
 use crate::report::{MeanStderr, SplitMetrics};
 use candle_core::{DType, Device, Result, Tensor, D};
 use std::collections::BTreeMap;
@@ -132,4 +135,62 @@ pub fn evaluate(
         }
     }
     Ok(out)
+}
+
+/// What [`measure_split`] measured on one split.
+pub struct SplitMeasurement {
+    pub lee: LeeSummary,
+    pub metrics: Vec<MetricStat>,
+    /// One report per transform when the layerwise decomposition was asked for, else none.
+    pub layerwise: Vec<LayerwiseReport>,
+}
+
+/// LEE (and accuracy) on the first `limit` images of `split` (0 = all), in batches of
+/// `spec.batch_size`, plus the alternative `metrics` and, with `layerwise`, the decomposition of
+/// every transform of `spec` (paper Eq. 6). Forward mode only: `model` may be frozen.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_split(
+    model: &dyn Model,
+    cfg: &Config,
+    split: &Split,
+    spec: &LeeSpec,
+    limit: usize,
+    metrics: &[Metric],
+    layerwise: bool,
+    device: &Device,
+    rng: &mut Rng,
+) -> Result<SplitMeasurement> {
+    let n = if limit == 0 {
+        split.len()
+    } else {
+        limit.min(split.len())
+    };
+    let mut lee = LeeAccumulator::new(&spec.transforms);
+    let mut extra = MetricsAccumulator::new(metrics, cfg.lee.metric_draws);
+    let mut lw: Vec<LayerwiseAccumulator> = match layerwise {
+        true => spec
+            .transforms
+            .iter()
+            .map(|&t| LayerwiseAccumulator::new(t, cfg.lee.layerwise_probes))
+            .collect(),
+        false => Vec::new(),
+    };
+    let bs = spec.batch_size.max(1);
+    for start in (0..n).step_by(bs) {
+        let idx: Vec<usize> = (start..n.min(start + bs)).collect();
+        let (x, y) = crate::data::batch(split, &idx, &cfg.data, device)?;
+        lee.push(model, &x, Some(&y), spec)?;
+        if !metrics.is_empty() {
+            extra.push(model, &x, rng)?;
+        }
+        for acc in &mut lw {
+            let d = decompose(model, &x, acc.transform(), spec.stencil, spec.use_logits)?;
+            acc.push(&d, rng)?;
+        }
+    }
+    Ok(SplitMeasurement {
+        lee: lee.finish(),
+        metrics: extra.finish(),
+        layerwise: lw.into_iter().map(|a| a.finish()).collect(),
+    })
 }

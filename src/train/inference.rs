@@ -3,8 +3,8 @@
 //! initial weights — but never, silently, a random model that only exists because a
 //! pretraining stage has not run yet.
 
-use super::checkpoint;
-use super::engine::{init_from_pretrain, TrainError, CHECKPOINT, PRETRAIN_DIR};
+use super::checkpoint::{self, init_from_pretrain};
+use super::engine::{TrainError, CHECKPOINT, PRETRAIN_DIR};
 use crate::config::{Config, InitWeights};
 use candle_core::Device;
 use candle_nn::VarMap;

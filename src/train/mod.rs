@@ -8,10 +8,12 @@ pub mod engine;
 pub mod evaluate;
 pub mod inference;
 pub mod optim;
+mod run_dir;
 pub mod schedule;
 
 pub use augment::{soft_targets, Augmented, Augmenter};
-pub use engine::{init_from_pretrain, train, RunSummary, Start, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR};
+pub use checkpoint::init_from_pretrain;
+pub use engine::{train, RunSummary, Start, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR};
 pub use inference::{load_for_inference, Loaded};
 pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
 pub use schedule::Schedule;
