@@ -154,6 +154,28 @@ pub fn load_meta(path: &Path) -> Result<Meta, CheckpointError> {
 /// Load the model weights of `path` into `varmap` (every variable must be present with its
 /// shape, and the file must hold no other model tensor); returns the optimiser tensors.
 pub fn load_weights(path: &Path, varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    load_checked(path, varmap, device, |_| false, false)
+}
+
+/// Copy the encoder of a finished MAE checkpoint into a classifier's variables. As MAE's
+/// main_finetune checks `missing_keys`, the only variables the checkpoint may lack are the new
+/// head and `fc_norm` (the decoder it also holds is ignored); anything else (or a shape
+/// mismatch) is an error listing them all.
+pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Result<(), CheckpointError> {
+    let new = |name: &str| name.starts_with("head.") || name.starts_with("fc_norm.");
+    load_checked(path, varmap, device, new, true).map(|_| ())
+}
+
+/// Check every variable of `varmap` against the tensors of `path` — present (unless `may_lack`
+/// says so) and of the same shape; no model tensor beyond them unless `extras_ok` — and only
+/// then set them all. Returns the tensors not loaded (the optimiser state, or the extras).
+fn load_checked(
+    path: &Path,
+    varmap: &VarMap,
+    device: &Device,
+    may_lack: fn(&str) -> bool,
+    extras_ok: bool,
+) -> Result<HashMap<String, Tensor>, CheckpointError> {
     if !path.exists() {
         return Err(CheckpointError::Missing {
             path: path.to_path_buf(),
@@ -170,6 +192,7 @@ pub fn load_weights(path: &Path, varmap: &VarMap, device: &Device) -> Result<Has
     names.sort();
     for name in &names {
         match tensors.get(*name) {
+            None if may_lack(name) => {}
             None => problems.push(format!("{name}: missing from the checkpoint")),
             Some(t) if t.dims() != data[*name].dims() => problems.push(format!(
                 "{name}: checkpoint shape {:?}, model shape {:?}",
@@ -179,16 +202,18 @@ pub fn load_weights(path: &Path, varmap: &VarMap, device: &Device) -> Result<Has
             Some(_) => {}
         }
     }
-    let mut extra: Vec<&String> = tensors
-        .keys()
-        .filter(|k| !k.starts_with(OPTIM_PREFIX) && !data.contains_key(*k))
-        .collect();
-    extra.sort();
-    problems.extend(
-        extra
-            .into_iter()
-            .map(|k| format!("{k}: in the checkpoint but not in the model")),
-    );
+    if !extras_ok {
+        let mut extra: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !k.starts_with(OPTIM_PREFIX) && !data.contains_key(*k))
+            .collect();
+        extra.sort();
+        problems.extend(
+            extra
+                .into_iter()
+                .map(|k| format!("{k}: in the checkpoint but not in the model")),
+        );
+    }
     if !problems.is_empty() {
         return Err(CheckpointError::Mismatch {
             path: path.to_path_buf(),
@@ -203,48 +228,4 @@ pub fn load_weights(path: &Path, varmap: &VarMap, device: &Device) -> Result<Has
         }
     }
     Ok(tensors)
-}
-
-/// Copy the encoder of a finished MAE checkpoint into a classifier's variables. As MAE's
-/// main_finetune checks `missing_keys`, the only variables the checkpoint may lack are the new
-/// head and `fc_norm`; anything else (or a shape mismatch) is an error listing them all.
-pub fn init_from_pretrain(path: &Path, varmap: &VarMap, device: &Device) -> Result<(), CheckpointError> {
-    if !path.exists() {
-        return Err(CheckpointError::Missing {
-            path: path.to_path_buf(),
-        });
-    }
-    let fmt = |message: String| CheckpointError::Format {
-        path: path.to_path_buf(),
-        message,
-    };
-    let tensors = candle_core::safetensors::load(path, device).map_err(|e| fmt(e.to_string()))?;
-    let data = varmap.data().lock().map_err(|e| fmt(format!("varmap lock: {e}")))?;
-    let mut problems = Vec::new();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        match tensors.get(name) {
-            Some(t) if t.dims() == var.dims() => t
-                .to_dtype(var.dtype())
-                .and_then(|t| var.set(&t))
-                .map_err(|e| fmt(e.to_string()))?,
-            Some(t) => problems.push(format!(
-                "{name}: pretrained shape {:?}, model shape {:?}",
-                t.dims(),
-                var.dims()
-            )),
-            None if name.starts_with("head.") || name.starts_with("fc_norm.") => {}
-            None => problems.push(format!("{name}: not in the pretrained checkpoint")),
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CheckpointError::Mismatch {
-            path: path.to_path_buf(),
-            problems,
-        })
-    }
 }
