@@ -4,12 +4,13 @@
 
 pub mod data_cmd;
 pub mod eval_cmd;
+pub mod export_cmd;
 pub mod lee_cmd;
 pub mod report_cmd;
 pub mod train_cmd;
 
 use crate::config::Config;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -63,6 +64,8 @@ pub enum Command {
     Lee(LeeArgs),
     /// Build or inspect the MNIST-rot and OOD sets.
     Data(DataArgs),
+    /// Write a trained ViT in timm's or transformers' layout, loadable there without conversion.
+    Export(ExportArgs),
     /// Tables and plots from finished runs.
     Report(ReportArgs),
 }
@@ -167,6 +170,29 @@ impl LeeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Checkpoint to export; default: the one in the config's run directory.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Key layout: timm (`timm.create_model` + `load_state_dict`) or hf
+    /// (`ViTForImageClassification.from_pretrained`).
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Folder to write model.safetensors and its config into (an existing export is never
+    /// overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    Timm,
+    Hf,
+}
+
+#[derive(Args, Debug)]
 pub struct DataArgs {
     #[command(subcommand)]
     pub action: DataAction,
@@ -258,6 +284,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             data_cmd::run(&cfg, prepare, args.json)
+        }
+        Command::Export(a) => {
+            let cfg = a.cfg.resolve()?;
+            if dry_run(&a.cfg, &cfg) {
+                return Ok(());
+            }
+            export_cmd::run(&a, &cfg)
         }
         Command::Report(a) => report_cmd::run(&a),
     }

@@ -4,6 +4,7 @@
 
 pub mod cnn;
 pub mod conv;
+pub mod export;
 pub mod gcnn;
 pub mod init;
 pub mod layers;

@@ -47,6 +47,8 @@ pub enum WeightsError {
         missing: Vec<String>,
         unexpected: Vec<String>,
     },
+    #[error("cannot export: {message}")]
+    Export { message: String },
     #[error("init.weights = {weights:?} does not name pretrained weights (use \"hub\" or \"file\")")]
     NotPretrained { weights: String },
     #[error("init.format = {format:?} is not a pretrained-ViT layout here (\"hf\" or \"timm\"); our own checkpoints load through the checkpoint module")]

@@ -1,0 +1,59 @@
+//! `liederiv export`: a trained ViT as timm or transformers load it (see `models::export`).
+
+use super::{ExportArgs, ExportFormat};
+use crate::config::{Config, WeightFormat};
+use crate::models::export::{export_tensors, hf_config, hf_preprocessor, timm_args};
+use crate::report::write_atomic;
+use anyhow::{bail, Context};
+
+pub fn run(args: &ExportArgs, cfg: &Config) -> anyhow::Result<()> {
+    let format = match args.format {
+        ExportFormat::Timm => WeightFormat::Timm,
+        ExportFormat::Hf => WeightFormat::Hf,
+    };
+    let weights = args.out.join("model.safetensors");
+    if weights.exists() {
+        bail!(
+            "{} already exists; export into another --out folder (an export is never overwritten)",
+            weights.display()
+        );
+    }
+    let device = candle_core::Device::Cpu;
+    let loaded = crate::train::load_for_inference(cfg, args.checkpoint.as_deref(), &device)?;
+    eprintln!("export: {}", loaded.source);
+    let tensors = export_tensors(cfg, &loaded.varmap, format)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let json = |name: &str, value: serde_json::Value| -> anyhow::Result<()> {
+        let path = args.out.join(name);
+        write_atomic(&path, (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    match format {
+        WeightFormat::Hf => {
+            json("config.json", hf_config(cfg))?;
+            json("preprocessor_config.json", hf_preprocessor(cfg))?;
+        }
+        _ => json("timm_args.json", timm_args(cfg))?,
+    }
+    // Written last and atomically: a folder with model.safetensors is a complete export.
+    let tmp = crate::runtime::temp_sibling(&weights, "");
+    candle_core::safetensors::save(&tensors, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, &weights).map_err(candle_core::Error::wrap))
+        .with_context(|| format!("writing {}", weights.display()))?;
+    println!("wrote {} ({} tensors)", weights.display(), tensors.len());
+    let dir = args.out.display();
+    match format {
+        WeightFormat::Hf => println!(
+            "load it: transformers.ViTForImageClassification.from_pretrained(\"{dir}\") \
+             (inputs: pixels / 255, normalised by data.mean / data.std, as preprocessor_config.json says)"
+        ),
+        _ => println!(
+            "load it: m = timm.create_model(\"vit_tiny_patch16_224\", pretrained=False, **json.load(open(\"{dir}/timm_args.json\"))); \
+             m.load_state_dict(safetensors.torch.load_file(\"{dir}/model.safetensors\")) \
+             (inputs normalised by data.mean = {} / data.std = {})",
+            cfg.data.mean, cfg.data.std
+        ),
+    }
+    Ok(())
+}

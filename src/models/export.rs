@@ -1,0 +1,207 @@
+//! A trained ViT back in the Python world: its weights in timm's or transformers' key layout,
+//! with what each library needs beside them to rebuild the model without a conversion script of
+//! the user's own (timm: the `timm.create_model` arguments; transformers: a `config.json` that
+//! `ViTForImageClassification.from_pretrained` accepts, and a `preprocessor_config.json` with
+//! the input normalisation).
+//!
+//! Our variables already carry timm's names and shapes (`models::vit` follows timm's
+//! `vision_transformer.py`), so the timm export is the variables themselves; the transformers
+//! export is [`timm_to_hf`], the inverse of `weights::hf_to_timm`. A fixed sin-cos position
+//! embedding is no variable here but a parameter in both libraries: it is written out.
+
+use super::vit::sincos_pos_embed;
+use super::weights::WeightsError;
+use crate::config::{Config, ModelKind, Pool, PosEmbed, WeightFormat};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+
+/// timm's LayerNorm epsilon: `create_model` has no argument for another one.
+const TIMM_LN_EPS: f64 = 1e-6;
+
+/// Why a model cannot be exported in a format.
+fn refuse(message: String) -> WeightsError {
+    WeightsError::Export { message }
+}
+
+/// The model's tensors in `format`'s key layout (f32, CPU), checked exportable first: a ViT
+/// (the CNN and G-CNN have no layout outside this project), cls pooling for transformers (its
+/// `ViTForImageClassification` reads the cls token only), timm's LayerNorm epsilon for timm.
+pub fn export_tensors(
+    cfg: &Config,
+    varmap: &VarMap,
+    format: WeightFormat,
+) -> Result<HashMap<String, Tensor>, WeightsError> {
+    let v = &cfg.model.vit;
+    if cfg.model.kind != ModelKind::Vit {
+        return Err(refuse(format!(
+            "model.kind = \"{}\" has no layout outside liederiv (timm and transformers know ViTs only); \
+             its checkpoint (checkpoint.safetensors, our own layout, read with safetensors) is the export",
+            cfg.model.kind
+        )));
+    }
+    match format {
+        WeightFormat::Hf if v.pool == Pool::Mean => {
+            return Err(refuse(
+                "transformers' ViTForImageClassification classifies from the cls token only, and this ViT \
+                 mean-pools its patch tokens (model.vit.pool = \"mean\"); export it with --format timm \
+                 (global_pool=\"avg\", fc_norm), or train with pool = \"cls\" for transformers"
+                    .into(),
+            ))
+        }
+        WeightFormat::Timm if (v.ln_eps - TIMM_LN_EPS).abs() > 1e-15 => {
+            return Err(refuse(format!(
+                "timm.create_model builds LayerNorms with eps 1e-6 and this ViT uses model.vit.ln_eps = {:e}; \
+                 export with --format hf (layer_norm_eps is a config field there)",
+                v.ln_eps
+            )))
+        }
+        WeightFormat::Liederiv => {
+            return Err(refuse(
+                "--format liederiv is the checkpoint itself; choose timm or hf".into(),
+            ))
+        }
+        _ => {}
+    }
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| WeightsError::Candle(candle_core::Error::Msg("VarMap lock poisoned".into())))?;
+    let mut tensors = HashMap::new();
+    for (name, var) in data.iter() {
+        let t = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        tensors.insert(name.clone(), t);
+    }
+    if v.pos_embed == PosEmbed::Sincos {
+        let (g, _) = grid(cfg);
+        tensors.insert(
+            "pos_embed".into(),
+            sincos_pos_embed(v.dim, g, g, DType::F32, &Device::Cpu)?,
+        );
+    }
+    match format {
+        WeightFormat::Hf => timm_to_hf(tensors),
+        _ => Ok(tensors),
+    }
+}
+
+/// Token grid side and patch count.
+fn grid(cfg: &Config) -> (usize, usize) {
+    let g = cfg.data.image_size / cfg.model.vit.patch_size;
+    (g, g * g)
+}
+
+/// Our (timm) names → transformers' `ViTForImageClassification` names; the fused `qkv` of each
+/// block is split into query, key and value (rows q | k | v).
+pub fn timm_to_hf(tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, WeightsError> {
+    let mut out = HashMap::new();
+    for (key, t) in tensors {
+        if let Some(rest) = key.strip_prefix("blocks.") {
+            let (i, rest) = rest.split_once('.').ok_or_else(|| unknown(&key))?;
+            let (module, param) = rest.rsplit_once('.').ok_or_else(|| unknown(&key))?;
+            let layer = format!("vit.encoder.layer.{i}");
+            if module == "attn.qkv" {
+                let d = t.dim(0)? / 3;
+                for (k, part) in ["query", "key", "value"].iter().enumerate() {
+                    out.insert(
+                        format!("{layer}.attention.attention.{part}.{param}"),
+                        t.narrow(0, k * d, d)?.contiguous()?,
+                    );
+                }
+                continue;
+            }
+            let hf = match module {
+                "attn.proj" => "attention.output.dense",
+                "mlp.fc1" => "intermediate.dense",
+                "mlp.fc2" => "output.dense",
+                "norm1" => "layernorm_before",
+                "norm2" => "layernorm_after",
+                _ => return Err(unknown(&key)),
+            };
+            out.insert(format!("{layer}.{hf}.{param}"), t);
+            continue;
+        }
+        let hf = match key.as_str() {
+            "cls_token" => "vit.embeddings.cls_token".to_string(),
+            "pos_embed" => "vit.embeddings.position_embeddings".to_string(),
+            k => [
+                ("patch_embed.proj.", "vit.embeddings.patch_embeddings.projection."),
+                ("norm.", "vit.layernorm."),
+                ("head.", "classifier."),
+            ]
+            .iter()
+            .find_map(|(from, to)| k.strip_prefix(from).map(|p| format!("{to}{p}")))
+            .ok_or_else(|| unknown(&key))?,
+        };
+        out.insert(hf, t);
+    }
+    Ok(out)
+}
+
+fn unknown(key: &str) -> WeightsError {
+    refuse(format!("{key}: no transformers name for this tensor"))
+}
+
+/// The `config.json` of `ViTForImageClassification` for this model (transformers' ViTConfig
+/// fields; `layer_norm_eps` written out, its default being 1e-12).
+pub fn hf_config(cfg: &Config) -> serde_json::Value {
+    let v = &cfg.model.vit;
+    let k = cfg.model.num_classes;
+    let id2label: serde_json::Map<String, serde_json::Value> =
+        (0..k).map(|i| (i.to_string(), format!("LABEL_{i}").into())).collect();
+    let label2id: serde_json::Map<String, serde_json::Value> =
+        (0..k).map(|i| (format!("LABEL_{i}"), i.into())).collect();
+    serde_json::json!({
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification"],
+        "hidden_size": v.dim,
+        "num_hidden_layers": v.depth,
+        "num_attention_heads": v.heads,
+        "intermediate_size": (v.mlp_ratio * v.dim as f64).round() as usize,
+        "hidden_act": "gelu",
+        "layer_norm_eps": v.ln_eps,
+        "image_size": cfg.data.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": cfg.data.channels,
+        "qkv_bias": v.qkv_bias,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "encoder_stride": v.patch_size,
+        "id2label": id2label,
+        "label2id": label2id,
+    })
+}
+
+/// `preprocessor_config.json` for transformers' `ViTImageProcessor`: pixels / 255, then the
+/// config's normalisation, no resize (images are already `data.image_size`).
+pub fn hf_preprocessor(cfg: &Config) -> serde_json::Value {
+    let c = cfg.data.channels;
+    serde_json::json!({
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": false,
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": vec![cfg.data.mean; c],
+        "image_std": vec![cfg.data.std; c],
+    })
+}
+
+/// The keyword arguments of `timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)`
+/// that rebuild this model (the model name only supplies defaults these override).
+pub fn timm_args(cfg: &Config) -> serde_json::Value {
+    let v = &cfg.model.vit;
+    serde_json::json!({
+        "img_size": cfg.data.image_size,
+        "patch_size": v.patch_size,
+        "in_chans": cfg.data.channels,
+        "num_classes": cfg.model.num_classes,
+        "embed_dim": v.dim,
+        "depth": v.depth,
+        "num_heads": v.heads,
+        "mlp_ratio": v.mlp_ratio,
+        "qkv_bias": v.qkv_bias,
+        "class_token": true,
+        "global_pool": match v.pool { Pool::Cls => "token", Pool::Mean => "avg" },
+    })
+}
