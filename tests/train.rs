@@ -411,6 +411,25 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
     let b = strip(records(&out.path().join("killed")));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "resumed metrics differ from the uninterrupted run");
+    // TensorBoard: the resumed run's events are the uninterrupted run's, each step once.
+    let events = |dir: &Path| -> Vec<(i64, Vec<(String, f32)>)> {
+        let files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        liederiv::report::tensorboard::read_events(&files[0])
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.file_version.is_none())
+            .map(|e| (e.step, e.scalars))
+            .collect()
+    };
+    let (ea, eb) = (events(&whole.run_dir), events(&out.path().join("killed")));
+    assert_eq!(ea.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 40, 80, 120]);
+    assert_eq!(ea, eb, "resumed TensorBoard events differ from the uninterrupted run");
     let dev = Device::Cpu;
     let wa = candle_core::safetensors::load(whole.run_dir.join("checkpoint.safetensors"), &dev)?;
     let wb = candle_core::safetensors::load(out.path().join("killed").join("checkpoint.safetensors"), &dev)?;
@@ -904,5 +923,95 @@ fn lee_and_eval_measure_the_trained_checkpoint() -> anyhow::Result<()> {
     let (_, err, ok) = cli(&a);
     assert!(!ok, "measured a model whose pretraining never ran");
     assert!(err.contains("has not run") && err.contains("random"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn tensorboard_events_hold_every_evaluation() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(
+        out.path(),
+        "tb",
+        &["train.steps=6", "train.eval_every=3", "train.checkpoint_every=6"],
+    );
+    let run = train(&cfg, Start::New)?;
+    let file = std::fs::read_dir(&run.run_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("events.out.tfevents."))
+        .ok_or_else(|| anyhow::anyhow!("no event file"))?;
+    let events = liederiv::report::tensorboard::read_events(&file)?;
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    let recs = records(&run.run_dir);
+    assert_eq!(events.len(), 1 + recs.len());
+    for (e, r) in events[1..].iter().zip(&recs) {
+        assert_eq!(e.step, r.step as i64);
+        let tags: std::collections::BTreeMap<&str, f32> = e.scalars.iter().map(|(t, x)| (t.as_str(), *x)).collect();
+        assert_eq!(
+            tags.get("train/loss").copied(),
+            r.train_loss.map(|l| l as f32),
+            "step {}",
+            r.step
+        );
+        assert_eq!(tags["train/lr"], r.lr as f32);
+        assert_eq!(tags["accuracy/test"], r.splits["test"].accuracy.unwrap() as f32);
+        for split in ["train", "test", "ood_fashion"] {
+            let tag = format!("lee_rotate/{split}");
+            assert_eq!(tags[tag.as_str()], r.splits[split].lee["rotate"].mean as f32, "{tag}");
+        }
+        assert_eq!(
+            tags["gap/ood_fashion_minus_train_lee_rotate"],
+            r.gaps()["ood_fashion_minus_train_lee_rotate"] as f32
+        );
+    }
+    // output.tensorboard = false writes none.
+    let off = train(
+        &tiny_cfg(out.path(), "no_tb", &["train.steps=3", "output.tensorboard=false"]),
+        Start::New,
+    )?;
+    assert!(!std::fs::read_dir(&off.run_dir)?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("tfevents")));
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_from_before_a_config_key_existed_still_resumes() -> anyhow::Result<()> {
+    // Checkpoints store the resolved config as text; one written before `output.tensorboard`
+    // and `data.offline` existed lacks those lines, and must resume as if they had their defaults.
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(
+        out.path(),
+        "old",
+        &["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2"],
+    );
+    train(&cfg, Start::New)?;
+    let side = cfg.run_dir().join("checkpoint.json");
+    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&side)?)?;
+    let text = meta["config"].as_str().unwrap_or_default().to_string();
+    let older: String = text
+        .lines()
+        .filter(|l| !l.starts_with("tensorboard =") && !l.starts_with("offline ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(older.len() < text.len());
+    meta["config"] = older.into();
+    std::fs::write(&side, serde_json::to_string(&meta)?)?;
+    train(&cfg, Start::Resume)?;
+    // A real change of config is still refused.
+    let changed = tiny_cfg(
+        out.path(),
+        "old",
+        &[
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "seed=9",
+        ],
+    );
+    assert!(matches!(
+        train(&changed, Start::Resume),
+        Err(TrainError::ConfigChanged { .. })
+    ));
     Ok(())
 }

@@ -527,6 +527,8 @@ pub struct OutputConfig {
     pub plots: bool,
     /// Show progress bars (off automatically when stderr is not a terminal).
     pub progress: bool,
+    /// Write TensorBoard event files in the run folder (`tensorboard --logdir <output.dir>`).
+    pub tensorboard: bool,
 }
 
 impl Default for OutputConfig {
@@ -535,6 +537,7 @@ impl Default for OutputConfig {
             dir: "runs".into(),
             plots: true,
             progress: true,
+            tensorboard: true,
         }
     }
 }

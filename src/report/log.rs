@@ -329,6 +329,8 @@ pub struct MetricsLog {
     csv: File,
     columns: Vec<Column>,
     records: Vec<EvalRecord>,
+    /// The TensorBoard event file, when asked for ([`MetricsLog::with_tensorboard`]).
+    events: Option<super::tensorboard::EventFile>,
 }
 
 impl MetricsLog {
@@ -377,13 +379,29 @@ impl MetricsLog {
             csv_path,
             columns,
             records,
+            events: None,
         })
+    }
+
+    /// Also write every record to the run folder's TensorBoard event file: a fresh one, or for
+    /// `--resume` (`keep_through_step`, as given to [`MetricsLog::open_append`]) the run's own,
+    /// trimmed to the records kept (`super::tensorboard::EventFile::open`).
+    pub fn with_tensorboard(mut self, dir: &Path, keep_through_step: Option<usize>) -> Result<Self, ReportError> {
+        self.events = Some(super::tensorboard::EventFile::open(
+            dir,
+            keep_through_step,
+            &self.records,
+        )?);
+        Ok(self)
     }
 
     /// Append one eval to both files and flush them. Non-finite values are refused (the run
     /// should have stopped), naming the step and the field.
     pub fn append(&mut self, record: &EvalRecord) -> Result<(), ReportError> {
         record.check_finite()?;
+        if let Some(events) = &mut self.events {
+            events.append(record)?;
+        }
         let line = json_line(record)?;
         self.jsonl
             .write_all(line.as_bytes())

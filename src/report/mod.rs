@@ -9,6 +9,7 @@ pub mod lee;
 pub mod log;
 pub mod plot;
 pub mod table;
+pub mod tensorboard;
 
 pub use log::{
     eval_heading, eval_table, read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL,

@@ -231,6 +231,9 @@ fn run_stage(
         Some(m) => MetricsLog::open_append(&stage.dir, m.step)?,
         None => MetricsLog::create(&stage.dir)?,
     };
+    if cfg.output.tensorboard {
+        log = log.with_tensorboard(&stage.dir, resume.map(|m| m.step))?;
+    }
     let mut last_good = match resume {
         Some(_) => ckpt_path.display().to_string(),
         None => "none (no checkpoint was written yet)".to_string(),
@@ -363,7 +366,11 @@ fn resume_meta(path: &Path, cfg: &Config) -> Result<Meta, TrainError> {
         CheckpointError::Missing { path } => TrainError::NoCheckpoint { path },
         other => other.into(),
     })?;
-    if meta.config != cfg.to_toml() {
+    // A checkpoint written before a config key existed lacks it: compare as configs, the
+    // missing keys at their defaults, not as text.
+    let same =
+        meta.config == cfg.to_toml() || Config::resolve_str(&meta.config, "checkpoint", &[]).is_ok_and(|c| c == *cfg);
+    if !same {
         return Err(TrainError::ConfigChanged {
             path: path.to_path_buf(),
         });
