@@ -413,12 +413,7 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
     assert_eq!(a, b, "resumed metrics differ from the uninterrupted run");
     // TensorBoard: the resumed run's events are the uninterrupted run's, each step once.
     let events = |dir: &Path| -> Vec<(i64, Vec<(String, f32)>)> {
-        let files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
-            .collect();
+        let files = event_files(dir);
         assert_eq!(files.len(), 1, "{files:?}");
         liederiv::report::tensorboard::read_events(&files[0])
             .unwrap()
@@ -926,6 +921,16 @@ fn lee_and_eval_measure_the_trained_checkpoint() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The TensorBoard event files of a run folder.
+fn event_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
+        .collect()
+}
+
 #[test]
 fn tensorboard_events_hold_every_evaluation() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
@@ -935,12 +940,9 @@ fn tensorboard_events_hold_every_evaluation() -> anyhow::Result<()> {
         &["train.steps=6", "train.eval_every=3", "train.checkpoint_every=6"],
     );
     let run = train(&cfg, Start::New)?;
-    let file = std::fs::read_dir(&run.run_dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("events.out.tfevents."))
-        .ok_or_else(|| anyhow::anyhow!("no event file"))?;
-    let events = liederiv::report::tensorboard::read_events(&file)?;
+    let files = event_files(&run.run_dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let events = liederiv::report::tensorboard::read_events(&files[0])?;
     assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
     let recs = records(&run.run_dir);
     assert_eq!(events.len(), 1 + recs.len());
@@ -969,9 +971,7 @@ fn tensorboard_events_hold_every_evaluation() -> anyhow::Result<()> {
         &tiny_cfg(out.path(), "no_tb", &["train.steps=3", "output.tensorboard=false"]),
         Start::New,
     )?;
-    assert!(!std::fs::read_dir(&off.run_dir)?
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().contains("tfevents")));
+    assert!(event_files(&off.run_dir).is_empty());
     Ok(())
 }
 
