@@ -836,6 +836,78 @@ fn real_mnist_rot_splits() {
         assert_eq!(s.images.len(), s.len() * 784);
         assert!(s.images.iter().all(|v| (0.0..=1.0).contains(v)), "{}", s.name);
     }
+    // Pinned: the regenerated benchmark is the same on every machine and every version. Change
+    // these only with a deliberate change of the protocol (DESIGN.md, "MNIST-rot": pool order,
+    // seeded permutation, angles, bilinear zero-fill warp) and bump the cache FORMAT with it.
+    for (s, want) in [
+        (
+            &train,
+            "7aef57064b8bfa75817896f13346d01b9fcce40c604f4f072470e343e02b0cb6",
+        ),
+        (&val, "b239a04b803463d7e357ec980b72baa59b81262043655d8e19a45e0615892e1a"),
+        (
+            &test,
+            "7e61b97ae7a8c9b60088b59c98c4e96e90b1ca5975b559c81a6a51db7c657f32",
+        ),
+        (&ood, "72b45ee535fe1577ae911d004adf7950886db9416c751e336b220c53f58b5591"),
+    ] {
+        assert_eq!(s.sha256(), want, "{} changed", s.name);
+    }
+    // The angles are U[0, 2π) radians: Kolmogorov–Smirnov distance to the uniform CDF below the
+    // 99% critical value 1.63/√n (n = 62,000: 0.0065). Angles in [0, π) would give D = 0.5,
+    // degrees read as radians D ≈ 1.
+    let draw = data::mnist_rot_draw(&cfg, 70_000);
+    let mut thetas: Vec<f64> = draw.iter().map(|d| d.1).collect();
+    thetas.sort_by(f64::total_cmp);
+    let n = thetas.len() as f64;
+    let ks = thetas
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let f = t / std::f64::consts::TAU;
+            (f - i as f64 / n).abs().max(((i + 1) as f64 / n - f).abs())
+        })
+        .fold(0.0f64, f64::max);
+    eprintln!("MNIST-rot angles: KS distance to U[0, 2π) {ks:.5} over {n} draws");
+    assert!(ks < 1.63 / n.sqrt(), "KS distance {ks}");
+    assert!(thetas[0] >= 0.0 && thetas[thetas.len() - 1] < std::f64::consts::TAU);
+    // Each image is its pool digit rotated by its own angle: rotating it back by −θ recovers the
+    // digit (correlation > 0.9 away from the corners the rotation cut off), while the digit
+    // rotated by +θ again, or left alone, does not match as well. The pool as the CLI reads it.
+    let pool = data::mnist_pool(&cfg).unwrap();
+    for (k, &(idx, theta)) in draw.iter().take(16).enumerate() {
+        let digit: Vec<f32> = pool.images[idx * 784..(idx + 1) * 784]
+            .iter()
+            .map(|&p| p as f32 / 255.0)
+            .collect();
+        let img = &train.images[k * 784..(k + 1) * 784];
+        assert_eq!(train.labels[k], pool.labels[idx], "image {k}: label of another digit");
+        let back = data::rotate_images(img, 28, 28, &[-theta]).unwrap();
+        let again = data::rotate_images(img, 28, 28, &[theta]).unwrap();
+        let corr = |a: &[f32], b: &[f32]| {
+            let (ma, mb) = (a.iter().sum::<f32>() / 784.0, b.iter().sum::<f32>() / 784.0);
+            let (mut ab, mut aa, mut bb) = (0.0f32, 0.0f32, 0.0f32);
+            for (x, y) in a.iter().zip(b) {
+                ab += (x - ma) * (y - mb);
+                aa += (x - ma) * (x - ma);
+                bb += (y - mb) * (y - mb);
+            }
+            ab / (aa * bb).sqrt()
+        };
+        let (c_back, c_again) = (corr(&back, &digit), corr(&again, &digit));
+        assert!(
+            c_back > 0.9,
+            "image {k} (θ = {theta:.3}): un-rotated correlation {c_back}"
+        );
+        // Near 0 or 2π the two directions coincide; elsewhere the wrong one is clearly worse.
+        let off = theta.min(std::f64::consts::TAU - theta);
+        if off > 0.5 {
+            assert!(
+                c_back > c_again + 0.1,
+                "image {k} (θ = {theta:.3}): {c_back} vs {c_again}"
+            );
+        }
+    }
     // Zero fill: a rotated corner samples outside the frame or next to MNIST's (nearly always)
     // empty border, so almost every corner pixel is exactly 0.
     for s in [&train, &val, &test] {

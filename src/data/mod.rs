@@ -13,7 +13,7 @@ mod loader;
 mod rot;
 
 pub use loader::{batch, epoch_order};
-pub use rot::{cache_path, mnist_pool, rotate_images};
+pub use rot::{cache_path, mnist_pool, mnist_rot_draw, rotate_images};
 
 use crate::config::Config;
 use sha2::{Digest, Sha256};

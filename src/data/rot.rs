@@ -322,11 +322,7 @@ fn build_main(cfg: &Config) -> Result<Vec<Split>, DataError> {
             need,
         });
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(d.split_seed);
-    let mut order: Vec<usize> = (0..pool.labels.len()).collect();
-    order.shuffle(&mut rng);
-    order.truncate(need);
-    let thetas = angles(&mut rng, need);
+    let (order, thetas) = draw(d.split_seed, pool.labels.len(), need);
     let mut pixels = Vec::with_capacity(need * hw);
     for &i in &order {
         pixels.extend_from_slice(&pool.images[i * hw..(i + 1) * hw]);
@@ -342,6 +338,26 @@ fn build_main(cfg: &Config) -> Result<Vec<Split>, DataError> {
         out.push(split_of(name, imgs, labs, pool.h, pool.w));
     }
     Ok(out)
+}
+
+/// The draw behind MNIST-rot: which of the `pool` digits fill the `need` split slots (train,
+/// then val, then test), and the angle θ ~ U[0, 2π) (radians) each is rotated by.
+fn draw(split_seed: u64, pool: usize, need: usize) -> (Vec<usize>, Vec<f64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(split_seed);
+    let mut order: Vec<usize> = (0..pool).collect();
+    order.shuffle(&mut rng);
+    order.truncate(need);
+    let thetas = angles(&mut rng, need);
+    (order, thetas)
+}
+
+/// The pool index and rotation angle (radians) of every image of train, val and test, in split
+/// order, as the regenerated MNIST-rot draws them for this config from a pool of `pool` digits
+/// (70,000 for MNIST), for checks from outside.
+pub fn mnist_rot_draw(cfg: &Config, pool: usize) -> Vec<(usize, f64)> {
+    let d = &cfg.data;
+    let (order, thetas) = draw(d.split_seed, pool, d.train_size + d.val_size + d.test_size);
+    order.into_iter().zip(thetas).collect()
 }
 
 /// The 70k MNIST digits, train then test, from an IDX or Hub source.
