@@ -2,7 +2,10 @@
 //! overrides, validated once by [`Config::resolve`]. Nothing downstream validates again.
 //!
 //! Follows nanoGPT's configurator (unknown keys and wrong types are errors) and ripgrep's
-//! two-stage arguments (raw text → validated config). Every field documents its units.
+//! two-stage arguments (raw text → validated config). Every field documents its units; this
+//! file is a little over 600 lines because it is the one place where every key, its default
+//! and its meaning are read together (the named choices are in [`choices`], the checks in
+//! `validate`).
 
 mod choices;
 mod validate;
