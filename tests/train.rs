@@ -359,20 +359,25 @@ fn training_reaches_accuracy_with_finite_lee_on_every_split() -> anyhow::Result<
     Ok(())
 }
 
-/// Kill a `liederiv train` process after its first checkpoint, resume it, and compare with an
-/// uninterrupted run: same metrics (all but images/s) and bit-identical final weights.
-#[test]
-fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
+/// Train `common` uninterrupted (`<tag>_whole`), and again killed after the first checkpoint
+/// of `stage` ("train", or "pretrain" for the MAE stage in `pretrain/`) and resumed
+/// (`<tag>_killed`). A resume, not a restart: the resumed process says it resumes at the
+/// checkpoint's step and runs exactly the steps left, and the records the killed process wrote
+/// up to that step stay byte for byte (their images/s are the killed process's own, which a
+/// rerun would not reproduce). The run ends with the uninterrupted run's metrics (but images/s),
+/// TensorBoard events and weights, in both stages.
+fn kill_and_resume(tag: &str, common: &[&str], stage: &str) -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
-    let common = [
-        "train.steps=120",
-        "train.eval_every=40",
-        "train.checkpoint_every=20",
-        "augment.rotate_deg=180",
-    ];
-    let whole = train(&tiny_cfg(out.path(), "whole", &common), Start::New)?;
-
-    let cfg = tiny_cfg(out.path(), "killed", &common);
+    let whole = train(&tiny_cfg(out.path(), &format!("{tag}_whole"), common), Start::New)?;
+    let cfg = tiny_cfg(out.path(), &format!("{tag}_killed"), common);
+    let killed = cfg.run_dir();
+    let sub = |dir: &Path| {
+        if stage == "pretrain" {
+            dir.join("pretrain")
+        } else {
+            dir.to_path_buf()
+        }
+    };
     let sets: Vec<String> = tiny_set_args(&cfg);
     let bin = env!("CARGO_BIN_EXE_liederiv");
     let mut child = std::process::Command::new(bin)
@@ -380,26 +385,40 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
         .args(&sets)
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    let side = out.path().join("killed").join("checkpoint.json");
+    let side = sub(&killed).join("checkpoint.json");
     let t0 = std::time::Instant::now();
     while !side.exists() && t0.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     child.kill()?;
     child.wait()?;
-    let meta = checkpoint::load_meta(&out.path().join("killed").join("checkpoint.safetensors"))?;
+    let meta = checkpoint::load_meta(&sub(&killed).join("checkpoint.safetensors"))?;
     assert!(
-        meta.step < 120,
-        "the run finished before it could be killed (step {})",
+        meta.step < meta.total_steps,
+        "the {stage} stage finished before it could be killed (step {})",
         meta.step
     );
-    let status = std::process::Command::new(bin)
+    let before: Vec<String> = std::fs::read_to_string(sub(&killed).join("metrics.jsonl"))?
+        .lines()
+        .filter(|l| serde_json::from_str::<EvalRecord>(l).is_ok_and(|r| r.step <= meta.step))
+        .map(String::from)
+        .collect();
+    let resumed = std::process::Command::new(bin)
         .arg("train")
         .args(&sets)
         .arg("--resume")
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    assert!(status.success());
+        .output()?;
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{err}");
+    let said = format!("{stage}: resuming at step {} of {}", meta.step, meta.total_steps);
+    let ran = format!("{stage}: ran {} steps in this process", meta.total_steps - meta.step);
+    assert!(
+        err.contains(&said) && err.contains(&ran),
+        "expected {said:?} and {ran:?} in:\n{err}"
+    );
+    let after = std::fs::read_to_string(sub(&killed).join("metrics.jsonl"))?;
+    let kept: Vec<&str> = after.lines().take(before.len()).collect();
+    assert_eq!(kept, before, "records written before the checkpoint were rewritten");
 
     let strip = |mut v: Vec<EvalRecord>| {
         for r in &mut v {
@@ -407,38 +426,94 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
         }
         v
     };
-    let a = strip(records(&whole.run_dir));
-    let b = strip(records(&out.path().join("killed")));
-    assert_eq!(a.len(), 4);
-    assert_eq!(a, b, "resumed metrics differ from the uninterrupted run");
-    // TensorBoard: the resumed run's events are the uninterrupted run's, each step once.
-    let events = |dir: &Path| -> Vec<(i64, Vec<(String, f32)>)> {
-        let files = event_files(dir);
-        assert_eq!(files.len(), 1, "{files:?}");
-        liederiv::report::tensorboard::read_events(&files[0])
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.file_version.is_none())
-            .map(|e| (e.step, e.scalars))
-            .collect()
-    };
-    let (ea, eb) = (events(&whole.run_dir), events(&out.path().join("killed")));
-    assert_eq!(ea.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 40, 80, 120]);
-    assert_eq!(ea, eb, "resumed TensorBoard events differ from the uninterrupted run");
     let dev = Device::Cpu;
-    let wa = candle_core::safetensors::load(whole.run_dir.join("checkpoint.safetensors"), &dev)?;
-    let wb = candle_core::safetensors::load(out.path().join("killed").join("checkpoint.safetensors"), &dev)?;
-    assert_eq!(wa.len(), wb.len());
-    for (k, t) in &wa {
-        let d = (t - &wb[k])?
-            .to_dtype(DType::F32)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert_eq!(d, 0.0, "{k} differs after resume");
+    let stages: &[&str] = if stage == "pretrain" {
+        &["pretrain", "train"]
+    } else {
+        &["train"]
+    };
+    for &st in stages {
+        let at = |dir: &Path| {
+            if st == "pretrain" {
+                dir.join("pretrain")
+            } else {
+                dir.to_path_buf()
+            }
+        };
+        let (a, b) = (strip(records(&at(&whole.run_dir))), strip(records(&at(&killed))));
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "{st}: resumed metrics differ from the uninterrupted run");
+        // TensorBoard: the same events, each step once.
+        let events = |dir: &Path| -> Vec<(i64, Vec<(String, f32)>)> {
+            let files = event_files(dir);
+            assert_eq!(files.len(), 1, "{files:?}");
+            liederiv::report::tensorboard::read_events(&files[0])
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.file_version.is_none())
+                .map(|e| (e.step, e.scalars))
+                .collect()
+        };
+        let (ea, eb) = (events(&at(&whole.run_dir)), events(&at(&killed)));
+        assert_eq!(ea.len(), a.len());
+        assert_eq!(
+            ea, eb,
+            "{st}: resumed TensorBoard events differ from the uninterrupted run"
+        );
+        let wa = candle_core::safetensors::load(at(&whole.run_dir).join("checkpoint.safetensors"), &dev)?;
+        let wb = candle_core::safetensors::load(at(&killed).join("checkpoint.safetensors"), &dev)?;
+        assert_eq!(wa.len(), wb.len());
+        for (k, t) in &wa {
+            let d = (t - &wb[k])?
+                .to_dtype(DType::F32)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{st}: {k} differs after resume");
+        }
     }
     Ok(())
+}
+
+#[test]
+fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
+    let common = [
+        "train.steps=120",
+        "train.eval_every=40",
+        "train.checkpoint_every=20",
+        "augment.rotate_deg=180",
+    ];
+    kill_and_resume("vit", &common, "train")
+}
+
+#[test]
+fn resume_of_a_batch_norm_model_is_bit_identical() -> anyhow::Result<()> {
+    // Batch norm: the running statistics are variables too, and must continue exactly.
+    let common = [
+        "model.kind=\"cnn\"",
+        "model.cnn.widths=[8, 16]",
+        "train.steps=60",
+        "train.eval_every=20",
+        "train.checkpoint_every=10",
+    ];
+    kill_and_resume("cnn", &common, "train")
+}
+
+#[test]
+fn resume_inside_the_pretrain_stage_is_bit_identical() -> anyhow::Result<()> {
+    // Killed during MAE pretraining: that stage resumes, then fine-tuning runs in full.
+    let common = [
+        "pretrain.enabled=true",
+        "pretrain.steps=60",
+        "pretrain.batch_size=32",
+        "pretrain.warmup_steps=5",
+        "init.weights=\"pretrain\"",
+        "train.steps=20",
+        "train.eval_every=10",
+        "train.checkpoint_every=10",
+    ];
+    kill_and_resume("mae", &common, "pretrain")
 }
 
 /// The `--set` arguments that reproduce a test config on the command line.

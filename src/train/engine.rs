@@ -226,6 +226,10 @@ fn run_stage(
     })?;
     let ckpt_path = stage.dir.join(CHECKPOINT);
     let (mut step, epoch, cursor, mut rng) = start_state(stage, cfg, resume)?;
+    let first = step;
+    if resume.is_some() {
+        eprintln!("{}: resuming at step {step} of {}", stage.name, stage.steps);
+    }
     let mut data = DataCursor::new(train.len(), stage.batch_size, cfg.seed, epoch, cursor);
     let mut log = match resume {
         Some(m) => MetricsLog::open_append(&stage.dir, m.step)?,
@@ -342,6 +346,7 @@ fn run_stage(
         }
     }
     bar.finish();
+    eprintln!("{}: ran {} steps in this process", stage.name, step - first);
     Ok(last)
 }
 
