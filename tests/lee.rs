@@ -149,14 +149,24 @@ fn one_pass_equals_each_transform_alone_and_statistics_agree() {
 }
 
 #[test]
-fn constant_model_has_zero_lee() {
+fn a_saturation_invariant_model_has_zero_saturation_lee() {
+    // The model's JVP is computed (not zeros), so this fails if the saturate tangent, the output
+    // derivative or the statistic is wrong; the other transforms show the model is not trivial.
     let mut r = rng(11);
-    let x = blob_images(3, 1, 10, 1, DType::F32, &mut r);
-    let model = ConstantModel {
-        logits: randn(&[4], 1.0, DType::F32, &mut r),
+    let x = blob_images(3, 1, 10, 1, DType::F64, &mut r);
+    let model = ScaleInvariantModel {
+        weight: randn(&[4, 100], 1.0, DType::F64, &mut r),
     };
-    let lee = lee_per_image(&model, &x, &Transform::ALL, Stencil::Central, Statistic::Abs, false).unwrap();
-    assert!(lee.iter().flatten().all(|v| *v == 0.0));
+    let lee = lee_per_image(&model, &x, &Transform::ALL, Stencil::Central, Statistic::Sq, true).unwrap();
+    for (t, per_image) in Transform::ALL.iter().zip(&lee) {
+        for v in per_image {
+            if *t == Transform::Saturate {
+                assert!(*v < 1e-28, "{t}: {v:e}");
+            } else {
+                assert!(*v > 1e-6, "{t}: {v:e} (the model should not be invariant to it)");
+            }
+        }
+    }
 }
 
 #[test]

@@ -286,6 +286,47 @@ impl Model for ConstantModel {
     }
 }
 
+/// logits = W · x/‖x‖ (x flattened per image): invariant to saturation x ↦ (1 + t)·x by
+/// construction, with a real JVP, J·dx = W · (dx/‖x‖ − x (x·dx)/‖x‖³), so its zero
+/// saturation LEE is computed, not hard-coded; rotations and translations do change it.
+pub struct ScaleInvariantModel {
+    /// `(K, C·H·W)`.
+    pub weight: Tensor,
+}
+
+impl ScaleInvariantModel {
+    /// `x: (B, ...)` → `(x/‖x‖ flattened (B, N), 1/‖x‖ (B, 1))`.
+    fn unit(x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let flat = x.flatten_from(1)?;
+        let inv = flat.sqr()?.sum_keepdim(1)?.sqrt()?.recip()?;
+        Ok((flat.broadcast_mul(&inv)?, inv))
+    }
+}
+
+impl Jvp for ScaleInvariantModel {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (u, inv) = Self::unit(x)?;
+        let y = u.matmul(&self.weight.t()?)?;
+        let (t, b) = (dx.dim(0)?, dx.dim(1)?);
+        let d = dx.reshape((t, b, u.dim(1)?))?;
+        // du = (dx − u (u·dx)) / ‖x‖
+        let along = tangent_mul(&d, &u)?.sum_keepdim(2)?;
+        let du = tangent_mul(&(d - tangent_mul(&along, &u)?)?, &inv)?;
+        let dy = du.broadcast_matmul(&self.weight.t()?)?;
+        let dy = tape.step("normalise+head", StepKind::Head, Repr::Invariant, &y, dy)?;
+        Ok((y, dy))
+    }
+}
+
+impl Model for ScaleInvariantModel {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Self::unit(x)?.0.matmul(&self.weight.t()?)
+    }
+    fn forward_train(&self, x: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
+        self.forward(x)
+    }
+}
+
 pub fn max_abs(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64)
         .unwrap()
