@@ -1090,3 +1090,37 @@ fn a_checkpoint_from_before_a_config_key_existed_still_resumes() -> anyhow::Resu
     ));
     Ok(())
 }
+
+#[test]
+fn averaging_a_trained_vit_over_c4_lowers_its_rotation_lee() -> anyhow::Result<()> {
+    // `model.average_rotations = 4` on the weights of a trained ViT: the same checkpoint, measured
+    // as is and averaged over the four rotations; averaging removes the non-invariant part.
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(
+        out.path(),
+        "avg",
+        &["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150"],
+    );
+    let run = train(&cfg, Start::New)?;
+    let ckpt = run.run_dir.join("checkpoint.safetensors");
+    let dev = Device::Cpu;
+    let test = liederiv::data::load_split(&cfg, "test")?;
+    let (x, y) = liederiv::train::evaluate::head_of(&test, 64, &cfg, &dev)?;
+    let spec = liederiv::lie::LeeSpec::of(&cfg.lee);
+    let lee = |c: &Config| -> anyhow::Result<f64> {
+        let loaded = liederiv::train::load_for_inference(c, Some(&ckpt), &dev)?;
+        let model = liederiv::models::frozen(c, &loaded.varmap, &dev)?;
+        let s = liederiv::lie::lee_split(model.as_ref(), &x, Some(&y), &spec)?;
+        Ok(s.lee[0].1.mean())
+    };
+    let mut averaged = cfg.clone();
+    averaged.model.average_rotations = 4;
+    let (plain, avg) = (lee(&cfg)?, lee(&averaged)?);
+    eprintln!("test rotation LEE: plain {plain:.3e}, averaged over C4 {avg:.3e}");
+    assert_eq!(spec.transforms[0], liederiv::transforms::Transform::Rotate);
+    assert!(
+        avg < plain,
+        "averaging did not lower the rotation LEE: {avg} vs {plain}"
+    );
+    Ok(())
+}

@@ -176,6 +176,9 @@ pub struct ModelConfig {
     /// "vit" | "cnn" | "gcnn".
     pub kind: ModelKind,
     pub num_classes: usize,
+    /// Average the logits over the N rotations of C_N (invariance by averaging; 0 = off). Its
+    /// JVP averages the model's at the rotated inputs, so LEE measures it like any model.
+    pub average_rotations: usize,
     pub vit: VitConfig,
     pub mae: MaeConfig,
     pub cnn: CnnConfig,
@@ -187,6 +190,7 @@ impl Default for ModelConfig {
         Self {
             kind: ModelKind::Vit,
             num_classes: 10,
+            average_rotations: 0,
             vit: VitConfig::default(),
             mae: MaeConfig::default(),
             cnn: CnnConfig::default(),

@@ -197,6 +197,12 @@ impl Config {
 
         let m = &self.model;
         check(m.num_classes >= 2, "model.num_classes", m.num_classes, "at least 2")?;
+        check(
+            m.average_rotations <= 64,
+            "model.average_rotations",
+            m.average_rotations,
+            "0 (off) or the order N ≤ 64 of the rotation group to average over",
+        )?;
         let v = &m.vit;
         check(
             v.patch_size > 0 && d.image_size.is_multiple_of(v.patch_size),

@@ -40,6 +40,14 @@ pub fn export_tensors(
             cfg.model.kind
         )));
     }
+    if cfg.model.average_rotations > 1 {
+        return Err(refuse(format!(
+            "model.average_rotations = {} averages the logits over rotated copies, which neither timm nor \
+             transformers does; export with --set model.average_rotations=0 (the same weights) and \
+             average over the rotations in Python",
+            cfg.model.average_rotations
+        )));
+    }
     match format {
         WeightFormat::Hf if v.pool == Pool::Mean => {
             return Err(refuse(

@@ -2,6 +2,7 @@
 //! C_N group-equivariant CNN. Models know nothing of the trainer; every model implements the
 //! forward + [`Jvp`] contract that the LEE code needs.
 
+pub mod averaged;
 pub mod cnn;
 pub mod conv;
 pub mod export;
@@ -52,10 +53,14 @@ pub fn frozen(cfg: &Config, varmap: &VarMap, device: &Device) -> Result<Box<dyn 
 
 fn build_from(cfg: &Config, vb: candle_nn::VarBuilder) -> Result<Box<dyn Model>> {
     let (m, d) = (&cfg.model, &cfg.data);
-    Ok(match m.kind {
+    let model: Box<dyn Model> = match m.kind {
         ModelKind::Vit => Box::new(vit::Vit::new(&m.vit, d.image_size, d.channels, m.num_classes, vb)?),
         ModelKind::Cnn => Box::new(cnn::Cnn::new(&m.cnn, d.channels, m.num_classes, vb)?),
         ModelKind::Gcnn => Box::new(gcnn::Gcnn::new(&m.gcnn, d.channels, m.num_classes, vb)?),
+    };
+    Ok(match m.average_rotations {
+        0 | 1 => model,
+        n => Box::new(averaged::RotationAveraged::new(model, n, -d.mean / d.std)),
     })
 }
 
