@@ -95,3 +95,42 @@ fn averaged_jvp_matches_f64_central_differences() {
         .map(|e| e.to_string());
     assert!(err.is_some_and(|e| e.contains("average_rotations")));
 }
+
+#[test]
+fn a_c4_models_angle_curve_repeats_every_90_degrees() {
+    // Synthetic digits in [0, 1] with labels; the C4-averaged ViT's error and true-class
+    // probability at 0°, 90°, 180°, 270° agree; the plain model's do not.
+    let dev = Device::Cpu;
+    let n = 32;
+    let images: Vec<f32> = Tensor::rand(0f32, 1.0, (n * 784,), &dev).unwrap().to_vec1().unwrap();
+    let split = liederiv::data::Split {
+        name: "test".into(),
+        images,
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        h: 28,
+        w: 28,
+    };
+    let degrees = [0.0, 90.0, 180.0, 270.0, 45.0];
+    let curve = |c: &Config, vm: &VarMap| {
+        let model = build_with(c, vm, DType::F32, &dev).unwrap();
+        liederiv::train::evaluate::angle_curve(model.as_ref(), c, &split, 0, &degrees, &dev).unwrap()
+    };
+    let vm = VarMap::new();
+    let avg = curve(&cfg(&["model.average_rotations=4"]), &vm);
+    for p in &avg[1..4] {
+        assert_eq!(p.error, avg[0].error, "{}°", p.degrees);
+        assert!(
+            (p.true_prob - avg[0].true_prob).abs() < 1e-6,
+            "{}°: {} vs {}",
+            p.degrees,
+            p.true_prob,
+            avg[0].true_prob
+        );
+    }
+    let plain = curve(&cfg(&[]), &vm);
+    let spread = plain[..4]
+        .iter()
+        .map(|p| (p.true_prob - plain[0].true_prob).abs())
+        .fold(0.0, f64::max);
+    assert!(spread > 1e-4, "the plain model's curve is flat too ({spread:e})");
+}

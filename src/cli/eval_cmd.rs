@@ -5,7 +5,7 @@ use super::EvalArgs;
 use crate::config::Config;
 use crate::lie::LeeSpec;
 use crate::report::EvalRecord;
-use crate::train::evaluate::{evaluate, logits_of};
+use crate::train::evaluate::{angle_curve, evaluate, logits_of};
 use anyhow::Context;
 use std::collections::BTreeMap;
 
@@ -48,6 +48,41 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&record.splits)?;
         crate::report::write_atomic(path, text.as_bytes())?;
+    }
+    if let Some(super::Angles(degrees)) = &args.angles {
+        let mut points = Vec::new();
+        for name in &splits_wanted {
+            points.extend(angle_curve(
+                model.as_ref(),
+                cfg,
+                &splits[name],
+                limit,
+                degrees,
+                &device,
+            )?);
+        }
+        print!("{}", crate::report::angles::angles_table(&points));
+        let dir = cfg.run_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let csv = dir.join(crate::report::angles::ANGLES_CSV);
+        crate::report::angles::write_angles(&csv, &points)?;
+        let series: Vec<(String, Vec<(f64, f64, f64)>)> = splits_wanted
+            .iter()
+            .map(|name| {
+                let pts = points
+                    .iter()
+                    .filter(|p| &p.split == name)
+                    .map(|p| (p.degrees, 100.0 * p.error, p.true_prob))
+                    .collect();
+                (name.clone(), pts)
+            })
+            .collect();
+        crate::report::plot_angles(&dir.join("angles"), &series)?;
+        println!(
+            "wrote {} and {}.{{png,svg}}",
+            csv.display(),
+            dir.join("angles").display()
+        );
     }
     if let Some(path) = &args.predictions {
         let mut csv = String::from("split,index,label,predicted");

@@ -100,6 +100,11 @@ pub struct EvalArgs {
     /// Write one CSV row per image: split, index, label, predicted class, logits.
     #[arg(long)]
     pub predictions: Option<PathBuf>,
+    /// Error and true-class probability with every image rotated by a further θ, for θ from
+    /// START to STOP (exclusive) every STEP degrees, e.g. `0:360:5`: a table, the run folder's
+    /// angles.csv and angles.{png,svg}.
+    #[arg(long, value_name = "START:STOP:STEP", value_parser = parse_angles)]
+    pub angles: Option<Angles>,
     /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -137,6 +142,28 @@ pub struct LeeArgs {
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// The angles of `eval --angles`, in degrees.
+#[derive(Clone, Debug)]
+pub struct Angles(pub Vec<f64>);
+
+/// `START:STOP:STEP` in degrees → the angles START, START+STEP, … below STOP.
+fn parse_angles(text: &str) -> Result<Angles, String> {
+    let parts: Vec<f64> = text
+        .split(':')
+        .map(|p| p.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{text:?}: {e}; expected START:STOP:STEP in degrees, e.g. 0:360:5"))?;
+    match parts[..] {
+        [start, stop, step] if step > 0.0 && stop > start && (stop - start) / step <= 10_000.0 => {
+            let n = ((stop - start) / step).ceil() as usize;
+            Ok(Angles((0..n).map(|i| start + step * i as f64).filter(|d| *d < stop).collect()))
+        }
+        _ => Err(format!(
+            "{text:?}: expected START:STOP:STEP in degrees with STEP > 0, STOP > START and at most 10000 angles, e.g. 0:360:5"
+        )),
+    }
 }
 
 impl LeeArgs {

@@ -47,6 +47,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         report::write_atomic(md, table.as_bytes()).with_context(|| format!("writing {}", md.display()))?;
         eprintln!("wrote {}", md.display());
         comparison_plots(md, &runs)?;
+        angle_overlay(md, &runs)?;
     }
     Ok(())
 }
@@ -84,5 +85,36 @@ fn comparison_plots(md: &Path, runs: &[RunReport]) -> anyhow::Result<()> {
         report::plot_error_vs_lee(&path, t, &points).with_context(|| format!("plotting {}", path.display()))?;
         eprintln!("wrote {}.{{png,svg}}", path.display());
     }
+    Ok(())
+}
+
+/// The test-split angle curves of every run that has an `angles.csv` (`liederiv eval
+/// --angles`), overlaid in `<markdown stem>_angles.{png,svg}`.
+fn angle_overlay(md: &Path, runs: &[RunReport]) -> anyhow::Result<()> {
+    let mut series = Vec::new();
+    for r in runs {
+        let path = r.dir.join(report::angles::ANGLES_CSV);
+        if !path.exists() {
+            continue;
+        }
+        let points = report::angles::read_angles(&path)?;
+        let pts: Vec<(f64, f64, f64)> = points
+            .iter()
+            .filter(|p| p.split == "test")
+            .map(|p| (p.degrees, 100.0 * p.error, p.true_prob))
+            .collect();
+        if !pts.is_empty() {
+            series.push((r.name.clone(), pts));
+        }
+    }
+    if series.is_empty() {
+        return Ok(());
+    }
+    let stem = md.with_file_name(format!(
+        "{}_angles",
+        md.file_stem().and_then(|s| s.to_str()).unwrap_or("report")
+    ));
+    report::plot_angles(&stem, &series)?;
+    eprintln!("wrote {}.{{png,svg}}", stem.display());
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! and JSON schema ([`lee`]). This module only serialises and draws:
 //! the numbers come from the trainer and the LEE engine.
 
+pub mod angles;
 pub mod lee;
 pub mod log;
 pub mod plot;
@@ -14,7 +15,7 @@ pub mod tensorboard;
 pub use log::{
     eval_heading, eval_table, read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL,
 };
-pub use plot::{plot_error_vs_lee, plot_layerwise, plot_training, ScatterPoint};
+pub use plot::{plot_angles, plot_error_vs_lee, plot_layerwise, plot_training, ScatterPoint};
 pub use table::{
     load_run, markdown_table, paper_table, row_of, seed_table, PaperNumbers, PaperRow, RunReport, RunSummary,
     CONFIG_TOML, SUMMARY_JSON,

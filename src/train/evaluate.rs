@@ -194,3 +194,49 @@ pub fn measure_split(
         layerwise: lw.into_iter().map(|a| a.finish()).collect(),
     })
 }
+
+/// Error and mean true-class probability of `model` on the first `limit` images of `split`
+/// (0 = all), each rotated by a further `degrees[i]` about its centre (the MNIST-rot warp:
+/// bilinear, black outside the frame), one point per angle.
+pub fn angle_curve(
+    model: &dyn Model,
+    cfg: &Config,
+    split: &Split,
+    limit: usize,
+    degrees: &[f64],
+    device: &Device,
+) -> Result<Vec<crate::report::angles::AnglePoint>> {
+    let n = if limit == 0 {
+        split.len()
+    } else {
+        limit.min(split.len())
+    };
+    let hw = split.h * split.w;
+    let mut out = Vec::with_capacity(degrees.len());
+    for &deg in degrees {
+        let theta = deg.to_radians();
+        let images = crate::data::rotate_images(&split.images[..n * hw], split.h, split.w, &vec![theta; n])?;
+        let rotated = Split {
+            name: split.name.clone(),
+            images,
+            labels: split.labels[..n].to_vec(),
+            h: split.h,
+            w: split.w,
+        };
+        let (logits, labels) = logits_of(model, &rotated, 0, cfg, device)?;
+        let (_, accuracy) = loss_accuracy(&logits, &labels)?;
+        let p = crate::kernels::softmax(&logits.to_dtype(DType::F64)?)?;
+        let true_p = p
+            .gather(&labels.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?
+            .mean_all()?
+            .to_scalar::<f64>()?;
+        out.push(crate::report::angles::AnglePoint {
+            split: split.name.clone(),
+            degrees: deg,
+            n,
+            error: 1.0 - accuracy,
+            true_prob: true_p,
+        });
+    }
+    Ok(out)
+}

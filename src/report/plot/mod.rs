@@ -10,7 +10,7 @@
 
 mod paper;
 
-pub use paper::{plot_error_vs_lee, plot_layerwise, ScatterPoint};
+pub use paper::{plot_angles, plot_error_vs_lee, plot_layerwise, ScatterPoint};
 
 use super::{split_rank, EvalRecord, ReportError};
 use plotters::coord::Shift;

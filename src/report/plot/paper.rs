@@ -182,3 +182,73 @@ pub fn plot_error_vs_lee(path_stem: &Path, transform: &str, points: &[ScatterPoi
     }
     render(path_stem, &ScatterFigure { transform, points })
 }
+
+/// Error and true-class probability against the extra rotation angle, one line per series.
+struct AngleFigure<'a> {
+    /// (label, points (degrees, error %, true-class probability))
+    series: &'a [(String, Vec<(f64, f64, f64)>)],
+}
+
+impl Figure for AngleFigure<'_> {
+    fn size(&self) -> (u32, u32) {
+        (1500, 620)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult
+    where
+        DB::ErrorType: 'static,
+    {
+        root.fill(&WHITE)?;
+        let panels = root.split_evenly((1, 2));
+        let emax = self
+            .series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|q| q.1))
+            .fold(0.0f64, f64::max);
+        for (i, panel) in panels.iter().enumerate() {
+            let (caption, ydesc, ymax) = match i {
+                0 => ("test error vs rotation", "error (%)", (emax * 1.1).max(1.0)),
+                _ => ("confidence vs rotation", "mean p(true class)", 1.0),
+            };
+            let mut chart = ChartBuilder::on(panel)
+                .caption(caption, text(20))
+                .margin(15)
+                .x_label_area_size(50)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0f64..360.0, 0.0f64..ymax)?;
+            chart
+                .configure_mesh()
+                .x_desc("extra rotation θ (degrees)")
+                .y_desc(ydesc)
+                .x_labels(9)
+                .x_label_formatter(&tick)
+                .y_label_formatter(&tick)
+                .axis_desc_style(text(18))
+                .label_style(text(14))
+                .draw()?;
+            for (k, (label, pts)) in self.series.iter().enumerate() {
+                let c = PALETTE[k % PALETTE.len()];
+                let line: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, if i == 0 { p.1 } else { p.2 })).collect();
+                chart
+                    .draw_series(LineSeries::new(line, c.stroke_width(2)))?
+                    .label(label.as_str())
+                    .legend(legend_line(c));
+            }
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+        }
+        root.present()?;
+        Ok(())
+    }
+}
+
+/// Error (%) and mean true-class probability against the extra rotation angle, one line per
+/// `(label, [(degrees, error %, probability)])`, as `<stem>.{png,svg}`.
+pub fn plot_angles(path_stem: &Path, series: &[(String, Vec<(f64, f64, f64)>)]) -> Result<(), ReportError> {
+    if series.iter().all(|(_, p)| p.is_empty()) {
+        return Err(ReportError::Invalid {
+            what: format!("angle plot {}", path_stem.display()),
+            message: "no points".into(),
+        });
+    }
+    render(path_stem, &AngleFigure { series })
+}
