@@ -66,16 +66,9 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let csv = dir.join(crate::report::angles::ANGLES_CSV);
         crate::report::angles::write_angles(&csv, &points)?;
-        let series: Vec<(String, Vec<(f64, f64, f64)>)> = splits_wanted
+        let series: Vec<_> = splits_wanted
             .iter()
-            .map(|name| {
-                let pts = points
-                    .iter()
-                    .filter(|p| &p.split == name)
-                    .map(|p| (p.degrees, 100.0 * p.error, p.true_prob))
-                    .collect();
-                (name.clone(), pts)
-            })
+            .map(|name| crate::report::angles::series_of(&points, name, name))
             .collect();
         crate::report::plot_angles(&dir.join("angles"), &series)?;
         println!(

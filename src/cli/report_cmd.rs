@@ -97,14 +97,9 @@ fn angle_overlay(md: &Path, runs: &[RunReport]) -> anyhow::Result<()> {
         if !path.exists() {
             continue;
         }
-        let points = report::angles::read_angles(&path)?;
-        let pts: Vec<(f64, f64, f64)> = points
-            .iter()
-            .filter(|p| p.split == "test")
-            .map(|p| (p.degrees, 100.0 * p.error, p.true_prob))
-            .collect();
-        if !pts.is_empty() {
-            series.push((r.name.clone(), pts));
+        let s = report::angles::series_of(&report::angles::read_angles(&path)?, "test", &r.name);
+        if !s.1.is_empty() {
+            series.push(s);
         }
     }
     if series.is_empty() {

@@ -59,6 +59,19 @@ pub fn read_angles(path: &Path) -> Result<Vec<AnglePoint>, ReportError> {
         .collect()
 }
 
+/// One curve of the angle plot: a label and its (degrees, error %, true-class probability).
+pub type AngleSeries = (String, Vec<(f64, f64, f64)>);
+
+/// The curve of one split, labelled `label`.
+pub fn series_of(points: &[AnglePoint], split: &str, label: &str) -> AngleSeries {
+    let pts = points
+        .iter()
+        .filter(|p| p.split == split)
+        .map(|p| (p.degrees, 100.0 * p.error, p.true_prob))
+        .collect();
+    (label.to_string(), pts)
+}
+
 /// Console table: one line per angle, error and true-class probability per split.
 pub fn angles_table(points: &[AnglePoint]) -> String {
     let splits: std::collections::BTreeSet<&str> = points.iter().map(|p| p.split.as_str()).collect();

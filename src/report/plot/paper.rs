@@ -2,6 +2,7 @@
 //! Figure 1-right / Table 1's view (test error against test LEE, one point per run).
 
 use super::*;
+use crate::report::angles::AngleSeries;
 
 struct LayerwiseFigure<'a> {
     transforms: &'a [(String, Vec<f64>)],
@@ -185,8 +186,7 @@ pub fn plot_error_vs_lee(path_stem: &Path, transform: &str, points: &[ScatterPoi
 
 /// Error and true-class probability against the extra rotation angle, one line per series.
 struct AngleFigure<'a> {
-    /// (label, points (degrees, error %, true-class probability))
-    series: &'a [(String, Vec<(f64, f64, f64)>)],
+    series: &'a [AngleSeries],
 }
 
 impl Figure for AngleFigure<'_> {
@@ -243,7 +243,7 @@ impl Figure for AngleFigure<'_> {
 
 /// Error (%) and mean true-class probability against the extra rotation angle, one line per
 /// `(label, [(degrees, error %, probability)])`, as `<stem>.{png,svg}`.
-pub fn plot_angles(path_stem: &Path, series: &[(String, Vec<(f64, f64, f64)>)]) -> Result<(), ReportError> {
+pub fn plot_angles(path_stem: &Path, series: &[AngleSeries]) -> Result<(), ReportError> {
     if series.iter().all(|(_, p)| p.is_empty()) {
         return Err(ReportError::Invalid {
             what: format!("angle plot {}", path_stem.display()),
