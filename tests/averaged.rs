@@ -11,17 +11,7 @@ use liederiv::jvp::Tape;
 use liederiv::models::build_with;
 
 fn cfg(extra: &[&str]) -> Config {
-    let mut sets: Vec<String> = [
-        "model.vit.patch_size=7",
-        "model.vit.dim=16",
-        "model.vit.depth=2",
-        "model.vit.heads=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    Config::resolve_str("", "<test>", &sets).unwrap()
+    common::tiny_vit_config(16, extra)
 }
 
 /// rot90 of `(B, C, H, W)` by index permutation: transpose the grid, then reverse the rows.

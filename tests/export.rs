@@ -4,6 +4,7 @@
 //! also loaded by timm 1.0.31 and transformers 5.25.0 themselves, scripts/fixtures/check_export.py,
 //! result in scripts/fixtures/check_export.out). Models without an outside layout are refused.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use liederiv::config::{Config, InitConfig, InitWeights, WeightFormat};
@@ -13,18 +14,9 @@ use liederiv::models::{build_with, frozen};
 use std::collections::HashMap;
 
 fn tiny(extra: &[&str]) -> Config {
-    let mut sets: Vec<String> = [
-        "model.vit.patch_size=7",
-        "model.vit.dim=32",
-        "model.vit.depth=2",
-        "model.vit.heads=2",
-        "seed=5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    Config::resolve_str("", "<test>", &sets).unwrap()
+    let mut all = vec!["seed=5"];
+    all.extend_from_slice(extra);
+    common::tiny_vit_config(32, &all)
 }
 
 fn images() -> Tensor {

@@ -1,6 +1,7 @@
 //! Small test-local models implementing `Model` for the LEE and layerwise tests: a circular
 //! convolution net (optionally with ReLUs), a linear model W·x, a soft-disk average and a
-//! constant. Each calls `Tape::step` after every op, like the real models do.
+//! constant. Each calls `Tape::step` after every op, like the real models do. Also a tiny-ViT
+//! config for tests that build the real models.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -362,4 +363,16 @@ pub fn norm(t: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
         .sqrt()
+}
+
+/// The default config with a two-block ViT of width `dim` on 7×7 patches, then `extra` overrides.
+pub fn tiny_vit_config(dim: usize, extra: &[&str]) -> liederiv::Config {
+    let mut sets = vec![
+        "model.vit.patch_size=7".to_string(),
+        format!("model.vit.dim={dim}"),
+        "model.vit.depth=2".into(),
+        "model.vit.heads=2".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    liederiv::Config::resolve_str("", "<test>", &sets).unwrap()
 }
