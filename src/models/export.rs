@@ -10,7 +10,7 @@
 //! embedding is no variable here but a parameter in both libraries: it is written out.
 
 use super::vit::sincos_pos_embed;
-use super::weights::WeightsError;
+use super::weights::{WeightsError, HF_BLOCK_MODULES, HF_ENCODER_KEYS, HF_ENCODER_PREFIXES, HF_QKV};
 use crate::config::{Config, ModelKind, Pool, PosEmbed, WeightFormat};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -110,7 +110,7 @@ pub fn timm_to_hf(tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Te
             let layer = format!("vit.encoder.layer.{i}");
             if module == "attn.qkv" {
                 let d = t.dim(0)? / 3;
-                for (k, part) in ["query", "key", "value"].iter().enumerate() {
+                for (k, part) in HF_QKV.iter().enumerate() {
                     out.insert(
                         format!("{layer}.attention.attention.{part}.{param}"),
                         t.narrow(0, k * d, d)?.contiguous()?,
@@ -118,28 +118,28 @@ pub fn timm_to_hf(tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Te
                 }
                 continue;
             }
-            let hf = match module {
-                "attn.proj" => "attention.output.dense",
-                "mlp.fc1" => "intermediate.dense",
-                "mlp.fc2" => "output.dense",
-                "norm1" => "layernorm_before",
-                "norm2" => "layernorm_after",
-                _ => return Err(unknown(&key)),
-            };
+            let (hf, _) = HF_BLOCK_MODULES
+                .iter()
+                .find(|(_, ours)| *ours == module)
+                .ok_or_else(|| unknown(&key))?;
             out.insert(format!("{layer}.{hf}.{param}"), t);
             continue;
         }
-        let hf = match key.as_str() {
-            "cls_token" => "vit.embeddings.cls_token".to_string(),
-            "pos_embed" => "vit.embeddings.position_embeddings".to_string(),
-            k => [
-                ("patch_embed.proj.", "vit.embeddings.patch_embeddings.projection."),
-                ("norm.", "vit.layernorm."),
-                ("head.", "classifier."),
-            ]
+        let hf = HF_ENCODER_KEYS
             .iter()
-            .find_map(|(from, to)| k.strip_prefix(from).map(|p| format!("{to}{p}")))
-            .ok_or_else(|| unknown(&key))?,
+            .find(|(_, ours)| *ours == key)
+            .map(|(hf, _)| hf.to_string())
+            .or_else(|| {
+                HF_ENCODER_PREFIXES
+                    .iter()
+                    .find_map(|(hf, ours)| key.strip_prefix(ours).map(|p| format!("{hf}{p}")))
+            })
+            .ok_or_else(|| unknown(&key))?;
+        // ViTForImageClassification keeps its classifier beside the `vit.` encoder.
+        let hf = if hf.starts_with("classifier.") {
+            hf
+        } else {
+            format!("vit.{hf}")
         };
         out.insert(hf, t);
     }

@@ -143,6 +143,28 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>, WeightsEr
     raw.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect()
 }
 
+/// A transformers block's sub-modules and ours (timm's), both ways (loading and `export`).
+pub const HF_BLOCK_MODULES: [(&str, &str); 5] = [
+    ("attention.output.dense", "attn.proj"),
+    ("intermediate.dense", "mlp.fc1"),
+    ("output.dense", "mlp.fc2"),
+    ("layernorm_before", "norm1"),
+    ("layernorm_after", "norm2"),
+];
+/// The three transformers projections that make timm's fused `qkv`, in its row order.
+pub const HF_QKV: [&str; 3] = ["query", "key", "value"];
+/// Encoder tensors outside the blocks: (transformers name without `vit.`, ours).
+pub const HF_ENCODER_KEYS: [(&str, &str); 2] = [
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.position_embeddings", "pos_embed"),
+];
+/// Encoder modules outside the blocks, as name prefixes: (transformers without `vit.`, ours).
+pub const HF_ENCODER_PREFIXES: [(&str, &str); 3] = [
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("layernorm.", "norm."),
+    ("classifier.", "head."),
+];
+
 /// Rename a Hugging Face ViT / ViTMAE checkpoint to our names. Encoder keys may carry the `vit.`
 /// prefix or not; `decoder.*` (ViTMAEForPreTraining) maps to `decoder_embed`, `mask_token`,
 /// `decoder_pos_embed`, `decoder_blocks.{i}.*`, `decoder_norm`, `decoder_pred`; `classifier` maps
@@ -158,18 +180,13 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
         let block = |rest: &str, ours: String| -> Option<(String, Option<(usize, String)>)> {
             // (name in our layout, or a q/k/v part: (index, param) under `ours`)
             let (head, param) = rest.rsplit_once('.')?;
-            let qkv_part = |i| Some((ours.clone(), Some((i, param.to_string()))));
-            let renamed = match head {
-                "attention.attention.query" => return qkv_part(0),
-                "attention.attention.key" => return qkv_part(1),
-                "attention.attention.value" => return qkv_part(2),
-                "attention.output.dense" => "attn.proj",
-                "intermediate.dense" => "mlp.fc1",
-                "output.dense" => "mlp.fc2",
-                "layernorm_before" => "norm1",
-                "layernorm_after" => "norm2",
-                _ => return None,
-            };
+            if let Some(i) = head
+                .strip_prefix("attention.attention.")
+                .and_then(|p| HF_QKV.iter().position(|q| *q == p))
+            {
+                return Some((ours, Some((i, param.to_string()))));
+            }
+            let (_, renamed) = HF_BLOCK_MODULES.iter().find(|(hf, _)| *hf == head)?;
             Some((format!("{ours}.{renamed}.{param}"), None))
         };
         let mapped: Option<(String, Option<(usize, String)>)> = if let Some(rest) = k.strip_prefix("encoder.layer.") {
@@ -181,22 +198,24 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
             notes.push(format!("dropped {key}: not used by ViT"));
             continue;
         } else {
-            let plain = match k {
-                "embeddings.cls_token" => Some("cls_token".to_string()),
-                "embeddings.position_embeddings" => Some("pos_embed".to_string()),
-                "decoder.mask_token" => Some("mask_token".to_string()),
-                "decoder.decoder_pos_embed" => Some("decoder_pos_embed".to_string()),
-                _ => [
-                    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
-                    ("layernorm.", "norm."),
-                    ("classifier.", "head."),
-                    ("decoder.decoder_embed.", "decoder_embed."),
-                    ("decoder.decoder_norm.", "decoder_norm."),
-                    ("decoder.decoder_pred.", "decoder_pred."),
-                ]
-                .iter()
-                .find_map(|(from, to)| k.strip_prefix(from).map(|p| format!("{to}{p}"))),
-            };
+            let keys = HF_ENCODER_KEYS.iter().chain(&[
+                ("decoder.mask_token", "mask_token"),
+                ("decoder.decoder_pos_embed", "decoder_pos_embed"),
+            ]);
+            let prefixes = HF_ENCODER_PREFIXES.iter().chain(&[
+                ("decoder.decoder_embed.", "decoder_embed."),
+                ("decoder.decoder_norm.", "decoder_norm."),
+                ("decoder.decoder_pred.", "decoder_pred."),
+            ]);
+            let plain = keys
+                .clone()
+                .find(|(hf, _)| *hf == k)
+                .map(|(_, ours)| ours.to_string())
+                .or_else(|| {
+                    prefixes
+                        .clone()
+                        .find_map(|(from, to)| k.strip_prefix(from).map(|p| format!("{to}{p}")))
+                });
             plain.map(|name| (name, None))
         };
         match mapped {
@@ -217,7 +236,7 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
                 tensors.insert(format!("{prefix}.attn.qkv.{param}"), fused);
             }
             _ => {
-                let absent: Vec<&str> = ["query", "key", "value"]
+                let absent: Vec<&str> = HF_QKV
                     .iter()
                     .zip(&parts)
                     .filter(|(_, p)| p.is_none())
