@@ -383,10 +383,11 @@ impl MetricsLog {
         })
     }
 
-    /// Also write every record to the run folder's TensorBoard event file: a fresh one, or for
-    /// `--resume` (`keep_through_step`, as given to [`MetricsLog::open_append`]) the run's own,
-    /// trimmed to the records kept (`super::tensorboard::EventFile::open`).
-    pub fn with_tensorboard(mut self, dir: &Path, keep_through_step: Option<usize>) -> Result<Self, ReportError> {
+    /// Also write every record to the TensorBoard event file beside the metrics: a fresh one, or
+    /// for `--resume` (`keep_through_step`, as given to [`MetricsLog::open_append`]) the run's
+    /// own, trimmed to the records kept (`super::tensorboard::EventFile::open`).
+    pub fn with_tensorboard(mut self, keep_through_step: Option<usize>) -> Result<Self, ReportError> {
+        let dir = self.jsonl_path.parent().unwrap_or(Path::new("."));
         self.events = Some(super::tensorboard::EventFile::open(
             dir,
             keep_through_step,

@@ -291,10 +291,6 @@ impl EventFile {
             .and_then(|_| self.file.flush())
             .map_err(|e| ReportError::io(&self.path, e))
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 fn event_of(r: &EvalRecord, wall_time: f64) -> Event {

@@ -236,7 +236,7 @@ fn run_stage(
         None => MetricsLog::create(&stage.dir)?,
     };
     if cfg.output.tensorboard {
-        log = log.with_tensorboard(&stage.dir, resume.map(|m| m.step))?;
+        log = log.with_tensorboard(resume.map(|m| m.step))?;
     }
     let mut last_good = match resume {
         Some(_) => ckpt_path.display().to_string(),
