@@ -15,20 +15,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check}
 mkdir -p "$OUT"
-export LIEDERIV_DATA_DIR=${LIEDERIV_DATA_DIR:-$PWD/.gpu-data}
-BIN=${BIN:-dist-cuda}
 RUNS=${RUNS:-/tmp/liederiv-gpu-runs}
-if [[ ! -x $BIN/liederiv && -f .gpu-carry/dist-cuda.tar.xz ]]; then
-    tar xJf .gpu-carry/dist-cuda.tar.xz
-fi
-
-# cuBLAS / cuRAND / NVRTC / cudart 13: the toolkit's, else PyTorch's wheels (nvidia/cu13/lib);
-# libcuda.so.1 from the driver.
-libs=$(
-    ls -d /usr/local/nvidia/lib64 /usr/local/cuda/lib64 2>/dev/null
-    python3 -c 'import site, glob; [print(d) for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")]' 2>/dev/null
-)
-export LD_LIBRARY_PATH=$(echo "$libs" | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
 
 failed=0
 step() {
