@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 use liederiv::config::{Config, VitConfig};
-use liederiv::lie::lee::{lee_penalty, lee_per_image, Statistic};
+use liederiv::lie::lee::{lee_penalty, lee_per_image, LeeOutput, Statistic};
 use liederiv::models::mae::Mae;
 
 use liederiv::models::{build_with, init::SeededVarMap, Model, Rng};
@@ -100,8 +100,8 @@ fn lee_and_grads(kind: &str) -> Result<()> {
     let xg = xc.to_device(&gpu())?;
 
     // LEE per image and transform, squared statistic on the probabilities.
-    let lc = lee_per_image(mc.as_ref(), &xc, &transforms, Stencil::Central, Statistic::Sq, false)?;
-    let lg = lee_per_image(mg.as_ref(), &xg, &transforms, Stencil::Central, Statistic::Sq, false)?;
+    let lc = lee_per_image(mc.as_ref(), &xc, &transforms, Stencil::Central, Statistic::Sq, LeeOutput::Probs)?;
+    let lg = lee_per_image(mg.as_ref(), &xg, &transforms, Stencil::Central, Statistic::Sq, LeeOutput::Probs)?;
     // Relative to the transform's largest LEE over the batch: an image whose LEE is 1e-3 of the
     // others' is a cancellation that float rounding may move by 1e-3 of itself (the CNN's was on
     // the H200: 1.03e-3 at 1.9e-5).
@@ -136,8 +136,8 @@ fn lee_and_grads(kind: &str) -> Result<()> {
     assert!(e < TOL, "{kind}: gradient of {name} differs by {e:e}");
 
     // Gradient of the LEE penalty: backprop through the tangent's ops.
-    let pc = lee_penalty(mc.as_ref(), &xc, &transforms[..1], Stencil::Central)?;
-    let pg = lee_penalty(mg.as_ref(), &xg, &transforms[..1], Stencil::Central)?;
+    let pc = lee_penalty(mc.as_ref(), &xc, &transforms[..1], Stencil::Central, LeeOutput::Probs)?;
+    let pg = lee_penalty(mg.as_ref(), &xg, &transforms[..1], Stencil::Central, LeeOutput::Probs)?;
     let (e, name) = grad_err(&vc, &pc, &vg, &pg)?;
     println!("{kind}: LEE penalty gradient worst rel diff {e:.2e} ({name})");
     assert!(e < TOL, "{kind}: LEE-penalty gradient of {name} differs by {e:e}");

@@ -7,7 +7,7 @@ mod common;
 use candle_core::DType;
 use common::*;
 use liederiv::jvp::StepKind;
-use liederiv::lie::{decompose, exact_sq_norms, hutchinson_sq_norms, layerwise_split};
+use liederiv::lie::{decompose, exact_sq_norms, hutchinson_sq_norms, layerwise_split, LeeOutput};
 use liederiv::models::Model;
 use liederiv::transforms::{Stencil, Transform};
 
@@ -25,18 +25,18 @@ fn contributions_sum_to_end_to_end_in_f32() {
             Transform::Scale,
             Transform::Hyperbolic,
         ] {
-            for use_logits in [false, true] {
-                let d = decompose(m, &x, tr, Stencil::Central, use_logits).unwrap();
+            for output in [LeeOutput::Probs, LeeOutput::Logits] {
+                let d = decompose(m, &x, tr, Stencil::Central, output).unwrap();
                 let sum = d.contributions.sum(0).unwrap();
                 let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
                 assert!(norm(&d.end_to_end) > 0.0);
-                assert!(rel < 1e-4, "{name} {tr} logits={use_logits}: sum rel error {rel:e}");
+                assert!(rel < 1e-4, "{name} {tr} {output}: sum rel error {rel:e}");
                 // The output is invariant: its own Lie derivative (channel 0) is zero.
                 assert_eq!(max_abs(&d.canonical), 0.0);
             }
         }
     }
-    let rep = layerwise_split(&conv, &x, Transform::Rotate, Stencil::Central, false, 4, 0, &mut r).unwrap();
+    let rep = layerwise_split(&conv, &x, Transform::Rotate, Stencil::Central, LeeOutput::Probs, 4, 0, &mut r).unwrap();
     assert!(rep.sum_rel_error < 1e-4, "{}", rep.sum_rel_error);
     let names: Vec<&str> = rep.steps.iter().map(|s| s.step.as_str()).collect();
     assert_eq!(names, ["conv0", "relu0", "conv1", "relu1", "pool", "head"]);
@@ -53,7 +53,7 @@ fn circular_convolutions_contribute_nothing_and_relu_aliases() {
     let x = blob_images(4, 2, 16, 4, DType::F64, &mut r);
     let linear = ConvNet::random(&[2, 4, 4], 6, false, DType::F64, 25);
     for tr in [Transform::TranslateX, Transform::TranslateY] {
-        let rep = layerwise_split(&linear, &x, tr, Stencil::Central, false, 4, 0, &mut r).unwrap();
+        let rep = layerwise_split(&linear, &x, tr, Stencil::Central, LeeOutput::Probs, 4, 0, &mut r).unwrap();
         for s in &rep.steps {
             assert!(s.contribution < 1e-28, "{tr} {}: {:e}", s.step, s.contribution);
             assert!(
@@ -67,7 +67,7 @@ fn circular_convolutions_contribute_nothing_and_relu_aliases() {
             relu: true,
             ..ConvNet::random(&[2, 4, 4], 6, false, DType::F64, 25)
         };
-        let rep = layerwise_split(&relu, &x, tr, Stencil::Central, false, 4, 0, &mut r).unwrap();
+        let rep = layerwise_split(&relu, &x, tr, Stencil::Central, LeeOutput::Probs, 4, 0, &mut r).unwrap();
         println!(
             "{tr} with ReLU: {:?}",
             rep.steps.iter().map(|s| (&s.step, s.contribution)).collect::<Vec<_>>()
@@ -89,7 +89,7 @@ fn hutchinson_converges_to_exact_values() {
     let mut r = rng(26);
     let x = blob_images(8, 1, 14, 2, DType::F32, &mut r);
     let net = ConvNet::random(&[1, 6, 6], 40, true, DType::F32, 27);
-    let d = decompose(&net, &x, Transform::Rotate, Stencil::Central, true).unwrap();
+    let d = decompose(&net, &x, Transform::Rotate, Stencil::Central, LeeOutput::Logits).unwrap();
     let exact: Vec<f64> = exact_sq_norms(&d.contributions)
         .unwrap()
         .mean(1)
@@ -169,7 +169,7 @@ fn cnn_and_gcnn_contributions_sum_to_end_to_end_in_f32() {
         let cfg = Config::resolve_str("", "test.toml", &o).unwrap();
         let (_vm, model) = build_model(&cfg, &candle_core::Device::Cpu).unwrap();
         for tr in [Transform::Rotate, Transform::TranslateX, Transform::Scale] {
-            let d = decompose(model.as_ref(), &x, tr, Stencil::Central, false).unwrap();
+            let d = decompose(model.as_ref(), &x, tr, Stencil::Central, LeeOutput::Probs).unwrap();
             let sum = d.contributions.sum(0).unwrap();
             let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
             println!(

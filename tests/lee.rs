@@ -6,7 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
-use liederiv::lie::{lee_penalty, lee_per_image, lee_split, output_lie_derivative, LeeSpec, MeanStderr, Statistic};
+use liederiv::lie::{
+    lee_penalty, lee_per_image, lee_split, output_lie_derivative, LeeOutput, LeeSpec, MeanStderr, Statistic,
+};
 use liederiv::models::Model;
 use liederiv::transforms::{apply, image_lie_derivative, Padding, Stencil, Transform};
 
@@ -16,7 +18,7 @@ fn mean(v: &[f64]) -> f64 {
 
 /// LEE of the logits relative to the logits' spread over images: comparable across models.
 fn relative_logit_lee(m: &dyn Model, x: &Tensor, tr: Transform) -> f64 {
-    let lee = mean(&lee_per_image(m, x, &[tr], Stencil::Central, Statistic::Sq, true).unwrap()[0]);
+    let lee = mean(&lee_per_image(m, x, &[tr], Stencil::Central, Statistic::Sq, LeeOutput::Logits).unwrap()[0]);
     let logits = m.forward(x).unwrap();
     let var = logits
         .broadcast_sub(&logits.mean_keepdim(0).unwrap())
@@ -57,8 +59,8 @@ fn circular_convolution_has_zero_translate_lee() {
         ..ConvNet::random(&[2, 4, 3], 5, false, DType::F64, 5)
     };
     let trs = [Transform::TranslateX, Transform::TranslateY];
-    let lee = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, false).unwrap();
-    let aliased = lee_per_image(&relu, &x, &trs, Stencil::Central, Statistic::Sq, false).unwrap();
+    let lee = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
+    let aliased = lee_per_image(&relu, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
     let (tx, ty, ax) = (mean(&lee[0]), mean(&lee[1]), mean(&aliased[0]));
     println!("circular conv: translate_x {tx:e} translate_y {ty:e}; with ReLU {ax:e}");
     assert!(tx < 1e-28 && ty < 1e-28, "translate LEE {tx:e} {ty:e}");
@@ -78,7 +80,7 @@ fn linear_model_lie_derivative_is_w_times_input_tangent() {
         Transform::StretchX,
         Transform::Rotate,
     ];
-    let (_, d) = output_lie_derivative(&model, &x, &trs, Stencil::Central, true).unwrap();
+    let d = output_lie_derivative(&model, &x, &trs, Stencil::Central, LeeOutput::Logits).unwrap().d;
     for (i, &tr) in trs.iter().enumerate() {
         let lx = image_lie_derivative(&x, tr, Stencil::Central)
             .unwrap()
@@ -110,7 +112,7 @@ fn probability_tangent_matches_f64_finite_difference() {
     let x = blob_images(4, 1, 14, 2, DType::F64, &mut r);
     let net = ConvNet::random(&[1, 6, 6], 10, true, DType::F64, 8);
     let trs = [Transform::Rotate, Transform::Scale, Transform::Saturate];
-    let (_, dp) = output_lie_derivative(&net, &x, &trs, Stencil::Central, false).unwrap();
+    let dp = output_lie_derivative(&net, &x, &trs, Stencil::Central, LeeOutput::Probs).unwrap().d;
     let probs = |x: &Tensor| candle_nn::ops::softmax_last_dim(&net.forward(x).unwrap()).unwrap();
     for (i, &tr) in trs.iter().enumerate() {
         let v = image_lie_derivative(&x, tr, Stencil::Central).unwrap();
@@ -129,12 +131,12 @@ fn one_pass_equals_each_transform_alone_and_statistics_agree() {
     let x = blob_images(5, 1, 14, 2, DType::F32, &mut r);
     let net = ConvNet::random(&[1, 6], 10, true, DType::F32, 10);
     let trs = [Transform::Rotate, Transform::TranslateX, Transform::Hyperbolic];
-    let all = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, false).unwrap();
-    let (_, d) = output_lie_derivative(&net, &x, &trs, Stencil::Central, false).unwrap();
-    let abs = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Abs, false).unwrap();
-    let logit = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, true).unwrap();
+    let all = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
+    let d = output_lie_derivative(&net, &x, &trs, Stencil::Central, LeeOutput::Probs).unwrap().d;
+    let abs = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Abs, LeeOutput::Probs).unwrap();
+    let logit = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Logits).unwrap();
     for (i, &tr) in trs.iter().enumerate() {
-        let alone = lee_per_image(&net, &x, &[tr], Stencil::Central, Statistic::Sq, false).unwrap();
+        let alone = lee_per_image(&net, &x, &[tr], Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
         let d64: Vec<Vec<f64>> = d.get(i).unwrap().to_dtype(DType::F64).unwrap().to_vec2().unwrap();
         for b in 0..5 {
             assert!((all[i][b] - alone[0][b]).abs() <= 1e-6 * alone[0][b], "{tr} image {b}");
@@ -157,7 +159,7 @@ fn a_saturation_invariant_model_has_zero_saturation_lee() {
     let model = ScaleInvariantModel {
         weight: randn(&[4, 100], 1.0, DType::F64, &mut r),
     };
-    let lee = lee_per_image(&model, &x, &Transform::ALL, Stencil::Central, Statistic::Sq, true).unwrap();
+    let lee = lee_per_image(&model, &x, &Transform::ALL, Stencil::Central, Statistic::Sq, LeeOutput::Logits).unwrap();
     for (t, per_image) in Transform::ALL.iter().zip(&lee) {
         for v in per_image {
             if *t == Transform::Saturate {
@@ -202,13 +204,13 @@ fn split_summary_batches_and_counts_accuracy() {
         transforms: trs.clone(),
         stencil: Stencil::Central,
         statistic: Statistic::Sq,
-        use_logits: false,
+        output: LeeOutput::Probs,
         batch_size: 4,
     };
     let s = lee_split(&net, &x, Some(&labels), &spec).unwrap();
     assert_eq!(s.n, 10);
     assert!((s.accuracy.unwrap() - 0.7).abs() < 1e-12);
-    let whole = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, false).unwrap();
+    let whole = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
     for (i, (t, acc)) in s.lee.iter().enumerate() {
         assert_eq!(*t, trs[i]);
         assert_eq!(acc.n(), 10);
@@ -222,7 +224,7 @@ fn lee_penalty_gradient_matches_finite_difference() {
     let x = blob_images(3, 1, 10, 2, DType::F64, &mut r);
     let net = ConvNet::random(&[1, 3], 4, true, DType::F64, 15);
     let trs = [Transform::Rotate, Transform::TranslateX];
-    let loss = lee_penalty(&net, &x, &trs, Stencil::Central).unwrap();
+    let loss = lee_penalty(&net, &x, &trs, Stencil::Central, LeeOutput::Probs).unwrap();
     let grads = loss.backward().unwrap();
     for var in net.vars() {
         let g = grads.get(var.as_tensor()).expect("every weight gets a gradient");
@@ -237,7 +239,7 @@ fn lee_penalty_gradient_matches_finite_difference() {
     let h = 1e-5;
     let eval = |s: f64| {
         w.set(&(&w0 + (&dir * s).unwrap()).unwrap()).unwrap();
-        lee_penalty(&net, &x, &trs, Stencil::Central)
+        lee_penalty(&net, &x, &trs, Stencil::Central, LeeOutput::Probs)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()

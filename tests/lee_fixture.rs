@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use liederiv::config::VitConfig;
-use liederiv::lie::{decompose, lee_per_image, Statistic};
+use liederiv::lie::{decompose, lee_per_image, LeeOutput, Statistic};
 use liederiv::models::vit::Vit;
 use liederiv::models::Model;
 use liederiv::transforms::{Stencil, Transform};
@@ -72,12 +72,12 @@ fn check(dtype: DType, tol: f64) {
     }
     let trs: Vec<Transform> = serde_json::from_value(fx["transforms"].clone()).unwrap();
     let mut worst = 0.0f64;
-    for (stat, key, logits) in [
-        (Statistic::Sq, "sq", false),
-        (Statistic::Abs, "abs", false),
-        (Statistic::Sq, "sq_logits", true),
+    for (stat, key, output) in [
+        (Statistic::Sq, "sq", LeeOutput::Probs),
+        (Statistic::Abs, "abs", LeeOutput::Probs),
+        (Statistic::Sq, "sq_logits", LeeOutput::Logits),
     ] {
-        let ours = lee_per_image(&vit, &x, &trs, Stencil::Central, stat, logits).unwrap();
+        let ours = lee_per_image(&vit, &x, &trs, Stencil::Central, stat, output).unwrap();
         for (t, tr) in trs.iter().enumerate() {
             let name = tr.name();
             let want = floats(&fx["lee"][name][key]);
@@ -113,7 +113,7 @@ fn vit_layerwise_contributions_sum_to_end_to_end_f32() {
         Transform::Scale,
         Transform::Hyperbolic,
     ] {
-        let d = decompose(&vit, &x, tr, Stencil::Central, false).unwrap();
+        let d = decompose(&vit, &x, tr, Stencil::Central, LeeOutput::Probs).unwrap();
         let f64t = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         let e2e = f64t(&d.end_to_end);
         let sum = f64t(&d.contributions).sum(0).unwrap();
@@ -185,7 +185,7 @@ fn jvp_cost_relative_to_forward() {
         ] {
             let jvp = time(
                 &|| {
-                    lee_per_image(&vit, &x, &trs, Stencil::Central, Statistic::Sq, false).unwrap();
+                    lee_per_image(&vit, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
                 },
                 reps,
             );

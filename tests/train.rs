@@ -638,7 +638,7 @@ fn lee_penalty_leaves_batch_norm_statistics_to_the_forward_pass() -> anyhow::Res
     let out = tempfile::tempdir()?;
     for (kind, cfg, varmap, model, x) in batch_norm_models(out.path(), 8)? {
         let rotate = [liederiv::transforms::Transform::Rotate];
-        let penalty = liederiv::lie::lee_penalty(model.as_ref(), &x, &rotate, liederiv::transforms::Stencil::Central)?;
+        let penalty = liederiv::lie::lee_penalty(model.as_ref(), &x, &rotate, liederiv::transforms::Stencil::Central, liederiv::lie::LeeOutput::Probs)?;
         let grads = penalty.backward()?;
         let data = varmap.data().lock().unwrap();
         let (mut buffers, mut with_grad) = (0, 0);

@@ -4,13 +4,15 @@
 //!
 //! `--layerwise` decomposes each transform's Lie derivative over the network's steps (Eq. 6,
 //! Figure 4) on the first split: a table, a `"layerwise"` JSON key and a CSV. `--metrics` adds
-//! the alternative metrics of `lie::metrics`. The measuring is `train::evaluate::measure_split`,
+//! the alternative metrics of `lie::metrics`, and `group` the hidden-layer C_N equivariance of
+//! `lie::group`. The measuring is `train::evaluate::measure_split`,
 //! the formatting `report::lee`; this file wires the flags to them.
 
 use crate::cli::LeeArgs;
 use crate::config::Config;
 use crate::data;
 use crate::lie::{LayerwiseReport, LeeSpec, Metric};
+use crate::train::evaluate::Extras;
 use crate::models::{frozen, Rng};
 use crate::report::lee::{layerwise_csv, layerwise_table, lee_table, LeeDoc, SplitResult};
 use crate::train::evaluate::measure_split;
@@ -26,6 +28,7 @@ struct Options {
     splits: Vec<String>,
     limit: usize,
     metrics: Vec<Metric>,
+    group: bool,
 }
 
 fn resolve(cfg: &Config, args: &LeeArgs) -> anyhow::Result<Options> {
@@ -34,12 +37,16 @@ fn resolve(cfg: &Config, args: &LeeArgs) -> anyhow::Result<Options> {
         bail!("no transforms to measure: pass --transforms rotate,translate_x,... or set lee.transforms");
     }
     let mut metrics = Vec::new();
+    let mut group = false;
     for name in &args.metrics {
         match Metric::parse(name) {
             Some(m) => metrics.push(m),
             None if name == "lee" => {} // always measured
+            None if name == "group" => group = true,
             None => {
-                bail!("--metrics: unknown metric {name:?}; expected lee, consistency, eq_t, eq_t_frac, eq_r or sample")
+                bail!(
+                    "--metrics: unknown metric {name:?}; expected lee, consistency, eq_t, eq_t_frac, eq_r, sample or group"
+                )
             }
         }
     }
@@ -48,6 +55,7 @@ fn resolve(cfg: &Config, args: &LeeArgs) -> anyhow::Result<Options> {
         splits: l.splits.clone(),
         limit: l.limit,
         metrics,
+        group,
     })
 }
 
@@ -64,23 +72,19 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
     for (si, name) in opts.splits.iter().enumerate() {
         let split = data::load_split(cfg, name).with_context(|| format!("loading split {name}"))?;
         // Figure 4 is one split's picture: the layerwise decomposition runs on the first.
-        let m = measure_split(
-            model.as_ref(),
-            cfg,
-            &split,
-            &opts.spec,
-            opts.limit,
-            &opts.metrics,
-            args.layerwise && si == 0,
-            &device,
-            &mut rng,
-        )
+        let extras = Extras {
+            metrics: opts.metrics.clone(),
+            layerwise: args.layerwise && si == 0,
+            group: opts.group,
+        };
+        let m = measure_split(model.as_ref(), cfg, &split, &opts.spec, opts.limit, &extras, &device, &mut rng)
         .with_context(|| format!("LEE on split {name}"))?;
         layerwise.extend(m.layerwise);
         results.push(SplitResult {
             name: name.clone(),
             summary: m.lee,
             metrics: m.metrics,
+            group: m.group,
         });
     }
     print!("{}", lee_table(&opts.spec, &results));

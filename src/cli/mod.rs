@@ -133,6 +133,10 @@ pub struct LeeArgs {
     /// sq = (1/K)Σ(L_X p_k)² (paper) | abs = (1/K)Σ|L_X p_k| (reference CSVs); default: lee.statistic.
     #[arg(long)]
     pub statistic: Option<String>,
+    /// What is differentiated: probs (paper) | logits | features (the pooled representation the
+    /// head reads) | tokens (the ViT's last patch tokens); default: lee.output.
+    #[arg(long)]
+    pub output: Option<String>,
     /// Decompose the Lie derivative over the network's steps (paper Eq. 6, Figure 4).
     #[arg(long)]
     pub layerwise: bool,
@@ -191,6 +195,9 @@ impl LeeArgs {
         }
         if let Some(s) = &self.statistic {
             out.push(format!("lee.statistic={s:?}"));
+        }
+        if let Some(s) = &self.output {
+            out.push(format!("lee.output={s:?}"));
         }
         out
     }

@@ -113,3 +113,25 @@ choice! {
         Abs = "abs",
     }
 }
+
+choice! {
+    /// `lee.output`: which output of the model the Lie derivative is taken of.
+    LeeOutput {
+        /// The class probabilities softmax(logits): the paper's LEE.
+        Probs = "probs",
+        Logits = "logits",
+        /// The pooled representation the head reads (the ViT's pooled and normalised token, the
+        /// CNNs' globally pooled features): "how equivariant is the representation?".
+        Features = "features",
+        /// The ViT's patch tokens after the last block (before the final norm), `(N, D)` per image.
+        Tokens = "tokens",
+    }
+}
+
+impl LeeOutput {
+    /// A representation rather than a prediction: its LEE depends on the feature scale, so a
+    /// scale-free form is reported beside it.
+    pub fn is_representation(self) -> bool {
+        matches!(self, LeeOutput::Features | LeeOutput::Tokens)
+    }
+}

@@ -13,7 +13,9 @@ mod validate;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub use choices::{DataSource, InitWeights, ModelKind, Objective, Pool, PosEmbed, Statistic, WeightFormat};
+pub use choices::{
+    DataSource, InitWeights, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Statistic, WeightFormat,
+};
 pub use validate::ConfigError;
 
 use crate::transforms::{Stencil, Transform};
@@ -395,6 +397,9 @@ pub struct TrainConfig {
     pub lee_penalty: f64,
     /// Transforms whose LEE the penalty sums.
     pub lee_penalty_transforms: Vec<Transform>,
+    /// The output the penalty's Lie derivative is taken of (as `lee.output`); for `features` /
+    /// `tokens` the penalty is the scale-free form, so shrinking the features cannot lower it.
+    pub lee_penalty_output: LeeOutput,
     /// Images of each micro-batch the penalty is measured on: its first N (the batch order is
     /// already shuffled), 0 = all. The penalty's JVP and its backward cost several train steps per
     /// image, and the batch mean of LEE is estimated well from a subset.
@@ -424,6 +429,7 @@ impl Default for TrainConfig {
             grad_clip: 0.0,
             lee_penalty: 0.0,
             lee_penalty_transforms: vec![Transform::Rotate],
+            lee_penalty_output: LeeOutput::Probs,
             lee_penalty_images: 0,
             eval_every: 200,
             checkpoint_every: 200,
@@ -499,7 +505,11 @@ pub struct LeeConfig {
     pub stencil: Stencil,
     /// "sq": (1/K)Σ(L_X p_k)² (paper Eq. 4) | "abs": (1/K)Σ|L_X p_k| (the reference code's CSVs).
     pub statistic: Statistic,
-    /// Differentiate the logits instead of the softmax probabilities.
+    /// The output differentiated: "probs" (the paper's) | "logits" | "features" | "tokens".
+    pub output: LeeOutput,
+    /// Read only: run folders written before `output` existed say `use_logits = true` for
+    /// `output = "logits"` ([`Config::resolve_str`] translates it; it is never written).
+    #[serde(skip_serializing)]
     pub use_logits: bool,
     pub batch_size: usize,
     /// Layerwise decomposition: Rademacher probes of the Hutchinson estimate of each step's
@@ -517,6 +527,7 @@ impl Default for LeeConfig {
             limit: 256,
             stencil: Stencil::Central,
             statistic: Statistic::Sq,
+            output: LeeOutput::Probs,
             use_logits: false,
             batch_size: 64,
             layerwise_probes: 0,
@@ -581,6 +592,20 @@ impl Config {
             }
             validate::deserialize_table(table, "--set")?
         };
+        let mut cfg = cfg;
+        if std::mem::take(&mut cfg.lee.use_logits) {
+            if cfg.lee.output != LeeOutput::Probs {
+                return Err(ConfigError::OutOfRange {
+                    key: "lee.use_logits".into(),
+                    value: "true".into(),
+                    allowed: format!(
+                        "false: it is the old spelling of lee.output = \"logits\" and contradicts lee.output = \"{}\"",
+                        cfg.lee.output
+                    ),
+                });
+            }
+            cfg.lee.output = LeeOutput::Logits;
+        }
         cfg.validate()?;
         Ok(cfg)
     }

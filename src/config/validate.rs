@@ -1,7 +1,7 @@
 //! Strict parsing (unknown keys and wrong types name the key, file and line), `--set` overrides,
 //! and the range checks every value must pass before any work starts.
 
-use super::{Config, InitWeights, ModelKind};
+use super::{Config, InitWeights, LeeOutput, ModelKind};
 use serde::de::DeserializeOwned;
 use std::path::PathBuf;
 
@@ -397,6 +397,17 @@ impl Config {
             l.metric_draws,
             "1 to 1000",
         )?;
+        // Patch tokens exist in the ViT only, and averaging over rotated copies is defined for a
+        // rotation-invariant output, not for tokens that move with the image.
+        let tokens_ok = self.model.kind == ModelKind::Vit && self.model.average_rotations <= 1;
+        for (key, out) in [("lee.output", l.output), ("train.lee_penalty_output", self.train.lee_penalty_output)] {
+            check(
+                out != LeeOutput::Tokens || tokens_ok,
+                key,
+                "\"tokens\"",
+                "\"probs\", \"logits\" or \"features\": tokens are the patch tokens of a ViT without model.average_rotations",
+            )?;
+        }
         let splits = self.split_names();
         for (k, s) in self.eval.splits.iter().enumerate() {
             check(

@@ -68,12 +68,36 @@ pub struct Layerwise {
 #[derive(Debug, Default)]
 pub struct Tape {
     layerwise: Option<Layerwise>,
+    /// Capture mode: every step's output, in network order.
+    captured: Option<Vec<Captured>>,
+}
+
+/// A step's output as [`Tape::capture`] records it (the hidden layers of `lie::group`).
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub name: String,
+    pub kind: StepKind,
+    pub repr: Repr,
+    pub y: Tensor,
 }
 
 impl Tape {
     /// Plain JVP: steps pass tangents through untouched.
     pub fn off() -> Self {
-        Self { layerwise: None }
+        Self::default()
+    }
+
+    /// Record every step's output (tangents pass untouched).
+    pub fn capture() -> Self {
+        Self {
+            layerwise: None,
+            captured: Some(Vec::new()),
+        }
+    }
+
+    /// The outputs recorded in capture mode (empty otherwise).
+    pub fn captured(&self) -> &[Captured] {
+        self.captured.as_deref().unwrap_or(&[])
     }
 
     /// Layerwise decomposition for one transform; the input tangent must have T = 1.
@@ -84,11 +108,18 @@ impl Tape {
                 stencil,
                 steps: Vec::new(),
             }),
+            captured: None,
         }
     }
 
     pub fn is_layerwise(&self) -> bool {
         self.layerwise.is_some()
+    }
+
+    /// Whether the steps are recorded (layerwise or capture): a model that runs its steps on
+    /// several copies of the input cannot take part.
+    pub fn is_recording(&self) -> bool {
+        self.layerwise.is_some() || self.captured.is_some()
     }
 
     /// The recorded steps (empty when off).
@@ -99,6 +130,14 @@ impl Tape {
     /// Called by a layer once it has its output `y: (B, ...)` and propagated tangent
     /// `dy: (T, B, ...)`. Returns the tangent the rest of the network should carry.
     pub fn step(&mut self, name: &str, kind: StepKind, repr: Repr, y: &Tensor, dy: Tensor) -> Result<Tensor> {
+        if let Some(c) = self.captured.as_mut() {
+            c.push(Captured {
+                name: name.to_string(),
+                kind,
+                repr,
+                y: y.clone(),
+            });
+        }
         let Some(lw) = self.layerwise.as_mut() else {
             return Ok(dy);
         };

@@ -11,7 +11,7 @@
 //! EQ-T_frac of Karras et al. (2021) in its subpixel limit, with both the N and √N normalisations
 //! the paper contrasts (Figure 4, right).
 
-use super::lee::{output_lie_derivative, softmax_jvp, MeanStderr};
+use super::lee::{output_lie_derivative, readout, softmax_jvp, LeeOutput, MeanStderr};
 use crate::jvp::{pad_channels, StepKind, StepRecord, Tape};
 use crate::models::{Model, Rng};
 use crate::transforms::{image_lie_derivative, Stencil, Transform};
@@ -31,26 +31,31 @@ pub struct Decomposition {
     pub end_to_end: Tensor,
 }
 
-/// Decompose L_X out (probabilities, or logits with `use_logits`) of `x: (B, C, H, W)`.
+/// Decompose L_X of `output` of `x: (B, C, H, W)`: the probabilities, the logits or the pooled
+/// features (an invariant output; the tokens are not, and have no decomposition into errors).
 pub fn decompose(
     model: &dyn Model,
     x: &Tensor,
     transform: Transform,
     stencil: Stencil,
-    use_logits: bool,
+    output: LeeOutput,
 ) -> Result<Decomposition> {
+    if output == LeeOutput::Tokens {
+        candle_core::bail!(
+            "the layerwise decomposition needs an invariant output (probs, logits or features); tokens move with the image"
+        );
+    }
     let mut tape = Tape::layerwise(transform, stencil);
     let dx = image_lie_derivative(x, transform, stencil)?.unsqueeze(0)?; // (1, B, C, H, W)
-    let (logits, dlogits) = model.jvp(x, &dx, &mut tape)?;
+    let r = model.jvp_at(x, &dx, &mut tape, readout(output))?;
     let steps = tape.steps().to_vec();
     let s = steps.len();
-    let dlogits = pad_channels(&dlogits, s + 1)?; // (1 + S, B, K)
-    let d = if use_logits {
-        dlogits
-    } else {
-        softmax_jvp(&logits, &dlogits)?.1
+    let dy = pad_channels(&r.dy, s + 1)?; // (1 + S, B, K)
+    let d = match output {
+        LeeOutput::Probs => softmax_jvp(&r.logits, &dy)?.1,
+        _ => dy,
     };
-    let (_, e2e) = output_lie_derivative(model, x, &[transform], stencil, use_logits)?;
+    let e2e = output_lie_derivative(model, x, &[transform], stencil, output)?.d;
     Ok(Decomposition {
         steps,
         contributions: d.narrow(0, 1, s)?,
@@ -230,7 +235,7 @@ pub fn layerwise_split(
     images: &Tensor,
     transform: Transform,
     stencil: Stencil,
-    use_logits: bool,
+    output: LeeOutput,
     batch_size: usize,
     probes: usize,
     rng: &mut Rng,
@@ -240,7 +245,7 @@ pub fn layerwise_split(
     let mut acc = LayerwiseAccumulator::new(transform, probes);
     for start in (0..n).step_by(bs) {
         let x = images.narrow(0, start, bs.min(n - start))?;
-        acc.push(&decompose(model, &x, transform, stencil, use_logits)?, rng)?;
+        acc.push(&decompose(model, &x, transform, stencil, output)?, rng)?;
     }
     Ok(acc.finish())
 }

@@ -1,5 +1,10 @@
 //! The local equivariance error (LEE, paper Eq. 4): per image (1/K)·Σ_k (L_X p_k)² with
 //! p = softmax(logits), or (1/K)·Σ_k |L_X p_k| (`abs`, what the reference code's CSVs hold).
+//! `lee.output` picks what p is: the probabilities (the paper's), the logits, or a representation
+//! (the pooled features the head reads, the ViT's patch tokens), k then running over its entries.
+//! A representation's LEE scales with its size, so its scale-free form is reported beside it:
+//! divided by the mean squared output value over the same images (`sq`), or by its square root
+//! (`abs`), so that the features f and c·f have the same scale-free LEE.
 //!
 //! Every requested transform is measured in ONE primal pass: the input tangents L_X x of all
 //! transforms are stacked on the tangent axis `(T, B, C, H, W)` and pushed through
@@ -10,10 +15,10 @@
 //! `x` is the image the model sees, i.e. the NORMALIZED image; L_X is taken of it.
 
 use crate::config::LeeConfig;
-pub use crate::config::Statistic;
+pub use crate::config::{LeeOutput, Statistic};
 use crate::jvp::Tape;
 use crate::kernels::softmax;
-use crate::models::Model;
+use crate::models::{Model, Readout};
 use crate::transforms::{image_lie_derivative, Stencil, Transform};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -38,22 +43,45 @@ pub fn softmax_jvp(logits: &Tensor, dlogits: &Tensor) -> Result<(Tensor, Tensor)
     Ok((p, dp))
 }
 
-/// One primal pass for all transforms: `(logits (B, K), L_X out (T, B, K))` where `out` is the
-/// probabilities (or the logits with `use_logits`).
+/// The Lie derivative of one output of a model, every transform from one primal pass.
+pub struct OutputDerivative {
+    /// The logits, for the accuracy measured beside it.
+    pub logits: Tensor,
+    /// The output per image, flattened: `(B, M)`.
+    pub y: Tensor,
+    /// L_X of the output per transform: `(T, B, M)`.
+    pub d: Tensor,
+}
+
+/// L_X of `output` for every transform of `x: (B, C, H, W)` in one primal pass.
 pub fn output_lie_derivative(
     model: &dyn Model,
     x: &Tensor,
     transforms: &[Transform],
     stencil: Stencil,
-    use_logits: bool,
-) -> Result<(Tensor, Tensor)> {
+    output: LeeOutput,
+) -> Result<OutputDerivative> {
     let dx = input_tangents(x, transforms, stencil)?;
-    let (logits, dlogits) = model.jvp(x, &dx, &mut Tape::off())?;
-    if use_logits {
-        return Ok((logits, dlogits));
+    let r = model.jvp_at(x, &dx, &mut Tape::off(), readout(output))?;
+    let (y, d) = match output {
+        LeeOutput::Probs => softmax_jvp(&r.logits, &r.dy)?,
+        _ => (r.y, r.dy),
+    };
+    let b = y.dim(0)?;
+    Ok(OutputDerivative {
+        logits: r.logits,
+        y: y.reshape((b, ()))?,
+        d: d.reshape((transforms.len(), b, ()))?,
+    })
+}
+
+/// Where the model's JVP stops for `output` (the softmax is applied here, not in the model).
+pub fn readout(output: LeeOutput) -> Readout {
+    match output {
+        LeeOutput::Probs | LeeOutput::Logits => Readout::Logits,
+        LeeOutput::Features => Readout::Features,
+        LeeOutput::Tokens => Readout::Tokens,
     }
-    let (_, dp) = softmax_jvp(&logits, &dlogits)?;
-    Ok((logits, dp))
 }
 
 /// Per-image statistic of an output Lie derivative `d: (T, B, K)` → `(T, B)`.
@@ -64,24 +92,38 @@ pub fn reduce_statistic(d: &Tensor, statistic: Statistic) -> Result<Tensor> {
     }
 }
 
-/// LEE of every image for every transform: `result[t][b]`, `x: (B, C, H, W)` normalized.
+/// LEE of every image for every transform: `result[t][b]`, `x: (B, C, H, W)` normalized (the
+/// raw form; see [`LeeSummary::entries`] for the scale-free one).
 pub fn lee_per_image(
     model: &dyn Model,
     x: &Tensor,
     transforms: &[Transform],
     stencil: Stencil,
     statistic: Statistic,
-    use_logits: bool,
+    output: LeeOutput,
 ) -> Result<Vec<Vec<f64>>> {
-    let (_, d) = output_lie_derivative(model, x, transforms, stencil, use_logits)?;
-    reduce_statistic(&d, statistic)?.to_dtype(DType::F64)?.to_vec2()
+    let o = output_lie_derivative(model, x, transforms, stencil, output)?;
+    reduce_statistic(&o.d, statistic)?.to_dtype(DType::F64)?.to_vec2()
 }
 
-/// Differentiable mean squared LEE over images and `transforms`, on the probabilities: a scalar
-/// tensor whose gradient reaches the weights through the tangent's candle ops.
-pub fn lee_penalty(model: &dyn Model, x: &Tensor, transforms: &[Transform], stencil: Stencil) -> Result<Tensor> {
-    let (_, dp) = output_lie_derivative(model, x, transforms, stencil, false)?;
-    dp.sqr()?.mean_all()
+/// Differentiable mean squared LEE of `output` over images and `transforms`: a scalar tensor
+/// whose gradient reaches the weights through the tangent's candle ops. For a representation it
+/// is the scale-free form (over this batch), so the penalty cannot be lowered by shrinking the
+/// features.
+pub fn lee_penalty(
+    model: &dyn Model,
+    x: &Tensor,
+    transforms: &[Transform],
+    stencil: Stencil,
+    output: LeeOutput,
+) -> Result<Tensor> {
+    let o = output_lie_derivative(model, x, transforms, stencil, output)?;
+    let raw = o.d.sqr()?.mean_all()?;
+    if output.is_representation() {
+        raw / o.y.sqr()?.mean_all()?
+    } else {
+        Ok(raw)
+    }
 }
 
 /// Running mean and standard error of the mean (Welford, f64).
@@ -134,8 +176,44 @@ pub struct LeeSummary {
     pub n: usize,
     /// Fraction of argmax(logits) == label (`None` without labels).
     pub accuracy: Option<f64>,
-    /// One accumulator per requested transform, in the requested order.
+    /// One accumulator per requested transform, in the requested order (the raw form).
     pub lee: Vec<(Transform, MeanStderr)>,
+    pub statistic: Statistic,
+    /// For a representation output: each image's mean squared output value, over the images.
+    pub scale: Option<MeanStderr>,
+}
+
+/// One reported LEE number of a split.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeeEntry {
+    /// The transform's name, with `_scaled` for the scale-free form.
+    pub name: String,
+    pub mean: f64,
+    pub stderr: f64,
+    pub n: usize,
+}
+
+impl LeeSummary {
+    /// The numbers to report: the LEE of every transform, then (for a representation) their
+    /// scale-free forms, the mean and its stderr divided by the mean squared output value (`sq`)
+    /// or its root (`abs`), which is treated as exact (it is averaged over the same images).
+    pub fn entries(&self) -> Vec<LeeEntry> {
+        let entry = |name: String, m: &MeanStderr, div: f64| LeeEntry {
+            name,
+            mean: m.mean() / div,
+            stderr: m.stderr() / div,
+            n: m.n(),
+        };
+        let mut out: Vec<LeeEntry> = self.lee.iter().map(|(t, m)| entry(t.name().into(), m, 1.0)).collect();
+        if let Some(scale) = &self.scale {
+            let div = match self.statistic {
+                Statistic::Sq => scale.mean(),
+                Statistic::Abs => scale.mean().sqrt(),
+            };
+            out.extend(self.lee.iter().map(|(t, m)| entry(format!("{}_scaled", t.name()), m, div)));
+        }
+        out
+    }
 }
 
 /// What an LEE measurement computes (the `lee` config section).
@@ -144,7 +222,7 @@ pub struct LeeSpec {
     pub transforms: Vec<Transform>,
     pub stencil: Stencil,
     pub statistic: Statistic,
-    pub use_logits: bool,
+    pub output: LeeOutput,
     pub batch_size: usize,
 }
 
@@ -154,7 +232,7 @@ impl LeeSpec {
             transforms: l.transforms.clone(),
             stencil: l.stencil,
             statistic: l.statistic,
-            use_logits: l.use_logits,
+            output: l.output,
             batch_size: l.batch_size,
         }
     }
@@ -164,15 +242,19 @@ impl LeeSpec {
 #[derive(Clone, Debug)]
 pub struct LeeAccumulator {
     lee: Vec<(Transform, MeanStderr)>,
+    statistic: Statistic,
+    scale: Option<MeanStderr>,
     correct: usize,
     labelled: usize,
     n: usize,
 }
 
 impl LeeAccumulator {
-    pub fn new(transforms: &[Transform]) -> Self {
+    pub fn new(spec: &LeeSpec) -> Self {
         Self {
-            lee: transforms.iter().map(|&t| (t, MeanStderr::new())).collect(),
+            lee: spec.transforms.iter().map(|&t| (t, MeanStderr::new())).collect(),
+            statistic: spec.statistic,
+            scale: spec.output.is_representation().then(MeanStderr::new),
             correct: 0,
             labelled: 0,
             n: 0,
@@ -183,8 +265,8 @@ impl LeeAccumulator {
     /// Lie derivative, naming the images.
     pub fn push(&mut self, model: &dyn Model, x: &Tensor, labels: Option<&Tensor>, spec: &LeeSpec) -> Result<()> {
         let len = x.dim(0)?;
-        let (logits, d) = output_lie_derivative(model, x, &spec.transforms, spec.stencil, spec.use_logits)?;
-        let per: Vec<Vec<f64>> = reduce_statistic(&d, spec.statistic)?.to_dtype(DType::F64)?.to_vec2()?;
+        let o = output_lie_derivative(model, x, &spec.transforms, spec.stencil, spec.output)?;
+        let per: Vec<Vec<f64>> = reduce_statistic(&o.d, spec.statistic)?.to_dtype(DType::F64)?.to_vec2()?;
         for ((t, acc), vals) in self.lee.iter_mut().zip(per) {
             if let Some(v) = vals.iter().find(|v| !v.is_finite()) {
                 candle_core::bail!(
@@ -195,8 +277,11 @@ impl LeeAccumulator {
             }
             acc.extend(vals);
         }
+        if let Some(scale) = &mut self.scale {
+            scale.extend(o.y.sqr()?.mean(D::Minus1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
         if let Some(labels) = labels {
-            let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+            let pred = o.logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
             let y = labels.to_dtype(DType::U32)?;
             self.correct += pred.eq(&y)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
             self.labelled += len;
@@ -210,6 +295,8 @@ impl LeeAccumulator {
             n: self.n,
             accuracy: (self.labelled > 0).then(|| self.correct as f64 / self.labelled as f64),
             lee: self.lee,
+            statistic: self.statistic,
+            scale: self.scale,
         }
     }
 }
@@ -219,7 +306,7 @@ impl LeeAccumulator {
 pub fn lee_split(model: &dyn Model, images: &Tensor, labels: Option<&Tensor>, spec: &LeeSpec) -> Result<LeeSummary> {
     let n = images.dim(0)?;
     let bs = spec.batch_size.max(1);
-    let mut acc = LeeAccumulator::new(&spec.transforms);
+    let mut acc = LeeAccumulator::new(spec);
     for start in (0..n).step_by(bs) {
         let len = bs.min(n - start);
         let y = labels.map(|l| l.narrow(0, start, len)).transpose()?;

@@ -11,7 +11,7 @@
 //! (cos and sin of multiples of π/2 are 0 and ±1 up to 6e-17): f̄(rot90(x)) = f̄(x) to float
 //! precision.
 
-use super::{Model, Rng};
+use super::{Model, Readout, ReadoutJvp, Rng};
 use crate::jvp::{merge_tangent, Jvp, Tape};
 use crate::transforms::{apply, Padding, Transform};
 use candle_core::{Result, Tensor};
@@ -50,11 +50,32 @@ impl RotationAveraged {
 
 impl Jvp for RotationAveraged {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        if tape.is_layerwise() {
+        let r = self.jvp_at(x, dx, tape, Readout::Logits)?;
+        Ok((r.y, r.dy))
+    }
+}
+
+impl Model for RotationAveraged {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.average(&self.inner.forward(&self.rotations(x, self.background)?)?)
+    }
+
+    fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        self.average(&self.inner.forward_train(&self.rotations(x, self.background)?, rng)?)
+    }
+
+    /// The features are averaged like the logits (so they are C_N-invariant too); tokens move
+    /// with the image and have no average (the config refuses them).
+    fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
+        if tape.is_recording() {
             candle_core::bail!(
-                "the layerwise decomposition of a rotation-averaged model is not defined step by step \
-                 (its steps run on N rotated copies); measure the model without model.average_rotations"
+                "the layerwise decomposition and the hidden-layer group metric of a rotation-averaged model \
+                 are not defined step by step (its steps run on N rotated copies); measure the model without \
+                 model.average_rotations"
             );
+        }
+        if at == Readout::Tokens {
+            candle_core::bail!("a rotation-averaged model has no tokens: its copies' tokens are rotated apart");
         }
         // (T, B, C, H, W) → (T·B, …) → N rotations (N·T·B, …) → (N, T, B, …) → (T, N, B, …)
         // → (T, N·B, …): each tangent's copies in the primal's rotation-major order.
@@ -66,19 +87,13 @@ impl Jvp for RotationAveraged {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((t, self.n * b, c, h, w))?;
-        let (y, dy) = self.inner.jvp(&self.rotations(x, self.background)?, &dxs, tape)?;
-        let (_, nb, k) = dy.dims3()?;
-        let dy = dy.reshape((t, self.n, nb / self.n, k))?.mean(1)?;
-        Ok((self.average(&y)?, dy))
-    }
-}
-
-impl Model for RotationAveraged {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.average(&self.inner.forward(&self.rotations(x, self.background)?)?)
-    }
-
-    fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.average(&self.inner.forward_train(&self.rotations(x, self.background)?, rng)?)
+        let r = self.inner.jvp_at(&self.rotations(x, self.background)?, &dxs, tape, at)?;
+        let (_, nb, k) = r.dy.dims3()?;
+        let dy = r.dy.reshape((t, self.n, nb / self.n, k))?.mean(1)?;
+        Ok(ReadoutJvp {
+            logits: self.average(&r.logits)?,
+            y: self.average(&r.y)?,
+            dy,
+        })
     }
 }

@@ -6,8 +6,8 @@
 //! channels on a large grid: a 16→16 3×3 conv on a 128×16×28×28 batch ran at ~1.6 GFLOP/s with a
 //! backward ~5× its forward (measured on the 2-core machine, under load).
 
-use super::conv::{BatchNorm, Conv2d, ConvSpec, Flow, GlobalAvgPool, Linear, PadMode, Relu};
-use super::{Model, Rng};
+use super::conv::{head_readout, BatchNorm, Conv2d, ConvSpec, Flow, GlobalAvgPool, Linear, PadMode, Relu};
+use super::{Model, Readout, ReadoutJvp, Rng};
 use crate::config::CnnConfig;
 use crate::jvp::{add_tangents, Jvp, Repr, StepKind, Tape};
 use candle_core::{Result, Tensor};
@@ -136,7 +136,8 @@ impl Cnn {
         Ok(Self { stem, stages, head })
     }
 
-    fn walk(&self, x: &Tensor, dx: Option<&Tensor>, train: bool, tape: &mut Tape) -> Result<Flow> {
+    /// Everything before the head: the globally pooled features.
+    fn body(&self, x: &Tensor, dx: Option<&Tensor>, train: bool, tape: &mut Tape) -> Result<Flow> {
         let f = Flow::new(x.clone(), dx.cloned());
         let f = self.stem.run(&f, "stem", "conv", "bn", train, tape)?;
         let mut f = f.apply(&Relu, "stem.relu", StepKind::Activation, Repr::Image, train, tape)?;
@@ -146,26 +147,28 @@ impl Cnn {
             }
         }
         let f = f.apply(&GlobalAvgPool, "pool", StepKind::Pool, Repr::Invariant, train, tape)?;
-        f.apply(&self.head, "head", StepKind::Head, Repr::Invariant, train, tape)
+        Ok(f)
     }
 }
 
 impl Model for Cnn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.walk(x, None, false, &mut Tape::off())?.x)
+        self.head.forward_t(&self.body(x, None, false, &mut Tape::off())?.x, false)
     }
 
     /// No stochastic layers: `rng` is unused (batch statistics are the training-mode difference).
     fn forward_train(&self, x: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
-        Ok(self.walk(x, None, true, &mut Tape::off())?.x)
+        self.head.forward_t(&self.body(x, None, true, &mut Tape::off())?.x, true)
+    }
+
+    fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
+        head_readout(self.body(x, Some(dx), false, tape)?, &self.head, at, tape)
     }
 }
 
 impl Jvp for Cnn {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let f = self.walk(x, Some(dx), false, tape)?;
-        let dy =
-            f.dx.ok_or_else(|| candle_core::Error::Msg("CNN jvp lost its tangent".into()))?;
-        Ok((f.x, dy))
+        let r = self.jvp_at(x, dx, tape, Readout::Logits)?;
+        Ok((r.y, r.dy))
     }
 }

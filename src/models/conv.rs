@@ -11,6 +11,7 @@
 
 use crate::jvp::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
 use crate::kernels::{fusable, im2col};
+use super::{Readout, ReadoutJvp};
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -52,6 +53,23 @@ impl Flow {
             }
         }
     }
+}
+
+/// The end of a conv net's JVP at `at`, from its flow after global pooling (`features`, with a
+/// tangent): through the head for the logits, or the features themselves (the head then runs on
+/// the primal only, for the logits that come along).
+pub fn head_readout(features: Flow, head: &Linear, at: Readout, tape: &mut Tape) -> Result<ReadoutJvp> {
+    let f = match at {
+        Readout::Tokens => candle_core::bail!("a conv net has no tokens: measure its \"features\" or its outputs"),
+        Readout::Features => features,
+        Readout::Logits => features.apply(head, "head", StepKind::Head, Repr::Invariant, false, tape)?,
+    };
+    let dy = f.dx.ok_or_else(|| candle_core::Error::Msg("a conv net's jvp lost its tangent".into()))?;
+    let logits = match at {
+        Readout::Logits => f.x.clone(),
+        _ => head.forward_t(&f.x, false)?,
+    };
+    Ok(ReadoutJvp { logits, y: f.x, dy })
 }
 
 /// How a parameter is initialised when the VarBuilder does not already hold it.

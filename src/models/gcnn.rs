@@ -18,9 +18,9 @@
 //! max-pool over orientations and a global spatial mean give C4-invariant logits exactly.
 
 use super::conv::{
-    conv2d_op, max_along, param, AvgPool2d, BatchNorm, ConvSpec, Flow, GlobalAvgPool, Layer, Linear, ParamInit, Relu,
+    conv2d_op, head_readout, max_along, param, AvgPool2d, BatchNorm, ConvSpec, Flow, GlobalAvgPool, Layer, Linear, ParamInit, Relu,
 };
-use super::{Model, Rng};
+use super::{Model, Readout, ReadoutJvp, Rng};
 use crate::config::GcnnConfig;
 use crate::jvp::{merge_tangent, split_tangent, Jvp, Repr, StepKind, Tape};
 use crate::transforms::{apply, Padding, Transform};
@@ -229,6 +229,7 @@ struct Block {
 pub struct Gcnn {
     blocks: Vec<Block>,
     head: Linear,
+    order: usize,
 }
 
 impl Gcnn {
@@ -248,10 +249,15 @@ impl Gcnn {
             in_c = w;
         }
         let head = Linear::load(in_c, num_classes, vb.pp("head"))?;
-        Ok(Self { blocks, head })
+        Ok(Self {
+            blocks,
+            head,
+            order: cfg.group_order,
+        })
     }
 
-    fn walk(&self, x: &Tensor, dx: Option<&Tensor>, train: bool, tape: &mut Tape) -> Result<Flow> {
+    /// Everything before the head: the globally pooled features.
+    fn body(&self, x: &Tensor, dx: Option<&Tensor>, train: bool, tape: &mut Tape) -> Result<Flow> {
         let mut f = Flow::new(x.clone(), dx.cloned());
         let last = self.blocks.len() - 1;
         for (i, b) in self.blocks.iter().enumerate() {
@@ -288,26 +294,32 @@ impl Gcnn {
             tape,
         )?;
         f = f.apply(&GlobalAvgPool, "pool", StepKind::Pool, Repr::Invariant, train, tape)?;
-        f.apply(&self.head, "head", StepKind::Head, Repr::Invariant, train, tape)
+        Ok(f)
     }
 }
 
 impl Model for Gcnn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.walk(x, None, false, &mut Tape::off())?.x)
+        self.head.forward_t(&self.body(x, None, false, &mut Tape::off())?.x, false)
     }
 
     /// No stochastic layers: `rng` is unused (batch statistics are the training-mode difference).
     fn forward_train(&self, x: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
-        Ok(self.walk(x, None, true, &mut Tape::off())?.x)
+        self.head.forward_t(&self.body(x, None, true, &mut Tape::off())?.x, true)
+    }
+
+    fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
+        head_readout(self.body(x, Some(dx), false, tape)?, &self.head, at, tape)
+    }
+
+    fn group_order(&self) -> Option<usize> {
+        Some(self.order)
     }
 }
 
 impl Jvp for Gcnn {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let f = self.walk(x, Some(dx), false, tape)?;
-        let dy =
-            f.dx.ok_or_else(|| candle_core::Error::Msg("G-CNN jvp lost its tangent".into()))?;
-        Ok((f.x, dy))
+        let r = self.jvp_at(x, dx, tape, Readout::Logits)?;
+        Ok((r.y, r.dy))
     }
 }

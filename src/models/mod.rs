@@ -14,12 +14,30 @@ pub mod vit;
 pub mod weights;
 
 use crate::config::{Config, InitWeights, ModelKind};
-use crate::jvp::Jvp;
+use crate::jvp::{Jvp, Tape};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 
 /// The seeded RNG threaded through everything random in training (dropout, drop path, masking).
 pub type Rng = rand_chacha::ChaCha8Rng;
+
+/// Where a JVP through a classifier stops ([`Model::jvp_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readout {
+    Logits,
+    /// The pooled representation the head reads, `(B, D)`.
+    Features,
+    /// The ViT's patch tokens after the last block (before the final norm), `(B, N, D)`.
+    Tokens,
+}
+
+/// A JVP stopped at a readout: the readout `y` with its tangent `dy: (T, …)`, and the logits
+/// (the rest of the forward pass, without tangents) for the accuracy measured beside it.
+pub struct ReadoutJvp {
+    pub logits: Tensor,
+    pub y: Tensor,
+    pub dy: Tensor,
+}
 
 /// A classifier: images `(B, C, H, W)` → logits `(B, K)`.
 pub trait Model: Jvp {
@@ -27,6 +45,19 @@ pub trait Model: Jvp {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// Training-mode logits (drop path, batch statistics; running statistics are updated).
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor>;
+    /// The eval-mode JVP up to `at`. `Readout::Logits` is [`Jvp::jvp`]; a model that exposes no
+    /// representation (the default) refuses the others.
+    fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
+        if at != Readout::Logits {
+            candle_core::bail!("this model exposes only its logits, not {at:?}");
+        }
+        let (logits, dy) = self.jvp(x, dx, tape)?;
+        Ok(ReadoutJvp { y: logits.clone(), logits, dy })
+    }
+    /// N when the hidden features are C_N group feature maps (`Repr::Group`), else none.
+    fn group_order(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Build the classifier the config describes on the variables of `varmap` (tensors already in

@@ -13,7 +13,7 @@ use crate::models::layers::{
     attention, layer_norm, linear, mlp, patch_embed, zero_tangent, Attention, DropPath, LayerNorm, Linear, Mlp,
     PatchEmbed, ResidualBranch,
 };
-use crate::models::{Model, Rng};
+use crate::models::{Model, Readout, ReadoutJvp, Rng};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -327,6 +327,14 @@ impl Vit {
     }
 }
 
+
+impl Jvp for Vit {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let r = self.jvp_at(x, dx, tape, Readout::Logits)?;
+        Ok((r.y, r.dy))
+    }
+}
+
 impl Model for Vit {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.head.forward(&self.pool(&self.tokens(x, None)?)?)
@@ -335,10 +343,8 @@ impl Model for Vit {
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         self.head.forward(&self.pool(&self.tokens(x, Some(rng))?)?)
     }
-}
 
-impl Jvp for Vit {
-    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+    fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
         let (h, w) = self.grid;
         let tokens = Repr::Tokens { h, w, cls: true };
         let (y, dy) = self.patch_embed.jvp(x, dx, tape)?; // (B, N, D), (T, B, N, D)
@@ -365,6 +371,15 @@ impl Jvp for Vit {
         for blk in &self.blocks {
             (y, dy) = blk.jvp_steps(&y, &dy, tape, tokens)?;
         }
+        if at == Readout::Tokens {
+            let n = y.dim(1)? - 1;
+            let logits = self.head.forward(&self.pool(&y)?)?;
+            return Ok(ReadoutJvp {
+                logits,
+                y: y.narrow(1, 1, n)?,
+                dy: dy.narrow(2, 1, n)?,
+            });
+        }
 
         let (f, df) = match self.pool {
             Pool::Cls => {
@@ -389,8 +404,16 @@ impl Jvp for Vit {
                 (f, df)
             }
         };
+        if at == Readout::Features {
+            let logits = self.head.forward(&f)?;
+            return Ok(ReadoutJvp { logits, y: f, dy: df });
+        }
         let (logits, dlogits) = self.head.jvp(&f, &df, tape)?;
         let dlogits = tape.step("head", StepKind::Head, Repr::Invariant, &logits, dlogits)?;
-        Ok((logits, dlogits))
+        Ok(ReadoutJvp {
+            y: logits.clone(),
+            logits,
+            dy: dlogits,
+        })
     }
 }

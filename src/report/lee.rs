@@ -1,13 +1,13 @@
 //! What `liederiv lee` prints and writes: the split × transform table, the layerwise tables and
 //! CSV (paper Eq. 6, Figure 4), and the JSON document, whose schema is the serde structs below:
-//! `{"model", "checkpoint", "stencil", "statistic", "use_logits", "splits": {"test": {"n",
+//! `{"model", "checkpoint", "stencil", "statistic", "output", "splits": {"test": {"n",
 //! "accuracy", "lee": {"rotate": {"mean", "stderr"}, ...}, "metrics": {...}}, ...},
 //! "layerwise": {"rotate": {"steps": [...], "sum_rel_error", "end_to_end", "n", "probes"}},
 //! "layerwise_split"}`.
 
-use crate::config::{ModelKind, Statistic};
+use crate::config::{LeeOutput, ModelKind, Statistic};
 use crate::jvp::StepKind;
-use crate::lie::{LayerwiseReport, LeeSpec, LeeSummary, MetricStat};
+use crate::lie::{GroupReport, LayerwiseReport, LeeSpec, LeeSummary, MetricStat};
 use crate::transforms::Stencil;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -17,6 +17,7 @@ pub struct SplitResult {
     pub name: String,
     pub summary: LeeSummary,
     pub metrics: Vec<MetricStat>,
+    pub group: Option<GroupReport>,
 }
 
 /// Split × transform: mean ± stderr, plus accuracy; then any metrics.
@@ -25,20 +26,23 @@ pub fn lee_table(spec: &LeeSpec, results: &[SplitResult]) -> String {
         "LEE ({}, {} stencil{}), mean ± stderr over images\n{:<14}{:>7}{:>9}",
         spec.statistic.name(),
         spec.stencil.name(),
-        if spec.use_logits { ", logits" } else { "" },
+        match spec.output {
+            LeeOutput::Probs => String::new(),
+            o => format!(", {o}"),
+        },
         "split",
         "n",
         "acc"
     );
-    for t in &spec.transforms {
-        s += &format!("{:>24}", t.name());
+    for e in results.first().map(|r| r.summary.entries()).unwrap_or_default() {
+        s += &format!("{:>24}", e.name);
     }
     s.push('\n');
     for r in results {
         let acc = r.summary.accuracy.map_or("-".to_string(), |a| format!("{a:.4}"));
         s += &format!("{:<14}{:>7}{:>9}", r.name, r.summary.n, acc);
-        for (_, m) in &r.summary.lee {
-            s += &format!("{:>24}", format!("{:.3e} ± {:.1e}", m.mean(), m.stderr()));
+        for e in r.summary.entries() {
+            s += &format!("{:>24}", format!("{:.3e} ± {:.1e}", e.mean, e.stderr));
         }
         s.push('\n');
     }
@@ -53,6 +57,31 @@ pub fn lee_table(spec: &LeeSpec, results: &[SplitResult]) -> String {
                 m.draws
             );
         }
+    }
+    for r in results {
+        if let Some(g) = &r.group {
+            s += &group_table(&r.name, r.summary.n, g);
+        }
+    }
+    s
+}
+
+/// One row per step, one column per group element: mean ± stderr of ‖f(g·x) − ρ(g)f(x)‖/‖f(x)‖.
+pub fn group_table(split: &str, n: usize, g: &GroupReport) -> String {
+    let mut s = format!(
+        "C{} equivariance error ‖f(g·x) − ρ(g)·f(x)‖ / ‖f(x)‖ per step on {split} ({n} images)\n{:<24}",
+        g.order, "step"
+    );
+    for a in &g.angles_deg {
+        s += &format!("{:>22}", format!("{a}°"));
+    }
+    s.push('\n');
+    for l in &g.layers {
+        s += &format!("{:<24}", l.name);
+        for e in &l.errors {
+            s += &format!("{:>22}", format!("{:.2e} ± {:.0e}", e.mean(), e.stderr()));
+        }
+        s.push('\n');
     }
     s
 }
@@ -129,7 +158,9 @@ pub struct LeeDoc {
     pub checkpoint: Option<String>,
     pub stencil: Stencil,
     pub statistic: Statistic,
-    pub use_logits: bool,
+    /// The output differentiated; for `features` / `tokens` every split also holds the
+    /// scale-free forms as `<transform>_scaled`.
+    pub output: LeeOutput,
     pub splits: BTreeMap<String, SplitDoc>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub layerwise: BTreeMap<String, LayerwiseDoc>,
@@ -145,6 +176,23 @@ pub struct SplitDoc {
     pub lee: BTreeMap<String, MeanStderrDoc>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, MetricDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupDoc>,
+}
+
+/// `--metrics group`: the C_N equivariance error of every step, per group element.
+#[derive(Serialize)]
+pub struct GroupDoc {
+    pub order: usize,
+    pub angles_deg: Vec<f64>,
+    /// Per step in network order: `{"step", "errors": [{"mean", "stderr"}, ...]}` (one per angle).
+    pub layers: Vec<GroupLayerDoc>,
+}
+
+#[derive(Serialize)]
+pub struct GroupLayerDoc {
+    pub step: String,
+    pub errors: Vec<MeanStderrDoc>,
 }
 
 #[derive(Serialize)]
@@ -194,12 +242,12 @@ impl LeeDoc {
         let splits = results
             .iter()
             .map(|r| {
-                let lee = r.summary.lee.iter().map(|(t, m)| {
+                let lee = r.summary.entries().into_iter().map(|e| {
                     let v = MeanStderrDoc {
-                        mean: m.mean(),
-                        stderr: m.stderr(),
+                        mean: e.mean,
+                        stderr: e.stderr,
                     };
-                    (t.name().to_string(), v)
+                    (e.name, v)
                 });
                 let metrics = r.metrics.iter().map(|m| {
                     let v = MetricDoc {
@@ -215,6 +263,25 @@ impl LeeDoc {
                     accuracy: r.summary.accuracy,
                     lee: lee.collect(),
                     metrics: metrics.collect(),
+                    group: r.group.as_ref().map(|g| GroupDoc {
+                        order: g.order,
+                        angles_deg: g.angles_deg.clone(),
+                        layers: g
+                            .layers
+                            .iter()
+                            .map(|l| GroupLayerDoc {
+                                step: l.name.clone(),
+                                errors: l
+                                    .errors
+                                    .iter()
+                                    .map(|e| MeanStderrDoc {
+                                        mean: e.mean(),
+                                        stderr: e.stderr(),
+                                    })
+                                    .collect(),
+                            })
+                            .collect(),
+                    }),
                 };
                 (r.name.clone(), doc)
             })
@@ -252,7 +319,7 @@ impl LeeDoc {
             checkpoint,
             stencil: spec.stencil,
             statistic: spec.statistic,
-            use_logits: spec.use_logits,
+            output: spec.output,
             splits,
             layerwise,
             layerwise_split,

@@ -6,8 +6,8 @@
 use crate::config::Config;
 use crate::data::Split;
 use crate::lie::{
-    decompose, lee_split, LayerwiseAccumulator, LayerwiseReport, LeeAccumulator, LeeSpec, LeeSummary, Metric,
-    MetricStat, MetricsAccumulator,
+    decompose, lee_split, GroupAccumulator, GroupReport, LayerwiseAccumulator, LayerwiseReport, LeeAccumulator,
+    LeeSpec, LeeSummary, Metric, MetricStat, MetricsAccumulator,
 };
 use crate::models::{Model, Rng};
 use crate::report::{MeanStderr, SplitMetrics};
@@ -123,15 +123,13 @@ pub fn evaluate(
         let (x, _) = head_of(get(name)?, cfg.lee.limit, cfg, device)?;
         let summary = lee_split(model, &x, None, spec)?;
         let m = out.entry(name.clone()).or_default();
-        for (t, acc) in summary.lee {
-            m.lee.insert(
-                t.name().to_string(),
-                MeanStderr {
-                    mean: acc.mean(),
-                    stderr: acc.stderr(),
-                    n: acc.n(),
-                },
-            );
+        for e in summary.entries() {
+            let v = MeanStderr {
+                mean: e.mean,
+                stderr: e.stderr,
+                n: e.n,
+            };
+            m.lee.insert(e.name, v);
         }
     }
     Ok(out)
@@ -141,13 +139,25 @@ pub fn evaluate(
 pub struct SplitMeasurement {
     pub lee: LeeSummary,
     pub metrics: Vec<MetricStat>,
+    /// The hidden-layer C_N equivariance errors, when asked for.
+    pub group: Option<GroupReport>,
     /// One report per transform when the layerwise decomposition was asked for, else none.
     pub layerwise: Vec<LayerwiseReport>,
 }
 
+/// What [`measure_split`] measures beside the LEE.
+#[derive(Clone, Debug, Default)]
+pub struct Extras {
+    /// The alternative metrics of `lie::metrics`.
+    pub metrics: Vec<Metric>,
+    /// The layerwise decomposition of every transform (paper Eq. 6).
+    pub layerwise: bool,
+    /// The hidden-layer C_N equivariance errors of `lie::group`.
+    pub group: bool,
+}
+
 /// LEE (and accuracy) on the first `limit` images of `split` (0 = all), in batches of
-/// `spec.batch_size`, plus the alternative `metrics` and, with `layerwise`, the decomposition of
-/// every transform of `spec` (paper Eq. 6). Forward mode only: `model` may be frozen.
+/// `spec.batch_size`, plus what `extras` asks for. Forward mode only: `model` may be frozen.
 #[allow(clippy::too_many_arguments)]
 pub fn measure_split(
     model: &dyn Model,
@@ -155,19 +165,20 @@ pub fn measure_split(
     split: &Split,
     spec: &LeeSpec,
     limit: usize,
-    metrics: &[Metric],
-    layerwise: bool,
+    extras: &Extras,
     device: &Device,
     rng: &mut Rng,
 ) -> Result<SplitMeasurement> {
+    let metrics = &extras.metrics;
     let n = if limit == 0 {
         split.len()
     } else {
         limit.min(split.len())
     };
-    let mut lee = LeeAccumulator::new(&spec.transforms);
+    let mut lee = LeeAccumulator::new(spec);
     let mut extra = MetricsAccumulator::new(metrics, cfg.lee.metric_draws);
-    let mut lw: Vec<LayerwiseAccumulator> = match layerwise {
+    let mut group = extras.group.then(|| GroupAccumulator::new(-cfg.data.mean / cfg.data.std));
+    let mut lw: Vec<LayerwiseAccumulator> = match extras.layerwise {
         true => spec
             .transforms
             .iter()
@@ -183,14 +194,18 @@ pub fn measure_split(
         if !metrics.is_empty() {
             extra.push(model, &x, rng)?;
         }
+        if let Some(g) = &mut group {
+            g.push(model, &x)?;
+        }
         for acc in &mut lw {
-            let d = decompose(model, &x, acc.transform(), spec.stencil, spec.use_logits)?;
+            let d = decompose(model, &x, acc.transform(), spec.stencil, spec.output)?;
             acc.push(&d, rng)?;
         }
     }
     Ok(SplitMeasurement {
         lee: lee.finish(),
         metrics: extra.finish(),
+        group: group.map(GroupAccumulator::finish),
         layerwise: lw.into_iter().map(|a| a.finish()).collect(),
     })
 }
