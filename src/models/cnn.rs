@@ -6,7 +6,7 @@
 //! channels on a large grid: a 16→16 3×3 conv on a 128×16×28×28 batch ran at ~1.6 GFLOP/s with a
 //! backward ~5× its forward (measured on the 2-core machine, under load).
 
-use super::conv::{head_readout, BatchNorm, Conv2d, ConvSpec, Flow, GlobalAvgPool, Linear, PadMode, Relu};
+use super::conv::{head_readout, BatchNorm, Conv2d, ConvSpec, Flow, GlobalAvgPool, Layer, Linear, PadMode, Relu};
 use super::{Model, Readout, ReadoutJvp, Rng};
 use crate::config::CnnConfig;
 use crate::jvp::{add_tangents, Jvp, Repr, StepKind, Tape};
