@@ -137,9 +137,18 @@ report() {
         echo
         echo "## Plots"
         echo
-        echo "Test error against test LEE, one point per run (the paper's Figure 1-right view):"
+        echo "Test error against test LEE (the paper's Figure 1-right view; one marker per row, mean"
+        echo "over its seeds with ±1 std bars, when rows have several seeds; one point per run otherwise):"
         echo "rotation ![error vs rotation LEE](table_error_vs_lee_rotate.svg),"
         echo "[translate_x](table_error_vs_lee_translate_x.svg), [translate_y](table_error_vs_lee_translate_y.svg)."
+        echo
+        echo "Per row, rotation LEE over training on train / test / OOD, mean over seeds with the min–max band:"
+        echo
+        for row in $ALL_ROWS; do
+            if [[ -f $REPORT/table_lee_$row.svg ]]; then
+                echo "- \`$row\`: [rotation LEE over seeds](table_lee_$row.svg)"
+            fi
+        done
         echo
         echo "Per run, LEE over training on train / test / OOD and accuracy over training:"
         echo

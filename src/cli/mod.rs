@@ -259,7 +259,8 @@ pub struct ReportArgs {
     pub markdown: Option<PathBuf>,
     /// Published numbers to print beside ours, labelled as theirs: a TOML file with `source` and
     /// `[[row]]` entries `model`, `test_error_pct`, optional `run` (our run's name), e.g.
-    /// experiments/table1/paper.toml.
+    /// experiments/table1/paper.toml; optional `[[comparison]]` entries `a`, `b` (our row names)
+    /// and `label` add the differences a − b over seeds with 95% Welch t intervals.
     #[arg(long)]
     pub paper: Option<PathBuf>,
 }

@@ -1,24 +1,29 @@
 //! Reporting: what a run leaves behind for people to read. The per-eval metrics log
 //! (`metrics.jsonl` + `metrics.csv`, [`log`]), the plots (accuracy and LEE over training, the
 //! paper's Figure-4 layerwise view and Figure-1-right error-vs-LEE scatter, [`plot`]) and the
-//! markdown table of final metrics across runs ([`table`]), and the `lee` command's tables, CSV
-//! and JSON schema ([`lee`]). This module only serialises and draws:
-//! the numbers come from the trainer and the LEE engine.
+//! markdown table of final metrics across runs with differences between rows over seeds
+//! ([`table`], [`stats`]), and the `lee` command's tables, CSV and JSON schema ([`lee`]). This
+//! module only serialises, summarises over seeds and draws: the numbers come from the trainer and
+//! the LEE engine.
 
 pub mod angles;
 pub mod lee;
 pub mod log;
 pub mod plot;
+pub mod stats;
 pub mod table;
 pub mod tensorboard;
 
 pub use log::{
     eval_heading, eval_table, read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL,
 };
-pub use plot::{plot_angles, plot_error_vs_lee, plot_layerwise, plot_training, ScatterPoint};
+pub use plot::{
+    plot_angles, plot_error_vs_lee, plot_layerwise, plot_row_lee, plot_rows_error_vs_lee, plot_training, RowPoint,
+    ScatterPoint,
+};
 pub use table::{
-    load_run, markdown_table, paper_table, row_of, seed_table, PaperNumbers, PaperRow, RunReport, RunSummary,
-    CONFIG_TOML, SUMMARY_JSON,
+    comparison_table, load_run, markdown_table, paper_table, row_of, rows_of, seed_table, Comparison, PaperNumbers,
+    PaperRow, RunReport, RunSummary, COMPARED_TRANSFORM, CONFIG_TOML, SUMMARY_JSON,
 };
 
 use std::io::Write;

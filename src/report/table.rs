@@ -5,6 +5,7 @@
 //! small TOML file) are printed beside ours in their own column and table, labelled as the
 //! paper's, never mixed into our columns.
 
+use super::stats::{mean, sample_std, welch_interval, WelchInterval};
 use super::{read_jsonl, split_rank, EvalRecord, ReportError, METRICS_JSONL};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -59,6 +60,11 @@ impl RunReport {
             .get("test")
             .and_then(|s| s.accuracy)
             .map(|a| 100.0 * (1.0 - a))
+    }
+
+    /// Final test-split LEE mean for `transform`, when it was measured.
+    pub fn test_lee(&self, transform: &str) -> Option<f64> {
+        self.last().splits.get("test")?.lee.get(transform).map(|m| m.mean)
     }
 }
 
@@ -156,23 +162,44 @@ pub struct PaperRow {
     pub run: Option<String>,
 }
 
+/// A difference between two of our rows to test over seeds (`[[comparison]]` in the published
+/// numbers' file, which is where the table's questions are written down): `a`, `b` are row names
+/// as [`row_of`] gives them, `label` says what the difference asks.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Comparison {
+    pub a: String,
+    pub b: String,
+    pub label: String,
+}
+
 /// The published numbers of one table, e.g. the paper's Table 1 (`experiments/table1/paper.toml`):
-/// `source = "..."` and one `[[row]]` per model.
+/// `source = "..."`, one `[[row]]` per model, and optional `[[comparison]]` entries.
 #[derive(Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PaperNumbers {
     /// Where the numbers come from (paper, table), printed with them.
     pub source: String,
     pub row: Vec<PaperRow>,
+    #[serde(default)]
+    pub comparison: Vec<Comparison>,
 }
 
 impl PaperNumbers {
     pub fn load(path: &Path) -> Result<Self, ReportError> {
         let text = std::fs::read_to_string(path).map_err(|e| ReportError::io(path, e))?;
-        toml::from_str(&text).map_err(|e| ReportError::Invalid {
+        let invalid = |message: String| ReportError::Invalid {
             what: format!("published numbers {}", path.display()),
-            message: e.to_string(),
-        })
+            message,
+        };
+        let numbers: Self = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(c) = numbers.comparison.iter().find(|c| c.a == c.b) {
+            return Err(invalid(format!(
+                "comparison `{}` compares row `{}` with itself; `a` and `b` must name two rows",
+                c.label, c.a
+            )));
+        }
+        Ok(numbers)
     }
 
     fn for_run(&self, run: &str) -> Option<&PaperRow> {
@@ -303,22 +330,17 @@ pub fn row_of(run: &RunReport) -> String {
     }
 }
 
-/// Mean and sample standard deviation ("–" for the std of a single value).
+/// Mean and sample standard deviation (the mean alone for a single value).
 fn mean_std(v: &[f64]) -> String {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    if v.len() < 2 {
-        return format!("{mean:.3e}");
+    let m = mean(v);
+    match sample_std(v) {
+        Some(std) => format!("{m:.2e} ± {std:.1e}"),
+        None => format!("{m:.3e}"),
     }
-    let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-    format!("{mean:.2e} ± {std:.1e}")
 }
 
-/// Per row (runs grouped by [`row_of`], in first-seen order), the final metrics over its seeds:
-/// test error as mean ± sample std with the range, each LEE (split, transform) as mean ± std of
-/// the runs' means, and the paper's number for the row labelled as theirs. `None` when no row has
-/// two runs (then the per-run table says it all).
-pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<String> {
+/// Runs grouped by [`row_of`], rows in first-seen order, runs in the given order.
+pub fn rows_of(runs: &[RunReport]) -> Vec<(String, Vec<&RunReport>)> {
     let mut rows: Vec<(String, Vec<&RunReport>)> = Vec::new();
     for r in runs {
         let row = row_of(r);
@@ -327,6 +349,15 @@ pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<St
             None => rows.push((row, vec![r])),
         }
     }
+    rows
+}
+
+/// Per row (runs grouped by [`row_of`], in first-seen order), the final metrics over its seeds:
+/// test error as mean ± sample std with the range, each LEE (split, transform) as mean ± std of
+/// the runs' means, and the paper's number for the row labelled as theirs. `None` when no row has
+/// two runs (then the per-run table says it all).
+pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<String> {
+    let rows = rows_of(runs);
     if rows.iter().all(|(_, m)| m.len() < 2) {
         return None;
     }
@@ -346,20 +377,11 @@ pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<St
         let (err, range) = if errors.is_empty() {
             (MISSING.to_string(), MISSING.to_string())
         } else {
-            let n = errors.len() as f64;
-            let mean = errors.iter().sum::<f64>() / n;
-            let std = if errors.len() > 1 {
-                format!(
-                    " ± {:.2}",
-                    (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-                )
-            } else {
-                String::new()
-            };
+            let std = sample_std(&errors).map_or(String::new(), |s| format!(" ± {s:.2}"));
             let (lo, hi) = errors.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &e| {
                 (lo.min(e), hi.max(e))
             });
-            (format!("{mean:.2}{std}"), format!("{lo:.2} – {hi:.2}"))
+            (format!("{:.2}{std}", mean(&errors)), format!("{lo:.2} – {hi:.2}"))
         };
         let mut cells = vec![row.replace('|', "\\|"), seeds.join(", "), err, range];
         if let Some(p) = paper {
@@ -381,6 +403,110 @@ pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<St
             }
         }));
         out += &format!("| {} |\n", cells.join(" | "));
+    }
+    Some(out)
+}
+
+/// The transform whose test LEE the comparisons difference: rotation, the paper's question.
+pub const COMPARED_TRANSFORM: &str = "rotate";
+
+/// The cells of one difference: a − b, its 95% interval, the Welch df and whether 0 is out;
+/// all "–" (with why) when an interval cannot be formed.
+fn difference_cells(a: &[f64], b: &[f64], fmt: fn(f64) -> String) -> [String; 4] {
+    if a.len() < 2 || b.len() < 2 {
+        return [
+            format!("{MISSING} ({} and {} values)", a.len(), b.len()),
+            MISSING.into(),
+            MISSING.into(),
+            MISSING.into(),
+        ];
+    }
+    match welch_interval(a, b) {
+        Some(w @ WelchInterval { diff, lo, hi, df }) => [
+            fmt(diff),
+            format!("[{}, {}]", fmt(lo), fmt(hi)),
+            format!("{df:.1}"),
+            if w.excludes_zero() { "yes" } else { "no" }.into(),
+        ],
+        None => [
+            format!("{} (no spread over seeds)", fmt(mean(a) - mean(b))),
+            MISSING.into(),
+            MISSING.into(),
+            MISSING.into(),
+        ],
+    }
+}
+
+/// The `comparisons` over seeds: for each whose two rows (runs grouped by [`row_of`]) both have
+/// two runs or more, mean(a) − mean(b) of the final test error (percentage points) and of the
+/// final test rotation LEE (runs without it left out), each with its 95% Welch t interval,
+/// degrees of freedom and whether the interval excludes 0. Comparisons that lack the runs are
+/// listed under the table. `None` when there are no comparisons.
+pub fn comparison_table(runs: &[RunReport], comparisons: &[Comparison]) -> Option<String> {
+    if comparisons.is_empty() {
+        return None;
+    }
+    let rows = rows_of(runs);
+    let members = |row: &str| -> &[&RunReport] {
+        rows.iter()
+            .find(|(name, _)| name == row)
+            .map_or(&[], |(_, m)| m.as_slice())
+    };
+    let t = COMPARED_TRANSFORM;
+    let header: Vec<String> = [
+        "comparison",
+        "a − b",
+        "runs (a, b)",
+        "test error, a − b (pp)",
+        "95% interval",
+        "df",
+        "excludes 0",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([
+        format!("test LEE {t}, a − b"),
+        "95% interval".into(),
+        "df".into(),
+        "excludes 0".into(),
+    ])
+    .collect();
+    let errors = |rs: &[&RunReport]| rs.iter().filter_map(|r| r.test_error_pct()).collect::<Vec<_>>();
+    let lees = |rs: &[&RunReport]| rs.iter().filter_map(|r| r.test_lee(t)).collect::<Vec<_>>();
+    let mut body = String::new();
+    let mut skipped = Vec::new();
+    for c in comparisons {
+        let (a, b) = (members(&c.a), members(&c.b));
+        if a.len() < 2 || b.len() < 2 {
+            skipped.push(format!(
+                "{} (`{}`: {} runs, `{}`: {} runs)",
+                c.label,
+                c.a,
+                a.len(),
+                c.b,
+                b.len()
+            ));
+            continue;
+        }
+        let mut cells = vec![
+            c.label.replace('|', "\\|"),
+            format!("{} − {}", c.a, c.b).replace('|', "\\|"),
+            format!("{}, {}", a.len(), b.len()),
+        ];
+        cells.extend(difference_cells(&errors(a), &errors(b), |v| format!("{v:+.2}")));
+        cells.extend(difference_cells(&lees(a), &lees(b), |v| format!("{v:+.2e}")));
+        body += &format!("| {} |\n", cells.join(" | "));
+    }
+    let mut out = String::new();
+    if !body.is_empty() {
+        out = table_head(&header) + &body;
+    }
+    if !skipped.is_empty() {
+        out += &format!(
+            "{}Not compared (a difference over seeds needs two runs or more of each row): {}.\n",
+            if out.is_empty() { "" } else { "\n" },
+            skipped.join("; ")
+        );
     }
     Some(out)
 }

@@ -6,11 +6,15 @@
 //! - the paper's Figure 4: cumulative share of the layerwise LEE by step, one line per transform
 //!   ([`plot_layerwise`]);
 //! - the paper's Figure 1 (right) / Table 1 view: test error against test LEE, one labelled point
-//!   per run ([`plot_error_vs_lee`]).
+//!   per run ([`plot_error_vs_lee`]) or one marker per row with ±1 std bars over its seeds and a
+//!   legend ([`plot_rows_error_vs_lee`]);
+//! - a row's LEE over training across its seeds, mean line and min–max band ([`plot_row_lee`]).
 
 mod paper;
+mod seeds;
 
-pub use paper::{plot_angles, plot_error_vs_lee, plot_layerwise, ScatterPoint};
+pub use paper::{plot_angles, plot_error_vs_lee, plot_layerwise, plot_rows_error_vs_lee, RowPoint, ScatterPoint};
+pub use seeds::plot_row_lee;
 
 use super::{split_rank, EvalRecord, ReportError};
 use plotters::coord::Shift;
@@ -31,8 +35,8 @@ const FAMILY: &str = "sans-serif";
 type DrawResult = Result<(), Box<dyn Error>>;
 /// (step, value) points of one line.
 type Curve = Vec<(f64, f64)>;
-/// (step, mean, standard error) points of one line with its band.
-type CurveWithError = Vec<(f64, f64, f64)>;
+/// (step, value, band low, band high) points of one line with its shaded band.
+type Banded = Vec<(f64, f64, f64, f64)>;
 
 /// One picture, drawable on any backend (PNG and SVG share the code).
 trait Figure {
@@ -232,12 +236,17 @@ struct Training<'a> {
     splits: Vec<String>,
 }
 
+/// The x range of a step axis covering `steps`.
+fn step_range(steps: impl Iterator<Item = usize>) -> std::ops::Range<f64> {
+    let (lo, hi) = steps.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), s| {
+        (lo.min(s as f64), hi.max(s as f64))
+    });
+    linear_range(lo, hi)
+}
+
 impl Training<'_> {
     fn step_range(&self) -> std::ops::Range<f64> {
-        let steps = self.records.iter().map(|r| r.step as f64);
-        let lo = steps.clone().fold(f64::INFINITY, f64::min);
-        let hi = steps.fold(f64::NEG_INFINITY, f64::max);
-        linear_range(lo, hi)
+        step_range(self.records.iter().map(|r| r.step))
     }
 
     /// (step, value) pairs of one split's metric, in record order.
@@ -352,20 +361,27 @@ impl Figure for AccuracyFigure<'_> {
     }
 }
 
-/// LEE per split over training, one panel per transform, log axis, ±1 s.e. band.
-struct LeeFigure<'a> {
-    t: Training<'a>,
-    transforms: Vec<String>,
+/// LEE per split over training, one panel per transform, log axis, a shaded band around each
+/// line (±1 s.e. for one run, min–max over seeds for a row).
+struct LeeFigure {
+    title: String,
+    /// What the lines and bands are, on the y axis.
+    y_desc: &'static str,
+    steps: std::ops::Range<f64>,
+    /// Every split of the figure in reading order (they pick the colours).
+    splits: Vec<String>,
+    /// Per transform, the banded line of each split that has one.
+    panels: Vec<(String, Vec<(String, Banded)>)>,
 }
 
-impl LeeFigure<'_> {
+impl LeeFigure {
     fn grid(&self) -> (usize, usize) {
-        let cols = self.transforms.len().clamp(1, 3);
-        (self.transforms.len().div_ceil(cols).max(1), cols)
+        let cols = self.panels.len().clamp(1, 3);
+        (self.panels.len().div_ceil(cols).max(1), cols)
     }
 }
 
-impl Figure for LeeFigure<'_> {
+impl Figure for LeeFigure {
     fn size(&self) -> (u32, u32) {
         let (rows, cols) = self.grid();
         (620 * cols as u32, 60 + 480 * rows as u32)
@@ -375,30 +391,13 @@ impl Figure for LeeFigure<'_> {
     where
         DB::ErrorType: 'static,
     {
-        let t = &self.t;
         root.fill(&WHITE)?;
-        let root = root.titled(
-            &format!("{}: local equivariance error (LEE) over training", t.title),
-            text(26),
-        )?;
-        for (panel, transform) in root.split_evenly(self.grid()).iter().zip(&self.transforms) {
-            let series: Vec<(String, CurveWithError)> = t
-                .splits
-                .iter()
-                .map(|s| {
-                    let pts = t
-                        .records
-                        .iter()
-                        .filter_map(|r| {
-                            let m = r.splits.get(s)?.lee.get(transform)?;
-                            Some((r.step as f64, m.mean, m.stderr))
-                        })
-                        .collect::<Vec<_>>();
-                    (s.clone(), pts)
-                })
-                .filter(|(_, v)| !v.is_empty())
-                .collect();
-            let (ylo, yhi) = log_range(series.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)));
+        let root = root.titled(&self.title, text(26))?;
+        for (panel, (transform, series)) in root.split_evenly(self.grid()).iter().zip(&self.panels) {
+            // Band tops count too, so a seed far above the mean stays on the axis; a band bottom
+            // near zero (mean − s.e. of a noisy estimate) would stretch the axis, so it is
+            // clamped to the floor instead.
+            let (ylo, yhi) = log_range(series.iter().flat_map(|(_, v)| v.iter().flat_map(|p| [p.1, p.3])));
             // Zero (an exactly equivariant model) has no place on a log axis: it sits on the floor.
             let clamp = |v: f64| v.max(ylo);
             let mut chart = ChartBuilder::on(panel)
@@ -406,22 +405,22 @@ impl Figure for LeeFigure<'_> {
                 .margin(15)
                 .x_label_area_size(50)
                 .y_label_area_size(80)
-                .build_cartesian_2d(t.step_range(), (ylo..yhi).log_scale())?;
+                .build_cartesian_2d(self.steps.clone(), (ylo..yhi).log_scale())?;
             chart
                 .configure_mesh()
                 .x_desc("training step")
                 .x_label_formatter(&step_tick)
-                .y_desc("LEE (mean ± s.e., log scale)")
+                .y_desc(self.y_desc)
                 .y_label_formatter(&decade_sci)
                 .axis_desc_style(text(18))
                 .label_style(text(14))
                 .draw()?;
-            for (split, pts) in &series {
-                let c = split_color(split, &t.splits);
-                let mut band: Vec<(f64, f64)> = pts.iter().map(|&(x, m, s)| (x, clamp(m + s))).collect();
-                band.extend(pts.iter().rev().map(|&(x, m, s)| (x, clamp(m - s))));
+            for (split, pts) in series {
+                let c = split_color(split, &self.splits);
+                let mut band: Vec<(f64, f64)> = pts.iter().map(|&(x, _, _, hi)| (x, clamp(hi))).collect();
+                band.extend(pts.iter().rev().map(|&(x, _, lo, _)| (x, clamp(lo))));
                 chart.draw_series(std::iter::once(Polygon::new(band, c.mix(0.18))))?;
-                let line: Vec<(f64, f64)> = pts.iter().map(|&(x, m, _)| (x, clamp(m))).collect();
+                let line: Vec<(f64, f64)> = pts.iter().map(|&(x, m, _, _)| (x, clamp(m))).collect();
                 chart
                     .draw_series(LineSeries::new(line.clone(), c.stroke_width(2)))?
                     .label(split.as_str())
@@ -463,22 +462,47 @@ pub fn plot_training(dir: &Path, title: &str, records: &[EvalRecord]) -> Result<
         });
     }
     let (splits, transforms) = names_of(records);
-    let training = || Training {
-        title,
-        records,
-        splits: splits.clone(),
-    };
     let mut written = Vec::new();
     let stem = dir.join(ACCURACY_STEM);
-    render(&stem, &AccuracyFigure(training()))?;
+    render(
+        &stem,
+        &AccuracyFigure(Training {
+            title,
+            records,
+            splits: splits.clone(),
+        }),
+    )?;
     written.push(stem);
     if !transforms.is_empty() {
+        let panels = transforms
+            .into_iter()
+            .map(|transform| {
+                let series = splits
+                    .iter()
+                    .map(|s| {
+                        let pts: Banded = records
+                            .iter()
+                            .filter_map(|r| {
+                                let m = r.splits.get(s)?.lee.get(&transform)?;
+                                Some((r.step as f64, m.mean, m.mean - m.stderr, m.mean + m.stderr))
+                            })
+                            .collect();
+                        (s.clone(), pts)
+                    })
+                    .filter(|(_, v)| !v.is_empty())
+                    .collect();
+                (transform, series)
+            })
+            .collect();
         let stem = dir.join(LEE_STEM);
         render(
             &stem,
             &LeeFigure {
-                t: training(),
-                transforms,
+                title: format!("{title}: local equivariance error (LEE) over training"),
+                y_desc: "LEE (mean ± s.e., log scale)",
+                steps: step_range(records.iter().map(|r| r.step)),
+                splits,
+                panels,
             },
         )?;
         written.push(stem);

@@ -1,5 +1,6 @@
 //! The paper's two summary figures: Figure 4 (cumulative share of the layerwise LEE by step) and
-//! Figure 1-right / Table 1's view (test error against test LEE, one point per run).
+//! Figure 1-right / Table 1's view (test error against test LEE, one point per run, or one marker
+//! per row with bars over its seeds).
 
 use super::*;
 use crate::report::angles::AngleSeries;
@@ -114,14 +115,45 @@ pub struct ScatterPoint {
     pub lee_stderr: f64,
 }
 
-struct ScatterFigure<'a> {
-    transform: &'a str,
-    points: &'a [ScatterPoint],
+/// One row (a config over its seeds) in the error-vs-LEE scatter: means over the seeds and their
+/// sample standard deviations (0 for a single seed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowPoint {
+    pub row: String,
+    /// Runs the means are over.
+    pub seeds: usize,
+    pub test_error_pct: f64,
+    pub test_error_std: f64,
+    pub lee: f64,
+    pub lee_std: f64,
 }
 
-impl Figure for ScatterFigure<'_> {
+/// A marker with its half-widths on each axis.
+struct Marker {
+    label: String,
+    x: f64,
+    x_bar: f64,
+    y: f64,
+    y_bar: f64,
+}
+
+struct ScatterFigure {
+    title: String,
+    x_desc: String,
+    y_desc: &'static str,
+    markers: Vec<Marker>,
+    /// Name the markers in a legend beside the plot instead of a label beside each point (which
+    /// collide once there are many runs).
+    legend: bool,
+}
+
+/// Width of the scatter's plot, and of the legend column beside it when there is one.
+const PLOT_WIDTH: u32 = 1000;
+const LEGEND_WIDTH: u32 = 330;
+
+impl Figure for ScatterFigure {
     fn size(&self) -> (u32, u32) {
-        (1000, 700)
+        (PLOT_WIDTH + if self.legend { LEGEND_WIDTH } else { 0 }, 700)
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult
@@ -129,59 +161,156 @@ impl Figure for ScatterFigure<'_> {
         DB::ErrorType: 'static,
     {
         root.fill(&WHITE)?;
-        let (xlo, xhi) = log_range(self.points.iter().map(|p| p.lee));
-        let (xlo, xhi) = (xlo / 2.0, xhi * 4.0); // room for the labels on the right
-        let ymax = self.points.iter().map(|p| p.test_error_pct).fold(0.0f64, f64::max);
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                format!("Test error vs test LEE ({}), one point per run", self.transform),
-                text(26),
-            )
+        let (plot, side) = if self.legend {
+            let (plot, side) = root.split_horizontally(PLOT_WIDTH);
+            (plot, Some(side))
+        } else {
+            (root.clone(), None)
+        };
+        let (xlo, xhi) = log_range(self.markers.iter().flat_map(|m| [m.x, m.x + m.x_bar]));
+        // Room on the right for the labels beside the points.
+        let (xlo, xhi) = if self.legend {
+            (xlo, xhi)
+        } else {
+            (xlo / 2.0, xhi * 4.0)
+        };
+        let ymax = self.markers.iter().map(|m| m.y + m.y_bar).fold(0.0f64, f64::max);
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(&self.title, text(22))
             .margin(20)
             .x_label_area_size(60)
             .y_label_area_size(80)
             .build_cartesian_2d((xlo..xhi).log_scale(), 0.0..(ymax * 1.15).max(1.0))?;
         chart
             .configure_mesh()
-            .x_desc(format!("test LEE, {} (log scale)", self.transform))
-            .y_desc("test error (%)")
+            .x_desc(self.x_desc.as_str())
+            .y_desc(self.y_desc)
             .y_label_formatter(&tick)
             .x_label_formatter(&decade_sci)
             .axis_desc_style(text(18))
             .label_style(text(14))
             .draw()?;
-        for (k, p) in self.points.iter().enumerate() {
+        for (k, m) in self.markers.iter().enumerate() {
             let c = PALETTE[k % PALETTE.len()];
-            let x = p.lee.max(xlo);
-            let y = p.test_error_pct;
-            let (a, b) = ((p.lee - p.lee_stderr).max(xlo), (p.lee + p.lee_stderr).max(xlo));
-            chart.draw_series(std::iter::once(PathElement::new(
-                vec![(a, y), (b, y)],
-                c.stroke_width(2),
-            )))?;
-            chart.draw_series(std::iter::once(Circle::new((x, y), 6, c.filled())))?;
-            chart.draw_series(std::iter::once(
-                EmptyElement::at((x, y)) + Text::new(p.label.clone(), (10, -18), text(16)),
-            ))?;
+            let bar = c.stroke_width(2);
+            let (x, y) = (m.x.max(xlo), m.y);
+            // Caps are in pixels, so they look the same anywhere on the log axis; an end clamped
+            // to an axis floor (a bar reaching below it) gets none.
+            let mut caps = Vec::new();
+            if m.x_bar > 0.0 {
+                let (a, b) = (m.x - m.x_bar, m.x + m.x_bar);
+                chart.draw_series(std::iter::once(PathElement::new(vec![(a.max(xlo), y), (b, y)], bar)))?;
+                caps.extend([(a, y, false), (b, y, false)].into_iter().filter(|c| c.0 > xlo));
+            }
+            if m.y_bar > 0.0 {
+                let (lo, hi) = (m.y - m.y_bar, m.y + m.y_bar);
+                chart.draw_series(std::iter::once(PathElement::new(vec![(x, lo.max(0.0)), (x, hi)], bar)))?;
+                caps.extend([(x, lo, true), (x, hi, true)].into_iter().filter(|c| c.1 >= 0.0));
+            }
+            chart.draw_series(caps.into_iter().map(|(cx, cy, flat)| {
+                let cap = if flat {
+                    vec![(-6, 0), (6, 0)]
+                } else {
+                    vec![(0, -6), (0, 6)]
+                };
+                EmptyElement::at((cx, cy)) + PathElement::new(cap, bar)
+            }))?;
+            chart.draw_series(std::iter::once(Circle::new((x, y), 7, c.filled())))?;
+            if !self.legend {
+                chart.draw_series(std::iter::once(
+                    EmptyElement::at((x, y)) + Text::new(m.label.clone(), (10, -18), text(16)),
+                ))?;
+            }
+        }
+        if let Some(side) = side {
+            side.draw(&Text::new("rows", (10, 70), text(18)))?;
+            for (k, m) in self.markers.iter().enumerate() {
+                let c = PALETTE[k % PALETTE.len()];
+                let y = 110 + 34 * k as i32;
+                side.draw(&Circle::new((22, y), 7, c.filled()))?;
+                side.draw(&Text::new(m.label.clone(), (40, y - 9), text(16)))?;
+            }
         }
         root.present()?;
         Ok(())
     }
 }
 
+/// Refuse a scatter with a non-finite number, naming the offending run or row.
+fn check_finite<'a, const N: usize>(
+    path_stem: &Path,
+    items: impl IntoIterator<Item = (&'a str, [f64; N])>,
+) -> Result<(), ReportError> {
+    match items.into_iter().find(|(_, v)| !v.iter().all(|x| x.is_finite())) {
+        Some((label, _)) => Err(ReportError::Invalid {
+            what: format!("scatter plot {}", path_stem.display()),
+            message: format!("`{label}` has a non-finite test error or LEE"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The Table-1 view: test error (%) against test LEE for `transform` (log x), one labelled
 /// point per run with a ±1 s.e. bar. Runs with a non-finite value are refused.
 pub fn plot_error_vs_lee(path_stem: &Path, transform: &str, points: &[ScatterPoint]) -> Result<(), ReportError> {
-    if let Some(p) = points
+    check_finite(
+        path_stem,
+        points
+            .iter()
+            .map(|p| (p.label.as_str(), [p.test_error_pct, p.lee, p.lee_stderr])),
+    )?;
+    let markers = points
         .iter()
-        .find(|p| !(p.test_error_pct.is_finite() && p.lee.is_finite() && p.lee_stderr.is_finite()))
-    {
-        return Err(ReportError::Invalid {
-            what: format!("scatter plot {}", path_stem.display()),
-            message: format!("run `{}` has a non-finite test error or LEE", p.label),
-        });
-    }
-    render(path_stem, &ScatterFigure { transform, points })
+        .map(|p| Marker {
+            label: p.label.clone(),
+            x: p.lee,
+            x_bar: p.lee_stderr,
+            y: p.test_error_pct,
+            y_bar: 0.0,
+        })
+        .collect();
+    let figure = ScatterFigure {
+        title: format!("Test error vs test LEE ({transform}), one point per run"),
+        x_desc: format!("test LEE, {transform} (log scale), bar ±1 s.e."),
+        y_desc: "test error (%)",
+        markers,
+        legend: false,
+    };
+    render(path_stem, &figure)
+}
+
+/// The Table-1 view over seeds: one marker per row at (mean test LEE for `transform`, mean test
+/// error), bars of ±1 sample standard deviation over the row's seeds on both axes, log x, and a
+/// legend naming each row with its seed count. Rows with a non-finite value are refused.
+pub fn plot_rows_error_vs_lee(path_stem: &Path, transform: &str, rows: &[RowPoint]) -> Result<(), ReportError> {
+    check_finite(
+        path_stem,
+        rows.iter()
+            .map(|r| (r.row.as_str(), [r.test_error_pct, r.test_error_std, r.lee, r.lee_std])),
+    )?;
+    let markers = rows
+        .iter()
+        .map(|r| Marker {
+            label: format!(
+                "{} ({} {})",
+                r.row,
+                r.seeds,
+                if r.seeds == 1 { "seed" } else { "seeds" }
+            ),
+            x: r.lee,
+            x_bar: r.lee_std,
+            y: r.test_error_pct,
+            y_bar: r.test_error_std,
+        })
+        .collect();
+    let figure = ScatterFigure {
+        title: format!("Test error vs test LEE ({transform}), one marker per row, mean over seeds"),
+        x_desc: format!("test LEE, {transform} (log scale), mean, bar ±1 sample std over seeds"),
+        y_desc: "test error (%), mean, bar ±1 sample std over seeds",
+        markers,
+        legend: true,
+    };
+    render(path_stem, &figure)
 }
 
 /// Error and true-class probability against the extra rotation angle, one line per series.
