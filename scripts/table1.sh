@@ -276,7 +276,7 @@ EOF
 
 t0=$(date +%s)
 [[ -f "$REPORT/runtime.md" && "$FORCE" == 0 ]] || printf '| run | wall time | load average at start |\n| :-- | --: | :-- |\n' > "$REPORT/runtime.md"
-[[ -z $FIT_SECONDS ]] || fit_steps "$t0"
+[[ -z $FIT_SECONDS || -z ${ROWS// /} ]] || fit_steps "$t0"
 failed=0
 if [[ $PARALLEL == 1 ]]; then
     pids=()
