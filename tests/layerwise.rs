@@ -36,7 +36,17 @@ fn contributions_sum_to_end_to_end_in_f32() {
             }
         }
     }
-    let rep = layerwise_split(&conv, &x, Transform::Rotate, Stencil::Central, LeeOutput::Probs, 4, 0, &mut r).unwrap();
+    let rep = layerwise_split(
+        &conv,
+        &x,
+        Transform::Rotate,
+        Stencil::Central,
+        LeeOutput::Probs,
+        4,
+        0,
+        &mut r,
+    )
+    .unwrap();
     assert!(rep.sum_rel_error < 1e-4, "{}", rep.sum_rel_error);
     let names: Vec<&str> = rep.steps.iter().map(|s| s.step.as_str()).collect();
     assert_eq!(names, ["conv0", "relu0", "conv1", "relu1", "pool", "head"]);
@@ -132,8 +142,28 @@ fn hutchinson_converges_to_exact_values() {
     // With two probes the estimate is visibly noisy: the check above is not vacuous.
     assert!(rel(&few) > rel(&probed));
     // The accumulator's Hutchinson mode lands within 10% of its exact mode too.
-    let ex = layerwise_split(&net, &x, Transform::Rotate, Stencil::Central, true, 8, 0, &mut r).unwrap();
-    let hu = layerwise_split(&net, &x, Transform::Rotate, Stencil::Central, true, 8, 1000, &mut r).unwrap();
+    let ex = layerwise_split(
+        &net,
+        &x,
+        Transform::Rotate,
+        Stencil::Central,
+        LeeOutput::Logits,
+        8,
+        0,
+        &mut r,
+    )
+    .unwrap();
+    let hu = layerwise_split(
+        &net,
+        &x,
+        Transform::Rotate,
+        Stencil::Central,
+        LeeOutput::Logits,
+        8,
+        1000,
+        &mut r,
+    )
+    .unwrap();
     for (a, b) in ex.steps.iter().zip(&hu.steps) {
         if a.contribution > 0.0 {
             assert!(
@@ -179,6 +209,111 @@ fn cnn_and_gcnn_contributions_sum_to_end_to_end_in_f32() {
             );
             assert!(norm(&d.end_to_end) > 0.0);
             assert!(rel < 1e-4, "{} {tr}: {rel:e}", cfg.model.kind);
+        }
+    }
+}
+
+/// circular conv → multiply by a fixed spatial mask → circular conv → global mean → linear head:
+/// under translations every step is exactly equivariant on images that vanish near the border
+/// except the mask, whose error e = m·L(y) − L(m·y) is known, so its contribution at the logits
+/// is head·mean(conv₁(e)) and every other step's is zero.
+struct MaskNet {
+    w0: candle_core::Tensor,
+    mask: candle_core::Tensor,
+    w1: candle_core::Tensor,
+    head: candle_core::Tensor,
+}
+
+impl MaskNet {
+    fn conv(x: &candle_core::Tensor, w: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        // (T, B, C, H, W) or (B, C, H, W): convolve over the last three axes.
+        let dims = x.dims().to_vec();
+        let r = dims.len();
+        let y = circ_conv(&x.reshape(((), dims[r - 3], dims[r - 2], dims[r - 1]))?, w)?;
+        let mut out = dims.clone();
+        out[r - 3] = w.dim(0)?;
+        y.reshape(out)
+    }
+    fn pool(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        x.mean(candle_core::D::Minus1)?.mean(candle_core::D::Minus1)
+    }
+}
+
+impl liederiv::jvp::Jvp for MaskNet {
+    fn jvp(
+        &self,
+        x: &candle_core::Tensor,
+        dx: &candle_core::Tensor,
+        tape: &mut liederiv::jvp::Tape,
+    ) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)> {
+        use liederiv::jvp::Repr;
+        let (y, dy) = (Self::conv(x, &self.w0)?, Self::conv(dx, &self.w0)?);
+        let dy = tape.step("conv0", StepKind::Conv, Repr::Image, &y, dy)?;
+        let (y, dy) = (y.broadcast_mul(&self.mask)?, dy.broadcast_mul(&self.mask)?);
+        let dy = tape.step("mask", StepKind::Linear, Repr::Image, &y, dy)?;
+        let (y, dy) = (Self::conv(&y, &self.w1)?, Self::conv(&dy, &self.w1)?);
+        let dy = tape.step("conv1", StepKind::Conv, Repr::Image, &y, dy)?;
+        let (y, dy) = (Self::pool(&y)?, Self::pool(&dy)?);
+        let dy = tape.step("pool", StepKind::Pool, Repr::Invariant, &y, dy)?;
+        let (y, dy) = (y.matmul(&self.head.t()?)?, dy.broadcast_matmul(&self.head.t()?)?);
+        let dy = tape.step("head", StepKind::Head, Repr::Invariant, &y, dy)?;
+        Ok((y, dy))
+    }
+}
+
+impl Model for MaskNet {
+    fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        let y = Self::conv(&Self::conv(x, &self.w0)?.broadcast_mul(&self.mask)?, &self.w1)?;
+        Self::pool(&y)?.matmul(&self.head.t()?)
+    }
+    fn forward_train(
+        &self,
+        x: &candle_core::Tensor,
+        _rng: &mut liederiv::models::Rng,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.forward(x)
+    }
+}
+
+#[test]
+fn a_mask_step_gets_its_known_contribution_and_nothing_else_does() {
+    use liederiv::transforms::image_lie_derivative;
+    let mut r = rng(31);
+    let size = 16;
+    let x = blob_images(3, 1, size, 4, DType::F64, &mut r);
+    let m: Vec<f64> = (0..size * size)
+        .map(|p| 1.0 + 0.5 * ((p % size) as f64 / 3.0).sin())
+        .collect();
+    let net = MaskNet {
+        w0: randn(&[3, 1, 3, 3], 0.5, DType::F64, &mut r),
+        mask: candle_core::Tensor::from_vec(m, (size, size), &candle_core::Device::Cpu).unwrap(),
+        w1: randn(&[2, 3, 3, 3], 0.5, DType::F64, &mut r),
+        head: randn(&[5, 2], 1.0, DType::F64, &mut r),
+    };
+    let tr = Transform::TranslateX;
+    let rep = layerwise_split(&net, &x, tr, Stencil::Central, LeeOutput::Logits, 3, 0, &mut r).unwrap();
+    let names: Vec<&str> = rep.steps.iter().map(|s| s.step.as_str()).collect();
+    assert_eq!(names, ["conv0", "mask", "conv1", "pool", "head"]);
+    // The mask's error, carried to the logits by the linear rest of the network, computed here.
+    let l = |t: &candle_core::Tensor| image_lie_derivative(t, tr, Stencil::Central).unwrap();
+    let y0 = MaskNet::conv(&x, &net.w0).unwrap();
+    let e = (l(&y0).broadcast_mul(&net.mask).unwrap() - l(&y0.broadcast_mul(&net.mask).unwrap())).unwrap();
+    let c = MaskNet::pool(&MaskNet::conv(&e, &net.w1).unwrap())
+        .unwrap()
+        .matmul(&net.head.t().unwrap())
+        .unwrap();
+    let per_image: Vec<f64> = c.sqr().unwrap().mean(1).unwrap().to_vec1().unwrap();
+    let want = per_image.iter().sum::<f64>() / per_image.len() as f64;
+    assert!(want > 1e-8, "the mask should not commute with translation: {want:e}");
+    for s in &rep.steps {
+        if s.step == "mask" {
+            assert!(
+                (s.contribution - want).abs() < 1e-10 * want,
+                "mask: {:e} vs {want:e}",
+                s.contribution
+            );
+        } else {
+            assert!(s.contribution < 1e-28, "{}: {:e}", s.step, s.contribution);
         }
     }
 }

@@ -638,7 +638,13 @@ fn lee_penalty_leaves_batch_norm_statistics_to_the_forward_pass() -> anyhow::Res
     let out = tempfile::tempdir()?;
     for (kind, cfg, varmap, model, x) in batch_norm_models(out.path(), 8)? {
         let rotate = [liederiv::transforms::Transform::Rotate];
-        let penalty = liederiv::lie::lee_penalty(model.as_ref(), &x, &rotate, liederiv::transforms::Stencil::Central, liederiv::lie::LeeOutput::Probs)?;
+        let penalty = liederiv::lie::lee_penalty(
+            model.as_ref(),
+            &x,
+            &rotate,
+            liederiv::transforms::Stencil::Central,
+            liederiv::lie::LeeOutput::Probs,
+        )?;
         let grads = penalty.backward()?;
         let data = varmap.data().lock().unwrap();
         let (mut buffers, mut with_grad) = (0, 0);
@@ -1122,5 +1128,68 @@ fn averaging_a_trained_vit_over_c4_lowers_its_rotation_lee() -> anyhow::Result<(
         avg < plain,
         "averaging did not lower the rotation LEE: {avg} vs {plain}"
     );
+    Ok(())
+}
+
+#[test]
+fn fine_tuning_starts_from_the_pretrained_encoder() -> anyhow::Result<()> {
+    // The hand-over of MAE pretraining to fine-tuning: the classifier's encoder is the pretrain
+    // checkpoint's, tensor for tensor, and only the head and fc_norm are new. One fine-tuning
+    // step at an lr of 1e-12 × 32/256 (Adam moves each weight by at most that) lets the
+    // fine-tuning checkpoint show the weights it started from.
+    let out = tempfile::tempdir()?;
+    let cfg = tiny_cfg(
+        out.path(),
+        "handover",
+        &[
+            "pretrain.enabled=true",
+            "pretrain.steps=20",
+            "pretrain.batch_size=32",
+            "pretrain.warmup_steps=1",
+            "init.weights=\"pretrain\"",
+            "train.steps=1",
+            "train.base_lr=1e-12",
+            "train.min_lr=0",
+            "train.weight_decay=0",
+            "train.eval_every=1",
+            "train.checkpoint_every=1",
+        ],
+    );
+    train(&cfg, Start::New)?;
+    let load = |p: &str| candle_core::safetensors::load(cfg.run_dir().join(p), &Device::Cpu);
+    let (pre, fin) = (
+        load("pretrain/checkpoint.safetensors")?,
+        load("checkpoint.safetensors")?,
+    );
+    let mut handed = Vec::new();
+    for (name, t) in fin.iter().filter(|(n, _)| !n.starts_with(checkpoint::OPTIM_PREFIX)) {
+        let new = name.starts_with("head.") || name.starts_with("fc_norm.");
+        match pre.get(name) {
+            Some(p) if !new => {
+                let diff = (t - p)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let size = p.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(
+                    diff <= 1e-9 + 1e-6 * size,
+                    "{name}: moved {diff:e} from the pretrained encoder"
+                );
+                assert!(size > 0.0, "{name}: all zero");
+                handed.push(name.clone());
+            }
+            Some(_) => panic!("{name}: a new classifier tensor was taken from the pretraining checkpoint"),
+            None => assert!(new, "{name}: neither pretrained nor new"),
+        }
+    }
+    handed.sort();
+    // cls token, position embedding, patch embedding, 2 blocks × 12 tensors; the MAE's final
+    // norm is not used by a mean-pooled classifier (fc_norm replaces it).
+    assert!(handed.iter().any(|n| n.starts_with("blocks.1.")), "{handed:?}");
+    assert!(handed.contains(&"patch_embed.proj.weight".to_string()), "{handed:?}");
+    assert!(
+        handed.len() >= 27,
+        "only {} tensors handed over: {handed:?}",
+        handed.len()
+    );
+    // The decoder stays behind.
+    assert!(pre.keys().any(|k| k.starts_with("decoder")) && !fin.keys().any(|k| k.starts_with("decoder")));
     Ok(())
 }

@@ -84,7 +84,7 @@ fn pad_circular(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[x.narrow(r - 2, h - 1, 1)?, x.clone(), x.narrow(r - 2, 0, 1)?], r - 2)
 }
 
-fn circ_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn circ_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     pad_circular(x)?.conv2d(w, 0, 1, 1, 1)
 }
 
