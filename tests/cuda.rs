@@ -100,8 +100,22 @@ fn lee_and_grads(kind: &str) -> Result<()> {
     let xg = xc.to_device(&gpu())?;
 
     // LEE per image and transform, squared statistic on the probabilities.
-    let lc = lee_per_image(mc.as_ref(), &xc, &transforms, Stencil::Central, Statistic::Sq, LeeOutput::Probs)?;
-    let lg = lee_per_image(mg.as_ref(), &xg, &transforms, Stencil::Central, Statistic::Sq, LeeOutput::Probs)?;
+    let lc = lee_per_image(
+        mc.as_ref(),
+        &xc,
+        &transforms,
+        Stencil::Central,
+        Statistic::Sq,
+        LeeOutput::Probs,
+    )?;
+    let lg = lee_per_image(
+        mg.as_ref(),
+        &xg,
+        &transforms,
+        Stencil::Central,
+        Statistic::Sq,
+        LeeOutput::Probs,
+    )?;
     // Relative to the transform's largest LEE over the batch: an image whose LEE is 1e-3 of the
     // others' is a cancellation that float rounding may move by 1e-3 of itself (the CNN's was on
     // the H200: 1.03e-3 at 1.9e-5).

@@ -31,7 +31,11 @@ fn images() -> Tensor {
     blob_images(4, 1, 28, 2, DType::F32, &mut rng(1))
 }
 
-const GCNN: [&str; 3] = ["model.kind=\"gcnn\"", "model.gcnn.widths=[4, 4, 4]", "model.gcnn.kernel_size=5"];
+const GCNN: [&str; 3] = [
+    "model.kind=\"gcnn\"",
+    "model.gcnn.widths=[4, 4, 4]",
+    "model.gcnn.kernel_size=5",
+];
 
 #[test]
 fn a_c4_gcnn_is_equivariant_at_every_step() {
@@ -43,7 +47,10 @@ fn a_c4_gcnn_is_equivariant_at_every_step() {
     let names: Vec<&str> = g.layers.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names.first(), Some(&"block0.conv"));
     assert_eq!(names.last(), Some(&"head"));
-    assert!(names.contains(&"group_pool") && names.contains(&"block1.pool"), "{names:?}");
+    assert!(
+        names.contains(&"group_pool") && names.contains(&"block1.pool"),
+        "{names:?}"
+    );
     for l in &g.layers {
         for (a, e) in g.angles_deg.iter().zip(&l.errors) {
             assert_eq!(e.n(), 4);
@@ -65,7 +72,12 @@ fn a_c8_gcnn_breaks_at_45_degrees_from_its_lifting_conv_on() {
             if right {
                 assert!(e.mean() < 1e-5, "{} at {a}°: {:e}", l.name, e.mean());
             } else if l.name == "block0.conv" {
-                assert!(e.mean() > 1e-3, "{} at {a}°: {:e} (interpolation should show)", l.name, e.mean());
+                assert!(
+                    e.mean() > 1e-3,
+                    "{} at {a}°: {:e} (interpolation should show)",
+                    l.name,
+                    e.mean()
+                );
             }
         }
     }
@@ -78,11 +90,22 @@ fn models_without_group_features_are_checked_at_the_output() {
     assert_eq!(cnn.order, 4);
     assert_eq!(cnn.layers.len(), 1);
     assert_eq!(cnn.layers[0].name, "output");
-    assert!(cnn.layers[0].errors[0].mean() > 1e-4, "a random CNN is not invariant: {:e}", cnn.layers[0].errors[0].mean());
+    assert!(
+        cnn.layers[0].errors[0].mean() > 1e-4,
+        "a random CNN is not invariant: {:e}",
+        cnn.layers[0].errors[0].mean()
+    );
     let vit = measure_cfg(&tiny_vit_config(16, &["model.vit.pool=\"mean\""]), &x);
-    assert!(vit.layers[0].errors[0].mean() > 1e-4, "{:e}", vit.layers[0].errors[0].mean());
+    assert!(
+        vit.layers[0].errors[0].mean() > 1e-4,
+        "{:e}",
+        vit.layers[0].errors[0].mean()
+    );
     // Averaging over C4 makes the output invariant under these exact rotations.
-    let averaged = measure_cfg(&tiny_vit_config(16, &["model.vit.pool=\"mean\"", "model.average_rotations=4"]), &x);
+    let averaged = measure_cfg(
+        &tiny_vit_config(16, &["model.vit.pool=\"mean\"", "model.average_rotations=4"]),
+        &x,
+    );
     for (a, e) in averaged.angles_deg.iter().zip(&averaged.layers[0].errors) {
         assert!(e.mean() < 1e-5, "averaged ViT at {a}°: {:e}", e.mean());
     }

@@ -80,7 +80,9 @@ fn linear_model_lie_derivative_is_w_times_input_tangent() {
         Transform::StretchX,
         Transform::Rotate,
     ];
-    let d = output_lie_derivative(&model, &x, &trs, Stencil::Central, LeeOutput::Logits).unwrap().d;
+    let d = output_lie_derivative(&model, &x, &trs, Stencil::Central, LeeOutput::Logits)
+        .unwrap()
+        .d;
     for (i, &tr) in trs.iter().enumerate() {
         let lx = image_lie_derivative(&x, tr, Stencil::Central)
             .unwrap()
@@ -112,7 +114,9 @@ fn probability_tangent_matches_f64_finite_difference() {
     let x = blob_images(4, 1, 14, 2, DType::F64, &mut r);
     let net = ConvNet::random(&[1, 6, 6], 10, true, DType::F64, 8);
     let trs = [Transform::Rotate, Transform::Scale, Transform::Saturate];
-    let dp = output_lie_derivative(&net, &x, &trs, Stencil::Central, LeeOutput::Probs).unwrap().d;
+    let dp = output_lie_derivative(&net, &x, &trs, Stencil::Central, LeeOutput::Probs)
+        .unwrap()
+        .d;
     let probs = |x: &Tensor| candle_nn::ops::softmax_last_dim(&net.forward(x).unwrap()).unwrap();
     for (i, &tr) in trs.iter().enumerate() {
         let v = image_lie_derivative(&x, tr, Stencil::Central).unwrap();
@@ -132,7 +136,9 @@ fn one_pass_equals_each_transform_alone_and_statistics_agree() {
     let net = ConvNet::random(&[1, 6], 10, true, DType::F32, 10);
     let trs = [Transform::Rotate, Transform::TranslateX, Transform::Hyperbolic];
     let all = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
-    let d = output_lie_derivative(&net, &x, &trs, Stencil::Central, LeeOutput::Probs).unwrap().d;
+    let d = output_lie_derivative(&net, &x, &trs, Stencil::Central, LeeOutput::Probs)
+        .unwrap()
+        .d;
     let abs = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Abs, LeeOutput::Probs).unwrap();
     let logit = lee_per_image(&net, &x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Logits).unwrap();
     for (i, &tr) in trs.iter().enumerate() {
@@ -159,7 +165,15 @@ fn a_saturation_invariant_model_has_zero_saturation_lee() {
     let model = ScaleInvariantModel {
         weight: randn(&[4, 100], 1.0, DType::F64, &mut r),
     };
-    let lee = lee_per_image(&model, &x, &Transform::ALL, Stencil::Central, Statistic::Sq, LeeOutput::Logits).unwrap();
+    let lee = lee_per_image(
+        &model,
+        &x,
+        &Transform::ALL,
+        Stencil::Central,
+        Statistic::Sq,
+        LeeOutput::Logits,
+    )
+    .unwrap();
     for (t, per_image) in Transform::ALL.iter().zip(&lee) {
         for v in per_image {
             if *t == Transform::Saturate {

@@ -118,7 +118,10 @@ fn an_invariant_representation_has_zero_feature_lee() {
     let other = lee_split(&control, &x, None, &sp).unwrap();
     let (rot, rot_control) = (lee.lee[0].1.mean(), other.lee[0].1.mean());
     assert!(rot < 1e-28, "rotation LEE of an invariant representation: {rot:e}");
-    assert!(rot_control > 1e-8, "the control's rotation LEE {rot_control:e} should be far from 0");
+    assert!(
+        rot_control > 1e-8,
+        "the control's rotation LEE {rot_control:e} should be far from 0"
+    );
     // Translation moves the mass off-centre: the radial moment changes.
     assert!(lee.lee[1].1.mean() > 1e-8, "translate: {:e}", lee.lee[1].1.mean());
     // The logits and probabilities of the invariant representation are invariant too.
@@ -142,10 +145,19 @@ fn feature_lee_of_a_linear_map_is_its_closed_form() {
     };
     let x = images(n, 2);
     let a_rows: Vec<Vec<f64>> = a.to_vec2().unwrap();
-    let apply = |img: &[f64]| -> Vec<f64> { a_rows.iter().map(|r| r.iter().zip(img).map(|(w, v)| w * v).sum()).collect() };
+    let apply = |img: &[f64]| -> Vec<f64> {
+        a_rows
+            .iter()
+            .map(|r| r.iter().zip(img).map(|(w, v)| w * v).sum())
+            .collect()
+    };
     let flat = |t: &Tensor| -> Vec<Vec<f64>> { t.flatten_from(1).unwrap().to_vec2().unwrap() };
     let xs = flat(&x);
-    let mean_sq: f64 = xs.iter().map(|img| apply(img).iter().map(|f| f * f).sum::<f64>() / d as f64).sum::<f64>() / n as f64;
+    let mean_sq: f64 = xs
+        .iter()
+        .map(|img| apply(img).iter().map(|f| f * f).sum::<f64>() / d as f64)
+        .sum::<f64>()
+        / n as f64;
     for statistic in [Statistic::Sq, Statistic::Abs] {
         let sp = spec(LeeOutput::Features, statistic);
         let summary = lee_split(&model, &x, None, &sp).unwrap();
@@ -170,7 +182,11 @@ fn feature_lee_of_a_linear_map_is_its_closed_form() {
                 Statistic::Abs => mean_sq.sqrt(),
             };
             let (raw, scaled) = (&entries[t], &entries[t + 2]);
-            assert!((raw.mean - want).abs() < 1e-12 * want, "{statistic} {tr}: {} vs {want}", raw.mean);
+            assert!(
+                (raw.mean - want).abs() < 1e-12 * want,
+                "{statistic} {tr}: {} vs {want}",
+                raw.mean
+            );
             assert!(
                 (scaled.mean - want / div).abs() < 1e-12 * want / div,
                 "{statistic} {tr} scaled: {} vs {}",
@@ -188,8 +204,17 @@ fn feature_lee_of_a_linear_map_is_its_closed_form() {
         let e3 = lee_split(&tripled, &x, None, &sp).unwrap().entries();
         let factor = if statistic == Statistic::Sq { 9.0 } else { 3.0 };
         for (e, e3) in entries.iter().zip(&e3) {
-            let want = if e.name.ends_with("_scaled") { e.mean } else { factor * e.mean };
-            assert!((e3.mean - want).abs() < 1e-12 * want, "{statistic} {}: {} vs {want}", e.name, e3.mean);
+            let want = if e.name.ends_with("_scaled") {
+                e.mean
+            } else {
+                factor * e.mean
+            };
+            assert!(
+                (e3.mean - want).abs() < 1e-12 * want,
+                "{statistic} {}: {} vs {want}",
+                e.name,
+                e3.mean
+            );
         }
     }
     // The probabilities and logits have no scale-free form.
@@ -197,8 +222,14 @@ fn feature_lee_of_a_linear_map_is_its_closed_form() {
     assert_eq!(probs.entries().len(), 2);
     // The penalty on a representation is its scale-free mean over the batch and transforms.
     let trs = [Transform::Rotate];
-    let pen = lee_penalty(&model, &x, &trs, Stencil::Central, LeeOutput::Features).unwrap().to_scalar::<f64>().unwrap();
-    let rot = lee_split(&model, &x, None, &spec(LeeOutput::Features, Statistic::Sq)).unwrap().entries()[2].mean;
+    let pen = lee_penalty(&model, &x, &trs, Stencil::Central, LeeOutput::Features)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let rot = lee_split(&model, &x, None, &spec(LeeOutput::Features, Statistic::Sq))
+        .unwrap()
+        .entries()[2]
+        .mean;
     assert!((pen - rot).abs() < 1e-12 * rot, "penalty {pen} vs scale-free LEE {rot}");
 }
 
@@ -212,7 +243,17 @@ fn configs() -> Vec<(&'static str, Config)> {
         ("vit_mean", tiny_vit_config(16, &["model.vit.pool=\"mean\""])),
         ("vit_cls", tiny_vit_config(16, &[])),
         ("cnn", conv("cnn", &["model.cnn.widths=[4, 8]"])),
-        ("gcnn", conv("gcnn", &["model.gcnn.widths=[2, 2]", "model.gcnn.group_order=4", "model.gcnn.kernel_size=3"])),
+        (
+            "gcnn",
+            conv(
+                "gcnn",
+                &[
+                    "model.gcnn.widths=[2, 2]",
+                    "model.gcnn.group_order=4",
+                    "model.gcnn.kernel_size=3",
+                ],
+            ),
+        ),
     ]
 }
 
@@ -234,20 +275,34 @@ fn readouts_of_the_real_models_match_finite_differences_and_the_head() {
             let r = model.jvp_at(&x, &v, &mut Tape::off(), at).unwrap();
             let eps = 1e-5;
             let (vm1, _) = merge_tangent(&v).unwrap();
-            let y = |s: f64| model.jvp_at(&(&x + (&vm1 * s).unwrap()).unwrap(), &v, &mut Tape::off(), at).unwrap().y;
+            let y = |s: f64| {
+                model
+                    .jvp_at(&(&x + (&vm1 * s).unwrap()).unwrap(), &v, &mut Tape::off(), at)
+                    .unwrap()
+                    .y
+            };
             let fd = ((y(eps) - y(-eps)).unwrap() / (2.0 * eps)).unwrap();
             let dy = r.dy.get(0).unwrap();
             assert_eq!(fd.dims(), dy.dims(), "{name} {at:?}");
             let err = common::max_abs_diff(&fd, &dy) / common::max_abs(&fd).max(1e-12);
-            assert!(err < 1e-6, "{name} {at:?}: relative error {err:e} against f64 central differences");
+            assert!(
+                err < 1e-6,
+                "{name} {at:?}: relative error {err:e} against f64 central differences"
+            );
             let logits = model.forward(&x).unwrap();
-            assert!(common::max_abs_diff(&r.logits, &logits) < 1e-12, "{name} {at:?}: logits differ");
+            assert!(
+                common::max_abs_diff(&r.logits, &logits) < 1e-12,
+                "{name} {at:?}: logits differ"
+            );
         }
         let head_w = vm.data().lock().unwrap()["head.weight"].as_tensor().clone();
         let f = model.jvp_at(&x, &v, &mut Tape::off(), Readout::Features).unwrap();
         let l = model.jvp_at(&x, &v, &mut Tape::off(), Readout::Logits).unwrap();
         let through = f.dy.broadcast_matmul(&head_w.t().unwrap()).unwrap();
-        assert!(common::max_abs_diff(&through, &l.dy) < 1e-10, "{name}: features are not what the head reads");
+        assert!(
+            common::max_abs_diff(&through, &l.dy) < 1e-10,
+            "{name}: features are not what the head reads"
+        );
         let tokens = name.starts_with("vit");
         let t = model.jvp_at(&x, &v, &mut Tape::off(), Readout::Tokens);
         assert_eq!(t.is_ok(), tokens, "{name}: tokens readout");
@@ -275,10 +330,16 @@ fn the_config_names_the_output_and_reads_the_old_spelling() {
     for (sets, key) in [
         (vec!["model.kind=\"cnn\"", "lee.output=\"tokens\""], "lee.output"),
         (vec!["model.average_rotations=4", "lee.output=\"tokens\""], "lee.output"),
-        (vec!["model.kind=\"gcnn\"", "train.lee_penalty_output=\"tokens\""], "train.lee_penalty_output"),
+        (
+            vec!["model.kind=\"gcnn\"", "train.lee_penalty_output=\"tokens\""],
+            "train.lee_penalty_output",
+        ),
     ] {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        let e = Config::resolve_str("", "<test>", &sets).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = Config::resolve_str("", "<test>", &sets)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains(key) && e.contains("tokens"), "{sets:?}: {e}");
     }
     let e = Config::resolve_str("", "<test>", &["lee.output=\"pixels\"".into()])
@@ -306,5 +367,8 @@ fn averaged_features_are_c4_invariant() {
     let inner = build_with(&plain, &vm, DType::F32, &Device::Cpu).unwrap();
     let g = |x: &Tensor| inner.jvp_at(x, &v, &mut Tape::off(), Readout::Features).unwrap().y;
     let moved = common::max_abs_diff(&g(&x), &g(&rot)) / common::max_abs(&g(&x));
-    assert!(moved > 1e-3, "control: the plain ViT's features should move under rot90 ({moved:e})");
+    assert!(
+        moved > 1e-3,
+        "control: the plain ViT's features should move under rot90 ({moved:e})"
+    );
 }

@@ -12,10 +12,10 @@ use crate::cli::LeeArgs;
 use crate::config::Config;
 use crate::data;
 use crate::lie::{LayerwiseReport, LeeSpec, Metric};
-use crate::train::evaluate::Extras;
 use crate::models::{frozen, Rng};
 use crate::report::lee::{layerwise_csv, layerwise_table, lee_table, LeeDoc, SplitResult};
 use crate::train::evaluate::measure_split;
+use crate::train::evaluate::Extras;
 use anyhow::{bail, Context};
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -77,7 +77,16 @@ pub fn run(cfg: &Config, args: &LeeArgs) -> anyhow::Result<()> {
             layerwise: args.layerwise && si == 0,
             group: opts.group,
         };
-        let m = measure_split(model.as_ref(), cfg, &split, &opts.spec, opts.limit, &extras, &device, &mut rng)
+        let m = measure_split(
+            model.as_ref(),
+            cfg,
+            &split,
+            &opts.spec,
+            opts.limit,
+            &extras,
+            &device,
+            &mut rng,
+        )
         .with_context(|| format!("LEE on split {name}"))?;
         layerwise.extend(m.layerwise);
         results.push(SplitResult {

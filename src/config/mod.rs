@@ -13,9 +13,7 @@ mod validate;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub use choices::{
-    DataSource, InitWeights, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Statistic, WeightFormat,
-};
+pub use choices::{DataSource, InitWeights, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Statistic, WeightFormat};
 pub use validate::ConfigError;
 
 use crate::transforms::{Stencil, Transform};

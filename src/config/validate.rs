@@ -400,7 +400,10 @@ impl Config {
         // Patch tokens exist in the ViT only, and averaging over rotated copies is defined for a
         // rotation-invariant output, not for tokens that move with the image.
         let tokens_ok = self.model.kind == ModelKind::Vit && self.model.average_rotations <= 1;
-        for (key, out) in [("lee.output", l.output), ("train.lee_penalty_output", self.train.lee_penalty_output)] {
+        for (key, out) in [
+            ("lee.output", l.output),
+            ("train.lee_penalty_output", self.train.lee_penalty_output),
+        ] {
             check(
                 out != LeeOutput::Tokens || tokens_ok,
                 key,

@@ -98,7 +98,11 @@ impl GroupAccumulator {
         let mut tape = Tape::capture();
         let dx = x.zeros_like()?.unsqueeze(0)?;
         model.jvp(x, &dx, &mut tape)?;
-        Ok(tape.captured().iter().map(|c| (c.name.clone(), c.repr, c.y.clone())).collect())
+        Ok(tape
+            .captured()
+            .iter()
+            .map(|c| (c.name.clone(), c.repr, c.y.clone()))
+            .collect())
     }
 
     /// Measure one batch `x: (B, C, H, W)` (normalised).

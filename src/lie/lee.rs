@@ -210,7 +210,11 @@ impl LeeSummary {
                 Statistic::Sq => scale.mean(),
                 Statistic::Abs => scale.mean().sqrt(),
             };
-            out.extend(self.lee.iter().map(|(t, m)| entry(format!("{}_scaled", t.name()), m, div)));
+            out.extend(
+                self.lee
+                    .iter()
+                    .map(|(t, m)| entry(format!("{}_scaled", t.name()), m, div)),
+            );
         }
         out
     }
@@ -266,7 +270,9 @@ impl LeeAccumulator {
     pub fn push(&mut self, model: &dyn Model, x: &Tensor, labels: Option<&Tensor>, spec: &LeeSpec) -> Result<()> {
         let len = x.dim(0)?;
         let o = output_lie_derivative(model, x, &spec.transforms, spec.stencil, spec.output)?;
-        let per: Vec<Vec<f64>> = reduce_statistic(&o.d, spec.statistic)?.to_dtype(DType::F64)?.to_vec2()?;
+        let per: Vec<Vec<f64>> = reduce_statistic(&o.d, spec.statistic)?
+            .to_dtype(DType::F64)?
+            .to_vec2()?;
         for ((t, acc), vals) in self.lee.iter_mut().zip(per) {
             if let Some(v) = vals.iter().find(|v| !v.is_finite()) {
                 candle_core::bail!(

@@ -87,7 +87,9 @@ impl Model for RotationAveraged {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((t, self.n * b, c, h, w))?;
-        let r = self.inner.jvp_at(&self.rotations(x, self.background)?, &dxs, tape, at)?;
+        let r = self
+            .inner
+            .jvp_at(&self.rotations(x, self.background)?, &dxs, tape, at)?;
         let (_, nb, k) = r.dy.dims3()?;
         let dy = r.dy.reshape((t, self.n, nb / self.n, k))?.mean(1)?;
         Ok(ReadoutJvp {

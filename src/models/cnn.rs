@@ -153,12 +153,14 @@ impl Cnn {
 
 impl Model for Cnn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.head.forward_t(&self.body(x, None, false, &mut Tape::off())?.x, false)
+        self.head
+            .forward_t(&self.body(x, None, false, &mut Tape::off())?.x, false)
     }
 
     /// No stochastic layers: `rng` is unused (batch statistics are the training-mode difference).
     fn forward_train(&self, x: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
-        self.head.forward_t(&self.body(x, None, true, &mut Tape::off())?.x, true)
+        self.head
+            .forward_t(&self.body(x, None, true, &mut Tape::off())?.x, true)
     }
 
     fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {

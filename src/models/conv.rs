@@ -9,9 +9,9 @@
 //! Parameter values come from the VarBuilder's init hints; models built through
 //! [`crate::models::build_model`] draw them from the run seed (see [`crate::models::init`]).
 
+use super::{Readout, ReadoutJvp};
 use crate::jvp::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
 use crate::kernels::{fusable, im2col};
-use super::{Readout, ReadoutJvp};
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -64,7 +64,8 @@ pub fn head_readout(features: Flow, head: &Linear, at: Readout, tape: &mut Tape)
         Readout::Features => features,
         Readout::Logits => features.apply(head, "head", StepKind::Head, Repr::Invariant, false, tape)?,
     };
-    let dy = f.dx.ok_or_else(|| candle_core::Error::Msg("a conv net's jvp lost its tangent".into()))?;
+    let dy =
+        f.dx.ok_or_else(|| candle_core::Error::Msg("a conv net's jvp lost its tangent".into()))?;
     let logits = match at {
         Readout::Logits => f.x.clone(),
         _ => head.forward_t(&f.x, false)?,

@@ -18,7 +18,8 @@
 //! max-pool over orientations and a global spatial mean give C4-invariant logits exactly.
 
 use super::conv::{
-    conv2d_op, head_readout, max_along, param, AvgPool2d, BatchNorm, ConvSpec, Flow, GlobalAvgPool, Layer, Linear, ParamInit, Relu,
+    conv2d_op, head_readout, max_along, param, AvgPool2d, BatchNorm, ConvSpec, Flow, GlobalAvgPool, Layer, Linear,
+    ParamInit, Relu,
 };
 use super::{Model, Readout, ReadoutJvp, Rng};
 use crate::config::GcnnConfig;
@@ -300,12 +301,14 @@ impl Gcnn {
 
 impl Model for Gcnn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.head.forward_t(&self.body(x, None, false, &mut Tape::off())?.x, false)
+        self.head
+            .forward_t(&self.body(x, None, false, &mut Tape::off())?.x, false)
     }
 
     /// No stochastic layers: `rng` is unused (batch statistics are the training-mode difference).
     fn forward_train(&self, x: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
-        self.head.forward_t(&self.body(x, None, true, &mut Tape::off())?.x, true)
+        self.head
+            .forward_t(&self.body(x, None, true, &mut Tape::off())?.x, true)
     }
 
     fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {

@@ -52,7 +52,11 @@ pub trait Model: Jvp {
             candle_core::bail!("this model exposes only its logits, not {at:?}");
         }
         let (logits, dy) = self.jvp(x, dx, tape)?;
-        Ok(ReadoutJvp { y: logits.clone(), logits, dy })
+        Ok(ReadoutJvp {
+            y: logits.clone(),
+            logits,
+            dy,
+        })
     }
     /// N when the hidden features are C_N group feature maps (`Repr::Group`), else none.
     fn group_order(&self) -> Option<usize> {

@@ -327,7 +327,6 @@ impl Vit {
     }
 }
 
-
 impl Jvp for Vit {
     fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
         let r = self.jvp_at(x, dx, tape, Readout::Logits)?;

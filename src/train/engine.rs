@@ -534,7 +534,13 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
                 0 => batch.x.clone(),
                 k => batch.x.narrow(0, 0, k.min(n))?,
             };
-            loss + (lee_penalty(model, &x, &t.lee_penalty_transforms, cfg.lee.stencil, t.lee_penalty_output)? * lambda)?
+            loss + (lee_penalty(
+                model,
+                &x,
+                &t.lee_penalty_transforms,
+                cfg.lee.stencil,
+                t.lee_penalty_output,
+            )? * lambda)?
         } else {
             Ok(loss)
         }

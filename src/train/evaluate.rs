@@ -177,7 +177,9 @@ pub fn measure_split(
     };
     let mut lee = LeeAccumulator::new(spec);
     let mut extra = MetricsAccumulator::new(metrics, cfg.lee.metric_draws);
-    let mut group = extras.group.then(|| GroupAccumulator::new(-cfg.data.mean / cfg.data.std));
+    let mut group = extras
+        .group
+        .then(|| GroupAccumulator::new(-cfg.data.mean / cfg.data.std));
     let mut lw: Vec<LayerwiseAccumulator> = match extras.layerwise {
         true => spec
             .transforms
