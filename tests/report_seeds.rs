@@ -170,36 +170,23 @@ fn report_compares_rows_over_seeds_and_plots_them() {
         }
     }
 
-    // A comparison of a row with itself is refused when the file is read.
-    std::fs::write(
-        &paper,
-        "source = \"test\"\nrow = []\n[[comparison]]\na = \"mae_vit\"\nb = \"mae_vit\"\nlabel = \"self\"\n",
-    )
-    .unwrap();
-    let msg = format!(
-        "{:#}",
-        report_cmd::run(&ReportArgs {
+    // A comparison of a row with itself, or one with an unknown key, is refused when the file
+    // is read.
+    let refused = |comparison: &str| {
+        std::fs::write(
+            &paper,
+            format!("source = \"test\"\nrow = []\n[[comparison]]\n{comparison}"),
+        )
+        .unwrap();
+        let args = ReportArgs {
             runs: runs[..1].to_vec(),
             markdown: None,
             paper: Some(paper.clone()),
-        })
-        .unwrap_err()
-    );
+        };
+        format!("{:#}", report_cmd::run(&args).unwrap_err())
+    };
+    let msg = refused("a = \"mae_vit\"\nb = \"mae_vit\"\nlabel = \"self\"\n");
     assert!(msg.contains("paper.toml") && msg.contains("with itself"), "{msg}");
-    // Unknown keys in a comparison are refused too.
-    std::fs::write(
-        &paper,
-        "source = \"test\"\nrow = []\n[[comparison]]\na = \"x\"\nb = \"y\"\nlabel = \"l\"\ntest = \"t\"\n",
-    )
-    .unwrap();
-    let msg = format!(
-        "{:#}",
-        report_cmd::run(&ReportArgs {
-            runs: runs[..1].to_vec(),
-            markdown: None,
-            paper: Some(paper),
-        })
-        .unwrap_err()
-    );
+    let msg = refused("a = \"x\"\nb = \"y\"\nlabel = \"l\"\ntest = \"t\"\n");
     assert!(msg.contains("unknown field"), "{msg}");
 }
