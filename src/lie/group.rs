@@ -71,12 +71,13 @@ fn act(y: &Tensor, repr: Repr, theta: f64, k: usize) -> Result<Option<Tensor>> {
     })
 }
 
-/// Per image ‖a − b‖ / ‖b‖ over all but the first axis.
-fn relative_errors(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
-    let n = b.dim(0)?;
-    let (a, b) = (a.reshape((n, ()))?, b.reshape((n, ()))?);
-    let num = (a - &b)?.sqr()?.sum(1)?.sqrt()?;
-    let den = b.sqr()?.sum(1)?.sqrt()?;
+/// Per image ‖moved − expected‖ / ‖base‖ over all but the first axis (`base` = f(x): at angles
+/// off the pixel grid the rotated map loses its corners, so its own norm is not the scale).
+fn relative_errors(moved: &Tensor, expected: &Tensor, base: &Tensor) -> Result<Vec<f64>> {
+    let n = base.dim(0)?;
+    let flat = |t: &Tensor| t.reshape((n, ()));
+    let num = (flat(moved)? - flat(expected)?)?.sqr()?.sum(1)?.sqrt()?;
+    let den = flat(base)?.sqr()?.sum(1)?.sqrt()?;
     num.div(&den)?.to_dtype(DType::F64)?.to_vec1()
 }
 
@@ -133,7 +134,7 @@ impl GroupAccumulator {
                     .next()
                     .filter(|l| &l.name == name)
                     .ok_or_else(|| candle_core::Error::Msg(format!("group metric: step {name} was not seen before")))?;
-                l.errors[k - 1].extend(relative_errors(y_g, &expected)?);
+                l.errors[k - 1].extend(relative_errors(y_g, &expected, y)?);
             }
         }
         Ok(())
