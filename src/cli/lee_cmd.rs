@@ -9,7 +9,7 @@
 //! the formatting `report::lee`; this file wires the flags to them.
 
 use crate::cli::LeeArgs;
-use crate::config::Config;
+use crate::config::{Config, LeeOutput};
 use crate::data;
 use crate::lie::{LayerwiseReport, LeeSpec, Metric};
 use crate::models::{frozen, Rng};
@@ -35,6 +35,11 @@ fn resolve(cfg: &Config, args: &LeeArgs) -> anyhow::Result<Options> {
     let l = &cfg.lee;
     if l.transforms.is_empty() {
         bail!("no transforms to measure: pass --transforms rotate,translate_x,... or set lee.transforms");
+    }
+    if args.layerwise && l.output == LeeOutput::Tokens {
+        bail!(
+            "--layerwise decomposes an invariant output (lee.output = probs, logits or features); tokens move with the image"
+        );
     }
     let mut metrics = Vec::new();
     let mut group = false;
