@@ -1083,3 +1083,46 @@ fn a_machine_without_local_data_gets_both_sets_from_the_hub() {
         "{err}"
     );
 }
+
+#[test]
+fn mnist_rot_rotation_matches_torch_grid_sample() {
+    // MNIST training digits rotated by recorded non-right angles with PyTorch's grid_sample
+    // (bilinear, zero padding, align_corners=True; scripts/fixtures/make_rotation_fixture.py):
+    // the rotation that builds MNIST-rot must give the same pixels. A wrong sign, centre,
+    // corner alignment, fill or unit (degrees) moves them by far more than 1e-5.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_rotated_grid_sample.json");
+    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = Config::resolve_str(
+        "",
+        "<test>",
+        &[format!("data.cache_dir={:?}", cache.path().display().to_string())],
+    )
+    .unwrap();
+    let pool = data::mnist_pool(&cfg).unwrap();
+    let indices = fx["mnist_train_indices"].as_array().unwrap();
+    let angles = fx["angles_rad"].as_array().unwrap();
+    let mut worst = 0.0f64;
+    for (k, (idx, theta)) in indices.iter().zip(angles).enumerate() {
+        let (idx, theta) = (idx.as_u64().unwrap() as usize, theta.as_f64().unwrap());
+        let digit: Vec<f32> = pool.images[idx * 784..(idx + 1) * 784]
+            .iter()
+            .map(|&p| p as f32 / 255.0)
+            .collect();
+        let ours = data::rotate_images(&digit, 28, 28, &[theta]).unwrap();
+        let want = fx["rotated"][k].as_array().unwrap();
+        for (a, b) in ours.iter().zip(want) {
+            worst = worst.max((*a as f64 - b.as_f64().unwrap()).abs());
+        }
+        // The control: the same digit rotated the other way is far from torch's.
+        let other = data::rotate_images(&digit, 28, 28, &[-theta]).unwrap();
+        let off = other
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(off > 0.1, "digit {idx}: rotating by −θ also matches ({off})");
+    }
+    eprintln!("MNIST-rot rotation vs grid_sample: largest pixel difference {worst:e}");
+    assert!(worst < 1e-5, "largest pixel difference to grid_sample: {worst:e}");
+}
