@@ -557,3 +557,55 @@ fn seed_table_groups_runs_of_one_row() {
     // One run per row: nothing to aggregate.
     assert!(seed_table(&runs[..2], None).is_none());
 }
+
+/// Pixel positions (x, y) of exactly `rgb` in a decoded PNG, and its width.
+fn pixels_of(path: &Path, rgb: [u8; 3]) -> (u32, Vec<(u32, u32)>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let hits = buf[..info.buffer_size()]
+        .chunks(px)
+        .enumerate()
+        .filter(|(_, c)| c[..3] == rgb)
+        .map(|(i, _)| (i as u32 % info.width, i as u32 / info.width))
+        .collect();
+    (info.width, hits)
+}
+
+fn median(mut v: Vec<u32>) -> u32 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+#[test]
+fn training_plot_draws_each_series_where_its_values_are() {
+    // The synthetic run's test accuracy rises (50% → 95%) and its test loss falls: in the
+    // decoded accuracy.png the test colour (orange) must sit low on the left of the accuracy
+    // panel and high on its right, and the other way round in the loss panel beside it.
+    let dir = tempfile::tempdir().unwrap();
+    liederiv::report::plot_training(dir.path(), "synthetic", &training_run()).unwrap();
+    let (width, orange) = pixels_of(&dir.path().join("accuracy.png"), [255, 127, 14]);
+    assert!(orange.len() > 500, "only {} orange pixels", orange.len());
+    let half = width / 2;
+    let ys = |lo: u32, hi: u32| -> Vec<u32> {
+        orange
+            .iter()
+            .filter(|(x, _)| (lo..hi).contains(x))
+            .map(|p| p.1)
+            .collect()
+    };
+    // Thirds of each panel (screen y grows downwards).
+    let third = half / 3;
+    let (acc_left, acc_right) = (median(ys(0, third)), median(ys(2 * third, half)));
+    let (loss_left, loss_right) = (median(ys(half, half + third)), median(ys(half + 2 * third, width)));
+    assert!(
+        acc_left > acc_right + 50,
+        "accuracy should rise: left y {acc_left}, right y {acc_right}"
+    );
+    assert!(
+        loss_left + 50 < loss_right,
+        "loss should fall: left y {loss_left}, right y {loss_right}"
+    );
+}
