@@ -1,7 +1,8 @@
 //! What `liederiv lee` prints and writes: the split × transform table, the layerwise tables and
 //! CSV (paper Eq. 6, Figure 4), and the JSON document, whose schema is the serde structs below:
 //! `{"model", "checkpoint", "stencil", "statistic", "output", "splits": {"test": {"n",
-//! "accuracy", "lee": {"rotate": {"mean", "stderr"}, ...}, "metrics": {...}}, ...},
+//! "accuracy", "lee": {"rotate": {"mean", "stderr"}, "rotate_scaled": ..., ...}, "metrics": {...},
+//! "group": {"order", "angles_deg", "layers": [{"step", "errors": [...]}]}}, ...},
 //! "layerwise": {"rotate": {"steps": [...], "sum_rel_error", "end_to_end", "n", "probes"}},
 //! "layerwise_split"}`.
 
