@@ -478,13 +478,20 @@ pub fn comparison_table(runs: &[RunReport], comparisons: &[Comparison]) -> Optio
     for c in comparisons {
         let (a, b) = (members(&c.a), members(&c.b));
         if a.len() < 2 || b.len() < 2 {
+            let runs = |n: usize| {
+                if n == 1 {
+                    "1 run".to_string()
+                } else {
+                    format!("{n} runs")
+                }
+            };
             skipped.push(format!(
-                "{} (`{}`: {} runs, `{}`: {} runs)",
+                "{} (`{}`: {}, `{}`: {})",
                 c.label,
                 c.a,
-                a.len(),
+                runs(a.len()),
                 c.b,
-                b.len()
+                runs(b.len())
             ));
             continue;
         }
