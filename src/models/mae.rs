@@ -53,6 +53,33 @@ pub struct Masking {
     pub restore: Vec<Vec<usize>>,
 }
 
+impl Masking {
+    /// The masking that per-sample `noise` `(B, N)` selects, keeping the `keep` patches of least
+    /// noise: `models_mae.random_masking`, and transformers' ViTMAE given its `noise` argument
+    /// (which is how a test reproduces a reference's mask). Panics if `keep` exceeds a row.
+    pub fn from_noise(noise: &[Vec<f64>], keep: usize) -> Self {
+        let mut out = Masking {
+            keep: Vec::with_capacity(noise.len()),
+            mask: Vec::with_capacity(noise.len()),
+            restore: Vec::with_capacity(noise.len()),
+        };
+        for row in noise {
+            // ids_shuffle = argsort(noise): small noise is kept
+            let mut shuffle: Vec<usize> = (0..row.len()).collect();
+            shuffle.sort_by(|&i, &j| row[i].total_cmp(&row[j]));
+            let mut restore = vec![0; row.len()];
+            for (pos, &idx) in shuffle.iter().enumerate() {
+                restore[idx] = pos;
+            }
+            let mask = restore.iter().map(|&pos| if pos < keep { 0.0 } else { 1.0 }).collect();
+            out.keep.push(shuffle[..keep].to_vec());
+            out.mask.push(mask);
+            out.restore.push(restore);
+        }
+        out
+    }
+}
+
 impl Mae {
     pub fn new(vit: &VitConfig, mae: &MaeConfig, image_size: usize, in_chans: usize, vb: VarBuilder) -> Result<Self> {
         let grid = token_grid(image_size, vit.patch_size)?;
@@ -132,30 +159,8 @@ impl Mae {
     /// Draw a per-sample random masking of `b` samples from the seeded RNG.
     pub fn random_masking(&self, b: usize, rng: &mut Rng) -> Masking {
         let n = self.grid.0 * self.grid.1;
-        let keep_n = self.keep_count();
-        let mut out = Masking {
-            keep: Vec::with_capacity(b),
-            mask: Vec::with_capacity(b),
-            restore: Vec::with_capacity(b),
-        };
-        for _ in 0..b {
-            let noise: Vec<f64> = (0..n).map(|_| rng.random::<f64>()).collect();
-            // ids_shuffle = argsort(noise): small noise is kept
-            let mut shuffle: Vec<usize> = (0..n).collect();
-            shuffle.sort_by(|&i, &j| noise[i].total_cmp(&noise[j]));
-            let mut restore = vec![0; n];
-            for (pos, &idx) in shuffle.iter().enumerate() {
-                restore[idx] = pos;
-            }
-            let mask = restore
-                .iter()
-                .map(|&pos| if pos < keep_n { 0.0 } else { 1.0 })
-                .collect();
-            out.keep.push(shuffle[..keep_n].to_vec());
-            out.mask.push(mask);
-            out.restore.push(restore);
-        }
-        out
+        let noise: Vec<Vec<f64>> = (0..b).map(|_| (0..n).map(|_| rng.random::<f64>()).collect()).collect();
+        Masking::from_noise(&noise, self.keep_count())
     }
 
     /// Gather rows of `x: (B, M, D)` per sample: `idx[b]` of equal lengths L → `(B, L, D)`.

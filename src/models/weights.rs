@@ -165,9 +165,14 @@ pub const HF_ENCODER_PREFIXES: [(&str, &str); 3] = [
     ("classifier.", "head."),
 ];
 
+/// Prefixes of ViTMAEForPreTraining's decoder layers: the Hub's checkpoints (facebook/vit-mae-*)
+/// have `decoder.decoder_layers.N`, transformers 5.x's `save_pretrained` writes
+/// `decoder.decoder_encoder.layer.N`; both hold the same modules.
+pub const HF_DECODER_LAYERS: [&str; 2] = ["decoder.decoder_layers.", "decoder.decoder_encoder.layer."];
+
 /// Rename a Hugging Face ViT / ViTMAE checkpoint to our names. Encoder keys may carry the `vit.`
 /// prefix or not; `decoder.*` (ViTMAEForPreTraining) maps to `decoder_embed`, `mask_token`,
-/// `decoder_pos_embed`, `decoder_blocks.{i}.*`, `decoder_norm`, `decoder_pred`; `classifier` maps
+/// `decoder_pos_embed`, `decoder_blocks.{i}.*` (from either of [`HF_DECODER_LAYERS`]), `decoder_norm`, `decoder_pred`; `classifier` maps
 /// to `head`. The pooler and a ViTModel's `embeddings.mask_token` are dropped (with a note).
 pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsError> {
     let mut tensors = HashMap::new();
@@ -191,7 +196,7 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
         };
         let mapped: Option<(String, Option<(usize, String)>)> = if let Some(rest) = k.strip_prefix("encoder.layer.") {
             rest.split_once('.').and_then(|(i, r)| block(r, format!("blocks.{i}")))
-        } else if let Some(rest) = k.strip_prefix("decoder.decoder_layers.") {
+        } else if let Some(rest) = HF_DECODER_LAYERS.iter().find_map(|p| k.strip_prefix(p)) {
             rest.split_once('.')
                 .and_then(|(i, r)| block(r, format!("decoder_blocks.{i}")))
         } else if k.starts_with("pooler.") || k == "embeddings.mask_token" {
