@@ -10,7 +10,7 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::{max_abs, max_abs_diff};
+use common::{fixture, max_abs, max_abs_diff, tiny_fixture_vit};
 use liederiv::config::{InitConfig, InitWeights, MaeConfig, Pool, PosEmbed, VitConfig, WeightFormat};
 use liederiv::jvp::Tape;
 use liederiv::lie::{lee_per_image, LeeOutput, Statistic};
@@ -20,32 +20,12 @@ use liederiv::models::weights::{hf_to_timm, load_pretrained, read_checkpoint, Pr
 use liederiv::models::{Model, Readout};
 use liederiv::transforms::{Stencil, Transform};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-}
+use std::path::Path;
 
 /// Reference inputs and outputs in their stored dtypes (`read_checkpoint` would round the f64 LEE
 /// to f32).
 fn io(dir: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(&format!("{dir}/io.safetensors")), &Device::Cpu).unwrap()
-}
-
-/// The fixtures' encoder: img 28, patch 7, dim 32, depth 2, heads 2, mlp 4x, LayerNorm eps 1e-6.
-fn tiny(pool: Pool, pos_embed: PosEmbed) -> VitConfig {
-    VitConfig {
-        patch_size: 7,
-        dim: 32,
-        depth: 2,
-        heads: 2,
-        mlp_ratio: 4.0,
-        qkv_bias: true,
-        pool,
-        pos_embed,
-        drop_path: 0.0,
-        ln_eps: 1e-6,
-    }
 }
 
 fn file_init(path: &Path, format: WeightFormat) -> InitConfig {
@@ -90,7 +70,7 @@ fn last_hidden_state(vit: &Vit, x: &Tensor) -> Tensor {
 fn transformers_vit_for_image_classification_logits() {
     let io = io("transformers_vit_cls");
     let init = file_init(&fixture("transformers_vit_cls/model.safetensors"), WeightFormat::Hf);
-    let vit = tiny(Pool::Cls, PosEmbed::Learned);
+    let vit = tiny_fixture_vit(Pool::Cls, PosEmbed::Learned);
     let pre = load_pretrained(&init, &vit, 28, 1, 10).unwrap();
     assert!(pre.notes.is_empty(), "{:?}", pre.notes);
     let logits = build_vit(&pre, &vit).forward(&io["x"]).unwrap();
@@ -101,7 +81,7 @@ fn transformers_vit_for_image_classification_logits() {
 fn transformers_vit_model_hidden_states() {
     let io = io("transformers_vit_model");
     let init = file_init(&fixture("transformers_vit_model/model.safetensors"), WeightFormat::Hf);
-    let vit = tiny(Pool::Cls, PosEmbed::Learned);
+    let vit = tiny_fixture_vit(Pool::Cls, PosEmbed::Learned);
     let pre = load_pretrained(&init, &vit, 28, 1, 10).unwrap();
     assert_eq!(pre.notes.len(), 2, "only the pooler is dropped: {:?}", pre.notes);
     let model = build_vit(&pre, &vit);
@@ -168,7 +148,7 @@ fn transformers_mae_both_decoder_layouts_load() {
     // ViTMAEModel's last_hidden_state at mask ratio 0 with ordered noise (nothing shuffled).
     let io = io("transformers_vit_mae");
     let init = file_init(&fixture("transformers_vit_mae/model.safetensors"), WeightFormat::Hf);
-    let vit = tiny(Pool::Cls, PosEmbed::Learned);
+    let vit = tiny_fixture_vit(Pool::Cls, PosEmbed::Learned);
     let pre = load_pretrained(&init, &vit, 28, 1, 10).unwrap();
     assert_close(
         "ViTMAEModel last_hidden_state, mask ratio 0",
@@ -190,7 +170,7 @@ fn our_mae(norm_pix_loss: bool) -> Mae {
         norm_pix_loss,
     };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    Mae::new(&tiny(Pool::Cls, PosEmbed::Sincos), &mae, 28, 1, vb).unwrap()
+    Mae::new(&tiny_fixture_vit(Pool::Cls, PosEmbed::Sincos), &mae, 28, 1, vb).unwrap()
 }
 
 fn noise(t: &Tensor) -> Vec<Vec<f64>> {
@@ -245,7 +225,7 @@ fn transformers_mae_reconstruction_and_loss() {
 
 fn timm_avg(dtype: DType) -> (Vit, HashMap<String, Tensor>) {
     let init = file_init(&fixture("timm_vit_avg/model.safetensors"), WeightFormat::Timm);
-    let vit = tiny(Pool::Mean, PosEmbed::Learned);
+    let vit = tiny_fixture_vit(Pool::Mean, PosEmbed::Learned);
     let pre = load_pretrained(&init, &vit, 28, 1, 10).unwrap();
     assert!(pre.notes.is_empty(), "{:?}", pre.notes);
     let tensors = pre

@@ -5,9 +5,11 @@
 //! state dict: every HF fixture must map back to exactly those tensors.
 
 mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::max_abs_diff;
+use common::{fixture, tiny_fixture_vit};
 use liederiv::config::{InitConfig, InitWeights, Pool, PosEmbed, VitConfig, WeightFormat};
 use liederiv::hub::HubError;
 use liederiv::models::vit::Vit;
@@ -20,24 +22,9 @@ use std::path::{Path, PathBuf};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-}
-
-/// The fixtures' encoder: img 28, patch 7, dim 32, depth 2, heads 2, mlp 4×, cls pooling.
+/// The fixtures' encoder with cls pooling.
 fn tiny() -> VitConfig {
-    VitConfig {
-        patch_size: 7,
-        dim: 32,
-        depth: 2,
-        heads: 2,
-        mlp_ratio: 4.0,
-        qkv_bias: true,
-        pool: Pool::Cls,
-        pos_embed: PosEmbed::Learned,
-        drop_path: 0.0,
-        ln_eps: 1e-6,
-    }
+    tiny_fixture_vit(Pool::Cls, PosEmbed::Learned)
 }
 
 fn timm_tensors() -> HashMap<String, Tensor> {

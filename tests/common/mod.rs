@@ -376,3 +376,30 @@ pub fn tiny_vit_config(dim: usize, extra: &[&str]) -> liederiv::Config {
     sets.extend(extra.iter().map(|s| s.to_string()));
     liederiv::Config::resolve_str("", "<test>", &sets).unwrap()
 }
+
+/// A committed fixture under tests/fixtures.
+pub fn fixture(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// The encoder of the library-built ViT fixtures: img 28, patch 7, dim 32, depth 2, heads 2,
+/// mlp 4×, LayerNorm eps 1e-6.
+pub fn tiny_fixture_vit(
+    pool: liederiv::config::Pool,
+    pos_embed: liederiv::config::PosEmbed,
+) -> liederiv::config::VitConfig {
+    liederiv::config::VitConfig {
+        patch_size: 7,
+        dim: 32,
+        depth: 2,
+        heads: 2,
+        mlp_ratio: 4.0,
+        qkv_bias: true,
+        pool,
+        pos_embed,
+        drop_path: 0.0,
+        ln_eps: 1e-6,
+    }
+}
