@@ -10,6 +10,10 @@
 #   LIEDERIV_DATA_DIR=/path/to/data RAYON_NUM_THREADS=1 scripts/table1_sweep.sh
 #   ONLY="cnn_aug_e30" scripts/table1_sweep.sh        # some runs only
 #
+# A line's first override may be `pretrain_from=<earlier run>`: that run's finished MAE pretraining
+# is copied in instead of being recomputed (it must be the same stage: same model, [pretrain] and
+# seed; pretraining at one thread is deterministic, so the copy is what the run would compute).
+#
 # Environment: RUNS (run folders; default /var/tmp/liederiv-sweep, outside the work tree so a
 # session's end does not lose them), BIN (a prebuilt liederiv; default: cargo build --release),
 # ONLY (names to run), LIST (default experiments/table1/sweep/runs.txt).
@@ -72,6 +76,15 @@ while read -r name row sets; do
     if [[ -f $dir/summary.json ]]; then
         echo "table1_sweep: $name finished" >&2
         continue
+    fi
+    if [[ $sets == pretrain_from=* ]]; then
+        from=${sets%% *}
+        from=$RUNS/${from#pretrain_from=}/pretrain
+        sets=${sets#pretrain_from=* }
+        if [[ ! -f $dir/checkpoint.safetensors ]]; then
+            [[ -f $from/checkpoint.safetensors ]] || { echo "table1_sweep: $name needs $from; run it first" >&2; continue; }
+            mkdir -p "$dir" && rm -rf "$dir/pretrain" && cp -r "$from" "$dir/pretrain"
+        fi
     fi
     resume=()
     [[ -f $dir/checkpoint.safetensors || -f $dir/pretrain/checkpoint.safetensors ]] && resume=(--resume)
