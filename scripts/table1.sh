@@ -128,8 +128,10 @@ report() {
     done
     [[ ${#dirs[@]} -gt 0 ]] || return 0
     "$BIN" report "${dirs[@]}" --markdown "$REPORT/table.md" --paper "$EXP/paper.toml" > /dev/null
+    # A report folder of its own (the GPU table's, or REPORT=...) brings its own header and
+    # discussion; the CPU table's are experiments/table1/'s.
     local header=$EXP/header.md discussion=$EXP/discussion.md
-    if [[ $BUDGET == gpu ]]; then header=$EXP/gpu/header.md discussion=$EXP/gpu/discussion.md; fi
+    if [[ -f $REPORT/header.md ]]; then header=$REPORT/header.md discussion=$REPORT/discussion.md; fi
     {
         cat "$header"
         echo

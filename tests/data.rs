@@ -598,6 +598,18 @@ fn ood_sets_training_set_and_unknown_splits() {
     let few = data::training_set(&small_cfg(root.path(), cache.path(), &["data.train_limit=5"])).unwrap();
     assert_eq!((few.len(), few.images.len()), (5, 5 * 784));
     assert_eq!(few.images[..], train.images[..5 * 784]);
+
+    // MAE pretraining's images: the fine-tuning set by default, else the named splits whatever
+    // fine-tuning uses (a validation sweep's pretraining on train is a final run's too).
+    assert_eq!(data::pretraining_set(&cfg).unwrap(), both);
+    let pre = |sets: &[&str]| data::pretraining_set(&small_cfg(root.path(), cache.path(), sets)).unwrap();
+    assert_eq!(pre(&["pretrain.images=\"train\""]), train);
+    let sweep = ["pretrain.images=\"train_val\"", "data.train_on_val=false"];
+    assert_eq!(pre(&sweep), both);
+    assert_eq!(
+        pre(&["pretrain.images=\"fine_tune\"", "data.train_on_val=false"]),
+        train
+    );
 }
 
 #[test]

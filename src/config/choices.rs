@@ -43,6 +43,19 @@ choice! {
 }
 
 choice! {
+    /// `pretrain.images`: which digits MAE pretraining sees (never labels, never a test digit).
+    PretrainImages {
+        /// The fine-tuning set: train, plus val when `data.train_on_val`.
+        FineTune = "fine_tune",
+        /// The train split only, whatever fine-tuning uses: the pretraining a validation sweep
+        /// (`data.train_on_val = false`) ran, so a final run can reuse it.
+        Train = "train",
+        /// Train and val.
+        TrainVal = "train_val",
+    }
+}
+
+choice! {
     /// `model.kind`: which network.
     ModelKind {
         Vit = "vit",

@@ -13,7 +13,9 @@ mod validate;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub use choices::{DataSource, InitWeights, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Statistic, WeightFormat};
+pub use choices::{
+    DataSource, InitWeights, LeeOutput, ModelKind, Objective, Pool, PosEmbed, PretrainImages, Statistic, WeightFormat,
+};
 pub use validate::ConfigError;
 
 use crate::transforms::{Stencil, Transform};
@@ -341,6 +343,8 @@ impl Default for InitConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PretrainConfig {
     pub enabled: bool,
+    /// The digits it sees (`data.train_limit` applies to them too).
+    pub images: PretrainImages,
     /// Optimiser steps of pretraining.
     pub steps: usize,
     pub batch_size: usize,
@@ -355,6 +359,7 @@ impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
             enabled: false,
+            images: PretrainImages::FineTune,
             steps: 2000,
             batch_size: 128,
             base_lr: 1.5e-4,

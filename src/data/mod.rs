@@ -15,7 +15,7 @@ mod rot;
 pub use loader::{batch, epoch_order};
 pub use rot::{cache_path, mnist_pool, mnist_rot_draw, rotate_images};
 
-use crate::config::Config;
+use crate::config::{Config, PretrainImages};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
@@ -154,8 +154,21 @@ pub fn load_split(cfg: &Config, name: &str) -> Result<Split, DataError> {
 /// The images fine-tuning sees: train, plus val when `data.train_on_val`, cut to the first
 /// `data.train_limit` when that is > 0. Named "train" or "train+val".
 pub fn training_set(cfg: &Config) -> Result<Split, DataError> {
+    train_images(cfg, cfg.data.train_on_val)
+}
+
+/// The images MAE pretraining sees (`pretrain.images`), named like `training_set`'s.
+pub fn pretraining_set(cfg: &Config) -> Result<Split, DataError> {
+    match cfg.pretrain.images {
+        PretrainImages::FineTune => training_set(cfg),
+        PretrainImages::Train => train_images(cfg, false),
+        PretrainImages::TrainVal => train_images(cfg, true),
+    }
+}
+
+fn train_images(cfg: &Config, with_val: bool) -> Result<Split, DataError> {
     let mut s = load_split(cfg, "train")?;
-    if cfg.data.train_on_val && cfg.data.val_size > 0 {
+    if with_val && cfg.data.val_size > 0 {
         let v = load_split(cfg, "val")?;
         s.images.extend_from_slice(&v.images);
         s.labels.extend_from_slice(&v.labels);

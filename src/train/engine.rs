@@ -444,12 +444,21 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
     };
     let device = crate::runtime::select_device(&cfg.device)?;
     let train_set = crate::data::training_set(cfg)?;
-    let eff_batch = cfg.train.batch_size;
-    if eff_batch > train_set.len() || (cfg.pretrain.enabled && cfg.pretrain.batch_size > train_set.len()) {
-        return Err(TrainError::Invalid(format!(
-            "the batch size is larger than the training set ({} images); lower train.batch_size / pretrain.batch_size or raise data.train_limit",
-            train_set.len()
-        )));
+    let pre_set = match cfg.pretrain.enabled {
+        true => Some(crate::data::pretraining_set(cfg)?),
+        false => None,
+    };
+    for (set, batch, key) in [
+        (Some(&train_set), cfg.train.batch_size, "train"),
+        (pre_set.as_ref(), cfg.pretrain.batch_size, "pretrain"),
+    ] {
+        if let Some(set) = set.filter(|s| batch > s.len()) {
+            return Err(TrainError::Invalid(format!(
+                "{key}.batch_size ({batch}) is larger than the {} set it trains on ({} images); lower it or raise data.train_limit",
+                set.name,
+                set.len()
+            )));
+        }
     }
     eprintln!(
         "{}: {} training images, base lr {:.3e}, actual lr {:.3e} (× {} / 256), {} steps, device {:?}",
@@ -462,11 +471,17 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
         device
     );
 
-    if cfg.pretrain.enabled {
+    if let Some(pre_set) = &pre_set {
         let p = &cfg.pretrain;
         let stage = Stage::of(cfg, &run_dir, true);
         let finished =
             checkpoint::load_meta(&pre_ckpt).is_ok_and(|m| m.step == m.total_steps && m.total_steps == p.steps);
+        eprintln!(
+            "pretrain: {} images ({}, pretrain.images = {})",
+            pre_set.len(),
+            pre_set.name,
+            p.images
+        );
         if finished {
             eprintln!("pretrain: reusing the finished stage in {}", pre_dir.display());
         } else if main_meta.is_none() {
@@ -479,7 +494,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
                 cfg,
                 &stage,
                 AdamWParams::from_pretrain(p),
-                &train_set,
+                pre_set,
                 &device,
                 pre_meta.as_ref(),
             )?;
