@@ -5,10 +5,12 @@
 # 128 images), so recipes are chosen without the test split. Finished runs are skipped, an
 # interrupted one resumes from its checkpoint; after each run the summary table
 # experiments/table1/sweep/RESULTS.md is rewritten from every run's metrics (best and final
-# validation error, the step of the best, wall time).
+# validation error, the step of the best, wall time). A finished run's config, metrics and summary
+# are copied to experiments/table1/sweep/runs/<run>/, so the table outlives the run folders.
 #
 #   LIEDERIV_DATA_DIR=/path/to/data RAYON_NUM_THREADS=1 scripts/table1_sweep.sh
 #   ONLY="cnn_aug_e30" scripts/table1_sweep.sh        # some runs only
+#   TRAIN=0 scripts/table1_sweep.sh                   # no training: copy finished runs, rewrite the table
 #
 # A line's first override may be `pretrain_from=<earlier run>`: that run's finished MAE pretraining
 # is copied in instead of being recomputed (it must be the same stage: same model, [pretrain] and
@@ -24,6 +26,7 @@ EXP=experiments/table1
 LIST=${LIST:-$EXP/sweep/runs.txt}
 RUNS=${RUNS:-/var/tmp/liederiv-sweep}
 OUT=$EXP/sweep/RESULTS.md
+KEEP=$EXP/sweep/runs # each finished run's config, metrics and summary, kept with the table
 if [[ -z ${BIN:-} ]]; then
     cargo build --release --bin liederiv
     BIN=${CARGO_TARGET_DIR:-target}/release/liederiv
@@ -34,13 +37,21 @@ VAL=(--set data.train_on_val=false --set 'eval.splits=["val"]' --set eval.limit=
     --set lee.limit=128 --set "output.dir=\"$RUNS\"" --set output.plots=true)
 
 summarise() {
-    python3 - "$RUNS" "$LIST" > "$OUT" <<'PY'
+    python3 - "$RUNS" "$LIST" "$OUT" "$KEEP" > "$OUT.tmp" <<'PY'
 import json, os, sys
-runs, listing = sys.argv[1], sys.argv[2]
+runs, listing, out, keep = sys.argv[1:5]
+# A run's row comes from its copy under sweep/runs/ (finished) or its folder under RUNS (running);
+# a run with neither (its folder went with an earlier machine) keeps the row it had.
+old = {}
+if os.path.exists(out):
+    for l in open(out):
+        if l.startswith("| ") and not l.startswith("| run "):
+            old[l.split("|")[1].strip().split()[0]] = l.rstrip("\n")
 print("# Table 1 validation sweeps\n")
 print("Written by `scripts/table1_sweep.sh` from the runs of `sweep/runs.txt`: trained on the 10k")
 print("train split, measured on the 2k validation split (never the test split). Rotation LEE on")
-print("the first 128 validation images at the last evaluation. Wall time: one thread.\n")
+print("the first 128 validation images at the last evaluation. Wall time: one thread, including")
+print("the MAE pretraining of a run that computed it (`pretrain_from=` runs copied that stage).\n")
 print("| run | row | overrides | epochs | val error, final | val error, best (step) | val LEE rotate | wall time |")
 print("| :-- | :-- | :-- | --: | --: | --: | --: | --: |")
 for line in open(listing):
@@ -48,8 +59,13 @@ for line in open(listing):
     if not line or line.startswith("#"):
         continue
     name, row, *sets = line.split()
-    path = os.path.join(runs, name, "metrics.jsonl")
+    run = os.path.join(keep, name)
+    if not os.path.exists(os.path.join(run, "summary.json")):
+        run = os.path.join(runs, name)
+    path = os.path.join(run, "metrics.jsonl")
     if not os.path.exists(path):
+        if name in old:
+            print(old[name])
         continue
     recs = [json.loads(l) for l in open(path) if l.strip()]
     val = [(r["step"], 100 * (1 - r["splits"]["val"]["accuracy"])) for r in recs if r["splits"].get("val", {}).get("accuracy") is not None]
@@ -58,7 +74,7 @@ for line in open(listing):
     best = min(val, key=lambda v: v[1])
     lee = recs[-1]["splits"]["val"].get("lee", {}).get("rotate", {}).get("mean")
     wall = ""
-    summ = os.path.join(runs, name, "summary.json")
+    summ = os.path.join(run, "summary.json")
     if os.path.exists(summ):
         w = json.load(open(summ)).get("wall_time_s")
         wall = f"{w / 60:.0f} min" if w else ""
@@ -66,6 +82,7 @@ for line in open(listing):
     done = "" if os.path.exists(summ) else " (running)"
     print(f"| {name}{done} | {row} | `{over}` | {recs[-1]['epoch']:.1f} | {val[-1][1]:.2f}% | {best[1]:.2f}% ({best[0]}) | {lee:.3e} | {wall} |")
 PY
+    mv "$OUT.tmp" "$OUT"
     echo "table1_sweep: wrote $OUT" >&2
 }
 
@@ -75,8 +92,11 @@ while read -r name row sets; do
     dir=$RUNS/$name
     if [[ -f $dir/summary.json ]]; then
         echo "table1_sweep: $name finished" >&2
+        mkdir -p "$KEEP/$name"
+        cp "$dir"/{config.toml,metrics.jsonl,summary.json} "$KEEP/$name/"
         continue
     fi
+    [[ ${TRAIN:-1} == 1 ]] || continue
     if [[ $sets == pretrain_from=* ]]; then
         from=${sets%% *}
         from=$RUNS/${from#pretrain_from=}/pretrain
@@ -92,6 +112,10 @@ while read -r name row sets; do
     # shellcheck disable=SC2086
     "$BIN" train --config "$EXP/$row.toml" "${VAL[@]}" --set "name=\"$name\"" $sets "${resume[@]}" \
         >> "$RUNS/$name.log" 2>&1 || { echo "table1_sweep: $name failed; see $RUNS/$name.log" >&2; tail -5 "$RUNS/$name.log" >&2; }
+    if [[ -f $dir/summary.json ]]; then
+        mkdir -p "$KEEP/$name"
+        cp "$dir"/{config.toml,metrics.jsonl,summary.json} "$KEEP/$name/"
+    fi
     summarise
 done < "$LIST"
 summarise
