@@ -86,21 +86,25 @@ PY
     echo "table1_sweep: wrote $OUT" >&2
 }
 
+# Copy a finished run's config, metrics and summary next to the table.
+keep_run() {
+    mkdir -p "$KEEP/$1"
+    cp "$RUNS/$1"/{config.toml,metrics.jsonl,summary.json} "$KEEP/$1/"
+}
+
 while read -r name row sets; do
     [[ -z $name || $name == \#* ]] && continue
     if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then continue; fi
     dir=$RUNS/$name
     if [[ -f $dir/summary.json ]]; then
         echo "table1_sweep: $name finished" >&2
-        mkdir -p "$KEEP/$name"
-        cp "$dir"/{config.toml,metrics.jsonl,summary.json} "$KEEP/$name/"
+        keep_run "$name"
         continue
     fi
     [[ ${TRAIN:-1} == 1 ]] || continue
     if [[ $sets == pretrain_from=* ]]; then
-        from=${sets%% *}
+        read -r from sets <<< "$sets"
         from=$RUNS/${from#pretrain_from=}/pretrain
-        sets=${sets#pretrain_from=* }
         if [[ ! -f $dir/checkpoint.safetensors ]]; then
             [[ -f $from/checkpoint.safetensors ]] || { echo "table1_sweep: $name needs $from; run it first" >&2; continue; }
             mkdir -p "$dir" && rm -rf "$dir/pretrain" && cp -r "$from" "$dir/pretrain"
@@ -112,10 +116,7 @@ while read -r name row sets; do
     # shellcheck disable=SC2086
     "$BIN" train --config "$EXP/$row.toml" "${VAL[@]}" --set "name=\"$name\"" $sets "${resume[@]}" \
         >> "$RUNS/$name.log" 2>&1 || { echo "table1_sweep: $name failed; see $RUNS/$name.log" >&2; tail -5 "$RUNS/$name.log" >&2; }
-    if [[ -f $dir/summary.json ]]; then
-        mkdir -p "$KEEP/$name"
-        cp "$dir"/{config.toml,metrics.jsonl,summary.json} "$KEEP/$name/"
-    fi
+    [[ -f $dir/summary.json ]] && keep_run "$name"
     summarise
 done < "$LIST"
 summarise
