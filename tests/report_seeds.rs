@@ -1,5 +1,5 @@
 //! `liederiv report` over rows of several seeds: the `[[comparison]]` table of differences with
-//! Welch intervals, the per-row error-vs-LEE scatter and each row's LEE-over-training figure.
+//! Welch or paired intervals, the per-row error-vs-LEE scatter and each row's LEE-over-training figure.
 
 use liederiv::cli::{report_cmd, ReportArgs};
 use liederiv::report::{EvalRecord, MeanStderr, MetricsLog, SplitMetrics};
@@ -92,7 +92,9 @@ fn report_compares_rows_over_seeds_and_plots_them() {
         "source = \"test\"\n\
          [[row]]\nmodel = \"MAE ViT\"\ntest_error_pct = 1.14\nrun = \"mae_vit\"\n\
          [[comparison]]\na = \"mae_vit\"\nb = \"vit_scratch\"\nlabel = \"MAE pretraining\"\n\
-         [[comparison]]\na = \"gcnn_c8\"\nb = \"mae_vit\"\nlabel = \"G-CNN vs MAE\"\n",
+         [[comparison]]\na = \"mae_vit\"\nb = \"vit_scratch\"\nlabel = \"paired\"\npaired = true\n\
+         [[comparison]]\na = \"gcnn_c8\"\nb = \"mae_vit\"\nlabel = \"G-CNN vs MAE\"\n\
+         [[comparison]]\na = \"gcnn_c8\"\nb = \"mae_vit\"\nlabel = \"G-CNN paired\"\npaired = true\n",
     )
     .unwrap();
     let md = root.path().join("out").join("RESULTS.md");
@@ -105,10 +107,10 @@ fn report_compares_rows_over_seeds_and_plots_them() {
 
     let text = std::fs::read_to_string(&md).unwrap();
     let (_, differences) = text
-        .split_once("Differences over seeds (95% Welch t intervals)")
+        .split_once("Differences over seeds (95% t intervals)")
         .unwrap_or_else(|| panic!("no comparison section in\n{text}"));
     let table: Vec<Vec<String>> = differences.lines().filter(|l| l.starts_with('|')).map(cells).collect();
-    assert_eq!(table.len(), 3, "header, alignment, one compared row:\n{differences}");
+    assert_eq!(table.len(), 4, "header, alignment, two compared rows:\n{differences}");
     let header = &table[0];
     let row = &table[2];
     assert_eq!(row.len(), header.len());
@@ -129,12 +131,31 @@ fn report_compares_rows_over_seeds_and_plots_them() {
         "yes",
     ];
     assert_eq!(row, &expected, "{differences}");
+    // The same runs paired by seed (errors −2, −3, −2; LEE −0.20, −0.14, −0.17). Reference: scipy
+    // 1.17.1, stats.ttest_rel(a, b).confidence_interval(0.95): error [−3.7676, −0.89912], df 2;
+    // LEE [−0.24452, −0.095476]. The pairs cancel the seeds' spread: error's interval now
+    // excludes 0.
+    let expected = [
+        "paired",
+        "mae_vit − vit_scratch, paired by seed",
+        "3 pairs",
+        "-2.33",
+        "[-3.77, -0.90]",
+        "2.0",
+        "yes",
+        "-1.70e-1",
+        "[-2.45e-1, -9.55e-2]",
+        "2.0",
+        "yes",
+    ];
+    assert_eq!(&table[3], &expected, "{differences}");
     assert_eq!(header[3], "test error, a − b (pp)");
     assert_eq!(header[7], "test LEE rotate, a − b");
     // A comparison without two runs of each row is named, not dropped silently.
     assert!(
         differences.contains("Not compared")
-            && differences.contains("G-CNN vs MAE (`gcnn_c8`: 0 runs, `mae_vit`: 3 runs)"),
+            && differences.contains("G-CNN vs MAE (`gcnn_c8`: 0 runs, `mae_vit`: 3 runs)")
+            && differences.contains("G-CNN paired (paired by seed: 0 seeds have runs of `gcnn_c8` and `mae_vit`)"),
         "{differences}"
     );
 

@@ -260,7 +260,8 @@ pub struct ReportArgs {
     /// Published numbers to print beside ours, labelled as theirs: a TOML file with `source` and
     /// `[[row]]` entries `model`, `test_error_pct`, optional `run` (our run's name), e.g.
     /// experiments/table1/paper.toml; optional `[[comparison]]` entries `a`, `b` (our row names)
-    /// and `label` add the differences a − b over seeds with 95% Welch t intervals.
+    /// and `label` add the differences a − b over seeds with 95% Welch t intervals (`paired =
+    /// true`: paired by seed, the paired t interval).
     #[arg(long)]
     pub paper: Option<PathBuf>,
 }

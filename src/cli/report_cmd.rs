@@ -46,9 +46,11 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         table += &paper_table(p, &runs);
         if let Some(differences) = comparison_table(&runs, &p.comparison) {
             table += &format!(
-                "\nDifferences over seeds (95% Welch t intervals): mean of row a − mean of row b over \
-                 their runs, for the final test error and the final test {COMPARED_TRANSFORM} LEE; \
-                 \"excludes 0\" marks a difference significant at the 5% level.\n\n"
+                "\nDifferences over seeds (95% t intervals): mean of row a − mean of row b over their \
+                 runs with Welch's interval, or, where a − b says \"paired by seed\", the mean of the \
+                 per-seed differences with the paired interval; for the final test error and the final \
+                 test {COMPARED_TRANSFORM} LEE; \"excludes 0\" marks a difference significant at the 5% \
+                 level.\n\n"
             );
             table += &differences;
         }

@@ -1,6 +1,6 @@
 //! The little statistics the report needs over a handful of seeds: mean and sample standard
 //! deviation, and the difference of two rows' means with a Welch t interval (unequal variances,
-//! Welch–Satterthwaite degrees of freedom). With three seeds per row the normal quantile (1.96)
+//! Welch–Satterthwaite degrees of freedom) or, for runs paired by seed, the paired t interval. With three seeds per row the normal quantile (1.96)
 //! would be far too narrow, so the Student-t quantile is computed, not approximated.
 
 /// Arithmetic mean (NaN for no values).
@@ -122,18 +122,18 @@ pub fn student_t_quantile(p: f64, df: f64) -> f64 {
     0.5 * (lo + hi)
 }
 
-/// The difference of two samples' means with its two-sided 95% Welch t interval.
+/// The difference of two samples' means with its two-sided 95% t interval.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct WelchInterval {
+pub struct DiffInterval {
     /// mean(a) − mean(b).
     pub diff: f64,
     pub lo: f64,
     pub hi: f64,
-    /// Welch–Satterthwaite degrees of freedom.
+    /// Degrees of freedom of the t quantile (Welch–Satterthwaite, or pairs − 1).
     pub df: f64,
 }
 
-impl WelchInterval {
+impl DiffInterval {
     /// Whether the interval leaves out 0, i.e. the difference is significant at the 5% level.
     pub fn excludes_zero(&self) -> bool {
         self.lo > 0.0 || self.hi < 0.0
@@ -142,7 +142,7 @@ impl WelchInterval {
 
 /// mean(a) − mean(b) with a 95% Welch t interval. `None` when either sample has fewer than two
 /// values, or when neither varies (the Welch df is then 0/0 and no interval is meaningful).
-pub fn welch_interval(a: &[f64], b: &[f64]) -> Option<WelchInterval> {
+pub fn welch_interval(a: &[f64], b: &[f64]) -> Option<DiffInterval> {
     let (sa, sb) = (sample_std(a)?, sample_std(b)?);
     let (na, nb) = (a.len() as f64, b.len() as f64);
     // Squared standard errors of the two means.
@@ -151,14 +151,34 @@ pub fn welch_interval(a: &[f64], b: &[f64]) -> Option<WelchInterval> {
         return None;
     }
     let df = (va + vb).powi(2) / (va * va / (na - 1.0) + vb * vb / (nb - 1.0));
-    let half = student_t_quantile(0.975, df) * (va + vb).sqrt();
-    let diff = mean(a) - mean(b);
-    Some(WelchInterval {
+    Some(t_interval(mean(a) - mean(b), (va + vb).sqrt(), df))
+}
+
+/// mean(a_i − b_i) over pairs (a_i, b_i) with the paired 95% t interval (pairs − 1 df): for
+/// samples whose i-th values share a cause of spread (runs of one seed), which then cancels.
+/// `None` for unequal lengths, fewer than two pairs, or differences that do not vary.
+pub fn paired_interval(a: &[f64], b: &[f64]) -> Option<DiffInterval> {
+    if a.len() != b.len() {
+        return None;
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let sd = sample_std(&d)?;
+    if sd == 0.0 {
+        return None;
+    }
+    let n = d.len() as f64;
+    Some(t_interval(mean(&d), sd / n.sqrt(), n - 1.0))
+}
+
+/// `diff` ± t(0.975, df) · `se`.
+fn t_interval(diff: f64, se: f64, df: f64) -> DiffInterval {
+    let half = student_t_quantile(0.975, df) * se;
+    DiffInterval {
         diff,
         lo: diff - half,
         hi: diff + half,
         df,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +233,28 @@ mod tests {
         // Too few seeds, or no spread at all: no interval.
         assert!(welch_interval(&[1.0], &[2.0, 3.0]).is_none());
         assert!(welch_interval(&[1.0, 1.0], &[2.0, 2.0]).is_none());
+    }
+
+    #[test]
+    fn paired_interval_matches_scipy() {
+        // Reference: scipy 1.17.1, stats.ttest_rel(a, b).confidence_interval(0.95) and its .df.
+        let p = paired_interval(&[1.0, 1.2, 0.9], &[2.0, 2.3, 2.1]).unwrap();
+        assert!(close(p.diff, -1.0999999999999999, 1e-12), "{p:?}");
+        assert_eq!(p.df, 2.0);
+        assert!(close(p.lo, -1.348413771175033, 1e-10), "{p:?}");
+        assert!(close(p.hi, -0.8515862288249667, 1e-10), "{p:?}");
+        // Narrower than Welch's on the same numbers: the pairs move together.
+        let w = welch_interval(&[1.0, 1.2, 0.9], &[2.0, 2.3, 2.1]).unwrap();
+        assert!(p.hi - p.lo < w.hi - w.lo);
+        let p = paired_interval(&[1.0, 1.2, 0.9, 1.4], &[2.0, 2.9, 2.1, 1.7]).unwrap();
+        assert!(close(p.diff, -1.05, 1e-12), "{p:?}");
+        assert_eq!(p.df, 3.0);
+        assert!(close(p.lo, -1.9732751544941367, 1e-10), "{p:?}");
+        assert!(close(p.hi, -0.1267248455058635, 1e-10), "{p:?}");
+        // Unpaired lengths, one pair, or a constant difference: no interval.
+        assert!(paired_interval(&[1.0, 2.0], &[1.0, 2.0, 3.0]).is_none());
+        assert!(paired_interval(&[1.0], &[2.0]).is_none());
+        assert!(paired_interval(&[1.0, 2.0], &[2.0, 3.0]).is_none());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! small TOML file) are printed beside ours in their own column and table, labelled as the
 //! paper's, never mixed into our columns.
 
-use super::stats::{mean, sample_std, welch_interval, WelchInterval};
+use super::stats::{mean, paired_interval, sample_std, welch_interval, DiffInterval};
 use super::{read_jsonl, split_rank, EvalRecord, ReportError, METRICS_JSONL};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -171,6 +171,11 @@ pub struct Comparison {
     pub a: String,
     pub b: String,
     pub label: String,
+    /// Pair the runs of `a` and `b` by seed and take the paired t interval of the per-seed
+    /// differences: for rows whose runs of one seed share what the seed decides (a fine-tuning of
+    /// that seed's pretrained encoder), so the seed-to-seed spread cancels.
+    #[serde(default)]
+    pub paired: bool,
 }
 
 /// The published numbers of one table, e.g. the paper's Table 1 (`experiments/table1/paper.toml`):
@@ -410,9 +415,14 @@ pub fn seed_table(runs: &[RunReport], paper: Option<&PaperNumbers>) -> Option<St
 /// The transform whose test LEE the comparisons difference: rotation, the paper's question.
 pub const COMPARED_TRANSFORM: &str = "rotate";
 
-/// The cells of one difference: a − b, its 95% interval, the Welch df and whether 0 is out;
-/// all "–" (with why) when an interval cannot be formed.
-fn difference_cells(a: &[f64], b: &[f64], fmt: fn(f64) -> String) -> [String; 4] {
+/// The cells of one difference: a − b, its 95% `interval`, its df and whether 0 is out; all "–"
+/// (with why) when an interval cannot be formed.
+fn difference_cells(
+    a: &[f64],
+    b: &[f64],
+    interval: fn(&[f64], &[f64]) -> Option<DiffInterval>,
+    fmt: fn(f64) -> String,
+) -> [String; 4] {
     if a.len() < 2 || b.len() < 2 {
         return [
             format!("{MISSING} ({} and {} values)", a.len(), b.len()),
@@ -421,8 +431,8 @@ fn difference_cells(a: &[f64], b: &[f64], fmt: fn(f64) -> String) -> [String; 4]
             MISSING.into(),
         ];
     }
-    match welch_interval(a, b) {
-        Some(w @ WelchInterval { diff, lo, hi, df }) => [
+    match interval(a, b) {
+        Some(w @ DiffInterval { diff, lo, hi, df }) => [
             fmt(diff),
             format!("[{}, {}]", fmt(lo), fmt(hi)),
             format!("{df:.1}"),
@@ -439,9 +449,10 @@ fn difference_cells(a: &[f64], b: &[f64], fmt: fn(f64) -> String) -> [String; 4]
 
 /// The `comparisons` over seeds: for each whose two rows (runs grouped by [`row_of`]) both have
 /// two runs or more, mean(a) − mean(b) of the final test error (percentage points) and of the
-/// final test rotation LEE (runs without it left out), each with its 95% Welch t interval,
-/// degrees of freedom and whether the interval excludes 0. Comparisons that lack the runs are
-/// listed under the table. `None` when there are no comparisons.
+/// final test rotation LEE (runs without it left out), each with its 95% Welch t interval (or,
+/// for a `paired` comparison, over the seeds both rows have, the paired t interval), degrees of
+/// freedom and whether the interval excludes 0. Comparisons that lack the runs are listed under
+/// the table. `None` when there are no comparisons.
 pub fn comparison_table(runs: &[RunReport], comparisons: &[Comparison]) -> Option<String> {
     if comparisons.is_empty() {
         return None;
@@ -471,12 +482,21 @@ pub fn comparison_table(runs: &[RunReport], comparisons: &[Comparison]) -> Optio
         "excludes 0".into(),
     ])
     .collect();
-    let errors = |rs: &[&RunReport]| rs.iter().filter_map(|r| r.test_error_pct()).collect::<Vec<_>>();
-    let lees = |rs: &[&RunReport]| rs.iter().filter_map(|r| r.test_lee(t)).collect::<Vec<_>>();
     let mut body = String::new();
     let mut skipped = Vec::new();
     for c in comparisons {
         let (a, b) = (members(&c.a), members(&c.b));
+        // Paired: the runs of the seeds both rows have, a's run then b's, in a's order.
+        let (a, b): (Vec<&RunReport>, Vec<&RunReport>) = if c.paired {
+            a.iter()
+                .filter_map(|ra| {
+                    let seed = ra.summary.seed?;
+                    b.iter().find(|rb| rb.summary.seed == Some(seed)).map(|rb| (*ra, *rb))
+                })
+                .unzip()
+        } else {
+            (a.to_vec(), b.to_vec())
+        };
         if a.len() < 2 || b.len() < 2 {
             let runs = |n: usize| {
                 if n == 1 {
@@ -485,23 +505,57 @@ pub fn comparison_table(runs: &[RunReport], comparisons: &[Comparison]) -> Optio
                     format!("{n} runs")
                 }
             };
-            skipped.push(format!(
-                "{} (`{}`: {}, `{}`: {})",
-                c.label,
-                c.a,
-                runs(a.len()),
-                c.b,
-                runs(b.len())
-            ));
+            skipped.push(if c.paired {
+                format!(
+                    "{} (paired by seed: {} of `{}` and `{}`)",
+                    c.label,
+                    if a.len() == 1 {
+                        "1 seed has runs".to_string()
+                    } else {
+                        format!("{} seeds have runs", a.len())
+                    },
+                    c.a,
+                    c.b
+                )
+            } else {
+                format!(
+                    "{} (`{}`: {}, `{}`: {})",
+                    c.label,
+                    c.a,
+                    runs(a.len()),
+                    c.b,
+                    runs(b.len())
+                )
+            });
             continue;
         }
+        // The final values of each row, aligned pair by pair when paired (a pair missing either
+        // value is left out).
+        let values = |f: &dyn Fn(&RunReport) -> Option<f64>| -> (Vec<f64>, Vec<f64>) {
+            if c.paired {
+                a.iter().zip(&b).filter_map(|(ra, rb)| Some((f(ra)?, f(rb)?))).unzip()
+            } else {
+                (
+                    a.iter().filter_map(|r| f(r)).collect(),
+                    b.iter().filter_map(|r| f(r)).collect(),
+                )
+            }
+        };
+        let interval = if c.paired { paired_interval } else { welch_interval };
+        let (paired, runs) = if c.paired {
+            (", paired by seed", format!("{} pairs", a.len()))
+        } else {
+            ("", format!("{}, {}", a.len(), b.len()))
+        };
         let mut cells = vec![
             c.label.replace('|', "\\|"),
-            format!("{} − {}", c.a, c.b).replace('|', "\\|"),
-            format!("{}, {}", a.len(), b.len()),
+            format!("{} − {}{paired}", c.a, c.b).replace('|', "\\|"),
+            runs,
         ];
-        cells.extend(difference_cells(&errors(a), &errors(b), |v| format!("{v:+.2}")));
-        cells.extend(difference_cells(&lees(a), &lees(b), |v| format!("{v:+.2e}")));
+        let (ea, eb) = values(&|r| r.test_error_pct());
+        cells.extend(difference_cells(&ea, &eb, interval, |v| format!("{v:+.2}")));
+        let (la, lb) = values(&|r| r.test_lee(t));
+        cells.extend(difference_cells(&la, &lb, interval, |v| format!("{v:+.2e}")));
         body += &format!("| {} |\n", cells.join(" | "));
     }
     let mut out = String::new();
