@@ -1,7 +1,8 @@
 //! The little statistics the report needs over a handful of seeds: mean and sample standard
 //! deviation, and the difference of two rows' means with a Welch t interval (unequal variances,
-//! Welch–Satterthwaite degrees of freedom) or, for runs paired by seed, the paired t interval. With three seeds per row the normal quantile (1.96)
-//! would be far too narrow, so the Student-t quantile is computed, not approximated.
+//! Welch–Satterthwaite degrees of freedom) or, for runs paired by seed, the paired t interval.
+//! With three seeds per row the normal quantile (1.96) would be far too narrow, so the Student-t
+//! quantile is computed, not approximated.
 
 /// Arithmetic mean (NaN for no values).
 pub fn mean(v: &[f64]) -> f64 {
