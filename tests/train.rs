@@ -218,6 +218,7 @@ fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
         loss_count: 3,
         metrics: serde_json::json!({"acc": 0.5}),
         config: "name = \"x\"\n".into(),
+        wall_time_s: 12.5,
     };
     checkpoint::save(&path, &vm, opt.state_tensors()?, &meta)?;
 
@@ -398,18 +399,44 @@ fn kill_and_resume(tag: &str, common: &[&str], stage: &str) -> anyhow::Result<()
         "the {stage} stage finished before it could be killed (step {})",
         meta.step
     );
+    let lifetime = t0.elapsed().as_secs_f64();
+    assert!(
+        meta.wall_time_s > 0.0 && meta.wall_time_s < lifetime + 5.0,
+        "the checkpoint's wall time {} s is not the killed process's (it lived {lifetime} s)",
+        meta.wall_time_s
+    );
+    // The resumed run adds its own time to the checkpoint's: pretend the killed process spent
+    // 1000 s more, so a resume that starts its clock from 0 cannot pass.
+    let side_path = sub(&killed).join("checkpoint.json");
+    let mut side_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&side_path)?)?;
+    let carried = meta.wall_time_s + 1000.0;
+    side_json["wall_time_s"] = carried.into();
+    std::fs::write(&side_path, serde_json::to_string_pretty(&side_json)?)?;
     let before: Vec<String> = std::fs::read_to_string(sub(&killed).join("metrics.jsonl"))?
         .lines()
         .filter(|l| serde_json::from_str::<EvalRecord>(l).is_ok_and(|r| r.step <= meta.step))
         .map(String::from)
         .collect();
+    let t1 = std::time::Instant::now();
     let resumed = std::process::Command::new(bin)
         .arg("train")
         .args(&sets)
         .arg("--resume")
         .output()?;
+    let resumed_s = t1.elapsed().as_secs_f64();
     let err = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("summary.json"))?)?;
+    let final_meta = checkpoint::load_meta(&killed.join("checkpoint.safetensors"))?;
+    for (what, wall) in [
+        ("summary.json", summary["wall_time_s"].as_f64().unwrap_or(f64::NAN)),
+        ("the final checkpoint", final_meta.wall_time_s),
+    ] {
+        assert!(
+            wall > carried && wall <= carried + resumed_s,
+            "{what}: wall time {wall} s, expected the checkpoint's {carried} s plus at most this process's {resumed_s} s"
+        );
+    }
     let said = format!("{stage}: resuming at step {} of {}", meta.step, meta.total_steps);
     let ran = format!("{stage}: ran {} steps in this process", meta.total_steps - meta.step);
     assert!(

@@ -6,10 +6,8 @@ use crate::config::Config;
 use crate::report::{self, RunSummary, METRICS_JSONL, SUMMARY_JSON};
 use crate::train::Start;
 use anyhow::Context;
-use std::time::Instant;
 
 pub fn run(args: &TrainArgs, cfg: &Config) -> anyhow::Result<()> {
-    let start = Instant::now();
     let start_mode = match (args.resume, args.overwrite) {
         (true, _) => Start::Resume,
         (_, true) => Start::Overwrite,
@@ -22,10 +20,9 @@ pub fn run(args: &TrainArgs, cfg: &Config) -> anyhow::Result<()> {
     let dir = &summary.run_dir;
     let (varmap, _) = crate::models::build_model(cfg, &candle_core::Device::Cpu)?;
     let params = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
-    // On --resume the wall time covers this invocation only.
     let run_summary = RunSummary {
         params: Some(params),
-        wall_time_s: Some(start.elapsed().as_secs_f64()),
+        wall_time_s: Some(summary.wall_time_s),
         seed: Some(cfg.seed),
     };
     report::write_atomic(

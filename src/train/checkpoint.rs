@@ -81,6 +81,12 @@ pub struct Meta {
     pub metrics: serde_json::Value,
     /// The resolved config, TOML.
     pub config: String,
+    /// Wall-clock seconds the run had spent when this was written, over all its processes and
+    /// stages (a finished pretraining stage included, copied from another run or not). Work a
+    /// killed process did after its last checkpoint is not counted: the resumed run redoes it.
+    /// 0 in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub wall_time_s: f64,
 }
 
 /// The sidecar of a `.safetensors` checkpoint.

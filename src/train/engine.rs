@@ -91,6 +91,20 @@ pub struct RunSummary {
     pub run_dir: PathBuf,
     /// The final evaluation of the main stage.
     pub last: Option<EvalRecord>,
+    /// The run's wall time, the processes before a `--resume` included (see `Meta::wall_time_s`).
+    pub wall_time_s: f64,
+}
+
+/// The run's wall clock: this process's time plus what the resumed checkpoint had spent.
+struct RunClock {
+    start: Instant,
+    carried_s: f64,
+}
+
+impl RunClock {
+    fn seconds(&self) -> f64 {
+        self.carried_s + self.start.elapsed().as_secs_f64()
+    }
 }
 
 /// The seeded data order: epoch `e` reads `epoch_order(n, seed, e)` in batches, dropping the
@@ -217,6 +231,7 @@ fn run_stage(
     train: &Split,
     device: &Device,
     resume: Option<&Meta>,
+    run_clock: &RunClock,
     loss_fn: &mut LossFn,
     eval_fn: &mut dyn FnMut(bool) -> candle_core::Result<BTreeMap<String, SplitMetrics>>,
 ) -> Result<Option<EvalRecord>, TrainError> {
@@ -340,6 +355,7 @@ fn run_stage(
                 loss_count: loss_n,
                 metrics: serde_json::to_value(&last).unwrap_or(serde_json::Value::Null),
                 config: cfg.to_toml(),
+                wall_time_s: run_clock.seconds(),
             };
             checkpoint::save(&ckpt_path, varmap, opt.state_tensors()?, &meta)?;
             last_good = ckpt_path.display().to_string();
@@ -405,6 +421,7 @@ fn run_mae(
     train: &Split,
     device: &Device,
     meta: Option<&Meta>,
+    clock: &RunClock,
 ) -> Result<Option<EvalRecord>, TrainError> {
     let (varmap, mae) = mae_model(cfg, device)?;
     let mut opt = AdamW::new(&varmap, hp, None)?;
@@ -422,6 +439,7 @@ fn run_mae(
         train,
         device,
         meta,
+        clock,
         &mut loss_fn,
         &mut eval_fn,
     )
@@ -431,6 +449,7 @@ fn run_mae(
 /// `--resume` / `--overwrite`, an unwritable one, `--resume` without a checkpoint, unknown
 /// splits, a batch larger than the training set) fail before training.
 pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
+    let started = Instant::now();
     let resume = start == Start::Resume;
     let run_dir = prepare_run_dir(cfg, start)?;
     let main_ckpt = run_dir.join(CHECKPOINT);
@@ -441,6 +460,17 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
         Some(resume_meta(&main_ckpt, cfg)?)
     } else {
         None
+    };
+    // The time already spent: the main stage's checkpoint holds the whole run's so far; before
+    // the main stage has one, the pretraining stage's checkpoint holds it.
+    let carried_s = match &main_meta {
+        Some(m) => m.wall_time_s,
+        None if resume => checkpoint::load_meta(&pre_ckpt).map_or(0.0, |m| m.wall_time_s),
+        None => 0.0,
+    };
+    let clock = RunClock {
+        start: started,
+        carried_s,
     };
     let device = crate::runtime::select_device(&cfg.device)?;
     let train_set = crate::data::training_set(cfg)?;
@@ -497,6 +527,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
                 pre_set,
                 &device,
                 pre_meta.as_ref(),
+                &clock,
             )?;
         }
     }
@@ -505,8 +536,12 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
     let stage = Stage::of(cfg, &run_dir, false);
     let hp = AdamWParams::from_train(t);
     if t.objective == Objective::Mae {
-        let last = run_mae(cfg, &stage, hp, &train_set, &device, main_meta.as_ref())?;
-        return Ok(RunSummary { run_dir, last });
+        let last = run_mae(cfg, &stage, hp, &train_set, &device, main_meta.as_ref(), &clock)?;
+        return Ok(RunSummary {
+            run_dir,
+            last,
+            wall_time_s: clock.seconds(),
+        });
     }
 
     // Splits for evaluation, loaded once (the LEE subsets are their first lee.limit images).
@@ -582,8 +617,13 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
         &train_set,
         &device,
         main_meta.as_ref(),
+        &clock,
         &mut loss_fn,
         &mut eval_fn,
     )?;
-    Ok(RunSummary { run_dir, last })
+    Ok(RunSummary {
+        run_dir,
+        last,
+        wall_time_s: clock.seconds(),
+    })
 }
