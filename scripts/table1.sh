@@ -117,6 +117,8 @@ else
 fi
 mkdir -p "$RUNS" "$REPORT/runs"
 
+min_s() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
+
 run_name() { if [[ $2 == 0 ]]; then echo "$1"; else echo "$1_s$2"; fi; }
 
 report() {
@@ -181,7 +183,7 @@ train_run() {
         echo "table1: $name already finished in $dir (FORCE=1 retrains it)" >&2
     else
         [[ "$FORCE" == 0 ]] || rm -rf "$dir"
-        local first=$RUNS/$(run_name mae_vit "$seed")
+        local first=$RUNS/$(run_name mae_vit "$seed") copied=0
         if [[ $row == mae_vit_lee && $PARALLEL == 0 && ! -f $dir/checkpoint.safetensors ]]; then
             # Same MAE pretraining as mae_vit: the trainer reuses a finished pretrain stage (run
             # in parallel, each row pretrains itself: same config and seed).
@@ -192,12 +194,14 @@ train_run() {
             mkdir -p "$dir"
             rm -rf "$dir/pretrain"
             cp -r "$first/pretrain" "$dir/pretrain"
+            copied=1
         fi
         # A folder holding a run (a checkpoint of either stage, the copied pretraining included)
         # is continued; `train` refuses to start over in it.
-        local resume=()
+        local resume=() continued=0
         if [[ -f $dir/checkpoint.safetensors || -f $dir/pretrain/checkpoint.safetensors ]]; then
             resume=(--resume)
+            [[ $copied == 1 ]] || continued=1
         fi
         local load start
         load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -209,9 +213,16 @@ train_run() {
             tail -5 "$RUNS/$name.log" >&2
             return 1
         }
-        local secs=$(($(date +%s) - start))
-        printf '| %s | %d min %02d s%s | %s |\n' "$name" $((secs / 60)) $((secs % 60)) \
-            "${resume:+ (resumed: this invocation only)}" "$load" >> "$REPORT/runtime.md"
+        # The wall clock of this invocation; a continued run adds the whole run's time from its
+        # summary.json (the trainer carries the time of earlier processes in its checkpoints).
+        local secs=$(($(date +%s) - start)) note="" total
+        if [[ $continued == 1 ]]; then
+            total=$(sed -n 's/.*"wall_time_s": *\([0-9]*\).*/\1/p' "$dir/summary.json")
+            note=" (this invocation, resumed; the whole run$([[ -d $dir/pretrain ]] && echo ", its pretraining stage included"): $(min_s "$total"), from its summary.json)"
+        elif [[ $copied == 1 ]]; then
+            note=" (fine-tuning only: the pretraining stage is $(basename "$first")'s, copied)"
+        fi
+        printf '| %s | %s%s | %s |\n' "$name" "$(min_s "$secs")" "$note" "$load" >> "$REPORT/runtime.md"
     fi
     mkdir -p "$REPORT/runs/$name"
     cp "$dir"/{config.toml,metrics.jsonl,metrics.csv,summary.json} "$REPORT/runs/$name/"
