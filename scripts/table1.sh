@@ -214,13 +214,19 @@ train_run() {
             return 1
         }
         # The wall clock of this invocation; a continued run adds the whole run's time from its
-        # summary.json (the trainer carries the time of earlier processes in its checkpoints).
+        # summary.json (the trainer carries the time of earlier processes in its checkpoints,
+        # not that of a copied pretraining stage; null when a checkpoint predates that record).
         local secs=$(($(date +%s) - start)) note="" total
         if [[ $continued == 1 ]]; then
-            total=$(sed -n 's/.*"wall_time_s": *\([0-9]*\).*/\1/p' "$dir/summary.json")
-            note=" (this invocation, resumed; the whole run$([[ -d $dir/pretrain ]] && echo ", its pretraining stage included"): $(min_s "$total"), from its summary.json)"
-        elif [[ $copied == 1 ]]; then
-            note=" (fine-tuning only: the pretraining stage is $(basename "$first")'s, copied)"
+            total=$(sed -n 's/.*"wall_time_s": *\([0-9][0-9]*\).*/\1/p' "$dir/summary.json")
+            if [[ -n $total ]]; then
+                note=" (this invocation, resumed; the whole run: $(min_s "$total"), from its summary.json)"
+            else
+                note=" (this invocation, resumed; earlier processes untimed: their checkpoint predates the record)"
+            fi
+        fi
+        if [[ $row == mae_vit_lee && $PARALLEL == 0 ]]; then
+            note+=" (fine-tuning only: the pretraining stage is $(basename "$first")'s, copied)"
         fi
         printf '| %s | %s%s | %s |\n' "$name" "$(min_s "$secs")" "$note" "$load" >> "$REPORT/runtime.md"
     fi

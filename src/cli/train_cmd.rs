@@ -22,7 +22,7 @@ pub fn run(args: &TrainArgs, cfg: &Config) -> anyhow::Result<()> {
     let params = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     let run_summary = RunSummary {
         params: Some(params),
-        wall_time_s: Some(summary.wall_time_s),
+        wall_time_s: summary.wall_time_s,
         seed: Some(cfg.seed),
     };
     report::write_atomic(

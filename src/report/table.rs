@@ -21,8 +21,8 @@ pub const CONFIG_TOML: &str = "config.toml";
 pub struct RunSummary {
     /// Trainable parameters of the model.
     pub params: Option<usize>,
-    /// Wall-clock seconds of the whole run (pretraining included). A resumed run counts its
-    /// earlier processes up to the checkpoint it resumed from; summaries written before the
+    /// Wall-clock seconds of the whole run (its own pretraining included). A resumed run counts
+    /// its earlier processes up to the checkpoint it resumed from; summaries written before the
     /// trainer carried that time count the last process only.
     pub wall_time_s: Option<f64>,
     /// The run's master seed.

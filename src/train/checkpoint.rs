@@ -82,11 +82,11 @@ pub struct Meta {
     /// The resolved config, TOML.
     pub config: String,
     /// Wall-clock seconds the run had spent when this was written, over all its processes and
-    /// stages (a finished pretraining stage included, copied from another run or not). Work a
-    /// killed process did after its last checkpoint is not counted: the resumed run redoes it.
-    /// 0 in checkpoints written before it was recorded.
+    /// stages (a pretraining stage copied from another run excluded). Work a killed process did
+    /// after its last checkpoint is not counted: the resumed run redoes it. None in checkpoints
+    /// written before it was recorded, and in those of a run resumed from one: unknown, not 0.
     #[serde(default)]
-    pub wall_time_s: f64,
+    pub wall_time_s: Option<f64>,
 }
 
 /// The sidecar of a `.safetensors` checkpoint.

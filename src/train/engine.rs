@@ -91,19 +91,27 @@ pub struct RunSummary {
     pub run_dir: PathBuf,
     /// The final evaluation of the main stage.
     pub last: Option<EvalRecord>,
-    /// The run's wall time, the processes before a `--resume` included (see `Meta::wall_time_s`).
-    pub wall_time_s: f64,
+    /// The run's wall time, the processes before a `--resume` included (see `Meta::wall_time_s`);
+    /// None when it resumed from a checkpoint that predates that record.
+    pub wall_time_s: Option<f64>,
 }
 
-/// The run's wall clock: this process's time plus what the resumed checkpoint had spent.
+/// The run's wall clock: this process's time plus what the checkpoint it resumes from had spent
+/// (None: that checkpoint predates the record). A finished run resumed again trains nothing and
+/// keeps its time.
 struct RunClock {
     start: Instant,
-    carried_s: f64,
+    carried_s: Option<f64>,
+    finished: bool,
 }
 
 impl RunClock {
-    fn seconds(&self) -> f64 {
-        self.carried_s + self.start.elapsed().as_secs_f64()
+    fn seconds(&self) -> Option<f64> {
+        let carried = self.carried_s?;
+        Some(match self.finished {
+            true => carried,
+            false => carried + self.start.elapsed().as_secs_f64(),
+        })
     }
 }
 
@@ -462,15 +470,17 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
         None
     };
     // The time already spent: the main stage's checkpoint holds the whole run's so far; before
-    // the main stage has one, the pretraining stage's checkpoint holds it.
+    // the main stage has one, the pretraining stage's checkpoint holds it if this run wrote it
+    // (the same config): a stage copied from another run is reused, and its time is that run's.
     let carried_s = match &main_meta {
         Some(m) => m.wall_time_s,
-        None if resume => checkpoint::load_meta(&pre_ckpt).map_or(0.0, |m| m.wall_time_s),
-        None => 0.0,
+        None if resume => resume_meta(&pre_ckpt, cfg).map_or(Some(0.0), |m| m.wall_time_s),
+        None => Some(0.0),
     };
     let clock = RunClock {
         start: started,
         carried_s,
+        finished: main_meta.as_ref().is_some_and(|m| m.step == m.total_steps),
     };
     let device = crate::runtime::select_device(&cfg.device)?;
     let train_set = crate::data::training_set(cfg)?;
