@@ -244,10 +244,9 @@ fn checkpoint_round_trips_weights_optimiser_and_rng() -> anyhow::Result<()> {
     let mut r2 = back.rng.restore().map_err(anyhow::Error::msg)?;
     assert_eq!(rng.random::<u64>(), r2.random::<u64>());
     // A sidecar from before the wall time was recorded reads as unknown, not as 0 s.
-    let side = checkpoint::sidecar(&path);
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&side)?)?;
-    json.as_object_mut().map(|o| o.remove("wall_time_s"));
-    std::fs::write(&side, serde_json::to_string(&json)?)?;
+    edit_sidecar(&checkpoint::sidecar(&path), |json| {
+        json.as_object_mut().map(|o| o.remove("wall_time_s"));
+    })?;
     assert_eq!(checkpoint::load_meta(&path)?.wall_time_s, None);
 
     // A differently shaped model lists every mismatch.
@@ -318,6 +317,14 @@ fn tiny_cfg(out: &Path, name: &str, extra: &[&str]) -> Config {
         Ok(c) => c,
         Err(e) => panic!("test config: {e}"),
     }
+}
+
+/// Rewrite a checkpoint's JSON sidecar through `edit` (to fake what an older or longer run wrote).
+fn edit_sidecar(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> anyhow::Result<()> {
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    edit(&mut json);
+    std::fs::write(path, serde_json::to_string(&json)?)?;
+    Ok(())
 }
 
 fn records(dir: &Path) -> Vec<EvalRecord> {
@@ -413,11 +420,8 @@ fn kill_and_resume(tag: &str, common: &[&str], stage: &str) -> anyhow::Result<()
     );
     // The resumed run adds its own time to the checkpoint's: pretend the killed process spent
     // 1000 s more, so a resume that starts its clock from 0 cannot pass.
-    let side_path = sub(&killed).join("checkpoint.json");
-    let mut side_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&side_path)?)?;
     let carried = spent + 1000.0;
-    side_json["wall_time_s"] = carried.into();
-    std::fs::write(&side_path, serde_json::to_string_pretty(&side_json)?)?;
+    edit_sidecar(&side, |json| json["wall_time_s"] = carried.into())?;
     let before: Vec<String> = std::fs::read_to_string(sub(&killed).join("metrics.jsonl"))?
         .lines()
         .filter(|l| serde_json::from_str::<EvalRecord>(l).is_ok_and(|r| r.step <= meta.step))
@@ -1114,17 +1118,16 @@ fn a_checkpoint_from_before_a_config_key_existed_still_resumes() -> anyhow::Resu
         &["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2"],
     );
     train(&cfg, Start::New)?;
-    let side = cfg.run_dir().join("checkpoint.json");
-    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&side)?)?;
-    let text = meta["config"].as_str().unwrap_or_default().to_string();
-    let older: String = text
-        .lines()
-        .filter(|l| !l.starts_with("tensorboard =") && !l.starts_with("offline ="))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(older.len() < text.len());
-    meta["config"] = older.into();
-    std::fs::write(&side, serde_json::to_string(&meta)?)?;
+    edit_sidecar(&cfg.run_dir().join("checkpoint.json"), |meta| {
+        let text = meta["config"].as_str().unwrap_or_default().to_string();
+        let older: String = text
+            .lines()
+            .filter(|l| !l.starts_with("tensorboard =") && !l.starts_with("offline ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(older.len() < text.len());
+        meta["config"] = older.into();
+    })?;
     train(&cfg, Start::Resume)?;
     // A real change of config is still refused.
     let changed = tiny_cfg(
@@ -1245,10 +1248,9 @@ fn fine_tuning_starts_from_the_pretrained_encoder() -> anyhow::Result<()> {
     for f in ["checkpoint.safetensors", "checkpoint.json"] {
         std::fs::copy(cfg.run_dir().join("pretrain").join(f), copied.join(f))?;
     }
-    let side = copied.join("checkpoint.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&side)?)?;
-    json["wall_time_s"] = 1000.0.into();
-    std::fs::write(&side, serde_json::to_string(&json)?)?;
+    edit_sidecar(&copied.join("checkpoint.json"), |json| {
+        json["wall_time_s"] = 1000.0.into()
+    })?;
     let run = train(&copy, Start::Resume)?;
     let wall = run.wall_time_s.unwrap_or(f64::NAN);
     assert!(
