@@ -9,7 +9,8 @@
 //! - `peak_mb`: the process's peak resident set (`VmHWM`), like PyTorch's `ru_maxrss`.
 //!
 //! Each time is the median of `--reps` repetitions after `--warmup` untimed ones. Output: one line
-//! `impl=ours model=NAME train_ms=X forward_ms=X lee_ms=X peak_mb=X`. `--kernels` instead times the
+//! `impl=ours model=NAME train_ms=X forward_ms=X lee_ms=X peak_mb=X isa=avx512|avx2` (`kernels::isa`;
+//! `LIEDERIV_AVX512=0` forces avx2). `--kernels` instead times the
 //! fused row kernels of `kernels` against their composed candle forms on the small ViT's
 //! shapes (`kernel=NAME ... composed_ms=X fused_ms=X` lines), which is what each fusion buys.
 
@@ -144,8 +145,9 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
         Ok(())
     })?;
     println!(
-        "impl=ours model={name} train_ms={train_ms:.2} forward_ms={forward_ms:.2} lee_ms={lee_ms:.2} peak_mb={:.1}",
-        peak_mb()
+        "impl=ours model={name} train_ms={train_ms:.2} forward_ms={forward_ms:.2} lee_ms={lee_ms:.2} peak_mb={:.1} isa={}",
+        peak_mb(),
+        kernels::isa()
     );
     Ok(())
 }
@@ -161,7 +163,7 @@ fn bench_kernel(
     let x = Var::from_tensor(&randn(shape, 3, &Device::Cpu)?)?;
     let g = randn(shape, 4, &Device::Cpu)?;
     let dims = format!("{shape:?}").replace(' ', ""); // one token: "[128,50,192]"
-    let mut line = format!("kernel={name} shape={dims}");
+    let mut line = format!("kernel={name} shape={dims} isa={}", kernels::isa());
     for (label, f) in [("composed", composed), ("fused", fused)] {
         let fwd = timed(&Device::Cpu, args.warmup, args.reps, || {
             f(&x)?;

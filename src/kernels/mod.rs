@@ -25,7 +25,7 @@
 //! Files: [`fastmath`] (the float types, f32 exp / erf), [`driver`] (the row-parallel and gemm
 //! drivers every kernel shares), [`layer_norm`], [`softmax`], [`gelu`], [`attention`] (fused
 //! scaled-dot-product attention), [`linear`] (fused linear layer), [`im2col`] (convolution as
-//! one matmul), [`tangent`] (the tangent layout).
+//! one matmul), [`tangent`] (the tangent layout), [`simd`] (gemm's instruction set).
 
 pub mod attention;
 mod driver;
@@ -34,6 +34,7 @@ pub mod gelu;
 pub mod im2col;
 pub mod layer_norm;
 pub mod linear;
+mod simd;
 pub mod softmax;
 pub mod tangent;
 
@@ -42,5 +43,6 @@ pub use driver::fusable;
 pub use gelu::{gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, gelu_erf_jvp};
 pub use layer_norm::{layer_norm, layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed};
 pub use linear::{linear, linear_add, linear_composed};
+pub use simd::{avx512, isa};
 pub use softmax::{softmax, softmax_composed, softmax_tangent};
 pub use tangent::{merge_tangent, split_tangent, tangent_matmul, tangent_mul};
