@@ -68,6 +68,32 @@ pub enum HubError {
     },
 }
 
+/// How to recover from a bad file when `path` lies in a Hub cache (`…/<models|datasets>--owner--
+/// name/snapshots/<revision>/<file>`, a link into `blobs/`): " It is a cached Hub download:
+/// delete …", to append to the error that names it; "" for any other path.
+pub fn cache_hint(path: &Path) -> String {
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let Some(i) = parts.iter().rposition(|c| c == "snapshots") else {
+        return String::new();
+    };
+    let repo = match i.checked_sub(1).map(|j| parts[j].as_str()) {
+        Some(r) if r.starts_with("models--") || r.starts_with("datasets--") => r.to_string(),
+        _ => return String::new(),
+    };
+    let blob = std::fs::read_link(path)
+        .ok()
+        .map(|target| path.parent().unwrap_or(Path::new("")).join(target))
+        .map(|b| format!(" and the blob it links to ({})", b.display()))
+        .unwrap_or_default();
+    format!(
+        " It is a cached Hub download of {repo}: delete it{blob} (or the whole folder of {repo} in the cache), \
+         and the next run downloads it again"
+    )
+}
+
 /// The local path of `filename` in `src`, downloaded into the cache first when needed (and
 /// allowed). The returned path is hf-hub's snapshot path (a symlink into `blobs/`).
 pub fn fetch(src: &HubSource, filename: &str) -> Result<PathBuf, HubError> {

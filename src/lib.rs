@@ -3,7 +3,8 @@
 //! Equivariance", Gruver, Finzi, Goldblum, Wilson, ICLR 2023).
 //!
 //! Layers, each importing only from the ones above it in this list (paper ↔ code):
-//! - `runtime` (process settings, devices, atomic writes), `hub` (the Hugging Face Hub client);
+//! - `runtime` (process settings, devices, atomic writes), `hub` (the Hugging Face Hub client),
+//!   `progress` (bars at a terminal, line records in logs);
 //! - `transforms` (finite warps, generators, stencils, how a transform acts on a tensor);
 //! - `config` (the one typed config, validated once);
 //! - `data` (MNIST, MNIST-rot, OOD sets, loader);
@@ -23,6 +24,7 @@ pub mod jvp;
 pub mod kernels;
 pub mod lie;
 pub mod models;
+pub mod progress;
 pub mod report;
 pub mod runtime;
 pub mod train;

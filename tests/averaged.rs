@@ -89,7 +89,8 @@ fn averaged_jvp_matches_f64_central_differences() {
 #[test]
 fn a_c4_models_angle_curve_repeats_every_90_degrees() {
     // Synthetic digits in [0, 1] with labels; the C4-averaged ViT's error and true-class
-    // probability at 0°, 90°, 180°, 270° agree; the plain model's do not.
+    // probability at θ and θ + 90° agree at every angle of a 15° grid (45° included, where the
+    // rotated images are interpolated); the plain model's do not, for any θ.
     let dev = Device::Cpu;
     let n = 32;
     let images: Vec<f32> = Tensor::rand(0f32, 1.0, (n * 784,), &dev).unwrap().to_vec1().unwrap();
@@ -100,27 +101,60 @@ fn a_c4_models_angle_curve_repeats_every_90_degrees() {
         h: 28,
         w: 28,
     };
-    let degrees = [0.0, 90.0, 180.0, 270.0, 45.0];
+    let degrees: Vec<f64> = (0..24).map(|k| 15.0 * k as f64).collect();
     let curve = |c: &Config, vm: &VarMap| {
         let model = build_with(c, vm, DType::F32, &dev).unwrap();
         liederiv::train::evaluate::angle_curve(model.as_ref(), c, &split, 0, &degrees, &dev).unwrap()
     };
     let vm = VarMap::new();
     let avg = curve(&cfg(&["model.average_rotations=4"]), &vm);
-    for p in &avg[1..4] {
-        assert_eq!(p.error, avg[0].error, "{}°", p.degrees);
-        assert!(
-            (p.true_prob - avg[0].true_prob).abs() < 1e-6,
-            "{}°: {} vs {}",
-            p.degrees,
-            p.true_prob,
-            avg[0].true_prob
+    let plain = curve(&cfg(&[]), &vm);
+    // A C4 G-CNN is invariant by construction (group convolutions, pooled over the group).
+    let gcnn = cfg(&[
+        "model.kind=\"gcnn\"",
+        "model.gcnn.widths=[4, 4]",
+        "model.gcnn.group_order=4",
+        "model.gcnn.kernel_size=5",
+    ]);
+    let g = curve(&gcnn, &VarMap::new());
+    for (name, c) in [("C4-averaged ViT", &avg), ("C4 G-CNN", &g)] {
+        assert_eq!(c.iter().map(|p| p.degrees).collect::<Vec<_>>(), degrees);
+        let mut worst = 0.0f64;
+        for (k, p) in c.iter().enumerate() {
+            let base = &c[k % 6];
+            assert_eq!(base.degrees, p.degrees % 90.0);
+            assert_eq!(p.error, base.error, "{name}: {}° vs {}°", p.degrees, base.degrees);
+            let d = (p.true_prob - base.true_prob).abs();
+            worst = worst.max(d);
+            assert!(
+                d < 1e-6,
+                "{name}: {}°: {} vs {}° {}",
+                p.degrees,
+                p.true_prob,
+                base.degrees,
+                base.true_prob
+            );
+        }
+        // Not flat: 45° is another input than 0°.
+        let off = (c[3].true_prob - c[0].true_prob).abs();
+        assert!(off > 1e-4, "{name}: p(true) at 45° equals 0°'s ({off:e})");
+        eprintln!(
+            "{name}: max |p(θ) − p(θ mod 90°)| = {worst:.1e} over {} angles; |p(45°) − p(0°)| = {off:.1e}",
+            degrees.len()
         );
     }
-    let plain = curve(&cfg(&[]), &vm);
-    let spread = plain[..4]
-        .iter()
-        .map(|p| (p.true_prob - plain[0].true_prob).abs())
-        .fold(0.0, f64::max);
-    assert!(spread > 1e-4, "the plain model's curve is flat too ({spread:e})");
+    // The control, for every θ of the first quadrant: the plain model's curve moves by 90°.
+    for r in 0..6 {
+        let spread = plain
+            .iter()
+            .skip(r)
+            .step_by(6)
+            .map(|p| (p.true_prob - plain[r].true_prob).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            spread > 1e-4,
+            "the plain model's curve repeats at {}° + k·90° too ({spread:e})",
+            plain[r].degrees
+        );
+    }
 }

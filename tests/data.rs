@@ -804,6 +804,44 @@ fn hub_parquet_source_matches_the_idx_source() {
     assert!(err.to_string().contains("ylecun/mnist"));
 }
 
+#[test]
+fn a_corrupt_file_in_the_hub_cache_says_how_to_recover() {
+    // The Hub cache layout: snapshots/<commit>/<file> is a symlink into blobs/. A file cut short
+    // there names itself, its blob and the recovery; the same bytes outside a cache name only
+    // the file.
+    let hub_cache = tempfile::tempdir().unwrap();
+    let repo = hub_cache.path().join("datasets--ylecun--mnist");
+    let snap = repo.join("snapshots").join(MOCK_COMMIT).join("mnist/test");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    let (p, l) = random_digits(20, 28, 28, 3);
+    let whole = tempfile::tempdir().unwrap();
+    write_parquet(&whole.path().join("0000.parquet"), &p, &l);
+    let bytes = std::fs::read(whole.path().join("0000.parquet")).unwrap();
+    let blob = repo.join("blobs").join("0123abcd");
+    std::fs::write(&blob, &bytes[..bytes.len() / 2]).unwrap();
+    let link = snap.join("0000.parquet");
+    std::os::unix::fs::symlink("../../../../blobs/0123abcd", &link).unwrap();
+    let err = data::hub_mnist::read(&link).unwrap_err().to_string();
+    assert!(
+        err.contains(&link.display().to_string()) && err.contains("is corrupt"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cached Hub download of datasets--ylecun--mnist: delete it"),
+        "{err}"
+    );
+    assert!(
+        err.contains("blobs/0123abcd") && err.contains("the next run downloads it again"),
+        "{err}"
+    );
+
+    let plain = whole.path().join("cut.parquet");
+    std::fs::write(&plain, &bytes[..bytes.len() / 2]).unwrap();
+    let err = data::hub_mnist::read(&plain).unwrap_err().to_string();
+    assert!(err.contains("is corrupt") && !err.contains("Hub"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real data
 

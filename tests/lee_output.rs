@@ -295,7 +295,13 @@ fn readouts_of_the_real_models_match_finite_differences_and_the_head() {
                 "{name} {at:?}: logits differ"
             );
         }
-        let head_w = vm.data().lock().unwrap()["head.weight"].as_tensor().clone();
+        let (head_w, head_b) = {
+            let data = vm.data().lock().unwrap();
+            (
+                data["head.weight"].as_tensor().clone(),
+                data["head.bias"].as_tensor().clone(),
+            )
+        };
         let f = model.jvp_at(&x, &v, &mut Tape::off(), Readout::Features).unwrap();
         let l = model.jvp_at(&x, &v, &mut Tape::off(), Readout::Logits).unwrap();
         let through = f.dy.broadcast_matmul(&head_w.t().unwrap()).unwrap();
@@ -303,6 +309,17 @@ fn readouts_of_the_real_models_match_finite_differences_and_the_head() {
             common::max_abs_diff(&through, &l.dy) < 1e-10,
             "{name}: features are not what the head reads"
         );
+        // The primal too: features · Wᵀ + b = the logits (the head's bias is not zero here).
+        let head_b = (head_b + 0.5).unwrap();
+        vm.data().lock().unwrap()["head.bias"].set(&head_b).unwrap();
+        let logits = model.forward(&x).unwrap();
+        let primal =
+            f.y.matmul(&head_w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&head_b)
+                .unwrap();
+        let err = common::max_abs_diff(&primal, &logits);
+        assert!(err < 1e-12, "{name}: features · Wᵀ + b vs the logits: {err:e}");
         let tokens = name.starts_with("vit");
         let t = model.jvp_at(&x, &v, &mut Tape::off(), Readout::Tokens);
         assert_eq!(t.is_ok(), tokens, "{name}: tokens readout");

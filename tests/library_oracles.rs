@@ -3,7 +3,9 @@
 //!   ViTModel and ViTMAEForPreTraining from tiny configs and writes them with `save_pretrained`;
 //!   the references are their own forward passes and ViTMAE's own loss;
 //! - `scripts/fixtures/make_timm_avg_fixture.py`: timm's VisionTransformer with
-//!   `global_pool="avg"` (fc_norm), its logits and its LEE (torch.func.jvp in float64).
+//!   `global_pool="avg"` (fc_norm), its logits and its LEE (torch.func.jvp in float64);
+//! - `scripts/fixtures/make_timm_outputs_fixture.py`: the same model's pooled features and patch
+//!   tokens, and their LEE (`lee.output = "features" | "tokens"`), from timm's forward in float64.
 //!
 //! f32 tolerances are relative to the reference's largest magnitude; each test prints its error.
 
@@ -13,7 +15,7 @@ use candle_nn::{VarBuilder, VarMap};
 use common::{fixture, max_abs, max_abs_diff, tiny_fixture_vit};
 use liederiv::config::{InitConfig, InitWeights, MaeConfig, Pool, PosEmbed, VitConfig, WeightFormat};
 use liederiv::jvp::Tape;
-use liederiv::lie::{lee_per_image, LeeOutput, Statistic};
+use liederiv::lie::{lee_per_image, lee_split, LeeOutput, LeeSpec, Statistic};
 use liederiv::models::mae::{Mae, Masking};
 use liederiv::models::vit::{sincos_pos_embed, Vit};
 use liederiv::models::weights::{hf_to_timm, load_pretrained, read_checkpoint, Pretrained};
@@ -261,4 +263,88 @@ fn timm_mean_pooling_lee_f64() {
             assert!(rel < 1e-12, "{tr}: ours {a:e}, timm {b:e}");
         }
     }
+}
+
+/// `lee.output = "features" | "tokens"` against timm: the readouts themselves, the head that
+/// maps the features to the logits (logits = features · Wᵀ + b), and the LEE of each readout per
+/// image and over the split (`lee_split`, with its scale-free form: divided by the mean over
+/// images of (1/M)·Σ y²), all in f64.
+#[test]
+fn timm_features_and_tokens_and_their_lee_f64() {
+    let (vit, io) = timm_avg(DType::F64);
+    let timm = io_file("timm_vit_avg/outputs.safetensors");
+    let x = &io["x"];
+    let dx = x.zeros_like().unwrap().unsqueeze(0).unwrap();
+    let trs = [Transform::Rotate, Transform::TranslateX, Transform::Scale];
+    for (output, at, name) in [
+        (LeeOutput::Features, Readout::Features, "features"),
+        (LeeOutput::Tokens, Readout::Tokens, "tokens"),
+    ] {
+        let r = vit.jvp_at(x, &dx, &mut Tape::off(), at).unwrap();
+        let want = &timm[name];
+        let err = max_abs_diff(&r.y, want) / max_abs(want);
+        eprintln!("timm {name}: max |ours - timm| / max |timm| = {err:.2e}");
+        assert!(err < 1e-12, "{name}: relative error {err:e}");
+        assert!(max_abs_diff(&r.logits, &timm["logits"]) < 1e-12 * max_abs(&timm["logits"]));
+
+        let ours = lee_per_image(&vit, x, &trs, Stencil::Central, Statistic::Sq, output).unwrap();
+        let spec = LeeSpec {
+            transforms: trs.to_vec(),
+            stencil: Stencil::Central,
+            statistic: Statistic::Sq,
+            output,
+            batch_size: 3,
+        };
+        let entries = lee_split(&vit, x, None, &spec).unwrap().entries();
+        let flat = want.flatten_from(1).unwrap();
+        let scale: f64 = flat
+            .sqr()
+            .unwrap()
+            .mean(1)
+            .unwrap()
+            .mean(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        for (t, tr) in trs.iter().enumerate() {
+            let want: Vec<f64> = timm[&format!("lee_{name}_{}", tr.name())].to_vec1().unwrap();
+            for (a, b) in ours[t].iter().zip(&want) {
+                let rel = (a - b).abs() / b.abs();
+                assert!(rel < 1e-10, "{name} {tr}: ours {a:e}, timm {b:e}");
+            }
+            let mean = want.iter().sum::<f64>() / want.len() as f64;
+            let (raw, scaled) = (&entries[t], &entries[t + trs.len()]);
+            assert_eq!((raw.name.as_str(), raw.n), (tr.name(), 4));
+            assert_eq!(scaled.name, format!("{}_scaled", tr.name()));
+            let (e_raw, e_scaled) = (
+                (raw.mean - mean).abs() / mean,
+                (scaled.mean - mean / scale).abs() / (mean / scale),
+            );
+            eprintln!(
+                "timm {name} LEE {tr}: {:e} (scale-free {:e}), relative error {e_raw:.1e} / {e_scaled:.1e}",
+                raw.mean, scaled.mean
+            );
+            assert!(
+                e_raw < 1e-10 && e_scaled < 1e-10,
+                "{name} {tr}: {raw:?} {scaled:?} vs {mean:e} / {scale:e}"
+            );
+        }
+    }
+    // The head: our features through the head's weight and bias are our logits (and timm's).
+    let features = vit.jvp_at(x, &dx, &mut Tape::off(), Readout::Features).unwrap().y;
+    let file = io_file("timm_vit_avg/model.safetensors");
+    let (w, b) = (
+        file["head.weight"].to_dtype(DType::F64).unwrap(),
+        file["head.bias"].to_dtype(DType::F64).unwrap(),
+    );
+    let through = features.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+    let logits = vit.forward(x).unwrap();
+    let err = max_abs_diff(&through, &logits) / max_abs(&logits);
+    eprintln!("features · Wᵀ + b vs our logits: {err:.2e}");
+    assert!(err < 1e-13, "features · Wᵀ + b vs logits: {err:e}");
+    assert!(max_abs_diff(&logits, &timm["logits"]) < 1e-12 * max_abs(&logits));
+}
+
+fn io_file(rel: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(rel), &Device::Cpu).unwrap()
 }

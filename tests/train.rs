@@ -1,6 +1,8 @@
 //! Trainer tests: AdamW against torch, the documented layer-wise lr decay, the schedule,
 //! augmentation invariants, checkpoint round trips and mismatches.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use liederiv::config::{AugmentConfig, TrainConfig};
@@ -926,7 +928,7 @@ fn a_folder_holding_a_run_is_never_overwritten() -> anyhow::Result<()> {
     std::fs::write(dir.join("note.txt"), "mine")?;
     let (_, err, ok) = cli(&args(&["--overwrite"]));
     assert!(ok, "{err}");
-    assert!(err.contains("--overwrite: deleting the earlier run"), "{err}");
+    assert!(err.contains("--overwrite: deleting what it held: a run (training finished"), "{err}");
     assert!(!dir.join("note.txt").exists());
     assert_eq!(records(&dir).iter().map(|r| r.step).collect::<Vec<_>>(), vec![0, 3, 6]);
     assert!(!cli(&["train".into(), "--resume".into(), "--overwrite".into()]).2);
@@ -1258,4 +1260,119 @@ fn fine_tuning_starts_from_the_pretrained_encoder() -> anyhow::Result<()> {
         "the copied stage's time was counted: {wall} s"
     );
     Ok(())
+}
+
+/// `--set` overrides of a CLI run on `common::mnist_root`'s synthetic digits: a one-block ViT,
+/// MAE pretraining and fine-tuning of `steps` steps each.
+fn cli_sets(dir: &Path, name: &str, steps: usize) -> Vec<String> {
+    let mut sets = common::mnist_root(dir, 40, 24);
+    sets.extend([
+        format!("name={name:?}"),
+        "model.vit.patch_size=7".into(),
+        "model.vit.dim=16".into(),
+        "model.vit.depth=1".into(),
+        "model.vit.heads=1".into(),
+        "pretrain.enabled=true".into(),
+        "init.weights=\"pretrain\"".into(),
+        format!("pretrain.steps={steps}"),
+        "pretrain.batch_size=8".into(),
+        "pretrain.warmup_steps=1".into(),
+        format!("train.steps={steps}"),
+        "train.batch_size=8".into(),
+        "train.warmup_steps=1".into(),
+        format!("train.eval_every={steps}"),
+        format!("train.checkpoint_every={steps}"),
+        "eval.splits=[\"test\"]".into(),
+        "lee.transforms=[\"rotate\"]".into(),
+        "lee.splits=[\"test\"]".into(),
+        "lee.limit=4".into(),
+    ]);
+    sets
+}
+
+#[test]
+fn without_a_terminal_progress_is_logged_as_line_records() {
+    // The test's stderr is a pipe, as under nohup or a cluster job: each stage (MAE pretraining,
+    // which has no evaluation table, and fine-tuning) logs a record at every tenth of its steps
+    // with the loss, throughput and ETA; `output.progress = false` logs none.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sets = cli_sets(dir.path(), "logged", 20);
+    sets.push("output.progress=true".into());
+    let (ok, _, err) = common::liederiv(&["train"], &sets);
+    assert!(ok, "{err}");
+    for stage in ["pretrain", "train"] {
+        let records: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with(&format!("[progress] {stage}: step ")))
+            .collect();
+        let steps: Vec<usize> = records
+            .iter()
+            .map(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, (1..=10).map(|k| 2 * k).collect::<Vec<_>>(), "{stage}:\n{err}");
+        for r in &records {
+            assert!(
+                r.contains("/20 (") && r.contains("  loss ") && r.contains(" img/s  elapsed "),
+                "{r}"
+            );
+            assert!(r.contains("  ETA "), "{r}");
+        }
+        assert!(records.last().unwrap().ends_with("ETA done"), "{records:?}");
+    }
+    let mut quiet = cli_sets(dir.path(), "quiet", 4);
+    quiet.push("output.progress=false".into());
+    let (ok, _, err) = common::liederiv(&["train"], &quiet);
+    assert!(ok, "{err}");
+    assert!(!err.contains("[progress]"), "{err}");
+}
+
+#[test]
+fn measurements_of_another_model_in_the_run_folder_stop_a_new_run() {
+    // `eval --angles` before the run exists measures the initial weights and says so in the CSV;
+    // `train` then refuses the folder (naming what it holds) instead of keeping that curve beside
+    // its own files, and `--overwrite` clears it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sets = cli_sets(dir.path(), "measured", 2);
+    sets.push("pretrain.enabled=false".into());
+    sets.push("init.weights=\"random\"".into());
+    let (ok, _, err) = common::liederiv(&["eval", "--splits", "test", "--angles", "0:90:45"], &sets);
+    assert!(ok, "{err}");
+    let run = dir.path().join("runs/measured");
+    let csv = std::fs::read_to_string(run.join("angles.csv")).unwrap();
+    let first = csv.lines().next().unwrap();
+    assert!(
+        first.starts_with("# model: the config's random initial weights (seed "),
+        "{first}"
+    );
+    let (ok, _, err) = common::liederiv(&["train"], &sets);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "already holds no run but measurements of another model (angles.csv of the config's random initial weights"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("--overwrite"), "{err}");
+    assert!(!run.join("checkpoint.safetensors").exists());
+    let (ok, _, err) = common::liederiv(&["train", "--overwrite"], &sets);
+    assert!(ok, "{err}");
+    assert!(!run.join("angles.csv").exists());
+    // After training, the curve names the checkpoint and its step.
+    let (ok, _, err) = common::liederiv(&["eval", "--splits", "test", "--angles", "0:90:45"], &sets);
+    assert!(ok, "{err}");
+    let csv = std::fs::read_to_string(run.join("angles.csv")).unwrap();
+    let want = format!(
+        "# model: checkpoint {} (train step 2 of 2)",
+        run.join("checkpoint.safetensors").display()
+    );
+    assert_eq!(csv.lines().next().unwrap(), want);
 }

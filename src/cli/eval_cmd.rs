@@ -45,12 +45,8 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         splits: metrics,
     };
     print!("{}", crate::report::eval_table(&record));
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&record.splits)?;
-        crate::report::write_atomic(path, text.as_bytes())?;
-    }
+    let mut points = Vec::new();
     if let Some(super::Angles(degrees)) = &args.angles {
-        let mut points = Vec::new();
         for name in &splits_wanted {
             points.extend(angle_curve(
                 model.as_ref(),
@@ -65,7 +61,7 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         let dir = cfg.run_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let csv = dir.join(crate::report::angles::ANGLES_CSV);
-        crate::report::angles::write_angles(&csv, &points)?;
+        crate::report::angles::write_angles(&csv, &loaded.source, &points)?;
         let series: Vec<_> = splits_wanted
             .iter()
             .map(|name| crate::report::angles::series_of(&points, name, name))
@@ -76,6 +72,26 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
             csv.display(),
             dir.join("angles").display()
         );
+    }
+    if let Some(path) = &args.json {
+        let mut doc = serde_json::to_value(&record.splits)?;
+        if args.angles.is_some() {
+            // Beside the splits (no split is named "angles"): the rows of angles.csv.
+            doc["angles"] = points
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "split": p.split,
+                        "degrees": p.degrees,
+                        "n": p.n,
+                        "error": p.error,
+                        "true_class_prob": p.true_prob,
+                    })
+                })
+                .collect();
+        }
+        let text = serde_json::to_string_pretty(&doc)?;
+        crate::report::write_atomic(path, text.as_bytes())?;
     }
     if let Some(path) = &args.predictions {
         let mut csv = String::from("split,index,label,predicted");

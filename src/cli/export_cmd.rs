@@ -5,19 +5,50 @@ use crate::config::{Config, WeightFormat};
 use crate::models::export::{export_tensors, hf_config, hf_preprocessor, timm_args};
 use crate::report::write_atomic;
 use anyhow::{bail, Context};
+use std::path::Path;
+
+/// An export goes into a new or empty folder: one that holds anything (an earlier export, a
+/// run, files of the user's) is refused before anything is loaded or written, as `train`
+/// refuses a folder that holds a run.
+fn refuse_if_occupied(out: &Path) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!(
+            "--out {} is a file, not a folder; export into a new or empty folder",
+            out.display()
+        );
+    }
+    let mut names: Vec<String> = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", out.display()))?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let more = if names.len() > 5 {
+        format!(" and {} more", names.len() - 5)
+    } else {
+        String::new()
+    };
+    bail!(
+        "--out {} already holds files ({shown}{more}); nothing in it was changed. Export into a new or \
+         empty folder (an export never overwrites or mixes with other files), or delete these first",
+        out.display()
+    )
+}
 
 pub fn run(args: &ExportArgs, cfg: &Config) -> anyhow::Result<()> {
     let format = match args.format {
         ExportFormat::Timm => WeightFormat::Timm,
         ExportFormat::Hf => WeightFormat::Hf,
     };
+    refuse_if_occupied(&args.out)?;
     let weights = args.out.join("model.safetensors");
-    if weights.exists() {
-        bail!(
-            "{} already exists; export into another --out folder (an export is never overwritten)",
-            weights.display()
-        );
-    }
     let device = candle_core::Device::Cpu;
     let loaded = crate::train::load_for_inference(cfg, args.checkpoint.as_deref(), &device)?;
     eprintln!("export: {}", loaded.source);

@@ -49,7 +49,10 @@ impl ConfigArgs {
     /// As [`ConfigArgs::resolve`], with a command's own flags as further overrides (after `--set`).
     pub fn resolve_with(&self, flags: &[String]) -> anyhow::Result<Config> {
         let all: Vec<String> = self.overrides.iter().chain(flags).cloned().collect();
-        Ok(Config::resolve(self.config.as_deref(), &all)?)
+        let cfg = Config::resolve(self.config.as_deref(), &all)?;
+        // Process-wide, before any model is built: every command runs the kernels it names.
+        crate::kernels::set_portable(cfg.runtime.kernels == crate::config::Kernels::Portable);
+        Ok(cfg)
     }
 }
 
@@ -105,7 +108,9 @@ pub struct EvalArgs {
     /// angles.csv and angles.{png,svg}.
     #[arg(long, value_name = "START:STOP:STEP", value_parser = parse_angles)]
     pub angles: Option<Angles>,
-    /// Also write the results as JSON.
+    /// Also write the results as JSON: per split its n, loss, accuracy and LEE, and with
+    /// `--angles` an "angles" list of the curve's points (split, degrees, n, error,
+    /// true_class_prob), as in angles.csv.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -152,8 +157,9 @@ pub struct LeeArgs {
 #[derive(Clone, Debug)]
 pub struct Angles(pub Vec<f64>);
 
-/// `START:STOP:STEP` in degrees → the angles START, START+STEP, … below STOP.
-fn parse_angles(text: &str) -> Result<Angles, String> {
+/// `START:STOP:STEP` in degrees → the angles START, START+STEP, … below STOP (the parser of
+/// `eval --angles`; its error is clap's message for a bad value).
+pub fn parse_angles(text: &str) -> Result<Angles, String> {
     let parts: Vec<f64> = text
         .split(':')
         .map(|p| p.trim().parse::<f64>())
@@ -214,8 +220,8 @@ pub struct ExportArgs {
     /// (`ViTForImageClassification.from_pretrained`).
     #[arg(long, value_enum)]
     pub format: ExportFormat,
-    /// Folder to write model.safetensors and its config into (an existing export is never
-    /// overwritten).
+    /// Folder to write model.safetensors and its config into: a new or empty one (a folder that
+    /// holds files is refused and left as it is).
     #[arg(long)]
     pub out: PathBuf,
 }

@@ -148,3 +148,15 @@ impl LeeOutput {
         matches!(self, LeeOutput::Features | LeeOutput::Tokens)
     }
 }
+
+choice! {
+    /// `runtime.kernels`: which form of LayerNorm, softmax, GELU, attention, the linear layers
+    /// and convolutions runs on the CPU.
+    Kernels {
+        /// The fused CPU kernels (f32 / f64); other devices and dtypes run the portable forms.
+        Fused = "fused",
+        /// The composed candle ops that CUDA and f16 / bf16 run, on the CPU too: to measure the
+        /// GPU path's graph (its memory) on a machine without a GPU.
+        Portable = "portable",
+    }
+}

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use choices::{
-    DataSource, InitWeights, LeeOutput, ModelKind, Objective, Pool, PosEmbed, PretrainImages, Statistic, WeightFormat,
+    DataSource, InitWeights, Kernels, LeeOutput, ModelKind, Objective, Pool, PosEmbed, PretrainImages, Statistic,
+    WeightFormat,
 };
 pub use validate::ConfigError;
 
@@ -41,6 +42,7 @@ pub struct Config {
     pub eval: EvalConfig,
     pub lee: LeeConfig,
     pub output: OutputConfig,
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             eval: EvalConfig::default(),
             lee: LeeConfig::default(),
             output: OutputConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -546,7 +549,8 @@ pub struct OutputConfig {
     pub dir: String,
     /// Write PNG and SVG plots at the end of a run.
     pub plots: bool,
-    /// Show progress bars (off automatically when stderr is not a terminal).
+    /// Show progress: a bar at a terminal; one-line records (stage, step, loss, images/s, ETA)
+    /// every tenth of a stage and every 30 s when stderr is not a terminal (`crate::progress`).
     pub progress: bool,
     /// Write TensorBoard event files in the run folder (`tensorboard --logdir <output.dir>`).
     pub tensorboard: bool,
@@ -559,6 +563,22 @@ impl Default for OutputConfig {
             plots: true,
             progress: true,
             tensorboard: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// "fused" (default: the fused CPU kernels where they apply) | "portable" (the composed ops
+    /// every other device runs, on the CPU too; `kernels::set_portable`).
+    pub kernels: Kernels,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            kernels: Kernels::Fused,
         }
     }
 }

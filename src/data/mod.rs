@@ -89,7 +89,7 @@ pub enum DataError {
          (after gunzip); download it again"
     )]
     Truncated { path: PathBuf, expected: u64, actual: u64 },
-    #[error("{path} is corrupt: {message}")]
+    #[error("{path} is corrupt: {message}.{hint}", hint = crate::hub::cache_hint(.path))]
     Corrupt { path: PathBuf, message: String },
     #[error(
         "{images_path} holds {images} images but {labels_path} holds {labels} labels; the two \

@@ -15,9 +15,9 @@
 
 use super::{amat, hub_mnist, idx, DataError, Digits, Split};
 use crate::config::{Config, DataSource, OodConfig};
+use crate::progress::{self, Progress};
 use crate::transforms::{apply, Padding, Transform};
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -246,24 +246,24 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
     })
 }
 
-fn progress(cfg: &Config, n: usize, what: &str) -> ProgressBar {
-    if !cfg.output.progress {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(n as u64).with_message(what.to_string());
-    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})") {
-        bar.set_style(style);
-    }
-    bar
+fn progress(cfg: &Config, n: usize, what: &str) -> Progress {
+    Progress::new(
+        progress::Mode::detect(cfg.output.progress),
+        what,
+        "images",
+        n as u64,
+        0,
+        "{prefix} [{bar:30}] {pos}/{len} ({eta})",
+    )
 }
 
 /// Rotate images (n·h·w floats) by `angles[i]` radians each, about the centre, bilinear with
 /// zero fill — the MNIST-rot warp, `transforms::apply(.., Rotate, .., Padding::Zeros)`.
 pub fn rotate_images(images: &[f32], h: usize, w: usize, angles: &[f64]) -> candle_core::Result<Vec<f32>> {
-    rotate_with(images, h, w, angles, &ProgressBar::hidden())
+    rotate_with(images, h, w, angles, &Progress::hidden())
 }
 
-fn rotate_with(images: &[f32], h: usize, w: usize, angles: &[f64], bar: &ProgressBar) -> candle_core::Result<Vec<f32>> {
+fn rotate_with(images: &[f32], h: usize, w: usize, angles: &[f64], bar: &Progress) -> candle_core::Result<Vec<f32>> {
     let hw = h * w;
     if images.len() != angles.len() * hw {
         candle_core::bail!(

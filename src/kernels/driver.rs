@@ -8,6 +8,7 @@ use super::fastmath::Real;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Rows per rayon task: below this many elements a task is not worth its scheduling cost.
 pub(super) const MIN_TASK_ELEMS: usize = 16 * 1024;
@@ -335,7 +336,19 @@ pub(super) fn inference_only(x: &Tensor, others: &[&Tensor]) -> bool {
     fusable(x) && !x.track_op() && others.iter().all(|t| !t.track_op())
 }
 
-/// Whether the fused kernel can run on this tensor (CPU, f32 / f64).
+/// Set by [`set_portable`]: run the composed forms on the CPU too.
+static PORTABLE: AtomicBool = AtomicBool::new(false);
+
+/// Make every op take the portable, composed form that other devices and dtypes run (CUDA,
+/// f16 / bf16) on the CPU as well (`runtime.kernels = "portable"`): candle's autograd graph is
+/// the same on every device, so the GPU path's memory and ops can be measured here. Process-wide.
+pub fn set_portable(on: bool) {
+    PORTABLE.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused kernel can run on this tensor (CPU, f32 / f64, not [`set_portable`]).
 pub fn fusable(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
+    !PORTABLE.load(Ordering::Relaxed)
+        && matches!(x.device(), Device::Cpu)
+        && matches!(x.dtype(), DType::F32 | DType::F64)
 }

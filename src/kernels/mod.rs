@@ -39,7 +39,7 @@ pub mod softmax;
 pub mod tangent;
 
 pub use attention::{attention, attention_composed, attention_jvp, attention_jvp_composed, merge_heads, split_heads};
-pub use driver::fusable;
+pub use driver::{fusable, set_portable};
 pub use gelu::{gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, gelu_erf_jvp};
 pub use layer_norm::{layer_norm, layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed};
 pub use linear::{linear, linear_add, linear_composed};

@@ -31,7 +31,7 @@ const NEW_KEYS: [&str; 4] = ["head.weight", "head.bias", "fc_norm.weight", "fc_n
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WeightsError {
-    #[error("cannot read checkpoint {path}: {source}. Give a `.safetensors` file or a PyTorch `pytorch_model.bin` / `.pth` state dict")]
+    #[error("cannot read checkpoint {path}: {source}. Give a `.safetensors` file or a PyTorch `pytorch_model.bin` / `.pth` state dict.{hint}", hint = crate::hub::cache_hint(.path))]
     Read { path: PathBuf, source: candle_core::Error },
     #[error("cannot read the model config {path}: {message}")]
     HfConfig { path: PathBuf, message: String },

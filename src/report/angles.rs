@@ -21,9 +21,22 @@ pub struct AnglePoint {
 }
 
 const HEADER: &str = "split,degrees,n,error,true_class_prob";
+const MODEL_LINE: &str = "# model: ";
 
-pub fn write_angles(path: &Path, points: &[AnglePoint]) -> Result<(), ReportError> {
-    let mut s = format!("{HEADER}\n");
+/// What an angles CSV says it measured (its `# model:` line), if it says.
+pub fn angles_model(path: &Path) -> Result<Option<String>, ReportError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ReportError::io(path, e))?;
+    Ok(text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix(MODEL_LINE))
+        .map(str::to_string))
+}
+
+/// Write the curve; its first line, `# model: <model>`, names what was measured (the checkpoint
+/// and its step, or the initial weights), so a file found in a run folder says whose it is.
+pub fn write_angles(path: &Path, model: &str, points: &[AnglePoint]) -> Result<(), ReportError> {
+    let mut s = format!("{MODEL_LINE}{}\n{HEADER}\n", model.replace('\n', " "));
     for p in points {
         s += &format!("{},{},{},{},{}\n", p.split, p.degrees, p.n, p.error, p.true_prob);
     }
@@ -36,9 +49,11 @@ pub fn read_angles(path: &Path) -> Result<Vec<AnglePoint>, ReportError> {
         what: format!("{}:{line}", path.display()),
         message: message.to_string(),
     };
-    let mut lines = text.lines();
+    // The `# model:` line (absent in files written before it existed), then the header.
+    let skip = usize::from(text.starts_with(MODEL_LINE));
+    let mut lines = text.lines().skip(skip);
     if lines.next() != Some(HEADER) {
-        return Err(bad(1, &format!("expected the header {HEADER}")));
+        return Err(bad(1 + skip, &format!("expected the header {HEADER}")));
     }
     lines
         .enumerate()
@@ -53,7 +68,7 @@ pub fn read_angles(path: &Path) -> Result<Vec<AnglePoint>, ReportError> {
                     error,
                     true_prob,
                 }),
-                _ => Err(bad(i + 2, "expected split,degrees,n,error,true_class_prob")),
+                _ => Err(bad(i + 2 + skip, "expected split,degrees,n,error,true_class_prob")),
             }
         })
         .collect()

@@ -12,79 +12,28 @@
 //! uninterrupted run on CPU.
 
 use super::checkpoint::{self, init_from_pretrain, CheckpointError, Meta, RngState};
+use super::error::TrainError;
 use super::evaluate::{cross_entropy, evaluate};
-use super::run_dir::prepare_run_dir;
+use super::run_dir::{prepare_run_dir, Start, CHECKPOINT, PRETRAIN_DIR};
 use super::{AdamW, AdamWParams, Augmenter, Schedule};
 use crate::config::{Config, InitWeights, ModelKind, Objective};
-use crate::data::{DataError, Split};
+use crate::data::Split;
 use crate::lie::{lee_penalty, LeeSpec};
 use crate::models::init::SeededVarMap;
 use crate::models::mae::Mae;
 use crate::models::{Model, Rng};
-use crate::report::{eval_heading, eval_table, EvalRecord, MetricsLog, ReportError, SplitMetrics};
+use crate::progress::{self, Progress};
+use crate::report::{eval_heading, eval_table, EvalRecord, MetricsLog, SplitMetrics};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// File names inside a run directory.
-pub const CHECKPOINT: &str = "checkpoint.safetensors";
-pub const CONFIG_FILE: &str = "config.toml";
-/// The pretraining stage lives in its own sub-directory (checkpoint + metrics).
-pub const PRETRAIN_DIR: &str = "pretrain";
-
 /// RNG stream ids of the two stages (the seed is the run's `seed`).
 const STREAM_TRAIN: u64 = 1;
 const STREAM_PRETRAIN: u64 = 2;
-
-/// How `train` begins with respect to the run directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Start {
-    /// A new run: refused when the directory already holds one.
-    New,
-    /// Continue the run in the directory from its last checkpoint.
-    Resume,
-    /// Delete the run in the directory, then start a new one.
-    Overwrite,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("run directory {path} is not writable: {source} (set output.dir to a writable folder)")]
-    RunDir { path: PathBuf, source: std::io::Error },
-    #[error(
-        "run directory {path} already holds a run ({progress}); nothing in it was changed. To go on: \
-         `--resume` continues that run from its last checkpoint, `--set name=<another name>` starts \
-         a new run beside it, or `--overwrite` deletes it and starts over"
-    )]
-    RunExists { path: PathBuf, progress: String },
-    #[error("--resume: no checkpoint at {path}; run without --resume to start the run")]
-    NoCheckpoint { path: PathBuf },
-    #[error("--resume: the checkpoint {path} was written with a different config; resume with the same config and --set overrides, or start a new run (another `name`)")]
-    ConfigChanged { path: PathBuf },
-    #[error("{stage}: loss is {value} at step {step}; stopped. The last good checkpoint is {checkpoint} (lower the lr or enable train.grad_clip)")]
-    NonFinite {
-        stage: String,
-        step: usize,
-        value: f32,
-        checkpoint: String,
-    },
-    #[error(transparent)]
-    Device(#[from] crate::runtime::DeviceError),
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Data(#[from] DataError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error(transparent)]
-    Report(#[from] ReportError),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
 
 /// What a finished run reports.
 pub struct RunSummary {
@@ -265,18 +214,14 @@ fn run_stage(
         Some(_) => ckpt_path.display().to_string(),
         None => "none (no checkpoint was written yet)".to_string(),
     };
-    let bar = if cfg.output.progress {
-        ProgressBar::new(stage.steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
-            .map_err(|e| TrainError::Invalid(e.to_string()))?
-            .progress_chars("=> "),
+    let bar = Progress::new(
+        progress::Mode::detect(cfg.output.progress),
+        stage.name,
+        "steps",
+        stage.steps as u64,
+        step as u64,
+        "{prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
     );
-    bar.set_prefix(stage.name);
-    bar.set_position(step as u64);
     let mut last = log.records().last().cloned();
     // Loss and throughput since the last eval.
     let (mut loss_sum, mut loss_n, mut images) = match resume {
@@ -297,7 +242,7 @@ fn run_stage(
                 images_per_sec: 0.0,
                 splits,
             };
-            say(&bar, console(stage, &record));
+            bar.println(&console(stage, &record));
             log.append(&record)?;
             last = Some(record);
         }
@@ -328,12 +273,12 @@ fn run_stage(
         opt.step(lr)?;
         step += 1;
         let secs = clock.elapsed().as_secs_f64().max(1e-9);
-        bar.set_position(step as u64);
         bar.set_message(format!(
             "loss {:.4}  {:.0} img/s",
             loss_sum / loss_n as f64,
             images as f64 / secs
         ));
+        bar.set_position(step as u64);
 
         let finished = step == stage.steps;
         if step % cfg.train.eval_every == 0 || finished {
@@ -345,7 +290,7 @@ fn run_stage(
                 images_per_sec: images as f64 / secs,
                 splits: eval_fn(finished)?,
             };
-            say(&bar, console(stage, &record));
+            bar.println(&console(stage, &record));
             log.append(&record)?;
             last = Some(record);
             (loss_sum, loss_n, images) = (0.0, 0, 0);
@@ -372,16 +317,6 @@ fn run_stage(
     bar.finish();
     eprintln!("{}: ran {} steps in this process", stage.name, step - first);
     Ok(last)
-}
-
-/// Print above the progress bar, or to stderr when there is none (not a terminal, or
-/// `output.progress = false`: indicatif drops the lines of a hidden bar, and logs need them).
-fn say(bar: &ProgressBar, text: String) {
-    if bar.is_hidden() {
-        eprint!("{text}");
-    } else {
-        bar.println(text.trim_end());
-    }
 }
 
 /// What the console shows after an evaluation: the stage, its training state, the split table.

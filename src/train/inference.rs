@@ -4,7 +4,8 @@
 //! pretraining stage has not run yet.
 
 use super::checkpoint::{self, init_from_pretrain};
-use super::engine::{TrainError, CHECKPOINT, PRETRAIN_DIR};
+use super::error::TrainError;
+use super::run_dir::{CHECKPOINT, PRETRAIN_DIR};
 use crate::config::{Config, InitWeights};
 use candle_core::Device;
 use candle_nn::VarMap;

@@ -5,6 +5,7 @@
 pub mod augment;
 pub mod checkpoint;
 pub mod engine;
+mod error;
 pub mod evaluate;
 pub mod inference;
 pub mod optim;
@@ -13,7 +14,9 @@ pub mod schedule;
 
 pub use augment::{soft_targets, Augmented, Augmenter};
 pub use checkpoint::init_from_pretrain;
-pub use engine::{train, RunSummary, Start, TrainError, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR};
+pub use engine::{train, RunSummary};
+pub use error::TrainError;
 pub use inference::{load_for_inference, Loaded};
 pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
+pub use run_dir::{Start, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR};
 pub use schedule::Schedule;

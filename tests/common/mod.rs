@@ -403,3 +403,60 @@ pub fn tiny_fixture_vit(
         ln_eps: 1e-6,
     }
 }
+
+/// A data root for CLI tests: `<dir>/mnist/` with `n_train` + `n_test` seeded 28×28 digits
+/// (blobs, so rotations move mass) as raw IDX files, and the `--set` overrides that build the
+/// MNIST-rot splits from it into `<dir>/cache` (train 40, val 0, test `n_test`).
+pub fn mnist_root(dir: &std::path::Path, n_train: usize, n_test: usize) -> Vec<String> {
+    let mnist = dir.join("mnist");
+    std::fs::create_dir_all(&mnist).unwrap();
+    for (prefix, n, seed) in [("train", n_train, 1), ("t10k", n_test, 2)] {
+        let x = blob_images(n, 1, 28, 3, DType::F64, &mut rng(seed));
+        let top = max_abs(&x);
+        let pixels: Vec<u8> = (x / top)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .map(|v| (255.0 * v.clamp(0.0, 1.0)).round() as u8)
+            .collect();
+        let mut images = Vec::new();
+        for v in [2051u32, n as u32, 28, 28] {
+            images.extend_from_slice(&v.to_be_bytes());
+        }
+        images.extend_from_slice(&pixels);
+        let mut labels = Vec::new();
+        for v in [2049u32, n as u32] {
+            labels.extend_from_slice(&v.to_be_bytes());
+        }
+        labels.extend((0..n).map(|i| ((i * 7 + seed as usize) % 10) as u8));
+        std::fs::write(mnist.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+        std::fs::write(mnist.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+    }
+    vec![
+        format!("data.root={:?}", dir.display().to_string()),
+        format!("data.cache_dir={:?}", dir.join("cache").display().to_string()),
+        "data.train_size=40".into(),
+        "data.val_size=0".into(),
+        format!("data.test_size={n_test}"),
+        format!("output.dir={:?}", dir.join("runs").display().to_string()),
+        "output.progress=false".into(),
+    ]
+}
+
+/// Run the `liederiv` binary with `args` and `--set` overrides: (success, stdout, stderr).
+pub fn liederiv(args: &[&str], sets: &[String]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liederiv"));
+    cmd.args(args);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
