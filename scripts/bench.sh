@@ -10,8 +10,10 @@
 # per round, after WARMUP=1), BATCH (128), THREADS (2), BENCH (a prebuilt `bench` binary, e.g. an
 # older commit's for a before/after comparison; default: built here). Each (impl, model, round) is its own
 # process, so peak memory is per model. Reported times are the median over rounds of each round's
-# median; peak memory is the maximum. The last line is
-#   ratio_train_tiny=X ratio_train_small=Y ratio_lee_small=Z      (ours / PyTorch; lower is better)
+# median; peak memory is the maximum. Then (VIT_BASE=1, the default) ViT-B/16's training memory
+# per image, fused / portable / PyTorch. The last two lines are (ours / PyTorch; lower is better)
+#   ratio_train_tiny=X ratio_train_small=Y ratio_lee_small=Z
+#   ratio_mem_per_image_vit_base_portable=X ratio_mem_per_image_vit_base_fused=Y
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,10 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ ! -x .venv-bench/bin/python ]]; then
         echo "bench: no \$PYTHON given; installing CPU PyTorch into .venv-bench/ (once)" >&2
         python3 -m venv .venv-bench
-        .venv-bench/bin/pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch numpy
+        # The CPU-only wheels where PyTorch's index is reachable, else PyPI's (which bring CUDA
+        # libraries, unused here).
+        .venv-bench/bin/pip install --quiet --index-url https://download.pytorch.org/whl/cpu torch numpy ||
+            .venv-bench/bin/pip install --quiet torch numpy
     fi
     PYTHON=.venv-bench/bin/python
 fi
@@ -60,10 +65,30 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
+# ViT-B/16 (224 px, 3 channels) training memory per image, in processes that only train:
+# (peak at batch 16 - peak at batch 8) / 8, so that weights, AdamW state and the runtime's own
+# footprint cancel. Ours fused, ours portable (the composed ops CUDA runs: the GPU path's graph,
+# measured here) and PyTorch eager. VIT_BASE=0 skips it (~5 min on 2 cores).
+if [[ ${VIT_BASE:-1} == 1 ]]; then
+    for batch in 8 16; do
+        for form in fused portable torch; do
+            vb=(--models vit_base --batch "$batch" --warmup 1 --reps 1 --train-only)
+            case $form in
+                fused) line=$("$BENCH" "${vb[@]}") ;;
+                portable) line=$("$BENCH" "${vb[@]}" --portable) ;;
+                torch) line=$("$PYTHON" scripts/reference/bench_torch.py --threads "$THREADS" "${vb[@]}" 2>/dev/null) ;;
+            esac
+            echo "membatch=$batch form=$form $line" | tee -a "$RESULTS" >&2
+        done
+    done
+fi
+
 echo "load while measuring: $(uptime)"
 "$PYTHON" - "$RESULTS" "$MODELS" <<'EOF'
 import statistics, sys
-rows = [dict(kv.split("=", 1) for kv in line.split()) for line in open(sys.argv[1]) if line.strip()]
+lines = [dict(kv.split("=", 1) for kv in line.split()) for line in open(sys.argv[1]) if line.strip()]
+rows = [r for r in lines if "membatch" not in r]
+mem = {(r["form"], int(r["membatch"])): r for r in lines if "membatch" in r}
 models = sys.argv[2].split(",")
 
 def stat(impl, model, key):
@@ -81,4 +106,15 @@ for m in models:
 print(f"ratio_train_tiny={ratio[('vit_tiny', 'train_ms')]:.2f} "
       f"ratio_train_small={ratio[('vit_small', 'train_ms')]:.2f} "
       f"ratio_lee_small={ratio[('vit_small', 'lee_ms')]:.2f}")
+if mem:
+    per_image = {f: (float(mem[(f, 16)]["peak_mb"]) - float(mem[(f, 8)]["peak_mb"])) / 8
+                 for f in ("fused", "portable", "torch")}
+    print(f"\nvit_base (ViT-B/16, 224 px, AdamW) training step, processes that only train:")
+    print(f"{'form':<10} {'peak@8 MB':>10} {'peak@16 MB':>11} {'MB/image':>9} {'ms@16':>9}")
+    for f, v in per_image.items():
+        print(f"{f:<10} {float(mem[(f, 8)]['peak_mb']):>10.0f} {float(mem[(f, 16)]['peak_mb']):>11.0f} "
+              f"{v:>9.1f} {float(mem[(f, 16)]['train_ms']):>9.0f}")
+    t = per_image["torch"]
+    print(f"ratio_mem_per_image_vit_base_portable={per_image['portable'] / t:.2f} "
+          f"ratio_mem_per_image_vit_base_fused={per_image['fused'] / t:.2f}")
 EOF

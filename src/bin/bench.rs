@@ -48,6 +48,14 @@ struct Args {
     /// cpu, cuda, cuda:N or auto (as the config's `device`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Run the portable, composed ops that CUDA runs instead of the fused CPU kernels
+    /// (`runtime.kernels = "portable"`): the GPU path's graph, measured on the CPU.
+    #[arg(long)]
+    portable: bool,
+    /// Measure only the training step (the other times print as 0), so that the process's peak
+    /// memory is the step's own: forward and LEE hold memory of their own.
+    #[arg(long)]
+    train_only: bool,
 }
 
 /// The benchmark's config for a model name (defaults elsewhere: 28×28×1, 10 classes).
@@ -134,20 +142,27 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
         opt.step(1e-4)?;
         Ok(())
     })?;
-    let forward_ms = timed(&dev, args.warmup, args.reps, || {
-        inference.forward(&x)?;
-        Ok(())
-    })?;
-    let lee_ms = timed(&dev, args.warmup, args.reps, || {
-        let (logits, dlogits) = inference.jvp(&x, &dx, &mut Tape::off())?;
-        let (_, dp) = softmax_jvp(&logits, &dlogits)?;
-        dp.sum_all()?.to_scalar::<f32>()?;
-        Ok(())
-    })?;
+    // --train-only: 0 for the others, so the peak is the training step's.
+    let (forward_ms, lee_ms) = if args.train_only {
+        (0.0, 0.0)
+    } else {
+        let forward_ms = timed(&dev, args.warmup, args.reps, || {
+            inference.forward(&x)?;
+            Ok(())
+        })?;
+        let lee_ms = timed(&dev, args.warmup, args.reps, || {
+            let (logits, dlogits) = inference.jvp(&x, &dx, &mut Tape::off())?;
+            let (_, dp) = softmax_jvp(&logits, &dlogits)?;
+            dp.sum_all()?.to_scalar::<f32>()?;
+            Ok(())
+        })?;
+        (forward_ms, lee_ms)
+    };
     println!(
-        "impl=ours model={name} train_ms={train_ms:.2} forward_ms={forward_ms:.2} lee_ms={lee_ms:.2} peak_mb={:.1} isa={}",
+        "impl=ours model={name} train_ms={train_ms:.2} forward_ms={forward_ms:.2} lee_ms={lee_ms:.2} peak_mb={:.1} isa={} kernels={}",
         peak_mb(),
-        kernels::isa()
+        kernels::isa(),
+        if args.portable { "portable" } else { "fused" }
     );
     Ok(())
 }
@@ -210,6 +225,7 @@ fn bench_kernels(args: &Args) -> Result<()> {
 fn main() -> Result<()> {
     liederiv::runtime::tune_process(); // as the CLI does: time what users run
     let args = Args::parse();
+    kernels::set_portable(args.portable);
     if args.kernels {
         return bench_kernels(&args);
     }
