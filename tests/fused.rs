@@ -487,12 +487,12 @@ fn non_contiguous_inputs_and_fallback_dtypes() {
         &layer_norm_composed(&x, &w, &b, 1e-5).unwrap(),
     );
     assert!(e < 2e-6, "{e}");
-    // f16 has no fused kernel: the composed form is used, bit for bit.
+    // f16 has no fused kernel: the portable form (candle's own gelu_erf) runs, bit for bit, and
+    // agrees with the composed form within f16's rounding (2^-9 at values of 2-4).
     let h = x.to_dtype(DType::F16).unwrap();
-    assert_eq!(
-        max_abs_diff(&gelu_erf(&h).unwrap(), &gelu_erf_composed(&h).unwrap()),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&gelu_erf(&h).unwrap(), &h.gelu_erf().unwrap()), 0.0);
+    let e = max_abs_diff(&gelu_erf(&h).unwrap(), &gelu_erf_composed(&h).unwrap());
+    assert!(e <= 2f64.powi(-9), "{e}");
     // A weight of the wrong width is a clear error, not a panic.
     let err = layer_norm(&x, &w.narrow(0, 0, 8).unwrap(), &b, 1e-5)
         .unwrap_err()

@@ -386,7 +386,7 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
         bail!("attention: qkv width {d3} is not 3 × a multiple of {heads} heads");
     }
     if !fusable(qkv) {
-        return attention_composed(qkv, heads, scale);
+        return super::lean::attention(qkv, heads, scale);
     }
     qkv.contiguous()?.apply_op1(AttentionOp { heads, scale })
 }

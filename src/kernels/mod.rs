@@ -18,14 +18,16 @@
 //! without a backward; they run only when no operand tracks a gradient, and the composed,
 //! differentiable JVP otherwise (LEE-penalised training differentiates it).
 //!
-//! On other devices or dtypes (CUDA, f16/bf16) the public functions fall back to the composed,
-//! differentiable form, so callers never need to branch. Second derivatives through the fused
+//! On other devices or dtypes (CUDA, f16/bf16), and on the CPU under `runtime.kernels =
+//! "portable"`, the public functions run the portable forms of [`lean`] (one graph node each,
+//! keeping only what its backward needs; candle's kernels where they exist), so callers never
+//! need to branch. Second derivatives through the fused
 //! backward are not supported and fail loudly (`BackwardNotSupported`) rather than being cut.
 //!
 //! Files: [`fastmath`] (the float types, f32 exp / erf), [`driver`] (the row-parallel and gemm
 //! drivers every kernel shares), [`layer_norm`], [`softmax`], [`gelu`], [`attention`] (fused
 //! scaled-dot-product attention), [`linear`] (fused linear layer), [`im2col`] (convolution as
-//! one matmul), [`tangent`] (the tangent layout), [`simd`] (gemm's instruction set).
+//! one matmul), [`tangent`] (the tangent layout), [`simd`] (gemm's instruction set), [`lean`] (the portable forms, lean on every device).
 
 pub mod attention;
 mod driver;
@@ -33,6 +35,7 @@ mod fastmath;
 pub mod gelu;
 pub mod im2col;
 pub mod layer_norm;
+mod lean;
 pub mod linear;
 mod simd;
 pub mod softmax;

@@ -1,0 +1,408 @@
+//! The portable forms of LayerNorm, softmax, attention and the linear layer — what CUDA, f16 / bf16 and the CPU
+//! under `runtime.kernels = "portable"` run — lean by construction: each is ONE node of the
+//! autograd graph that keeps its input and its output, and its backward recomputes the rest
+//! from them (PyTorch's fused kernels keep the same, or less).
+//!
+//! Written from candle ops, the same LayerNorm is ~8 nodes and keeps ~6 activation-sized
+//! intermediates for the backward (ViT-B/16 portable: 528 MB per training image against
+//! PyTorch's 122). Here the forward runs on the detached input — through candle's own kernels
+//! where they exist (`candle_nn::ops::layer_norm`, `softmax_last_dim`: CUDA and CPU kernels
+//! without a backward) — so its intermediates are freed at once, and a `CustomOp` hands the
+//! result to the graph with a backward written from candle ops, which run on any device. The
+//! hand-over copies the output once (candle builds an op's result from storage it owns).
+//!
+//! Attention keeps only `qkv` and its output: the backward recomputes the scores and their
+//! softmax per call (as flash attention does), so no `(B·H, N, N)` tensor outlives the forward.
+//!
+//! Each backward computes on detached operands: its arguments are graph nodes, and candle
+//! would otherwise record the backward's own ops and keep their intermediates alive through the
+//! gradients it stores (a weight's gradient until the optimiser step): measured, that doubled
+//! the training step's memory. Second derivatives through these backwards are not taken (LEE-penalised training
+//! differentiates the JVP, whose own forms are composed): they would see detached tensors.
+
+use super::attention::{attention_composed, merge_heads, split_heads};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
+use std::sync::Mutex;
+
+/// The output of a forward computed without a graph, handed to candle once as an op's result.
+struct Precomputed(Mutex<Option<Tensor>>);
+
+impl Precomputed {
+    fn new(t: Tensor) -> Self {
+        Precomputed(Mutex::new(Some(t)))
+    }
+
+    fn take(&self, op: &str) -> Result<Tensor> {
+        match self.0.lock().ok().and_then(|mut s| s.take()) {
+            Some(t) => Ok(t),
+            None => bail!("{op}: the precomputed output was already used"),
+        }
+    }
+
+    fn cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+        let t = self.take(op)?;
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cpu(c) = &*s else {
+            bail!("{op}: the precomputed output is not on the CPU")
+        };
+        Ok((cpu_copy(c, l, op)?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let t = self.take(op)?;
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cuda(c) = &*s else {
+            bail!("{op}: the precomputed output is not on the GPU")
+        };
+        Ok((c.try_clone(l)?, l.shape().clone()))
+    }
+}
+
+/// The elements of a contiguous layout of `c`, as storage of their own.
+fn cpu_copy(c: &CpuStorage, l: &Layout, op: &str) -> Result<CpuStorage> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: the precomputed output is not contiguous")
+    };
+    Ok(match c {
+        CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+        other => bail!(
+            "{op}: unsupported dtype {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    })
+}
+
+/// The forward `f(x)` without a graph; when `x` (or `also`) tracks one, `make(output)` is the
+/// custom op that attaches the output to it.
+fn lean<Op>(
+    x: &Tensor,
+    also: &[&Tensor],
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+    make: impl FnOnce(Tensor) -> Op,
+) -> Result<(Tensor, Option<Op>)> {
+    if !x.track_op() && also.iter().all(|t| !t.track_op()) {
+        return Ok((f(x)?, None));
+    }
+    let y = f(&x.detach())?.contiguous()?;
+    Ok((y.clone(), Some(make(y))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+struct LayerNorm {
+    eps: f64,
+    out: Precomputed,
+}
+
+fn at_least_f32(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// x̂ = (x − mean)·rstd over the last axis, and rstd `(…, 1)`, in f32 at least.
+fn normalized(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let x = x.to_dtype(at_least_f32(x.dtype()))?;
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok((xc.broadcast_mul(&rstd)?, rstd))
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "lean-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda(self.name())
+    }
+
+    /// dx = rstd·(gw − mean(gw) − x̂·mean(gw·x̂)) with gw = g·w; dw = Σ g·x̂; db = Σ g.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w) = (&x.detach(), &w.detach());
+        let (xhat, rstd) = normalized(x, self.eps)?;
+        let g32 = g.to_dtype(xhat.dtype())?;
+        let gw = g32.broadcast_mul(&w.to_dtype(xhat.dtype())?)?;
+        let proj = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = gw
+            .broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?
+            .sub(&xhat.broadcast_mul(&proj)?)?
+            .broadcast_mul(&rstd)?;
+        let rows = |t: Tensor| t.flatten_to(D::Minus2).and_then(|t| t.sum(0));
+        let dw = rows((&g32 * &xhat)?)?;
+        let db = rows(g32)?;
+        Ok((
+            Some(dx.to_dtype(x.dtype())?),
+            Some(dw.to_dtype(w.dtype())?),
+            Some(db.to_dtype(w.dtype())?),
+        ))
+    }
+}
+
+/// LayerNorm over the last axis (weights checked by the caller), forward by candle-nn's kernel
+/// (CPU and CUDA; f32, f16, bf16).
+pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let (w, b) = (weight.detach(), bias.detach());
+    // candle-nn's kernel has no f64 on the CPU; the same formula from candle ops there.
+    let f = |x: &Tensor| match x.dtype() {
+        DType::F64 => normalized(x, eps)?.0.broadcast_mul(&w)?.broadcast_add(&b),
+        _ => candle_nn::ops::layer_norm(x, &w, &b, eps as f32),
+    };
+    match lean(x, &[weight, bias], f, |y| LayerNorm {
+        eps,
+        out: Precomputed::new(y),
+    })? {
+        (y, None) => Ok(y),
+        (_, Some(op)) => x.apply_op3(weight, bias, op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+
+/// `x·Wᵀ [+ b]`: one node keeping x and W. Composed, the bias add's node would also keep the
+/// product before the bias (candle's nodes keep their inputs whether the backward needs them or
+/// not): one more output-sized tensor per layer.
+struct Linear {
+    out: Precomputed,
+}
+
+impl Linear {
+    /// dx = g·W, dW = gᵀ·x, db = Σ g over the rows.
+    fn grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let rows = x.elem_count() / in_dim;
+        let (x2, g2) = (x.reshape((rows, in_dim))?, g.reshape((rows, out_dim))?);
+        let dx = g2.matmul(w)?.reshape(x.dims())?;
+        let dw = g2.t()?.matmul(&x2)?;
+        Ok((dx, dw, g2.sum(0)?))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "lean-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu(CustomOp2::name(self))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda(CustomOp2::name(self))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Linear::grads(&x.detach(), &w.detach(), g)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "lean-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu(CustomOp3::name(self))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda(CustomOp3::name(self))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = Linear::grads(&x.detach(), &w.detach(), g)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `x·Wᵀ [+ b]` on the last axis (shapes checked by the caller), forward by `composed` on
+/// detached operands.
+pub(super) fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    composed: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (w, b) = (weight.detach(), bias.map(Tensor::detach));
+    let f = |x: &Tensor| composed(x, &w, b.as_ref());
+    let also: Vec<&Tensor> = [weight].into_iter().chain(bias).collect();
+    match (
+        lean(x, &also, f, |y| Linear {
+            out: Precomputed::new(y),
+        })?,
+        bias,
+    ) {
+        ((y, None), _) => Ok(y),
+        ((_, Some(op)), Some(b)) => x.apply_op3(weight, b, op),
+        ((_, Some(op)), None) => x.apply_op2(weight, op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+struct Softmax {
+    out: Precomputed,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "lean-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda(self.name())
+    }
+
+    /// dx = y ⊙ (g − Σ g ⊙ y): the output alone.
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let y = &y.detach();
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// Softmax over the last axis, forward by candle-nn's kernel.
+pub(super) fn softmax(x: &Tensor) -> Result<Tensor> {
+    match lean(x, &[], candle_nn::ops::softmax_last_dim, |y| Softmax {
+        out: Precomputed::new(y),
+    })? {
+        (y, None) => Ok(y),
+        (_, Some(op)) => x.apply_op1(op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+struct Attention {
+    heads: usize,
+    scale: f64,
+    out: Precomputed,
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "lean-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda(self.name())
+    }
+
+    /// With s = softmax(q·kᵀ) (q pre-scaled) recomputed: dv = sᵀ·g, ds = g·vᵀ,
+    /// dz = s ⊙ (ds − Σ ds ⊙ s), dq = scale·dz·k, dk = dzᵀ·q (q scaled).
+    fn bwd(&self, qkv: &Tensor, _o: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let qkv = &qkv.detach();
+        let (b, n, d3) = qkv.dims3()?;
+        let (q, k, v) = split_heads(qkv, self.heads, self.scale)?;
+        let s = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let hd = d3 / 3 / self.heads;
+        // g: (B, N, D) → (B·H, N, hd), as merge_heads undoes.
+        let g = g
+            .reshape((b, n, self.heads, hd))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, hd))?;
+        let dv = s.t()?.matmul(&g)?;
+        let ds = g.matmul(&v.t()?)?;
+        let dz = (&s * ds.broadcast_sub(&(&ds * &s)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (dz.matmul(&k)? * self.scale)?;
+        let dk = dz.t()?.matmul(&q)?;
+        let parts = [dq, dk, dv].map(|t| merge_heads(&t, self.heads));
+        let [dq, dk, dv] = parts;
+        Ok(Some(Tensor::cat(&[dq?, dk?, dv?], D::Minus1)?))
+    }
+}
+
+/// softmax(scale·q·kᵀ)·v on the packed `qkv: (B, N, 3D)` (checked by the caller) → `(B, N, D)`.
+pub(super) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let f = |qkv: &Tensor| attention_composed(qkv, heads, scale);
+    match lean(qkv, &[], f, |y| Attention {
+        heads,
+        scale,
+        out: Precomputed::new(y),
+    })? {
+        (y, None) => Ok(y),
+        (_, Some(op)) => qkv.apply_op1(op),
+    }
+}
