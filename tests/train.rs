@@ -928,7 +928,10 @@ fn a_folder_holding_a_run_is_never_overwritten() -> anyhow::Result<()> {
     std::fs::write(dir.join("note.txt"), "mine")?;
     let (_, err, ok) = cli(&args(&["--overwrite"]));
     assert!(ok, "{err}");
-    assert!(err.contains("--overwrite: deleting what it held: a run (training finished"), "{err}");
+    assert!(
+        err.contains("--overwrite: deleting what it held: a run (training finished"),
+        "{err}"
+    );
     assert!(!dir.join("note.txt").exists());
     assert_eq!(records(&dir).iter().map(|r| r.step).collect::<Vec<_>>(), vec![0, 3, 6]);
     assert!(!cli(&["train".into(), "--resume".into(), "--overwrite".into()]).2);
@@ -1375,4 +1378,64 @@ fn measurements_of_another_model_in_the_run_folder_stop_a_new_run() {
         run.join("checkpoint.safetensors").display()
     );
     assert_eq!(csv.lines().next().unwrap(), want);
+}
+
+#[test]
+fn eval_as_run_writes_an_evaluation_only_row_that_report_tables() {
+    // A trained checkpoint, wrapped with C4 averaging at test time and evaluated like a run's
+    // final evaluation (all test digits, LEE on lee.splits), becomes a run folder of its own
+    // that `report` reads beside the trained run; an existing folder is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut sets = cli_sets(dir.path(), "trained", 2);
+    sets.push("pretrain.enabled=false".into());
+    sets.push("init.weights=\"random\"".into());
+    sets.push("lee.splits=[\"train\", \"test\"]".into());
+    let (ok, _, err) = common::liederiv(&["train"], &sets);
+    assert!(ok, "{err}");
+    let ckpt = dir.path().join("runs/trained/checkpoint.safetensors");
+    let mut avg = sets.clone();
+    avg.push("name=\"averaged\"".into());
+    avg.push("model.average_rotations=4".into());
+    let args = ["eval", "--as-run", "--checkpoint", ckpt.to_str().unwrap()];
+    let (ok, _, err) = common::liederiv(&args, &avg);
+    assert!(ok, "{err}");
+    let run = dir.path().join("runs/averaged");
+    let evals = records(&run);
+    assert_eq!(evals.len(), 1);
+    let r = &evals[0];
+    assert_eq!(r.step, 2);
+    let test = &r.splits["test"];
+    assert_eq!(test.n, 24, "all test digits");
+    assert!(test.accuracy.is_some() && test.lee.contains_key("rotate"));
+    assert!(r.splits["train"].lee.contains_key("rotate"));
+    let cfg = Config::resolve(Some(&run.join("config.toml")), &[]).unwrap();
+    assert_eq!((cfg.name.as_str(), cfg.model.average_rotations), ("averaged", 4));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["params"].as_u64().unwrap() > 0 && summary["seed"] == 0);
+    // The averaged model is C4-invariant: its rotation LEE is below the trained model's.
+    let trained = records(&dir.path().join("runs/trained"));
+    let lee = |r: &EvalRecord| r.splits["test"].lee["rotate"].mean;
+    assert!(
+        lee(r) < lee(trained.last().unwrap()),
+        "{} vs {}",
+        lee(r),
+        lee(trained.last().unwrap())
+    );
+    let md = dir.path().join("table.md");
+    let run_dirs = [dir.path().join("runs/trained"), run.clone()];
+    let (ok, _, err) = common::liederiv(
+        &[
+            "report",
+            run_dirs[0].to_str().unwrap(),
+            run_dirs[1].to_str().unwrap(),
+            "--markdown",
+            md.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(std::fs::read_to_string(&md).unwrap().contains("averaged"));
+    let (ok, _, err) = common::liederiv(&args, &avg);
+    assert!(!ok && err.contains("already exists"), "{err}");
 }

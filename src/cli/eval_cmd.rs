@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 
 pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
     let device = crate::runtime::select_device(&cfg.device)?;
+    if let (true, Some(ckpt)) = (args.as_run, &args.checkpoint) {
+        return as_run(cfg, ckpt, &device);
+    }
     let splits_wanted = if args.splits.is_empty() {
         cfg.eval.splits.clone()
     } else {
@@ -119,5 +122,68 @@ pub fn run(args: &EvalArgs, cfg: &Config) -> anyhow::Result<()> {
         crate::report::write_atomic(path, csv.as_bytes())
             .with_context(|| format!("writing predictions {}", path.display()))?;
     }
+    Ok(())
+}
+
+/// `eval --as-run`: the checkpoint's final evaluation, written as the config's run folder.
+fn as_run(cfg: &Config, ckpt: &std::path::Path, device: &candle_core::Device) -> anyhow::Result<()> {
+    let dir = cfg.run_dir();
+    if dir.exists() {
+        anyhow::bail!(
+            "eval --as-run: {} already exists; nothing in it was changed. Evaluate into a new run \
+             folder (`--set name=<another name>`) or delete that one",
+            dir.display()
+        );
+    }
+    let started = std::time::Instant::now();
+    let meta = crate::train::checkpoint::load_meta(ckpt)?;
+    let mut splits = BTreeMap::new();
+    for name in cfg.eval.splits.iter().chain(&cfg.lee.splits) {
+        if !splits.contains_key(name) {
+            let s = crate::data::load_split(cfg, name).with_context(|| format!("loading split {name:?}"))?;
+            splits.insert(name.clone(), s);
+        }
+    }
+    let loaded = crate::train::load_for_inference(cfg, Some(ckpt), device)?;
+    eprintln!("eval --as-run: measuring {}", loaded.source);
+    let model = crate::models::frozen(cfg, &loaded.varmap, device)?;
+    let spec = LeeSpec::of(&cfg.lee);
+    let metrics = evaluate(
+        model.as_ref(),
+        cfg,
+        &splits,
+        &cfg.eval.splits,
+        &cfg.lee.splits,
+        0,
+        &spec,
+        device,
+    )?;
+    let record = EvalRecord {
+        step: meta.step,
+        epoch: meta.epoch as f64,
+        lr: 0.0,
+        train_loss: None,
+        images_per_sec: 0.0,
+        splits: metrics,
+    };
+    print!("{}", crate::report::eval_table(&record));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::report::write_atomic(&dir.join(crate::report::CONFIG_TOML), cfg.to_toml().as_bytes())?;
+    crate::report::MetricsLog::create(&dir)?.append(&record)?;
+    let summary = crate::report::RunSummary {
+        params: Some(loaded.varmap.all_vars().iter().map(|v| v.elem_count()).sum()),
+        wall_time_s: Some(started.elapsed().as_secs_f64()),
+        seed: Some(cfg.seed),
+    };
+    crate::report::write_atomic(
+        &dir.join(crate::report::SUMMARY_JSON),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    println!(
+        "wrote the run folder {} (step {} of {})",
+        dir.display(),
+        meta.step,
+        ckpt.display()
+    );
     Ok(())
 }

@@ -113,6 +113,13 @@ pub struct EvalArgs {
     /// true_class_prob), as in angles.csv.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Evaluate `--checkpoint` as a run's final evaluation (all of eval.splits, LEE on
+    /// lee.splits) and write it as the config's run folder (config.toml, a one-record
+    /// metrics.jsonl at the checkpoint's step, summary.json), for `liederiv report` to table
+    /// beside trained runs: an evaluation-only row (e.g. a trained model wrapped with
+    /// `model.average_rotations`). Refused when that folder exists.
+    #[arg(long, requires = "checkpoint", conflicts_with_all = ["splits", "limit", "angles", "predictions"])]
+    pub as_run: bool,
 }
 
 #[derive(Args, Debug)]
