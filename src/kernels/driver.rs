@@ -336,6 +336,13 @@ pub(super) fn inference_only(x: &Tensor, others: &[&Tensor]) -> bool {
     fusable(x) && !x.track_op() && others.iter().all(|t| !t.track_op())
 }
 
+/// Whether candle records the ops of backward passes (`CANDLE_GRAD_DO_NOT_DETACH` set, as candle
+/// reads it): only then may a backward's own ops need a backward.
+pub(super) fn backward_is_differentiated() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CANDLE_GRAD_DO_NOT_DETACH").is_ok_and(|s| !s.is_empty() && s != "0"))
+}
+
 /// Set by [`set_portable`]: run the composed forms on the CPU too.
 static PORTABLE: AtomicBool = AtomicBool::new(false);
 

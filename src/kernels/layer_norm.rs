@@ -74,8 +74,14 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let dx = x.apply_op3(w, &g, LayerNormGradInput { eps: self.eps })?;
-        // (2, D): row 0 is d weight, row 1 is d bias.
-        let dwb = x.apply_op2(&g, LayerNormGradParams { eps: self.eps })?;
+        // (2, D): row 0 is d weight, row 1 is d bias. Outside a differentiated backward
+        // (candle's CANDLE_GRAD_DO_NOT_DETACH) no node: a recorded one would keep `g`, an
+        // activation-sized gradient, alive in the weight's gradient until the optimiser step.
+        let op = LayerNormGradParams { eps: self.eps };
+        let dwb = match backward_is_differentiated() {
+            true => x.apply_op2(&g, op)?,
+            false => x.apply_op2_no_bwd(&g, &op)?,
+        };
         Ok((Some(dx), Some(dwb.get(0)?), Some(dwb.get(1)?)))
     }
 }
