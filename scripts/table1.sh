@@ -20,6 +20,9 @@
 # what is left (its config.toml records them); `smoke` runs the whole chain for a few steps.
 # FIT_SECONDS works with the other budgets too.
 #
+# mae_vit_c4avg trains nothing: it evaluates each mae_vit checkpoint (same seed) wrapped with
+# C4 averaging (`liederiv eval --as-run`), so it runs after mae_vit and needs its checkpoints.
+#
 # Run names: <row> for seed 0, <row>_s<seed> otherwise. Runs whose directory already holds a
 # summary.json are not trained again (FORCE=1 retrains them from scratch), and a run that was
 # interrupted continues from its last checkpoint (`train --resume`), so a stopped table picks up
@@ -46,8 +49,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 EXP=experiments/table1
-ALL_ROWS="mae_vit vit_scratch mae_vit_lee cnn_noaug cnn_aug gcnn_c8"
-ROWS=${ROWS:-"mae_vit vit_scratch gcnn_c8 cnn_aug cnn_noaug mae_vit_lee"}
+ALL_ROWS="mae_vit mae_vit_c4avg vit_scratch mae_vit_lee cnn_noaug cnn_aug gcnn_c8"
+ROWS=${ROWS:-"mae_vit mae_vit_c4avg vit_scratch gcnn_c8 cnn_aug cnn_noaug mae_vit_lee"}
 BUDGET=${BUDGET:-full}
 FORCE=${FORCE:-0}
 FIT_SECONDS=${FIT_SECONDS:-}
@@ -181,6 +184,26 @@ train_run() {
     dir=$RUNS/$name
     if [[ -f "$dir/summary.json" && "$FORCE" == 0 ]]; then
         echo "table1: $name already finished in $dir (FORCE=1 retrains it)" >&2
+    elif [[ $row == mae_vit_c4avg ]]; then
+        # Evaluation only: mae_vit's checkpoint of the same seed, C4-averaged at test time.
+        local base
+        base=$RUNS/$(run_name mae_vit "$seed")/checkpoint.safetensors
+        [[ -f $base ]] || {
+            echo "table1: $name evaluates $base, which does not exist; run mae_vit first" >&2
+            return 1
+        }
+        rm -rf "$dir"
+        local load start
+        load=$(cut -d' ' -f1-3 /proc/loadavg)
+        start=$(date +%s)
+        echo "table1: evaluating $name ($(date -u +%H:%M:%S) UTC, load $load)" >&2
+        "$BIN" eval --as-run --checkpoint "$base" --config "$EXP/$row.toml" --set "output.dir=\"$RUNS\"" \
+            --set "name=\"$name\"" --set "seed=$seed" "${SET[@]}" "$@" >> "$RUNS/$name.log" 2>&1 || {
+            echo "table1: $name failed; see $RUNS/$name.log" >&2
+            tail -5 "$RUNS/$name.log" >&2
+            return 1
+        }
+        printf '| %s | %s (evaluation only) | %s |\n' "$name" "$(min_s $(($(date +%s) - start)))" "$load" >> "$REPORT/runtime.md"
     else
         [[ "$FORCE" == 0 ]] || rm -rf "$dir"
         local first=$RUNS/$(run_name mae_vit "$seed") copied=0
@@ -238,9 +261,16 @@ train_run() {
     fi
 }
 
-# The `--set` step overrides of one run under FIT_SECONDS (none otherwise: the config's own).
+# The `--set` step overrides of one run under FIT_SECONDS (none otherwise: the config's own;
+# none for the evaluation-only row).
 budget_steps() {
-    [[ -z $FIT_SECONDS ]] || cat "$RUNS/fit/$(run_name "$1" "$2").steps"
+    [[ -z $FIT_SECONDS || $1 == mae_vit_c4avg ]] || cat "$RUNS/fit/$(run_name "$1" "$2").steps"
+}
+
+# The rows that train (the evaluation-only row follows its trained one).
+trained_rows() {
+    local row
+    for row in $ROWS; do [[ $row == mae_vit_c4avg ]] || echo "$row"; done
 }
 
 # FIT_SECONDS: 60 steps of every run at once (the contention of the real thing), then the steps
@@ -249,7 +279,7 @@ budget_steps() {
 fit_steps() {
     local t0=$1 pids=() row seed name
     mkdir -p "$RUNS/fit"
-    for row in $ROWS; do
+    for row in $(trained_rows); do
         for seed in $SEEDS; do
             name=$(run_name "$row" "$seed")
             "$BIN" train --config "$EXP/$row.toml" --set "output.dir=\"$RUNS/fit\"" --set "name=\"$name\"" \
@@ -263,7 +293,7 @@ fit_steps() {
     for p in "${pids[@]}"; do wait "$p" || failed=1; done
     [[ $failed == 0 ]] || { echo "table1: a fitting run failed; see $RUNS/fit/*.log" >&2; return 1; }
     local left=$((FIT_SECONDS - ($(date +%s) - t0)))
-    for row in $ROWS; do
+    for row in $(trained_rows); do
         for seed in $SEEDS; do
             name=$(run_name "$row" "$seed")
             python3 - "$RUNS/fit/$name" "$left" > "$RUNS/fit/$name.sps" <<'EOF'
@@ -299,7 +329,7 @@ t0=$(date +%s)
 failed=0
 if [[ $PARALLEL == 1 ]]; then
     pids=()
-    for row in $ROWS; do
+    for row in $(trained_rows); do
         for seed in $SEEDS; do
             # shellcheck disable=SC2046
             train_run "$row" "$seed" $(budget_steps "$row" "$seed") &
@@ -307,6 +337,9 @@ if [[ $PARALLEL == 1 ]]; then
         done
     done
     for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
+    if [[ " $ROWS " == *" mae_vit_c4avg "* ]]; then
+        for seed in $SEEDS; do train_run mae_vit_c4avg "$seed" || failed=$((failed + 1)); done
+    fi
 else
     for row in $ROWS; do
         for seed in $SEEDS; do
