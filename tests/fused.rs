@@ -194,12 +194,18 @@ fn linear_add_matches_linear_plus_residual() {
         &(linear_composed(&x, &w, Some(&b)).unwrap() + &r).unwrap(),
     );
     assert!(e < 1e-12, "non-contiguous residual: {e}");
-    // With a variable among the operands it is linear + residual, gradients included.
-    let xv = Var::from_tensor(&x).unwrap();
-    let y = linear_add(&xv, &w, Some(&b), &r).unwrap();
-    let yc = (linear_composed(&xv, &w, Some(&b)).unwrap() + &r).unwrap();
+    // Training (variables among the operands): one node over (x, [W | b], r), equal to linear +
+    // residual in value and in the gradient of every operand.
+    let vars = [&x, &w, &b, &r].map(|t| Var::from_tensor(t).unwrap());
+    let [xv, wv, bv, rv] = &vars;
+    let y = linear_add(xv, wv, Some(bv), rv).unwrap();
+    let yc = (linear_composed(xv, wv, Some(bv)).unwrap() + rv.as_tensor()).unwrap();
+    assert!(max_abs_diff(&y, &yc) < 1e-12);
     let (g, gc) = (probe(&y, 48).backward().unwrap(), probe(&yc, 48).backward().unwrap());
-    assert!(max_abs_diff(g.get(&xv).unwrap(), gc.get(&xv).unwrap()) < 1e-12);
+    for v in &vars {
+        let e = max_abs_diff(g.get(v).unwrap(), gc.get(v).unwrap());
+        assert!(e < 1e-12, "gradient of a {:?} operand: {e}", v.dims());
+    }
     // A residual that does not fit the output is a clear error.
     let err = linear_add(&x, &w, Some(&b), &r.narrow(1, 0, 4).unwrap())
         .unwrap_err()

@@ -91,6 +91,19 @@ fn portable_forms_match_candle_autograd_and_the_config_names_them() {
             &lin[..2],
             tol,
         );
+        let res = [
+            lin[0].clone(),
+            lin[1].clone(),
+            lin[2].clone(),
+            var(&[4, 50, 96], 1.0, 10),
+        ];
+        check(
+            "linear + residual",
+            &|t| kernels::linear_add(&t[0], &t[1], Some(&t[2]), &t[3]).unwrap(),
+            &|t| (kernels::linear_composed(&t[0], &t[1], Some(&t[2])).unwrap() + &t[3]).unwrap(),
+            &res,
+            tol,
+        );
         let g = [var(&[4, 50, 96], 2.0, 6)];
         check(
             "gelu",

@@ -200,13 +200,13 @@ pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
 /// `x·Wᵀ [+ b]`: one node keeping x and W. Composed, the bias add's node would also keep the
 /// product before the bias (candle's nodes keep their inputs whether the backward needs them or
 /// not): one more output-sized tensor per layer.
-struct Linear {
+pub(super) struct Linear {
     out: Precomputed,
 }
 
 impl Linear {
     /// dx = g·W, dW = gᵀ·x, db = Σ g over the rows.
-    fn grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    pub(super) fn grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (out_dim, in_dim) = w.dims2()?;
         let rows = x.elem_count() / in_dim;
         let (x2, g2) = (x.reshape((rows, in_dim))?, g.reshape((rows, out_dim))?);
@@ -306,6 +306,89 @@ pub(super) fn linear(
         ((_, Some(op)), Some(b)) => x.apply_op3(weight, b, op),
         ((_, Some(op)), None) => x.apply_op2(weight, op),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear + residual
+
+/// The gradients `(dx, dW, db)` of `x·Wᵀ + b` for an incoming gradient `g` (detached operands).
+pub(super) type LinearGrads = fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>;
+
+/// `x·Wᵀ + b + r` (a block's output projection onto its residual stream) as one node over
+/// `(x, [W | b], r)`. Two nodes (the linear, then candle's add) keep the linear's output alive
+/// for the add's backward, which never reads it: one activation-sized tensor per residual add.
+/// Here the node keeps x and r, which the graph holds anyway, and `[W | b]`, a weight-sized copy
+/// per step (per layer, not per image).
+struct LinearResidual {
+    in_dim: usize,
+    grads: LinearGrads,
+    out: Precomputed,
+}
+
+impl CustomOp3 for LinearResidual {
+    fn name(&self) -> &'static str {
+        "lean-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda(self.name())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        _r: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let w = wb.detach().narrow(1, 0, self.in_dim)?.contiguous()?;
+        let (dx, dw, db) = (self.grads)(&x.detach(), &w, g)?;
+        let dwb = Tensor::cat(&[&dw, &db.unsqueeze(1)?], 1)?;
+        Ok((Some(dx), Some(dwb), Some(g.clone())))
+    }
+}
+
+/// `x·Wᵀ + b + residual` where a gradient is wanted (shapes checked by the caller); `forward`
+/// computes it on detached operands, `grads` differentiates the linear part.
+pub(super) fn linear_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    forward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    grads: LinearGrads,
+) -> Result<Tensor> {
+    let (w, b, r) = (weight.detach(), bias.detach(), residual.detach());
+    let y = forward(&x.detach(), &w, &b, &r)?.contiguous()?;
+    let wb = Tensor::cat(&[weight, &bias.unsqueeze(1)?], 1)?;
+    let op = LinearResidual {
+        in_dim: weight.dim(1)?,
+        grads,
+        out: Precomputed::new(y),
+    };
+    x.apply_op3(&wb, residual, op)
 }
 
 // ---------------------------------------------------------------------------------------------

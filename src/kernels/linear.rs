@@ -91,6 +91,12 @@ fn input_and_weight_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor,
     Ok((dx, dw, g2))
 }
 
+/// `(dx, dW, db)` of `x·Wᵀ + b` by the fused gradient kernels.
+fn fused_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dx, dw, g2) = input_and_weight_grads(x, w, g)?;
+    Ok((dx, dw, g2.apply_op1_no_bwd(&ColumnSums)?))
+}
+
 /// The two gradient products of [`LinearOp`], on [`matmul_par`]: `(g (rows, out), W)` → `g·W`
 /// and `(g, x (…, in))` → `gᵀ·x (out, in)`. Not differentiable: candle's backward detaches them.
 enum LinearGrad {
@@ -279,14 +285,40 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// `linear(x, weight, bias) + residual`: a linear layer that feeds a residual stream. Where
 /// nothing tracks a gradient on the CPU (evaluation, the LEE's JVP), one op adds the residual to
 /// each block of output rows right after its gemm, equal to the bit to the two separate ops but
-/// without a second pass over the stream (two per transformer block).
+/// without a second pass over the stream (two per transformer block). In training (with a
+/// bias), one graph node over `(x, [W | b], residual)` (`lean::linear_residual`), which does not
+/// keep the linear's output for the add's backward.
 pub fn linear_add(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
     check(x, weight, bias)?;
     let mut out = x.dims().to_vec();
     *out.last_mut().expect("rank ≥ 1: checked") = weight.dim(0)?;
     let others: Vec<&Tensor> = [weight, residual].into_iter().chain(bias).collect();
-    if residual.dims() != out || !inference_only(x, &others) {
+    if residual.dims() != out {
         return linear(x, weight, bias)? + residual;
+    }
+    if !inference_only(x, &others) {
+        let Some(b) = bias else {
+            return linear(x, weight, None)? + residual;
+        };
+        // Training: one node over (x, [W | b], r), so the linear's output is not kept.
+        return match fusable(x) {
+            true => super::lean::linear_residual(
+                x,
+                weight,
+                b,
+                residual,
+                |x, w, b, r| linear_add(x, w, Some(b), r),
+                fused_grads,
+            ),
+            false => super::lean::linear_residual(
+                x,
+                weight,
+                b,
+                residual,
+                |x, w, b, r| linear_composed(x, w, Some(b))? + r,
+                super::lean::Linear::grads,
+            ),
+        };
     }
     let (x, w, r) = (x.contiguous()?, weight.contiguous()?, residual.contiguous()?);
     x.apply_op3_no_bwd(&w, &r, &LinearAddOp { bias: bias.cloned() })
