@@ -79,6 +79,25 @@ fn cpu_copy(c: &CpuStorage, l: &Layout, op: &str) -> Result<CpuStorage> {
     })
 }
 
+/// The forward of a lean op: hand over the precomputed output, on the CPU or the GPU.
+macro_rules! hand_over {
+    (@fwd $tr:ident, $($s:ident),*) => {
+        fn cpu_fwd(&self, $($s: &CpuStorage, _: &Layout),*) -> Result<(CpuStorage, Shape)> {
+            let _ = ($($s,)*);
+            self.out.cpu(<Self as $tr>::name(self))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, $($s: &candle_core::CudaStorage, _: &Layout),*) -> Result<(candle_core::CudaStorage, Shape)> {
+            let _ = ($($s,)*);
+            self.out.cuda(<Self as $tr>::name(self))
+        }
+    };
+    (CustomOp1) => { hand_over!(@fwd CustomOp1, a); };
+    (CustomOp2) => { hand_over!(@fwd CustomOp2, a, b); };
+    (CustomOp3) => { hand_over!(@fwd CustomOp3, a, b, c); };
+}
+
 /// The forward `f(x)` without a graph; when `x` (or `also`) tracks one, `make(output)` is the
 /// custom op that attaches the output to it.
 fn lean<Op>(
@@ -122,30 +141,7 @@ impl CustomOp3 for LayerNorm {
         "lean-layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu(self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda(self.name())
-    }
+    hand_over!(CustomOp3);
 
     /// dx = rstd·(gw − mean(gw) − x̂·mean(gw·x̂)) with gw = g·w; dw = Σ g·x̂; db = Σ g.
     fn bwd(
@@ -221,20 +217,7 @@ impl CustomOp2 for Linear {
         "lean-linear"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu(CustomOp2::name(self))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda(CustomOp2::name(self))
-    }
+    hand_over!(CustomOp2);
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = Linear::grads(&x.detach(), &w.detach(), g)?;
@@ -247,30 +230,7 @@ impl CustomOp3 for Linear {
         "lean-linear-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu(CustomOp3::name(self))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda(CustomOp3::name(self))
-    }
+    hand_over!(CustomOp3);
 
     fn bwd(
         &self,
@@ -330,30 +290,7 @@ impl CustomOp3 for LinearResidual {
         "lean-linear-residual"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu(self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda(self.name())
-    }
+    hand_over!(CustomOp3);
 
     fn bwd(
         &self,
@@ -403,14 +340,7 @@ impl CustomOp1 for Softmax {
         "lean-softmax"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu(self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda(self.name())
-    }
+    hand_over!(CustomOp1);
 
     /// dx = y ⊙ (g − Σ g ⊙ y): the output alone.
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -444,14 +374,7 @@ impl CustomOp1 for Attention {
         "lean-attention"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu(self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda(self.name())
-    }
+    hand_over!(CustomOp1);
 
     /// With s = softmax(q·kᵀ) (q pre-scaled) recomputed: dv = sᵀ·g, ds = g·vᵀ,
     /// dz = s ⊙ (ds − Σ ds ⊙ s), dq = scale·dz·k, dk = dzᵀ·q (q scaled).
