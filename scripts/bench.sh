@@ -11,9 +11,12 @@
 # older commit's for a before/after comparison; default: built here). Each (impl, model, round) is its own
 # process, so peak memory is per model. Reported times are the median over rounds of each round's
 # median; peak memory is the maximum. Then (VIT_BASE=1, the default) ViT-B/16's training memory
-# per image, fused / portable / PyTorch. The last two lines are (ours / PyTorch; lower is better)
-#   ratio_train_tiny=X ratio_train_small=Y ratio_lee_small=Z
-#   ratio_mem_per_image_vit_base_portable=X ratio_mem_per_image_vit_base_fused=Y
+# per image, fused / portable / PyTorch, each also with gradient checkpointing. The last lines are
+# (lower is better)
+#   ratio_train_tiny=X ratio_train_small=Y ratio_lee_small=Z                 (ours / PyTorch)
+#   ratio_mem_per_image_vit_base_checkpointed_fused=X ratio_mem_per_image_vit_base_checkpointed_portable=Y
+#                                                      (ours checkpointed / ours without)
+#   ratio_mem_per_image_vit_base_portable=X ratio_mem_per_image_vit_base_fused=Y   (ours / PyTorch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,15 +71,17 @@ done
 # ViT-B/16 (224 px, 3 channels) training memory per image, in processes that only train:
 # (peak at batch 16 - peak at batch 8) / 8, so that weights, AdamW state and the runtime's own
 # footprint cancel. Ours fused, ours portable (the composed ops CUDA runs: the GPU path's graph,
-# measured here) and PyTorch eager. VIT_BASE=0 skips it (~5 min on 2 cores).
+# measured here) and PyTorch eager; each again with gradient checkpointing (`_ckpt`; PyTorch's
+# torch.utils.checkpoint per block). VIT_BASE=0 skips it (~10 min on 2 cores).
 if [[ ${VIT_BASE:-1} == 1 ]]; then
     for batch in 8 16; do
-        for form in fused portable torch; do
+        for form in fused portable torch fused_ckpt portable_ckpt torch_ckpt; do
             vb=(--models vit_base --batch "$batch" --warmup 1 --reps 1 --train-only)
+            [[ $form == *_ckpt ]] && vb+=(--grad-checkpointing)
             case $form in
-                fused) line=$("$BENCH" "${vb[@]}") ;;
-                portable) line=$("$BENCH" "${vb[@]}" --portable) ;;
-                torch) line=$("$PYTHON" scripts/reference/bench_torch.py --threads "$THREADS" "${vb[@]}" 2>/dev/null) ;;
+                fused*) line=$("$BENCH" "${vb[@]}") ;;
+                portable*) line=$("$BENCH" "${vb[@]}" --portable) ;;
+                torch*) line=$("$PYTHON" scripts/reference/bench_torch.py --threads "$THREADS" "${vb[@]}" 2>/dev/null) ;;
             esac
             echo "membatch=$batch form=$form $line" | tee -a "$RESULTS" >&2
         done
@@ -108,13 +113,15 @@ print(f"ratio_train_tiny={ratio[('vit_tiny', 'train_ms')]:.2f} "
       f"ratio_lee_small={ratio[('vit_small', 'lee_ms')]:.2f}")
 if mem:
     per_image = {f: (float(mem[(f, 16)]["peak_mb"]) - float(mem[(f, 8)]["peak_mb"])) / 8
-                 for f in ("fused", "portable", "torch")}
+                 for f in ("fused", "portable", "torch", "fused_ckpt", "portable_ckpt", "torch_ckpt")}
     print(f"\nvit_base (ViT-B/16, 224 px, AdamW) training step, processes that only train:")
-    print(f"{'form':<10} {'peak@8 MB':>10} {'peak@16 MB':>11} {'MB/image':>9} {'ms@16':>9}")
+    print(f"{'form':<14} {'peak@8 MB':>10} {'peak@16 MB':>11} {'MB/image':>9} {'ms@16':>9}")
     for f, v in per_image.items():
-        print(f"{f:<10} {float(mem[(f, 8)]['peak_mb']):>10.0f} {float(mem[(f, 16)]['peak_mb']):>11.0f} "
+        print(f"{f:<14} {float(mem[(f, 8)]['peak_mb']):>10.0f} {float(mem[(f, 16)]['peak_mb']):>11.0f} "
               f"{v:>9.1f} {float(mem[(f, 16)]['train_ms']):>9.0f}")
     t = per_image["torch"]
+    print(f"ratio_mem_per_image_vit_base_checkpointed_fused={per_image['fused_ckpt'] / per_image['fused']:.2f} "
+          f"ratio_mem_per_image_vit_base_checkpointed_portable={per_image['portable_ckpt'] / per_image['portable']:.2f}")
     print(f"ratio_mem_per_image_vit_base_portable={per_image['portable'] / t:.2f} "
           f"ratio_mem_per_image_vit_base_fused={per_image['fused'] / t:.2f}")
 EOF

@@ -48,6 +48,40 @@ fn check(
     }
 }
 
+fn checkpointed_vit_matches_plain() {
+    use candle_core::Device;
+    use liederiv::models::{build_with, Rng};
+    use rand::SeedableRng;
+    let cfg = common::tiny_vit_config(48, &["model.vit.heads=3", "model.vit.drop_path=0.3"]);
+    let varmap = candle_nn::VarMap::new();
+    let plain = build_with(&cfg, &varmap, DType::F32, &Device::Cpu).unwrap();
+    let mut ckpt = build_with(&cfg, &varmap, DType::F32, &Device::Cpu).unwrap();
+    ckpt.set_grad_checkpointing(true).unwrap();
+    let x = common::blob_images(4, 1, 28, 3, DType::F32, &mut common::rng(11));
+    let y = Tensor::from_vec(vec![1u32, 4, 7, 9], 4, &Device::Cpu).unwrap();
+    let loss = |m: &dyn liederiv::models::Model| {
+        let logits = m.forward_train(&x, &mut Rng::seed_from_u64(5)).unwrap();
+        candle_nn::loss::cross_entropy(&logits, &y).unwrap()
+    };
+    let g1 = loss(plain.as_ref()).backward().unwrap();
+    let g2 = kernels::checkpoint::backward(&loss(ckpt.as_ref())).unwrap();
+    let vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (name, v) in vars {
+        let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+        let err = common::rel_err(b, a);
+        assert!(
+            err <= 1e-6,
+            "portable, checkpointed: {name}'s gradient differs by {err:.2e}"
+        );
+    }
+}
+
 #[test]
 fn portable_forms_match_candle_autograd_and_the_config_names_them() {
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
@@ -121,6 +155,12 @@ fn portable_forms_match_candle_autograd_and_the_config_names_them() {
         assert!(kernels::fusable(ln[0].as_tensor()));
         assert!(common::max_abs_diff(&lean, &fused) > 0.0, "{dtype:?}");
     }
+
+    // Gradient checkpointing on the portable path (what CUDA trains with): a ViT with drop path,
+    // every block one checkpointed node, gives the plain portable step's gradients.
+    kernels::set_portable(true);
+    checkpointed_vit_matches_plain();
+    kernels::set_portable(false);
 
     // The config key: parsed once, unknown values refused naming the key and the choices.
     let cfg = liederiv::Config::resolve_str("", "<test>", &["runtime.kernels=\"portable\"".into()]).unwrap();

@@ -541,6 +541,71 @@ fn resume_after_a_kill_is_bit_identical() -> anyhow::Result<()> {
 }
 
 #[test]
+fn resume_with_grad_checkpointing_is_bit_identical() -> anyhow::Result<()> {
+    // Checkpointed blocks with drop path: each backward replays its block's draws, and the
+    // resumed run continues the same random stream.
+    let common = [
+        "train.steps=120",
+        "train.eval_every=40",
+        "train.checkpoint_every=20",
+        "model.vit.drop_path=0.1",
+        "train.grad_checkpointing=true",
+    ];
+    kill_and_resume("vit_ckpt", &common, "train")
+}
+
+/// Mixed precision: a quickstart-sized run (MAE pretraining, then fine-tuning) in bf16 ends near
+/// the same run in f32, and its checkpoints hold f32 weights and AdamW state.
+#[test]
+fn bf16_training_ends_near_f32_with_f32_checkpoints() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let common = [
+        "pretrain.enabled=true",
+        "pretrain.steps=40",
+        "pretrain.batch_size=32",
+        "pretrain.warmup_steps=5",
+        "init.weights=\"pretrain\"",
+        "train.steps=300",
+        "train.eval_every=300",
+        "train.checkpoint_every=300",
+    ];
+    let f32_run = train(&tiny_cfg(out.path(), "f32", &common), Start::New)?;
+    let mut sets = common.to_vec();
+    sets.push("train.precision=\"bf16\"");
+    let bf16_run = train(&tiny_cfg(out.path(), "bf16", &sets), Start::New)?;
+    let last = |dir: &Path| records(dir).last().cloned().unwrap();
+    for stage in ["pretrain", "train"] {
+        let at = |d: &Path| {
+            if stage == "pretrain" {
+                d.join("pretrain")
+            } else {
+                d.to_path_buf()
+            }
+        };
+        let (a, b) = (last(&at(&f32_run.run_dir)), last(&at(&bf16_run.run_dir)));
+        let (la, lb) = (a.train_loss.unwrap(), b.train_loss.unwrap());
+        eprintln!("{stage}: final training loss f32 {la:.4}, bf16 {lb:.4}");
+        assert!(
+            (la - lb).abs() <= 0.02 * la,
+            "{stage}: bf16 training loss {lb:.4} is not within 2% of f32's {la:.4}"
+        );
+        if stage == "train" {
+            let (aa, ab) = (a.splits["test"].accuracy.unwrap(), b.splits["test"].accuracy.unwrap());
+            eprintln!("test accuracy f32 {aa:.4}, bf16 {ab:.4}");
+            assert!((aa - ab).abs() <= 0.03, "test accuracy f32 {aa:.4}, bf16 {ab:.4}");
+        }
+        let weights =
+            candle_core::safetensors::load(at(&bf16_run.run_dir).join("checkpoint.safetensors"), &Device::Cpu)?;
+        assert!(weights.len() > 10);
+        // (`optim.step` is the f64 step counter.)
+        for (k, t) in weights.iter().filter(|(k, _)| *k != "optim.step") {
+            assert_eq!(t.dtype(), DType::F32, "{stage}: {k} is stored as {:?}", t.dtype());
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn resume_of_a_batch_norm_model_is_bit_identical() -> anyhow::Result<()> {
     // Batch norm: the running statistics are variables too, and must continue exactly.
     let common = [

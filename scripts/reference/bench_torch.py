@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class Attention(nn.Module):
@@ -78,6 +79,7 @@ class Vit(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, classes)
+        self.grad_checkpointing = False
 
     def set_fused_attention(self, on):
         for b in self.blocks:
@@ -87,7 +89,11 @@ class Vit(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
         for b in self.blocks:
-            x = b(x)
+            # timm's checkpoint_seq: each block keeps its input and reruns in the backward
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
+            else:
+                x = b(x)
         return self.head(self.norm(x)[:, 0])
 
 
@@ -221,6 +227,10 @@ def main():
     ap.add_argument("--train-only", action="store_true",
                     help="time only the training step (forward_ms and lee_ms print 0), so that the peak "
                          "memory is the step's own")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="train the ViTs with torch.utils.checkpoint per block (timm's set_grad_checkpointing)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="train under torch.autocast(bfloat16) (f32 weights and AdamW state)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -234,11 +244,15 @@ def main():
         model = build(name).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
         is_vit = isinstance(model, Vit)
+        if is_vit:
+            model.grad_checkpointing = args.grad_checkpointing
 
         def train():
             model.train()
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(x)
+            F.cross_entropy(logits.float(), y).backward()
             opt.step()
 
         def forward():
@@ -258,7 +272,8 @@ def main():
         t_fwd = 0.0 if args.train_only else timed(forward, args.warmup, args.reps, sync)
         t_lee = 0.0 if args.train_only else timed(lee, args.warmup, args.reps, sync)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(f"impl=torch model={name} train_ms={t_train:.2f} forward_ms={t_fwd:.2f} lee_ms={t_lee:.2f} peak_mb={peak:.1f}",
+        print(f"impl=torch model={name} train_ms={t_train:.2f} forward_ms={t_fwd:.2f} lee_ms={t_lee:.2f} peak_mb={peak:.1f} "
+              f"grad_checkpointing={args.grad_checkpointing} precision={'bf16' if args.bf16 else 'f32'}",
               flush=True)
 
 

@@ -10,18 +10,18 @@
 //!
 //! Each time is the median of `--reps` repetitions after `--warmup` untimed ones. Output: one line
 //! `impl=ours model=NAME train_ms=X forward_ms=X lee_ms=X peak_mb=X isa=avx512|avx2` (`kernels::isa`;
-//! `LIEDERIV_AVX512=0` forces avx2). `--kernels` instead times the
+//! `LIEDERIV_AVX512=0` forces avx2; `--portable`, `--grad-checkpointing` and `--bf16` say what they ran). `--kernels` instead times the
 //! fused row kernels of `kernels` against their composed candle forms on the small ViT's
 //! shapes (`kernel=NAME ... composed_ms=X fused_ms=X` lines), which is what each fusion buys.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
 use liederiv::config::{Config, ModelKind, Pool, VitConfig};
 use liederiv::jvp::Tape;
 use liederiv::kernels;
 use liederiv::lie::lee::softmax_jvp;
-use liederiv::models::{build_model, frozen, Rng};
+use liederiv::models::{build_cast, build_model, frozen, Rng};
 use liederiv::runtime::select_device;
 use liederiv::train::{AdamW, AdamWParams};
 use rand::SeedableRng;
@@ -56,6 +56,14 @@ struct Args {
     /// memory is the step's own: forward and LEE hold memory of their own.
     #[arg(long)]
     train_only: bool,
+    /// Train with gradient checkpointing (`train.grad_checkpointing`): each ViT block keeps only
+    /// its input and is recomputed in the backward.
+    #[arg(long)]
+    grad_checkpointing: bool,
+    /// Train in bf16 mixed precision (`train.precision = "bf16"`): bf16 casts of the f32 weights,
+    /// the loss in f32.
+    #[arg(long)]
+    bf16: bool,
 }
 
 /// The benchmark's config for a model name (defaults elsewhere: 28×28×1, 10 classes).
@@ -122,7 +130,8 @@ fn randn(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 fn bench_model(name: &str, args: &Args) -> Result<()> {
     let cfg = config_for(name)?;
     let dev = select_device(&args.device)?;
-    let (varmap, model) = build_model(&cfg, &dev).with_context(|| format!("building {name}"))?;
+    let (varmap, mut model) = build_model(&cfg, &dev).with_context(|| format!("building {name}"))?;
+    model.set_grad_checkpointing(args.grad_checkpointing)?;
     let (b, c, s) = (args.batch, cfg.data.channels, cfg.data.image_size);
     let x = randn(&[b, c, s, s], 1, &dev)?;
     let dx = randn(&[1, b, c, s, s], 2, &dev)?; // one tangent direction: (T=1, B, C, H, W)
@@ -136,9 +145,17 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
     let inference = frozen(&cfg, &varmap, &dev)?;
 
     let train_ms = timed(&dev, args.warmup, args.reps, || {
-        let logits = model.forward_train(&x, &mut rng)?;
+        let logits = if args.bf16 {
+            // As the trainer: a model on fresh bf16 casts of the weights each step.
+            let mut cast = build_cast(&cfg, &varmap, DType::BF16, &dev)?;
+            cast.set_grad_checkpointing(args.grad_checkpointing)?;
+            cast.forward_train(&x.to_dtype(DType::BF16)?, &mut rng)?
+                .to_dtype(DType::F32)?
+        } else {
+            model.forward_train(&x, &mut rng)?
+        };
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        opt.accumulate(&loss.backward()?)?;
+        opt.accumulate(&kernels::checkpoint::backward(&loss)?)?;
         opt.step(1e-4)?;
         Ok(())
     })?;
@@ -159,10 +176,12 @@ fn bench_model(name: &str, args: &Args) -> Result<()> {
         (forward_ms, lee_ms)
     };
     println!(
-        "impl=ours model={name} train_ms={train_ms:.2} forward_ms={forward_ms:.2} lee_ms={lee_ms:.2} peak_mb={:.1} isa={} kernels={}",
+        "impl=ours model={name} train_ms={train_ms:.2} forward_ms={forward_ms:.2} lee_ms={lee_ms:.2} peak_mb={:.1} isa={} kernels={} grad_checkpointing={} precision={}",
         peak_mb(),
         kernels::isa(),
-        if args.portable { "portable" } else { "fused" }
+        if args.portable { "portable" } else { "fused" },
+        args.grad_checkpointing,
+        if args.bf16 { "bf16" } else { "f32" }
     );
     Ok(())
 }

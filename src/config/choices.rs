@@ -160,3 +160,15 @@ choice! {
         Portable = "portable",
     }
 }
+
+choice! {
+    /// `train.precision`: the dtype the training step computes in.
+    Precision {
+        /// Everything in f32.
+        F32 = "f32",
+        /// Mixed precision: bf16 activations and matmuls on bf16 casts of the f32 weights (the
+        /// gradients flow back through the casts to the f32 master weights and AdamW state); the
+        /// loss, LayerNorm statistics and the LEE penalty in f32.
+        Bf16 = "bf16",
+    }
+}

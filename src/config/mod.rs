@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use choices::{
-    DataSource, InitWeights, Kernels, LeeOutput, ModelKind, Objective, Pool, PosEmbed, PretrainImages, Statistic,
-    WeightFormat,
+    DataSource, InitWeights, Kernels, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Precision, PretrainImages,
+    Statistic, WeightFormat,
 };
 pub use validate::ConfigError;
 
@@ -410,6 +410,15 @@ pub struct TrainConfig {
     /// already shuffled), 0 = all. The penalty's JVP and its backward cost several train steps per
     /// image, and the batch mean of LEE is estimated well from a subset.
     pub lee_penalty_images: usize,
+    /// Gradient checkpointing (timm's `set_grad_checkpointing`): each transformer block of the ViT
+    /// (and of the MAE encoder and decoder when pretraining) keeps only its input and is recomputed
+    /// in the backward. The same gradients for about a third more compute and a fraction of the
+    /// activation memory. The LEE penalty's JVP graph is not checkpointed.
+    pub grad_checkpointing: bool,
+    /// "f32" | "bf16": the training step's compute dtype (both stages). bf16 is mixed precision:
+    /// f32 master weights and AdamW state (checkpoints stay f32), bf16 activations and matmuls, the
+    /// loss and its reductions in f32; evaluation, LEE and the LEE penalty stay f32.
+    pub precision: Precision,
     /// Evaluate every N steps (and at the end).
     pub eval_every: usize,
     /// Write a checkpoint every N steps (and at the end).
@@ -437,6 +446,8 @@ impl Default for TrainConfig {
             lee_penalty_transforms: vec![Transform::Rotate],
             lee_penalty_output: LeeOutput::Probs,
             lee_penalty_images: 0,
+            grad_checkpointing: false,
+            precision: Precision::F32,
             eval_every: 200,
             checkpoint_every: 200,
         }

@@ -1,7 +1,7 @@
 //! Strict parsing (unknown keys and wrong types name the key, file and line), `--set` overrides,
 //! and the range checks every value must pass before any work starts.
 
-use super::{Config, InitWeights, LeeOutput, ModelKind};
+use super::{Config, InitWeights, LeeOutput, ModelKind, Objective, Precision};
 use serde::de::DeserializeOwned;
 use std::path::PathBuf;
 
@@ -345,6 +345,19 @@ impl Config {
             "train.lee_penalty_images",
             t.lee_penalty_images,
             "≤ train.batch_size (0 = the whole batch)",
+        )?;
+        check(
+            !t.grad_checkpointing || self.model.kind == ModelKind::Vit || t.objective == Objective::Mae,
+            "train.grad_checkpointing",
+            t.grad_checkpointing,
+            "false: it checkpoints transformer blocks, and model.kind is not \"vit\"",
+        )?;
+        check(
+            t.precision == Precision::F32 || self.model.kind == ModelKind::Vit || t.objective == Objective::Mae,
+            "train.precision",
+            format!("\"{}\"", t.precision),
+            "\"f32\": bf16 is implemented for the ViT (and MAE pretraining), and model.kind is not \"vit\" \
+             (batch norm keeps its running statistics in f32 variables)",
         )?;
         check(t.eval_every > 0, "train.eval_every", t.eval_every, "at least 1")?;
         check(

@@ -27,10 +27,10 @@ use candle_core::{
 use std::sync::Mutex;
 
 /// The output of a forward computed without a graph, handed to candle once as an op's result.
-struct Precomputed(Mutex<Option<Tensor>>);
+pub(super) struct Precomputed(Mutex<Option<Tensor>>);
 
 impl Precomputed {
-    fn new(t: Tensor) -> Self {
+    pub(super) fn new(t: Tensor) -> Self {
         Precomputed(Mutex::new(Some(t)))
     }
 
@@ -41,7 +41,7 @@ impl Precomputed {
         }
     }
 
-    fn cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+    pub(super) fn cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
         let t = self.take(op)?;
         let (s, l) = t.storage_and_layout();
         let Storage::Cpu(c) = &*s else {
@@ -51,7 +51,7 @@ impl Precomputed {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(&self, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+    pub(super) fn cuda(&self, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let t = self.take(op)?;
         let (s, l) = t.storage_and_layout();
@@ -97,6 +97,7 @@ macro_rules! hand_over {
     (CustomOp2) => { hand_over!(@fwd CustomOp2, a, b); };
     (CustomOp3) => { hand_over!(@fwd CustomOp3, a, b, c); };
 }
+pub(super) use hand_over;
 
 /// The forward `f(x)` without a graph; when `x` (or `also`) tracks one, `make(output)` is the
 /// custom op that attaches the output to it.
@@ -121,7 +122,8 @@ struct LayerNorm {
     out: Precomputed,
 }
 
-fn at_least_f32(d: DType) -> DType {
+/// The dtype reductions run in: f32 for the half-precision types, else the dtype itself.
+pub fn at_least_f32(d: DType) -> DType {
     match d {
         DType::F16 | DType::BF16 => DType::F32,
         other => other,

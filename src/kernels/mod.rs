@@ -27,9 +27,11 @@
 //! Files: [`fastmath`] (the float types, f32 exp / erf), [`driver`] (the row-parallel and gemm
 //! drivers every kernel shares), [`layer_norm`], [`softmax`], [`gelu`], [`attention`] (fused
 //! scaled-dot-product attention), [`linear`] (fused linear layer), [`im2col`] (convolution as
-//! one matmul), [`tangent`] (the tangent layout), [`simd`] (gemm's instruction set), [`lean`] (the portable forms, lean on every device).
+//! one matmul), [`tangent`] (the tangent layout), [`simd`] (gemm's instruction set), [`lean`] (the portable forms, lean on every device), [`checkpoint`] (gradient checkpointing: a
+//! segment as one node that keeps only its input).
 
 pub mod attention;
+pub mod checkpoint;
 mod driver;
 mod fastmath;
 pub mod gelu;
@@ -45,6 +47,7 @@ pub use attention::{attention, attention_composed, attention_jvp, attention_jvp_
 pub use driver::{fusable, set_portable};
 pub use gelu::{gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, gelu_erf_jvp};
 pub use layer_norm::{layer_norm, layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed};
+pub use lean::at_least_f32;
 pub use linear::{linear, linear_add, linear_composed};
 pub use simd::{avx512, isa};
 pub use softmax::{softmax, softmax_composed, softmax_tangent};

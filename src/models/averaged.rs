@@ -64,6 +64,10 @@ impl Model for RotationAveraged {
         self.average(&self.inner.forward_train(&self.rotations(x, self.background)?, rng)?)
     }
 
+    fn set_grad_checkpointing(&mut self, on: bool) -> Result<()> {
+        self.inner.set_grad_checkpointing(on)
+    }
+
     /// The features are averaged like the logits (so they are C_N-invariant too); tokens move
     /// with the image and have no average (the config refuses them).
     fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {

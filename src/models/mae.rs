@@ -37,6 +37,8 @@ pub struct Mae {
     patch: usize,
     in_chans: usize,
     grid: (usize, usize),
+    /// Recompute each encoder and decoder block in the backward (see [`Mae::set_grad_checkpointing`]).
+    grad_checkpointing: bool,
     mask_ratio: f64,
     norm_pix_loss: bool,
 }
@@ -126,6 +128,7 @@ impl Mae {
             patch: p,
             in_chans,
             grid,
+            grad_checkpointing: false,
             mask_ratio: mae.mask_ratio,
             norm_pix_loss: mae.norm_pix_loss,
         })
@@ -189,7 +192,7 @@ impl Mae {
         let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((b, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?;
         for blk in &self.blocks {
-            x = blk.forward(&x, None)?;
+            x = blk.forward_maybe_checkpointed(&x, None, self.grad_checkpointing)?;
         }
         self.norm.forward(&x)
     }
@@ -204,7 +207,7 @@ impl Mae {
         let x_ = Self::gather(&x_, &masking.restore)?; // unshuffle
         let mut x = Tensor::cat(&[&x.narrow(1, 0, 1)?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
         for blk in &self.decoder_blocks {
-            x = blk.forward(&x, None)?;
+            x = blk.forward_maybe_checkpointed(&x, None, self.grad_checkpointing)?;
         }
         let pred = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
         pred.narrow(1, 1, n)
@@ -218,8 +221,13 @@ impl Mae {
 
     /// The loss for a given masking: mean over masked patches of the per-patch pixel MSE.
     pub fn loss_with(&self, imgs: &Tensor, masking: &Masking) -> Result<Tensor> {
-        let pred = self.reconstruct(imgs, masking)?;
-        let mut target = self.patchify(imgs)?;
+        // Mixed precision (a model built in bf16, f32 images): the model computes in its dtype,
+        // the target, the loss and its reductions in f32.
+        let wide = crate::kernels::at_least_f32(imgs.dtype());
+        let pred = self
+            .reconstruct(&imgs.to_dtype(self.cls_token.dtype())?, masking)?
+            .to_dtype(wide)?;
+        let mut target = self.patchify(&imgs.to_dtype(wide)?)?;
         if self.norm_pix_loss {
             // per-patch mean and unbiased variance, as torch's `.var(dim=-1)`
             let k = target.dim(D::Minus1)?;
@@ -236,6 +244,13 @@ impl Mae {
         let masked = mask.iter().sum::<f64>();
         let mask = Tensor::from_vec(mask, (b, n), imgs.device())?.to_dtype(per_patch.dtype())?;
         (per_patch * mask)?.sum_all()? / masked
+    }
+
+    /// Gradient checkpointing of the encoder's and the decoder's blocks (as the classifier's
+    /// [`Model::set_grad_checkpointing`](crate::models::Model::set_grad_checkpointing)): the loss
+    /// must then be differentiated by [`kernels::checkpoint::backward`](crate::kernels::checkpoint::backward).
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.grad_checkpointing = on;
     }
 
     /// The MAE training loss on `imgs: (B, C, H, W)` with a fresh masking from `rng`.

@@ -15,8 +15,8 @@ pub mod weights;
 
 use crate::config::{Config, InitWeights, ModelKind};
 use crate::jvp::{Jvp, Tape};
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarMap;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 
 /// The seeded RNG threaded through everything random in training (dropout, drop path, masking).
 pub type Rng = rand_chacha::ChaCha8Rng;
@@ -58,6 +58,16 @@ pub trait Model: Jvp {
             dy,
         })
     }
+    /// Gradient checkpointing (timm's `set_grad_checkpointing`): each transformer block keeps only
+    /// its input and is recomputed in the backward, which must then be
+    /// [`kernels::checkpoint::backward`](crate::kernels::checkpoint::backward). Models without
+    /// blocks refuse it.
+    fn set_grad_checkpointing(&mut self, on: bool) -> Result<()> {
+        if on {
+            candle_core::bail!("this model has no transformer blocks to checkpoint");
+        }
+        Ok(())
+    }
     /// N when the hidden features are C_N group feature maps (`Repr::Group`), else none.
     fn group_order(&self) -> Option<usize> {
         None
@@ -76,17 +86,42 @@ pub fn build_with(cfg: &Config, varmap: &VarMap, dtype: DType, device: &Device) 
 /// has used it, instead of keeping all of them alive until the output is dropped (ViT-B/16's LEE at
 /// 224 px on 32 images over 5 transforms ran an 80 GB GPU out of memory that way).
 pub fn frozen(cfg: &Config, varmap: &VarMap, device: &Device) -> Result<Box<dyn Model>> {
-    let views: std::collections::HashMap<String, Tensor> = varmap
+    build_from(
+        cfg,
+        views_of(varmap, DType::F32, device, |var| Ok(var.as_tensor().detach()))?,
+    )
+}
+
+/// The same classifier computing in `dtype` (mixed precision) on casts of `varmap`'s variables
+/// that stay in the graph: the gradients flow back through the casts to the f32 variables. Built
+/// per training step, so the casts follow every optimiser update.
+pub fn build_cast(cfg: &Config, varmap: &VarMap, dtype: DType, device: &Device) -> Result<Box<dyn Model>> {
+    build_from(cfg, cast_var_builder(varmap, dtype, device)?)
+}
+
+/// A VarBuilder over differentiable `dtype` casts of `varmap`'s variables (see [`build_cast`]).
+pub fn cast_var_builder(varmap: &VarMap, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    views_of(varmap, dtype, device, |var| var.as_tensor().to_dtype(dtype))
+}
+
+/// A VarBuilder of `dtype` over `view(var)` of every variable of `varmap`.
+fn views_of(
+    varmap: &VarMap,
+    dtype: DType,
+    device: &Device,
+    view: impl Fn(&Var) -> Result<Tensor>,
+) -> Result<VarBuilder<'static>> {
+    let views = varmap
         .data()
         .lock()
         .map_err(|_| candle_core::Error::Msg("the variable map's lock is poisoned".into()))?
         .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
-    build_from(cfg, candle_nn::VarBuilder::from_tensors(views, DType::F32, device))
+        .map(|(name, var)| Ok((name.clone(), view(var)?)))
+        .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
+    Ok(VarBuilder::from_tensors(views, dtype, device))
 }
 
-fn build_from(cfg: &Config, vb: candle_nn::VarBuilder) -> Result<Box<dyn Model>> {
+fn build_from(cfg: &Config, vb: VarBuilder) -> Result<Box<dyn Model>> {
     let (m, d) = (&cfg.model, &cfg.data);
     let model: Box<dyn Model> = match m.kind {
         ModelKind::Vit => Box::new(vit::Vit::new(&m.vit, d.image_size, d.channels, m.num_classes, vb)?),

@@ -9,6 +9,7 @@
 
 use crate::config::{Pool, PosEmbed, VitConfig};
 use crate::jvp::{add_tangents, Jvp, Repr, StepKind, Tape};
+use crate::kernels::checkpoint::checkpoint;
 use crate::models::layers::{
     attention, layer_norm, linear, mlp, patch_embed, zero_tangent, Attention, DropPath, LayerNorm, Linear, Mlp,
     PatchEmbed, ResidualBranch,
@@ -179,6 +180,22 @@ impl Block {
         }
     }
 
+    /// [`Block::forward`] as one gradient-checkpointed node when `checkpointed` (and `x` tracks a
+    /// gradient): the block keeps only its input, and its backward reruns it with the same
+    /// drop-path draws.
+    pub fn forward_maybe_checkpointed(&self, x: &Tensor, rng: Option<&mut Rng>, checkpointed: bool) -> Result<Tensor> {
+        if !checkpointed {
+            return self.forward(x, rng);
+        }
+        let replay = rng.as_deref().cloned();
+        let again = self.clone();
+        checkpoint(
+            x,
+            |x| self.forward(x, rng),
+            Box::new(move |x| again.forward(x, replay.clone().as_mut())),
+        )
+    }
+
     /// JVP recording one tape step per operation; `repr` is the token layout of `x`.
     pub fn jvp_steps(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, repr: Repr) -> Result<(Tensor, Tensor)> {
         let name = |s: &str| format!("{}.{s}", self.name);
@@ -257,6 +274,8 @@ pub struct Vit {
     pool: Pool,
     head: Linear,
     grid: (usize, usize),
+    /// Recompute each block in the backward instead of keeping its activations.
+    grad_checkpointing: bool,
 }
 
 impl Vit {
@@ -282,6 +301,7 @@ impl Vit {
             pool,
             head: linear(cfg.dim, num_classes, true, vb.pp("head"))?,
             grid,
+            grad_checkpointing: false,
         })
     }
 
@@ -310,7 +330,7 @@ impl Vit {
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let mut t = Tensor::cat(&[&cls, &t], 1)?.broadcast_add(&self.pos_embed)?;
         for blk in &self.blocks {
-            t = blk.forward(&t, rng.as_deref_mut())?;
+            t = blk.forward_maybe_checkpointed(&t, rng.as_deref_mut(), self.grad_checkpointing)?;
         }
         Ok(t)
     }
@@ -341,6 +361,11 @@ impl Model for Vit {
 
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         self.head.forward(&self.pool(&self.tokens(x, Some(rng))?)?)
+    }
+
+    fn set_grad_checkpointing(&mut self, on: bool) -> Result<()> {
+        self.grad_checkpointing = on;
+        Ok(())
     }
 
     fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {

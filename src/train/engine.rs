@@ -16,7 +16,7 @@ use super::error::TrainError;
 use super::evaluate::{cross_entropy, evaluate};
 use super::run_dir::{prepare_run_dir, Start, CHECKPOINT, PRETRAIN_DIR};
 use super::{AdamW, AdamWParams, Augmenter, Schedule};
-use crate::config::{Config, InitWeights, ModelKind, Objective};
+use crate::config::{Config, InitWeights, ModelKind, Objective, Precision};
 use crate::data::Split;
 use crate::lie::{lee_penalty, LeeSpec};
 use crate::models::init::SeededVarMap;
@@ -265,7 +265,7 @@ fn run_stage(
                     checkpoint: last_good,
                 });
             }
-            opt.accumulate(&loss.backward()?)?;
+            opt.accumulate(&crate::kernels::checkpoint::backward(&loss)?)?;
             loss_sum += value as f64;
             loss_n += 1;
             images += idx.len();
@@ -342,17 +342,22 @@ fn resume_meta(path: &Path, cfg: &Config) -> Result<Meta, TrainError> {
     Ok(meta)
 }
 
-fn mae_model(cfg: &Config, device: &Device) -> candle_core::Result<(VarMap, Mae)> {
-    let varmap = VarMap::new();
-    let vb = SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device);
-    let mae = Mae::new(
+/// The MAE on the variables of `vb` (its weights' dtype is the one it computes in).
+fn mae_on(cfg: &Config, vb: candle_nn::VarBuilder) -> candle_core::Result<Mae> {
+    let mut mae = Mae::new(
         &cfg.model.vit,
         &cfg.model.mae,
         cfg.data.image_size,
         cfg.data.channels,
         vb,
     )?;
-    Ok((varmap, mae))
+    mae.set_grad_checkpointing(cfg.train.grad_checkpointing);
+    Ok(mae)
+}
+
+/// The dtype of the training step's casts under `train.precision = "bf16"` (None: f32, no casts).
+fn mixed_precision(cfg: &Config) -> Option<DType> {
+    (cfg.train.precision == Precision::Bf16).then_some(DType::BF16)
 }
 
 /// Run (or reuse, or resume) the MAE stage in `stage.dir`.
@@ -366,13 +371,18 @@ fn run_mae(
     meta: Option<&Meta>,
     clock: &RunClock,
 ) -> Result<Option<EvalRecord>, TrainError> {
-    let (varmap, mae) = mae_model(cfg, device)?;
+    let varmap = VarMap::new();
+    let mae = mae_on(cfg, SeededVarMap::var_builder(&varmap, cfg.seed, DType::F32, device))?;
     let mut opt = AdamW::new(&varmap, hp, None)?;
     if let Some(m) = meta {
         let optim = checkpoint::load_weights(&stage.dir.join(CHECKPOINT), &varmap, device)?;
         opt.load_state(&optim, m.step)?;
     }
-    let mut loss_fn = |x: &Tensor, _: &[u32], rng: &mut Rng| mae.loss(x, rng);
+    // bf16: a model on fresh casts of the f32 weights each micro-batch (they change every step).
+    let mut loss_fn = |x: &Tensor, _: &[u32], rng: &mut Rng| match mixed_precision(cfg) {
+        None => mae.loss(x, rng),
+        Some(dtype) => mae_on(cfg, crate::models::cast_var_builder(&varmap, dtype, device)?)?.loss(x, rng),
+    };
     let mut eval_fn = |_: bool| Ok(BTreeMap::new());
     run_stage(
         cfg,
@@ -501,7 +511,8 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
     }
     let spec = LeeSpec::of(&cfg.lee);
 
-    let (varmap, model) = crate::models::build_model(cfg, &device)?;
+    let (varmap, mut model) = crate::models::build_model(cfg, &device)?;
+    model.set_grad_checkpointing(t.grad_checkpointing)?;
     if cfg.init.weights == InitWeights::Pretrain && main_meta.is_none() {
         init_from_pretrain(&pre_ckpt, &varmap, &device)?;
     }
@@ -522,7 +533,17 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
     let model: &dyn Model = model.as_ref();
     let mut loss_fn = |x: &Tensor, labels: &[u32], rng: &mut Rng| -> candle_core::Result<Tensor> {
         let batch = augment.apply(x, labels, rng)?;
-        let loss = cross_entropy(&model.forward_train(&batch.x, rng)?, &batch.targets)?;
+        let logits = match mixed_precision(cfg) {
+            None => model.forward_train(&batch.x, rng)?,
+            // bf16: a model on fresh casts of the f32 weights; the loss in f32.
+            Some(dtype) => {
+                let mut cast = crate::models::build_cast(cfg, &varmap, dtype, &device)?;
+                cast.set_grad_checkpointing(t.grad_checkpointing)?;
+                cast.forward_train(&batch.x.to_dtype(dtype)?, rng)?
+                    .to_dtype(DType::F32)?
+            }
+        };
+        let loss = cross_entropy(&logits, &batch.targets)?;
         if lambda > 0.0 {
             let n = batch.x.dim(0)?;
             let x = match penalty_images {

@@ -1,0 +1,179 @@
+//! Gradient checkpointing (`train.grad_checkpointing`, `kernels::checkpoint`): each transformer
+//! block is one graph node that keeps only its input and reruns in the backward. Oracle: the
+//! plain step's gradients (candle's autograd through the whole graph) on the same weights, batch
+//! and random stream. Drop path is on, so the backward must replay the forward's draws.
+//! (The portable kernels' case is in `tests/portable.rs`, whose switch is process-wide.)
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use liederiv::kernels::checkpoint;
+use liederiv::models::init::SeededVarMap;
+use liederiv::models::mae::Mae;
+use liederiv::models::{build_with, Rng};
+use rand::SeedableRng;
+
+fn images(b: usize, dtype: DType) -> Tensor {
+    common::blob_images(b, 1, 28, 3, dtype, &mut common::rng(11))
+}
+
+fn labels(b: usize) -> Tensor {
+    Tensor::from_vec((0..b as u32).map(|i| i % 10).collect::<Vec<_>>(), b, &Device::Cpu).unwrap()
+}
+
+fn vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut v: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Every variable's gradient under `plain` and `checkpointed`, which must agree to `tol`
+/// (relative, per tensor), with the same loss and the same random stream left behind.
+fn compare(
+    varmap: &VarMap,
+    tol: f64,
+    plain: &dyn Fn(&mut Rng) -> Tensor,
+    checkpointed: &dyn Fn(&mut Rng) -> Tensor,
+) -> f64 {
+    let (mut r1, mut r2) = (Rng::seed_from_u64(5), Rng::seed_from_u64(5));
+    let (l1, l2) = (plain(&mut r1), checkpointed(&mut r2));
+    assert_eq!(
+        common::max_abs_diff(&l1, &l2),
+        0.0,
+        "the checkpointed forward changed the loss"
+    );
+    assert_eq!(r1, r2, "the checkpointed step drew a different random stream");
+    let g1 = l1.backward().unwrap();
+    let g2 = checkpoint::backward(&l2).unwrap();
+    let mut worst: f64 = 0.0;
+    for (name, v) in vars(varmap) {
+        let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let err = common::rel_err(b, a);
+                assert!(
+                    err <= tol,
+                    "{name}: checkpointed gradient differs by {err:.2e} (relative)"
+                );
+                worst = worst.max(err);
+            }
+            (None, None) => {}
+            _ => panic!("{name}: a gradient in one step only"),
+        }
+    }
+    worst
+}
+
+fn classifier_config(depth: usize) -> liederiv::Config {
+    common::tiny_vit_config(
+        48,
+        &[
+            &format!("model.vit.depth={depth}"),
+            "model.vit.heads=3",
+            "model.vit.drop_path=0.3",
+            "model.vit.pool=\"cls\"",
+        ],
+    )
+}
+
+#[test]
+fn checkpointed_vit_gradients_equal_the_plain_steps() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+        let cfg = classifier_config(3);
+        let varmap = VarMap::new();
+        let plain = build_with(&cfg, &varmap, dtype, &Device::Cpu).unwrap();
+        let mut ckpt = build_with(&cfg, &varmap, dtype, &Device::Cpu).unwrap();
+        ckpt.set_grad_checkpointing(true).unwrap();
+        let (x, y) = (images(6, dtype), labels(6));
+        let loss = |m: &dyn liederiv::models::Model, rng: &mut Rng| {
+            candle_nn::loss::cross_entropy(&m.forward_train(&x, rng).unwrap(), &y).unwrap()
+        };
+        let worst = compare(&varmap, tol, &|rng| loss(plain.as_ref(), rng), &|rng| {
+            loss(ckpt.as_ref(), rng)
+        });
+        eprintln!("{dtype:?}: largest relative gradient difference {worst:.2e}");
+    }
+}
+
+#[test]
+fn checkpointed_mae_gradients_equal_the_plain_steps() {
+    let cfg = common::tiny_vit_config(32, &[]);
+    let varmap = VarMap::new();
+    let build = || {
+        let vb = SeededVarMap::var_builder(&varmap, 3, DType::F64, &Device::Cpu);
+        Mae::new(&cfg.model.vit, &cfg.model.mae, 28, 1, vb).unwrap()
+    };
+    let plain = build();
+    let mut ckpt = build();
+    ckpt.set_grad_checkpointing(true);
+    let x = images(4, DType::F64);
+    compare(&varmap, 1e-12, &|rng| plain.loss(&x, rng).unwrap(), &|rng| {
+        ckpt.loss(&x, rng).unwrap()
+    });
+}
+
+/// What the graph keeps: with checkpointing, three more blocks are three more nodes (each block's
+/// node, holding its input); without, every op of every block stays.
+#[test]
+fn a_checkpointed_block_is_one_graph_node() {
+    let nodes = |depth: usize, on: bool| {
+        let cfg = classifier_config(depth);
+        let varmap = VarMap::new();
+        let mut m = build_with(&cfg, &varmap, DType::F32, &Device::Cpu).unwrap();
+        m.set_grad_checkpointing(on).unwrap();
+        let logits = m
+            .forward_train(&images(2, DType::F32), &mut Rng::seed_from_u64(1))
+            .unwrap();
+        let vars = vars(&varmap).len();
+        let n = logits.sorted_nodes().iter().filter(|t| !t.is_variable()).count();
+        (n, vars)
+    };
+    let ((c3, _), (c6, _)) = (nodes(3, true), nodes(6, true));
+    assert_eq!(c6 - c3, 3, "checkpointed: {c3} nodes at depth 3, {c6} at depth 6");
+    let ((p3, _), (p6, _)) = (nodes(3, false), nodes(6, false));
+    assert!(
+        (p6 - p3) / 3 >= 10,
+        "plain: {p3} nodes at depth 3, {p6} at depth 6 (a block should be many ops)"
+    );
+}
+
+#[test]
+fn plain_backward_of_a_checkpointed_graph_is_refused() {
+    let cfg = classifier_config(2);
+    let varmap = VarMap::new();
+    let mut m = build_with(&cfg, &varmap, DType::F32, &Device::Cpu).unwrap();
+    m.set_grad_checkpointing(true).unwrap();
+    let loss = m
+        .forward_train(&images(2, DType::F32), &mut Rng::seed_from_u64(1))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let err = loss.backward().map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("kernels::checkpoint::backward"), "{err}");
+}
+
+#[test]
+fn grad_checkpointing_is_refused_for_models_without_blocks() {
+    for kind in ["cnn", "gcnn"] {
+        let sets = [
+            format!("model.kind=\"{kind}\""),
+            "train.grad_checkpointing=true".to_string(),
+        ];
+        let err = liederiv::Config::resolve_str("", "<test>", &sets)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.grad_checkpointing") && err.contains("vit"),
+            "{kind}: {err}"
+        );
+    }
+    // MAE pretraining of a ViT, and the ViT itself, accept it.
+    liederiv::Config::resolve_str("", "<test>", &["train.grad_checkpointing=true".to_string()]).unwrap();
+}
