@@ -160,7 +160,7 @@ fn plain_backward_of_a_checkpointed_graph_is_refused() {
 }
 
 #[test]
-fn grad_checkpointing_is_refused_for_models_without_blocks() {
+fn grad_checkpointing_and_bf16_are_refused_for_models_without_blocks() {
     for kind in ["cnn", "gcnn"] {
         let sets = [
             format!("model.kind=\"{kind}\""),
@@ -174,6 +174,49 @@ fn grad_checkpointing_is_refused_for_models_without_blocks() {
             "{kind}: {err}"
         );
     }
+    let err = liederiv::Config::resolve_str(
+        "",
+        "<test>",
+        &["model.kind=\"cnn\"".to_string(), "train.precision=\"bf16\"".to_string()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("train.precision") && err.contains("vit"), "{err}");
     // MAE pretraining of a ViT, and the ViT itself, accept it.
     liederiv::Config::resolve_str("", "<test>", &["train.grad_checkpointing=true".to_string()]).unwrap();
+}
+
+/// Mixed precision (`train.precision = "bf16"`, `models::build_cast`): the model on bf16 casts
+/// computes the f32 model's logits to bf16's precision, and its gradients reach the f32 weights
+/// as f32, close to the f32 step's (the rotation-averaged wrapper too).
+#[test]
+fn bf16_casts_compute_near_f32_and_send_f32_gradients_to_the_weights() {
+    for extra in [&[][..], &["model.average_rotations=4"][..]] {
+        let mut sets = vec!["model.vit.heads=3"];
+        sets.extend_from_slice(extra);
+        let cfg = common::tiny_vit_config(48, &sets);
+        let varmap = VarMap::new();
+        let full = build_with(&cfg, &varmap, DType::F32, &Device::Cpu).unwrap();
+        let cast = liederiv::models::build_cast(&cfg, &varmap, DType::BF16, &Device::Cpu).unwrap();
+        let (x, y) = (images(8, DType::F32), labels(8));
+        let l32 = full.forward_train(&x, &mut Rng::seed_from_u64(1)).unwrap();
+        let l16 = cast
+            .forward_train(&x.to_dtype(DType::BF16).unwrap(), &mut Rng::seed_from_u64(1))
+            .unwrap();
+        assert_eq!(l16.dtype(), DType::BF16);
+        let l16 = l16.to_dtype(DType::F32).unwrap();
+        let err = common::rel_err(&l16, &l32);
+        assert!(
+            err > 0.0 && err < 3e-2,
+            "{extra:?}: bf16 logits off by {err:.2e} (relative)"
+        );
+        let g32 = candle_nn::loss::cross_entropy(&l32, &y).unwrap().backward().unwrap();
+        let g16 = checkpoint::backward(&candle_nn::loss::cross_entropy(&l16, &y).unwrap()).unwrap();
+        for (name, v) in vars(&varmap) {
+            let (a, b) = (g32.get(v.as_tensor()).unwrap(), g16.get(v.as_tensor()).unwrap());
+            assert_eq!(b.dtype(), DType::F32, "{name}");
+            let err = common::rel_err(b, a);
+            assert!(err < 0.1, "{extra:?} {name}: bf16 gradient off by {err:.2e} (relative)");
+        }
+    }
 }

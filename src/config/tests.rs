@@ -66,3 +66,33 @@ fn resolved_config_round_trips_through_toml() {
     let back = Config::resolve_str(&c.to_toml(), "saved", &[]).unwrap();
     assert_eq!(c, back);
 }
+
+/// Every config the repository ships (configs/, experiments/) resolves: a key renamed or a value
+/// refused by a later check would otherwise surface only when someone runs it.
+#[test]
+fn every_shipped_config_resolves() {
+    fn tomls(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                tomls(&p, out);
+            } else if p.extension().is_some_and(|e| e == "toml") {
+                out.push(p);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    tomls(&root.join("configs"), &mut files);
+    tomls(&root.join("experiments"), &mut files);
+    // Run folders' config.toml files and the comparison specs are not training configs.
+    files.retain(|p| {
+        !p.components().any(|c| c.as_os_str() == "runs") && p.file_name().is_some_and(|n| n != "paper.toml")
+    });
+    assert!(files.len() >= 10, "{files:?}");
+    for f in &files {
+        if let Err(e) = Config::resolve(Some(f), &[]) {
+            panic!("{}: {e}", f.display());
+        }
+    }
+}
