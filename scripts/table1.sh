@@ -23,6 +23,10 @@
 # mae_vit_c4avg trains nothing: it evaluates each mae_vit checkpoint (same seed) wrapped with
 # C4 averaging (`liederiv eval --as-run`), so it runs after mae_vit and needs its checkpoints.
 #
+# After each run, its test error against an extra rotation of every image (`eval --angles
+# $ANGLES`, default 0:360:15, on the first ANGLE_LIMIT test digits, default 2000) goes beside its
+# metrics as angles.csv, and RESULTS.md overlays every row's curve (mean over its seeds).
+#
 # Run names: <row> for seed 0, <row>_s<seed> otherwise. Runs whose directory already holds a
 # summary.json are not trained again (FORCE=1 retrains them from scratch), and a run that was
 # interrupted continues from its last checkpoint (`train --resume`), so a stopped table picks up
@@ -85,6 +89,9 @@ case "$BUDGET" in
 esac
 SEEDS=${SEEDS:-0}
 PARALLEL=${PARALLEL:-0}
+ANGLES=${ANGLES:-0:360:15}
+ANGLE_LIMIT=${ANGLE_LIMIT:-2000}
+[[ $BUDGET != smoke ]] || ANGLE_LIMIT=200
 DEVICE=${DEVICE:-}
 [[ -z $DEVICE ]] || SET+=(--set "device=\"$DEVICE\"")
 
@@ -149,6 +156,12 @@ report() {
         echo "rotation ![error vs rotation LEE](table_error_vs_lee_rotate.svg),"
         echo "[translate_x](table_error_vs_lee_translate_x.svg), [translate_y](table_error_vs_lee_translate_y.svg)."
         echo
+        if [[ -f $REPORT/table_angles.svg ]]; then
+            echo "Test error against an extra rotation θ of every test image ($ANGLES degrees, the first"
+            echo "$ANGLE_LIMIT test digits; a row with several seeds is their mean):"
+            echo "![test error against rotation angle](table_angles.svg)"
+            echo
+        fi
         echo "Per row, rotation LEE over training on train / test / OOD, mean over seeds with the min–max band:"
         echo
         for row in $ALL_ROWS; do
@@ -173,6 +186,24 @@ report() {
         [[ -f $discussion && $BUDGET != smoke ]] && { echo; cat "$discussion"; }
     } > "$REPORT/RESULTS.md"
     echo "table1: wrote $REPORT/RESULTS.md" >&2
+}
+
+# The angle curve of a finished run (row, seed), into its report folder; kept when it is there.
+angle_run() {
+    local row=$1 seed=$2 name ckpt
+    name=$(run_name "$row" "$seed")
+    [[ -f $REPORT/runs/$name/angles.csv && $FORCE == 0 ]] && return 0
+    ckpt=$RUNS/$name/checkpoint.safetensors
+    # The evaluation-only row measures mae_vit's checkpoint of its seed, C4-averaged.
+    [[ $row != mae_vit_c4avg ]] || ckpt=$RUNS/$(run_name mae_vit "$seed")/checkpoint.safetensors
+    echo "table1: angle curve of $name ($ANGLES on $ANGLE_LIMIT test digits)" >&2
+    "$BIN" eval --checkpoint "$ckpt" --config "$EXP/$row.toml" --set "output.dir=\"$RUNS\"" \
+        --set "name=\"$name\"" --set "seed=$seed" "${SET[@]}" --splits test --limit "$ANGLE_LIMIT" \
+        --angles "$ANGLES" >> "$RUNS/$name.log" 2>&1 || {
+        echo "table1: the angle curve of $name failed; see $RUNS/$name.log" >&2
+        return 1
+    }
+    cp "$RUNS/$name/angles.csv" "$REPORT/runs/$name/"
 }
 
 # Train one run (row, seed) with extra `--set` arguments; on success copy what the report needs.
@@ -259,6 +290,7 @@ train_run() {
         mkdir -p "$REPORT/runs/$name/pretrain"
         cp "$dir/pretrain/metrics.jsonl" "$REPORT/runs/$name/pretrain/"
     fi
+    angle_run "$row" "$seed"
 }
 
 # The `--set` step overrides of one run under FIT_SECONDS (none otherwise: the config's own;

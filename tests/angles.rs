@@ -263,3 +263,18 @@ fn eval_angles_writes_the_curve_to_the_table_csv_plots_and_json() {
     assert_eq!(plain.keys().collect::<Vec<_>>(), ["test", "train"]);
     assert_eq!(plain["test"], doc["test"]);
 }
+
+/// A row's seeds are overlaid as their pointwise mean, at the angles all of them measured.
+#[test]
+fn seed_curves_average_pointwise_at_shared_angles() {
+    use liederiv::report::angles::mean_series;
+    let a = (
+        "a".to_string(),
+        vec![(0.0, 2.0, 0.9), (15.0, 4.0, 0.8), (30.0, 6.0, 0.7)],
+    );
+    let b = ("b".to_string(), vec![(0.0, 4.0, 0.7), (30.0, 8.0, 0.5)]);
+    let (label, pts) = mean_series("row (mean of 2)", &[a.clone(), b]);
+    assert_eq!(label, "row (mean of 2)");
+    assert_eq!(pts, vec![(0.0, 3.0, 0.8), (30.0, 7.0, 0.6)]);
+    assert_eq!(mean_series("one", std::slice::from_ref(&a)).1, a.1);
+}

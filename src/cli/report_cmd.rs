@@ -153,18 +153,27 @@ fn row_lee_plots(md: &Path, runs: &[RunReport]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The test-split angle curves of every run that has an `angles.csv` (`liederiv eval
-/// --angles`), overlaid in `<markdown stem>_angles.{png,svg}`.
+/// The test-split angle curves of the runs that have an `angles.csv` (`liederiv eval
+/// --angles`), overlaid in `<markdown stem>_angles.{png,svg}`: one curve per run, or per row the
+/// mean over its seeds when a row has several (Table 1's 7 rows × 3 seeds would be 21 curves).
 fn angle_overlay(md: &Path, runs: &[RunReport]) -> anyhow::Result<()> {
     let mut series = Vec::new();
-    for r in runs {
-        let path = r.dir.join(report::angles::ANGLES_CSV);
-        if !path.exists() {
-            continue;
+    for (row, members) in rows_of(runs) {
+        let mut curves = Vec::new();
+        for r in members {
+            let path = r.dir.join(report::angles::ANGLES_CSV);
+            if !path.exists() {
+                continue;
+            }
+            let s = report::angles::series_of(&report::angles::read_angles(&path)?, "test", &r.name);
+            if !s.1.is_empty() {
+                curves.push(s);
+            }
         }
-        let s = report::angles::series_of(&report::angles::read_angles(&path)?, "test", &r.name);
-        if !s.1.is_empty() {
-            series.push(s);
+        match curves.len() {
+            0 => {}
+            1 => series.append(&mut curves),
+            k => series.push(report::angles::mean_series(&format!("{row} (mean of {k})"), &curves)),
         }
     }
     if series.is_empty() {

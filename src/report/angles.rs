@@ -87,6 +87,28 @@ pub fn series_of(points: &[AnglePoint], split: &str, label: &str) -> AngleSeries
     (label.to_string(), pts)
 }
 
+/// The pointwise mean of curves (a row's seeds), labelled `label`: at the angles every curve has.
+pub fn mean_series(label: &str, curves: &[AngleSeries]) -> AngleSeries {
+    let Some((_, first)) = curves.first() else {
+        return (label.to_string(), Vec::new());
+    };
+    let pts = first
+        .iter()
+        .filter_map(|&(deg, _, _)| {
+            let at: Vec<(f64, f64)> = curves
+                .iter()
+                .filter_map(|(_, c)| c.iter().find(|p| p.0 == deg).map(|p| (p.1, p.2)))
+                .collect();
+            let k = at.len() as f64;
+            (at.len() == curves.len()).then(|| {
+                let (e, p) = at.iter().fold((0.0, 0.0), |(se, sp), (e, p)| (se + e, sp + p));
+                (deg, e / k, p / k)
+            })
+        })
+        .collect();
+    (label.to_string(), pts)
+}
+
 /// Console table: one line per angle, error and true-class probability per split.
 pub fn angles_table(points: &[AnglePoint]) -> String {
     let splits: std::collections::BTreeSet<&str> = points.iter().map(|p| p.split.as_str()).collect();
