@@ -172,3 +172,12 @@ choice! {
         Bf16 = "bf16",
     }
 }
+
+choice! {
+    /// `data.interpolation`: the resampling filter of image resizes (Pillow's, as timm uses them).
+    Interpolation {
+        Bilinear = "bilinear",
+        /// Keys' cubic with a = −0.5 (Pillow's bicubic).
+        Bicubic = "bicubic",
+    }
+}

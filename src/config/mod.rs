@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use choices::{
-    DataSource, InitWeights, Kernels, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Precision, PretrainImages,
-    Statistic, WeightFormat,
+    DataSource, InitWeights, Interpolation, Kernels, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Precision,
+    PretrainImages, Statistic, WeightFormat,
 };
 pub use validate::ConfigError;
 

@@ -10,6 +10,7 @@ pub mod amat;
 pub mod hub_mnist;
 pub mod idx;
 mod loader;
+pub mod preprocess;
 mod rot;
 
 pub use loader::{batch, epoch_order};
