@@ -181,3 +181,23 @@ fn truncated_and_corrupt_files_are_refused() {
     }
     assert!(decode(b"not an image at all", 3).is_err());
 }
+
+/// The training crops: the whole image when scale and ratio allow only it; always the asked
+/// size; a flip mirrors each row and undoes itself.
+#[test]
+fn training_crops_and_flips_keep_their_contracts() {
+    use liederiv::data::preprocess::{hflip, random_resized_crop};
+    use rand::SeedableRng;
+    let fx = fixture();
+    let img = pil_rgb(&fx, "chelsea"); // 120×80
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let whole = random_resized_crop(&img, 40, (1.0, 1.0), (1.5, 1.5), Interpolation::Bicubic, &mut rng);
+    assert_eq!(whole, resize(&img, 40, 40, Interpolation::Bicubic));
+    for _ in 0..20 {
+        let c = random_resized_crop(&img, 32, (0.08, 1.0), (0.75, 4.0 / 3.0), Interpolation::Bilinear, &mut rng);
+        assert_eq!((c.w, c.h, c.c, c.data.len()), (32, 32, 3, 32 * 32 * 3));
+    }
+    let f = hflip(&img);
+    assert_eq!(hflip(&f), img);
+    assert_eq!(&f.data[..3], &img.data[(img.w - 1) * 3..img.w * 3]);
+}
