@@ -75,8 +75,16 @@ const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 const TRIM_THRESHOLD: libc::c_int = libc::c_int::MAX;
 
 /// Keep freed activation buffers in the process for reuse (glibc only; a no-op elsewhere).
-/// Returns whether the settings were applied.
+/// Returns whether the settings were applied. Left alone when the environment sets glibc's own
+/// thresholds (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`): e.g.
+/// `scripts/bench.sh` maps every large buffer on its own to measure live memory, not the heap's.
 pub fn tune_allocator() -> bool {
+    let set_by_user = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if set_by_user {
+        return false;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only changes allocator parameters (under glibc's arena lock) and

@@ -194,7 +194,14 @@ fn training_crops_and_flips_keep_their_contracts() {
     let whole = random_resized_crop(&img, 40, (1.0, 1.0), (1.5, 1.5), Interpolation::Bicubic, &mut rng);
     assert_eq!(whole, resize(&img, 40, 40, Interpolation::Bicubic));
     for _ in 0..20 {
-        let c = random_resized_crop(&img, 32, (0.08, 1.0), (0.75, 4.0 / 3.0), Interpolation::Bilinear, &mut rng);
+        let c = random_resized_crop(
+            &img,
+            32,
+            (0.08, 1.0),
+            (0.75, 4.0 / 3.0),
+            Interpolation::Bilinear,
+            &mut rng,
+        );
         assert_eq!((c.w, c.h, c.c, c.data.len()), (32, 32, 3, 32 * 32 * 3));
     }
     let f = hflip(&img);
