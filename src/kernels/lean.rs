@@ -363,6 +363,50 @@ pub(super) fn softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// GELU
+
+struct Gelu {
+    out: Precomputed,
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "lean-gelu"
+    }
+
+    hand_over!(CustomOp1);
+
+    /// dx = gelu'(x) · g, in chunks of images: candle's own GELU backward holds about eight
+    /// activation-sized temporaries at once (ViT-B/16's MLP: 2.4 MB per image each).
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (x, g) = (x.detach(), g.detach());
+        let b = x.dim(0)?;
+        let mut parts = Vec::with_capacity(b.div_ceil(BWD_CHUNK_IMAGES));
+        for start in (0..b).step_by(BWD_CHUNK_IMAGES) {
+            let len = BWD_CHUNK_IMAGES.min(b - start);
+            let d = super::gelu::gelu_erf_derivative_composed(&x.narrow(0, start, len)?)?;
+            parts.push((g.narrow(0, start, len)? * d)?);
+        }
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    }
+}
+
+/// The exact (erf) GELU by candle's kernel, as one node that keeps its input.
+pub(super) fn gelu(x: &Tensor) -> Result<Tensor> {
+    match lean(
+        x,
+        &[],
+        |x| x.gelu_erf(),
+        |y| Gelu {
+            out: Precomputed::new(y),
+        },
+    )? {
+        (y, None) => Ok(y),
+        (_, Some(op)) => x.apply_op1(op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention
 
 struct Attention {
@@ -379,28 +423,39 @@ impl CustomOp1 for Attention {
     hand_over!(CustomOp1);
 
     /// With s = softmax(q·kᵀ) (q pre-scaled) recomputed: dv = sᵀ·g, ds = g·vᵀ,
-    /// dz = s ⊙ (ds − Σ ds ⊙ s), dq = scale·dz·k, dk = dzᵀ·q (q scaled).
+    /// dz = s ⊙ (ds − Σ ds ⊙ s), dq = scale·dz·k, dk = dzᵀ·q (q scaled). In chunks of
+    /// [`BWD_CHUNK_IMAGES`] images, so that the (N, N) temporaries of the backward (five
+    /// of them at its peak) do not grow with the batch.
     fn bwd(&self, qkv: &Tensor, _o: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let qkv = &qkv.detach();
         let (b, n, d3) = qkv.dims3()?;
-        let (q, k, v) = split_heads(qkv, self.heads, self.scale)?;
-        let s = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let hd = d3 / 3 / self.heads;
-        // g: (B, N, D) → (B·H, N, hd), as merge_heads undoes.
-        let g = g
-            .reshape((b, n, self.heads, hd))?
-            .transpose(1, 2)?
-            .reshape((b * self.heads, n, hd))?;
-        let dv = s.t()?.matmul(&g)?;
-        let ds = g.matmul(&v.t()?)?;
-        let dz = (&s * ds.broadcast_sub(&(&ds * &s)?.sum_keepdim(D::Minus1)?)?)?;
-        let dq = (dz.matmul(&k)? * self.scale)?;
-        let dk = dz.t()?.matmul(&q)?;
-        let parts = [dq, dk, dv].map(|t| merge_heads(&t, self.heads));
-        let [dq, dk, dv] = parts;
-        Ok(Some(Tensor::cat(&[dq?, dk?, dv?], D::Minus1)?))
+        let mut parts = Vec::with_capacity(b.div_ceil(BWD_CHUNK_IMAGES));
+        for start in (0..b).step_by(BWD_CHUNK_IMAGES) {
+            let len = BWD_CHUNK_IMAGES.min(b - start);
+            let (q, k, v) = split_heads(&qkv.narrow(0, start, len)?, self.heads, self.scale)?;
+            let s = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+            // g: (B, N, D) → (B·H, N, hd), as merge_heads undoes.
+            let g = g
+                .narrow(0, start, len)?
+                .reshape((len, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .reshape((len * self.heads, n, hd))?;
+            let dv = s.t()?.matmul(&g)?;
+            let ds = g.matmul(&v.t()?)?;
+            let dz = (&s * ds.broadcast_sub(&(&ds * &s)?.sum_keepdim(D::Minus1)?)?)?;
+            let dq = (dz.matmul(&k)? * self.scale)?;
+            let dk = dz.t()?.matmul(&q)?;
+            let [dq, dk, dv] = [dq, dk, dv].map(|t| merge_heads(&t, self.heads));
+            parts.push(Tensor::cat(&[dq?, dk?, dv?], D::Minus1)?);
+        }
+        Ok(Some(Tensor::cat(&parts, 0)?))
     }
 }
+
+/// Images per chunk of the attention and GELU backwards: their temporaries (attention's
+/// (B·H, N, N) scores, GELU's derivative terms) are bounded by this many images', not the batch's.
+const BWD_CHUNK_IMAGES: usize = 8;
 
 /// softmax(scale·q·kᵀ)·v on the packed `qkv: (B, N, 3D)` (checked by the caller) → `(B, N, D)`.
 pub(super) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
