@@ -6,7 +6,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use liederiv::kernels::checkpoint;
 use liederiv::models::init::SeededVarMap;
@@ -20,18 +20,6 @@ fn images(b: usize, dtype: DType) -> Tensor {
 
 fn labels(b: usize) -> Tensor {
     Tensor::from_vec((0..b as u32).map(|i| i % 10).collect::<Vec<_>>(), b, &Device::Cpu).unwrap()
-}
-
-fn vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let mut v: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// Every variable's gradient under `plain` and `checkpointed`, which must agree to `tol`
@@ -53,7 +41,7 @@ fn compare(
     let g1 = l1.backward().unwrap();
     let g2 = checkpoint::backward(&l2).unwrap();
     let mut worst: f64 = 0.0;
-    for (name, v) in vars(varmap) {
+    for (name, v) in common::named_vars(varmap) {
         let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
         match (a, b) {
             (Some(a), Some(b)) => {
@@ -131,13 +119,11 @@ fn a_checkpointed_block_is_one_graph_node() {
         let logits = m
             .forward_train(&images(2, DType::F32), &mut Rng::seed_from_u64(1))
             .unwrap();
-        let vars = vars(&varmap).len();
-        let n = logits.sorted_nodes().iter().filter(|t| !t.is_variable()).count();
-        (n, vars)
+        logits.sorted_nodes().iter().filter(|t| !t.is_variable()).count()
     };
-    let ((c3, _), (c6, _)) = (nodes(3, true), nodes(6, true));
+    let (c3, c6) = (nodes(3, true), nodes(6, true));
     assert_eq!(c6 - c3, 3, "checkpointed: {c3} nodes at depth 3, {c6} at depth 6");
-    let ((p3, _), (p6, _)) = (nodes(3, false), nodes(6, false));
+    let (p3, p6) = (nodes(3, false), nodes(6, false));
     assert!(
         (p6 - p3) / 3 >= 10,
         "plain: {p3} nodes at depth 3, {p6} at depth 6 (a block should be many ops)"
@@ -212,7 +198,7 @@ fn bf16_casts_compute_near_f32_and_send_f32_gradients_to_the_weights() {
         );
         let g32 = candle_nn::loss::cross_entropy(&l32, &y).unwrap().backward().unwrap();
         let g16 = checkpoint::backward(&candle_nn::loss::cross_entropy(&l16, &y).unwrap()).unwrap();
-        for (name, v) in vars(&varmap) {
+        for (name, v) in common::named_vars(&varmap) {
             let (a, b) = (g32.get(v.as_tensor()).unwrap(), g16.get(v.as_tensor()).unwrap());
             assert_eq!(b.dtype(), DType::F32, "{name}");
             let err = common::rel_err(b, a);

@@ -65,14 +65,7 @@ fn checkpointed_vit_matches_plain() {
     };
     let g1 = loss(plain.as_ref()).backward().unwrap();
     let g2 = kernels::checkpoint::backward(&loss(ckpt.as_ref())).unwrap();
-    let vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (name, v) in vars {
+    for (name, v) in common::named_vars(&varmap) {
         let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
         let err = common::rel_err(b, a);
         assert!(

@@ -278,33 +278,31 @@ pub fn resize_box(img: &Image8, w: usize, h: usize, bbox: (f64, f64, f64, f64), 
     let (x0, y0, x1, y1) = bbox;
     let need_h = w != img.w || x0 != 0.0 || x1 != img.w as f64;
     let need_v = h != img.h || y0 != 0.0 || y1 != img.h as f64;
-    let mut out = img.clone();
     let vcoeffs = coefficients(img.h, y0, y1, h, interp);
-    if need_h {
-        // Only the rows the vertical pass reads (Pillow's ybox_first..ybox_last).
-        let (first, last) = if need_v {
-            let first = vcoeffs.first().map_or(0, |c| c.0);
-            let last = vcoeffs.last().map_or(img.h, |c| c.0 + c.1.len());
-            (first, last)
+    if !need_h {
+        return if need_v {
+            pass(img, &vcoeffs, false)
         } else {
-            (0, img.h)
+            img.clone()
         };
-        let rows = Image8 {
-            h: last - first,
-            data: img.data[first * img.w * img.c..last * img.w * img.c].to_vec(),
-            ..img.clone()
-        };
-        out = pass(&rows, &coefficients(img.w, x0, x1, w, interp), true);
-        if need_v {
-            let shifted: Vec<(usize, Vec<i32>)> = vcoeffs.into_iter().map(|(s, k)| (s - first, k)).collect();
-            return pass(&out, &shifted, false);
-        }
+    }
+    // Only the rows the vertical pass reads (Pillow's ybox_first..ybox_last).
+    let (first, last) = match (need_v, vcoeffs.first(), vcoeffs.last()) {
+        (true, Some(a), Some(z)) => (a.0, z.0 + z.1.len()),
+        _ => (0, img.h),
+    };
+    let rows = Image8 {
+        w: img.w,
+        h: last - first,
+        c: img.c,
+        data: img.data[first * img.w * img.c..last * img.w * img.c].to_vec(),
+    };
+    let out = pass(&rows, &coefficients(img.w, x0, x1, w, interp), true);
+    if !need_v {
         return out;
     }
-    if need_v {
-        out = pass(&out, &vcoeffs, false);
-    }
-    out
+    let shifted: Vec<(usize, Vec<i32>)> = vcoeffs.into_iter().map(|(s, k)| (s - first, k)).collect();
+    pass(&out, &shifted, false)
 }
 
 /// `Image.resize((w, h), resample)`.
