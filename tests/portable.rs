@@ -132,6 +132,22 @@ fn portable_forms_match_candle_autograd_and_the_config_names_them() {
             &res,
             tol,
         );
+        let mlp = [
+            var(&[20, 17, 96], 2.0, 11), // 20 images: the backward runs in chunks
+            var(&[64, 96], 0.2, 12),
+            var(&[64], 0.5, 13),
+            var(&[20, 17, 64], 1.0, 14),
+        ];
+        check(
+            "gelu + linear + residual",
+            &|t| kernels::gelu_linear_add(&t[0], &t[1], Some(&t[2]), &t[3]).unwrap(),
+            &|t| {
+                let a = kernels::gelu_erf_composed(&t[0]).unwrap();
+                (kernels::linear_composed(&a, &t[1], Some(&t[2])).unwrap() + &t[3]).unwrap()
+            },
+            &mlp,
+            tol.max(2e-6),
+        );
         let g = [var(&[20, 50, 96], 2.0, 6)]; // 20 images: the backward runs in chunks
         check(
             "gelu",

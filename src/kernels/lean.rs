@@ -284,6 +284,8 @@ pub(super) type LinearGrads = fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, T
 struct LinearResidual {
     in_dim: usize,
     grads: LinearGrads,
+    /// Whether the layer's input is GELU of the kept `x` (see [`linear_residual`]).
+    gelu_first: bool,
     out: Precomputed,
 }
 
@@ -303,19 +305,49 @@ impl CustomOp3 for LinearResidual {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let w = wb.detach().narrow(1, 0, self.in_dim)?.contiguous()?;
-        let (dx, dw, db) = (self.grads)(&x.detach(), &w, g)?;
+        let x = x.detach();
+        let (dx, dw, db) = match self.gelu_first {
+            false => (self.grads)(&x, &w, g)?,
+            true => self.gelu_grads(&x, &w, &g.contiguous()?)?,
+        };
         let dwb = Tensor::cat(&[&dw, &db.unsqueeze(1)?], 1)?;
         Ok((Some(dx), Some(dwb), Some(g.clone())))
     }
 }
 
-/// `x·Wᵀ + b + residual` where a gradient is wanted (shapes checked by the caller); `forward`
-/// computes it on detached operands, `grads` differentiates the linear part.
+impl LinearResidual {
+    /// The gradients with the layer's input `gelu(x)`, recomputed in chunks of
+    /// [`BWD_CHUNK_IMAGES`] images: `dx = (g·W) ⊙ gelu'(x)`, `dW = Σ gᵀ·gelu(x)`, `db = Σ g`.
+    fn gelu_grads(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let b = x.dim(0)?;
+        let mut dxs = Vec::with_capacity(b.div_ceil(BWD_CHUNK_IMAGES));
+        let mut sums: Option<(Tensor, Tensor)> = None;
+        for start in (0..b).step_by(BWD_CHUNK_IMAGES) {
+            let len = BWD_CHUNK_IMAGES.min(b - start);
+            let xc = x.narrow(0, start, len)?;
+            let (da, dw, db) = (self.grads)(&super::gelu::gelu_erf(&xc)?, w, &g.narrow(0, start, len)?)?;
+            dxs.push((da * super::gelu::gelu_erf_derivative(&xc)?)?);
+            sums = Some(match sums {
+                None => (dw, db),
+                Some((sw, sb)) => ((sw + dw)?, (sb + db)?),
+            });
+        }
+        let Some((dw, db)) = sums else {
+            bail!("lean-linear-residual: an empty batch has no gradient")
+        };
+        Ok((Tensor::cat(&dxs, 0)?, dw, db))
+    }
+}
+
+/// `x·Wᵀ + b + residual` — or, with `gelu_first`, `gelu(x)·Wᵀ + b + residual` (a transformer
+/// MLP's second layer: its input, four activations wide in a ViT, is then recomputed by the
+/// backward rather than kept) — where a gradient is wanted (shapes checked by the caller).
+/// `forward` computes it on detached operands, `grads` differentiates the linear part.
 pub(super) fn linear_residual(
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+    (weight, bias): (&Tensor, &Tensor),
     residual: &Tensor,
+    gelu_first: bool,
     forward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     grads: LinearGrads,
 ) -> Result<Tensor> {
@@ -325,6 +357,7 @@ pub(super) fn linear_residual(
     let op = LinearResidual {
         in_dim: weight.dim(1)?,
         grads,
+        gelu_first,
         out: Precomputed::new(y),
     };
     x.apply_op3(&wb, residual, op)

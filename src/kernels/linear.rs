@@ -290,35 +290,73 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// keep the linear's output for the add's backward.
 pub fn linear_add(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
     check(x, weight, bias)?;
+    match training_residual(x, weight, bias, residual)? {
+        Some(b) => residual_node(x, (weight, b), residual, false),
+        None => residual_add(x, weight, bias, residual),
+    }
+}
+
+/// `linear(gelu(h), weight, bias) + residual`: a transformer MLP's second layer onto its residual
+/// stream. In training (with a bias) one graph node over `(h, [W | b], residual)` whose backward
+/// recomputes `gelu(h)`, so that the layer's input (4·D wide in a ViT, a third of a block's
+/// activations) is not kept; PyTorch eager keeps both `h` and `gelu(h)`. Elsewhere equal to the bit
+/// to [`gelu_erf`](super::gelu_erf) then [`linear_add`].
+pub fn gelu_linear_add(h: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+    check(h, weight, bias)?;
+    match training_residual(h, weight, bias, residual)? {
+        Some(b) => residual_node(h, (weight, b), residual, true),
+        None => residual_add(&super::gelu::gelu_erf(h)?, weight, bias, residual),
+    }
+}
+
+/// The bias, where `x·Wᵀ + b + residual` is to be one training node: something tracks a gradient,
+/// there is a bias (to pack with W) and the residual has the output's shape.
+fn training_residual<'a>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&'a Tensor>,
+    residual: &Tensor,
+) -> Result<Option<&'a Tensor>> {
     let mut out = x.dims().to_vec();
     *out.last_mut().expect("rank ≥ 1: checked") = weight.dim(0)?;
     let others: Vec<&Tensor> = [weight, residual].into_iter().chain(bias).collect();
-    if residual.dims() != out {
-        return linear(x, weight, bias)? + residual;
+    Ok(bias.filter(|_| residual.dims() == out && !inference_only(x, &others)))
+}
+
+/// The training node of [`linear_add`] / [`gelu_linear_add`]: fused or portable.
+fn residual_node(x: &Tensor, (w, b): (&Tensor, &Tensor), r: &Tensor, gelu_first: bool) -> Result<Tensor> {
+    let act = |x: &Tensor| match gelu_first {
+        true => super::gelu::gelu_erf(x),
+        false => Ok(x.clone()),
+    };
+    match fusable(x) {
+        true => super::lean::linear_residual(
+            x,
+            (w, b),
+            r,
+            gelu_first,
+            |x, w, b, r| residual_add(&act(x)?, w, Some(b), r),
+            fused_grads,
+        ),
+        false => super::lean::linear_residual(
+            x,
+            (w, b),
+            r,
+            gelu_first,
+            |x, w, b, r| linear_composed(&act(x)?, w, Some(b))? + r,
+            super::lean::Linear::grads,
+        ),
     }
-    if !inference_only(x, &others) {
-        let Some(b) = bias else {
-            return linear(x, weight, None)? + residual;
-        };
-        // Training: one node over (x, [W | b], r), so the linear's output is not kept.
-        return match fusable(x) {
-            true => super::lean::linear_residual(
-                x,
-                weight,
-                b,
-                residual,
-                |x, w, b, r| linear_add(x, w, Some(b), r),
-                fused_grads,
-            ),
-            false => super::lean::linear_residual(
-                x,
-                weight,
-                b,
-                residual,
-                |x, w, b, r| linear_composed(x, w, Some(b))? + r,
-                super::lean::Linear::grads,
-            ),
-        };
+}
+
+/// `linear(x, weight, bias) + residual` outside the training node: one op on the CPU where
+/// nothing tracks a gradient and the shapes allow, else the two ops.
+fn residual_add(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+    let mut out = x.dims().to_vec();
+    *out.last_mut().expect("rank ≥ 1: checked") = weight.dim(0)?;
+    let others: Vec<&Tensor> = [weight, residual].into_iter().chain(bias).collect();
+    if residual.dims() != out || !inference_only(x, &others) {
+        return linear(x, weight, bias)? + residual;
     }
     let (x, w, r) = (x.contiguous()?, weight.contiguous()?, residual.contiguous()?);
     x.apply_op3_no_bwd(&w, &r, &LinearAddOp { bias: bias.cloned() })

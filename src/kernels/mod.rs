@@ -48,7 +48,7 @@ pub use driver::{fusable, set_portable};
 pub use gelu::{gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, gelu_erf_jvp};
 pub use layer_norm::{layer_norm, layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed};
 pub use lean::at_least_f32;
-pub use linear::{linear, linear_add, linear_composed};
+pub use linear::{gelu_linear_add, linear, linear_add, linear_composed};
 pub use simd::{avx512, isa};
 pub use softmax::{softmax, softmax_composed, softmax_tangent};
 pub use tangent::{merge_tangent, split_tangent, tangent_matmul, tangent_mul};

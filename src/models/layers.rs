@@ -249,6 +249,13 @@ impl ResidualBranch for Mlp {
     fn output(&self) -> &Linear {
         &self.fc2
     }
+
+    /// In training, fc2's input `gelu(h)` is recomputed by the backward, not kept
+    /// ([`kernels::gelu_linear_add`]).
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(x)?;
+        kernels::gelu_linear_add(&h, &self.fc2.weight, self.fc2.bias.as_ref(), residual)
+    }
 }
 
 impl Jvp for Mlp {
