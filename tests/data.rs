@@ -181,8 +181,8 @@ fn hub_missing_file_is_a_download_error() {
 // ---------------------------------------------------------------------------------------------
 // Synthetic sources
 
-use liederiv::config::Config;
-use liederiv::data::{self, amat, idx, DataError, Split};
+use liederiv::config::{Config, PerChannel};
+use liederiv::data::{self, amat, idx, DataError, Images, Split};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
@@ -432,10 +432,10 @@ fn amat_small_file_parses_and_feeds_the_splits() {
     let val = data::load_split(&cfg, "val").unwrap();
     let test = data::load_split(&cfg, "test").unwrap();
     assert_eq!(
-        (train.labels, val.labels, test.labels),
-        (vec![3, 0], vec![9], vec![1, 7])
+        (&train.labels, &val.labels, &test.labels),
+        (&vec![3, 0], &vec![9], &vec![1, 7])
     );
-    assert_eq!(train.images, imgs[..2].concat());
+    assert_eq!(px(&train), imgs[..2].concat());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -483,19 +483,19 @@ fn mnist_rot_is_seeded_and_cached() {
     let a = load(&cfg);
     assert_eq!(a.iter().map(Split::len).collect::<Vec<_>>(), vec![30, 10, 25]);
     for s in &a {
-        assert!(s.images.iter().all(|v| (0.0..=1.0).contains(v)), "{}", s.name);
-        assert_eq!((s.h, s.w), (28, 28));
+        assert!(px(s).iter().all(|v| (0.0..=1.0).contains(v)), "{}", s.name);
+        assert_eq!(grey_size(s), (28, 28));
     }
     // Same seed, fresh cache: the same bytes.
     let b = load(&small_cfg(root.path(), c2.path(), &[]));
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.sha256(), y.sha256());
+        assert_eq!(x.sha256().unwrap(), y.sha256().unwrap());
     }
     // Another seed: other bytes (another permutation and other angles).
     let other = small_cfg(root.path(), c2.path(), &["data.split_seed=1"]);
     let c = load(&other);
     for (x, y) in a.iter().zip(&c) {
-        assert_ne!(x.sha256(), y.sha256());
+        assert_ne!(x.sha256().unwrap(), y.sha256().unwrap());
     }
     // The 65 selected digits are distinct pool digits: rotation keeps the label multiset inside
     // the pool's, and the per-class counts of train+val+test never exceed the pool's.
@@ -518,7 +518,7 @@ fn mnist_rot_is_seeded_and_cached() {
     let before = std::fs::metadata(&path).unwrap().modified().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     let again = data::load_split(&cfg, "test").unwrap();
-    assert_eq!(again.sha256(), a[2].sha256());
+    assert_eq!(again.sha256().unwrap(), a[2].sha256().unwrap());
     assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), before);
     // A changed seed is a different cache entry, built on first use.
     let seeded = small_cfg(root.path(), c1.path(), &["data.split_seed=7"]);
@@ -537,7 +537,10 @@ fn mnist_rot_is_seeded_and_cached() {
     assert_eq!(data::cache_path(&cfg, "test").unwrap(), path);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    assert_eq!(data::load_split(&cfg, "test").unwrap().sha256(), a[2].sha256());
+    assert_eq!(
+        data::load_split(&cfg, "test").unwrap().sha256().unwrap(),
+        a[2].sha256().unwrap()
+    );
 }
 
 #[test]
@@ -556,10 +559,10 @@ fn ood_sets_training_set_and_unknown_splits() {
         &["data.ood=[{name=\"fashion\", path=\"fashion-mnist\", rotate=false, limit=4}]"],
     );
     let plain = data::load_split(&plain_cfg, "ood_fashion").unwrap();
-    assert_eq!(plain.labels, l[..4]);
+    assert_eq!(plain.labels, l[..4].iter().map(|&v| v as u32).collect::<Vec<_>>());
     let expect: Vec<f32> = p[..4 * 784].iter().map(|&v| v as f32 / 255.0).collect();
-    assert_eq!(plain.images, expect);
-    assert_ne!(ood.images[..4 * 784], expect[..]);
+    assert_eq!(px(&plain), expect);
+    assert_ne!(px(&ood)[..4 * 784], expect[..]);
     // An OOD entry pointing nowhere names the folders it tried.
     let lost = small_cfg(
         root.path(),
@@ -592,12 +595,12 @@ fn ood_sets_training_set_and_unknown_splits() {
     let val = data::load_split(&cfg, "val").unwrap();
     let both = data::training_set(&cfg).unwrap();
     assert_eq!(both.len(), 40);
-    assert_eq!(both.images, [train.images.clone(), val.images].concat());
+    assert_eq!(px(&both), [px(&train), px(&val)].concat());
     let only = data::training_set(&small_cfg(root.path(), cache.path(), &["data.train_on_val=false"])).unwrap();
     assert_eq!(only, train);
     let few = data::training_set(&small_cfg(root.path(), cache.path(), &["data.train_limit=5"])).unwrap();
-    assert_eq!((few.len(), few.images.len()), (5, 5 * 784));
-    assert_eq!(few.images[..], train.images[..5 * 784]);
+    assert_eq!((few.len(), px(&few).len()), (5, 5 * 784));
+    assert_eq!(px(&few)[..], px(&train)[..5 * 784]);
 
     // MAE pretraining's images: the fine-tuning set by default, else the named splits whatever
     // fine-tuning uses (a validation sweep's pretraining on train is a final run's too).
@@ -640,15 +643,25 @@ fn epoch_order_is_a_seeded_permutation() {
     assert_ne!(a, data::epoch_order(100, 4, 0));
 }
 
+/// The pixels of a digit split.
+fn px(s: &Split) -> &[f32] {
+    match &s.images {
+        Images::Grey { pixels, .. } => pixels,
+        Images::Photos(_) => panic!("{} is not a digit split", s.name),
+    }
+}
+
+fn grey_size(s: &Split) -> (usize, usize) {
+    match &s.images {
+        Images::Grey { h, w, .. } => (*h, *w),
+        Images::Photos(_) => panic!("{} is not a digit split", s.name),
+    }
+}
+
 fn split_from(images: Vec<f32>, h: usize, w: usize) -> Split {
     let n = images.len() / (h * w);
-    Split {
-        name: "t".into(),
-        images,
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        h,
-        w,
-    }
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    Split::digits("t", images, &labels, h, w)
 }
 
 #[test]
@@ -664,7 +677,7 @@ fn batch_normalizes_replicates_and_resizes() {
     assert_eq!(y.to_vec1::<u32>().unwrap(), vec![2, 0]);
     let got = x.i((0, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for (g, v) in got.iter().zip(&imgs[2 * 784..]) {
-        let e = ((*v as f64 - d.mean) / d.std) as f32;
+        let e = ((*v as f64 - d.mean.get(0)) / d.std.get(0)) as f32;
         assert!((g - e).abs() < 1e-6, "{g} vs {e}");
     }
     d.channels = 3;
@@ -679,8 +692,8 @@ fn batch_normalizes_replicates_and_resizes() {
     // functions) wherever no tap is clamped, and a constant stays constant everywhere.
     d.channels = 1;
     d.image_size = 64;
-    d.mean = 0.0;
-    d.std = 1.0;
+    d.mean = PerChannel(vec![0.0]);
+    d.std = PerChannel(vec![1.0]);
     let ramp: Vec<f32> = (0..784)
         .map(|k| (k / 28) as f32 * 0.01 + (k % 28) as f32 * 0.02)
         .collect();
@@ -721,26 +734,41 @@ fn png_bytes(pixels: &[u8], h: usize, w: usize) -> Vec<u8> {
 
 /// The `datasets` Image-feature layout: `{image: {bytes, path}, label: int64}`, snappy.
 fn write_parquet(path: &Path, pixels: &[u8], labels: &[u8]) {
+    let pngs = pixels.chunks(784).map(|c| png_bytes(c, 28, 28)).collect();
+    let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    write_image_parquet(path, pngs, &labels, ("image", "label"), None);
+}
+
+/// As `datasets` writes an image-classification set: column `columns.0` an Image feature
+/// `{bytes, path}` holding `images` (encoded), `columns.1` an int64 label; `metadata` the
+/// `huggingface` key-value entry (the features, with ClassLabel names).
+fn write_image_parquet(
+    path: &Path,
+    images: Vec<Vec<u8>>,
+    labels: &[i64],
+    columns: (&str, &str),
+    metadata: Option<String>,
+) {
     use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::metadata::KeyValue;
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
-    let schema = parquet::schema::parser::parse_message_type(
-        "message schema { optional group image { optional binary bytes; optional binary path (STRING); } \
-         optional int64 label; }",
-    )
+    let schema = parquet::schema::parser::parse_message_type(&format!(
+        "message schema {{ optional group {} {{ optional binary bytes; optional binary path (STRING); }} \
+         optional int64 {}; }}",
+        columns.0, columns.1
+    ))
     .unwrap();
     let props = WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_key_value_metadata(metadata.map(|m| vec![KeyValue::new("huggingface".into(), m)]))
         .build();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let file = std::fs::File::create(path).unwrap();
     let mut writer = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props)).unwrap();
     let n = labels.len();
     let mut rg = writer.next_row_group().unwrap();
-    let pngs: Vec<ByteArray> = pixels
-        .chunks(784)
-        .map(|c| ByteArray::from(png_bytes(c, 28, 28)))
-        .collect();
+    let pngs: Vec<ByteArray> = images.into_iter().map(ByteArray::from).collect();
     let mut col = rg.next_column().unwrap().unwrap();
     col.typed::<ByteArrayType>()
         .write_batch(&pngs, Some(&vec![2; n]), None)
@@ -753,9 +781,8 @@ fn write_parquet(path: &Path, pixels: &[u8], labels: &[u8]) {
         .unwrap();
     col.close().unwrap();
     let mut col = rg.next_column().unwrap().unwrap();
-    let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
     col.typed::<Int64Type>()
-        .write_batch(&labels, Some(&vec![1; n]), None)
+        .write_batch(labels, Some(&vec![1; n]), None)
         .unwrap();
     col.close().unwrap();
     rg.close().unwrap();
@@ -795,7 +822,7 @@ fn hub_parquet_source_matches_the_idx_source() {
     for name in ["train", "val", "test"] {
         let a = data::load_split(&hub_cfg(hub_cache.path()), name).unwrap();
         let b = data::load_split(&idx_cfg, name).unwrap();
-        assert_eq!(a.sha256(), b.sha256(), "{name}");
+        assert_eq!(a.sha256().unwrap(), b.sha256().unwrap(), "{name}");
     }
     // Offline with an empty Hub cache: the Hub error, naming the repo and what to do.
     let empty = tempfile::tempdir().unwrap();
@@ -883,8 +910,8 @@ fn real_mnist_rot_splits() {
     // Every class is present in roughly its MNIST share (each is 9–11% of MNIST).
     assert!(counts.iter().all(|&c| (900..=1500).contains(&c)), "{counts:?}");
     for s in [&train, &val, &test, &ood] {
-        assert_eq!(s.images.len(), s.len() * 784);
-        assert!(s.images.iter().all(|v| (0.0..=1.0).contains(v)), "{}", s.name);
+        assert_eq!(px(s).len(), s.len() * 784);
+        assert!(px(s).iter().all(|v| (0.0..=1.0).contains(v)), "{}", s.name);
     }
     // Pinned: the regenerated benchmark is the same on every machine and every version. Change
     // these only with a deliberate change of the protocol (DESIGN.md, "MNIST-rot": pool order,
@@ -901,7 +928,7 @@ fn real_mnist_rot_splits() {
         ),
         (&ood, "72b45ee535fe1577ae911d004adf7950886db9416c751e336b220c53f58b5591"),
     ] {
-        assert_eq!(s.sha256(), want, "{} changed", s.name);
+        assert_eq!(s.sha256().unwrap(), want, "{} changed", s.name);
     }
     // The angles are U[0, 2π) radians: Kolmogorov–Smirnov distance to the uniform CDF below the
     // 99% critical value 1.63/√n (n = 62,000: 0.0065). Angles in [0, π) would give D = 0.5,
@@ -930,8 +957,11 @@ fn real_mnist_rot_splits() {
             .iter()
             .map(|&p| p as f32 / 255.0)
             .collect();
-        let img = &train.images[k * 784..(k + 1) * 784];
-        assert_eq!(train.labels[k], pool.labels[idx], "image {k}: label of another digit");
+        let img = &px(&train)[k * 784..(k + 1) * 784];
+        assert_eq!(
+            train.labels[k], pool.labels[idx] as u32,
+            "image {k}: label of another digit"
+        );
         let back = data::rotate_images(img, 28, 28, &[-theta]).unwrap();
         let again = data::rotate_images(img, 28, 28, &[theta]).unwrap();
         let corr = |a: &[f32], b: &[f32]| {
@@ -961,7 +991,7 @@ fn real_mnist_rot_splits() {
     // Zero fill: a rotated corner samples outside the frame or next to MNIST's (nearly always)
     // empty border, so almost every corner pixel is exactly 0.
     for s in [&train, &val, &test] {
-        let dark = (0..s.len()).filter(|&k| s.images[k * 784] == 0.0).count();
+        let dark = (0..s.len()).filter(|&k| px(s)[k * 784] == 0.0).count();
         assert!(
             dark * 100 >= s.len() * 99,
             "{}: {dark} of {} corners are 0",
@@ -1001,7 +1031,7 @@ fn data_info_json_from_the_cli() {
     for (name, n) in [("train", 30), ("val", 10), ("test", 25), ("ood_fashion", 15)] {
         let s = data::load_split(&cfg, name).unwrap();
         assert_eq!(splits[name]["n"], n);
-        assert_eq!(splits[name]["sha256"], s.sha256());
+        assert_eq!(splits[name]["sha256"], s.sha256().unwrap());
         assert_eq!(splits[name]["class_counts"], serde_json::json!(s.class_counts()));
     }
     // The documented order: train, val, test, then the OOD sets.
@@ -1175,4 +1205,113 @@ fn mnist_rot_rotation_matches_torch_grid_sample() {
     }
     eprintln!("MNIST-rot rotation vs grid_sample: largest pixel difference {worst:e}");
     assert!(worst < 1e-5, "largest pixel difference to grid_sample: {worst:e}");
+}
+
+#[test]
+fn any_hub_parquet_image_set_trains_evaluates_and_measures_from_the_cli() {
+    // The five sample photos (JPEG and PNG, colour and grey, of several sizes) as a Hub data set
+    // in the `datasets` layout with ClassLabel names, served by a mock Hub: `train` downloads it
+    // into the cache, then `eval` and `lee` run offline from that cache.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos");
+    let photos = ["astronaut.png", "camera.png", "chelsea.jpg", "coffee.jpg", "rocket.jpg"];
+    let bytes: Vec<Vec<u8>> = photos.iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+    let names = serde_json::json!(["astronaut", "camera", "cat", "coffee", "rocket"]);
+    let meta = serde_json::json!({"info": {"features": {
+        "image": {"_type": "Image"},
+        "label": {"_type": "ClassLabel", "names": names},
+    }}})
+    .to_string();
+    let files = tempfile::tempdir().unwrap();
+    let (train, test) = (files.path().join("train.parquet"), files.path().join("test.parquet"));
+    let twice: Vec<Vec<u8>> = bytes.iter().chain(&bytes).cloned().collect();
+    write_image_parquet(
+        &train,
+        twice,
+        &[0, 1, 2, 3, 4, 0, 1, 2, 3, 4],
+        ("image", "label"),
+        Some(meta.clone()),
+    );
+    write_image_parquet(&test, bytes.clone(), &[0, 1, 2, 3, 4], ("image", "label"), Some(meta));
+    let hub = MockHub::start(HashMap::from([
+        ("default/train/0000.parquet".to_string(), std::fs::read(&train).unwrap()),
+        ("default/test/0000.parquet".to_string(), std::fs::read(&test).unwrap()),
+    ]));
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sets = |offline: bool| -> Vec<String> {
+        vec![
+            "data.source=\"parquet\"".into(),
+            "data.parquet.repo=\"someone/photos\"".into(),
+            format!("data.hub_cache_dir={:?}", cache.path().display().to_string()),
+            format!("data.offline={offline}"),
+            "data.ood=[]".into(),
+            "data.image_size=32".into(),
+            "data.channels=3".into(),
+            "data.mean=[0.485, 0.456, 0.406]".into(),
+            "data.std=[0.229, 0.224, 0.225]".into(),
+            "augment.random_resized_crop=true".into(),
+            "model.num_classes=5".into(),
+            "model.vit.patch_size=8".into(),
+            "train.steps=4".into(),
+            "train.batch_size=4".into(),
+            "train.eval_every=4".into(),
+            "eval.splits=[\"test\"]".into(),
+            "lee.splits=[\"test\"]".into(),
+            "lee.limit=4".into(),
+            format!("output.dir={:?}", out.path().display().to_string()),
+            "output.progress=false".into(),
+        ]
+    };
+    let run = |args: &[&str], sets: &[String], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liederiv"));
+        cmd.args(args).env_remove("LIEDERIV_DATA_DIR");
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let o = cmd.output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{args:?}\n{stdout}\n{stderr}");
+        (stdout.into_owned(), stderr.into_owned())
+    };
+    let (_, stderr) = run(&["train"], &sets(false), &[("HF_ENDPOINT", &hub.url)]);
+    assert!(
+        stderr.contains("train: 10 images in 5 classes from 1 Parquet file(s) of someone/photos (default/train)"),
+        "{stderr}"
+    );
+    assert!(hub.requests.load(Ordering::SeqCst) > 0);
+    let classes = std::fs::read_to_string(out.path().join("run/classes.json")).unwrap();
+    let classes: serde_json::Value = serde_json::from_str(&classes).unwrap();
+    assert_eq!(classes["classes"], names);
+
+    let offline = sets(true);
+    let dead = dead_endpoint();
+    let (stdout, _) = run(&["eval"], &offline, &[("HF_ENDPOINT", &dead)]);
+    assert!(stdout.contains("| test  | 5 |"), "{stdout}");
+    let (stdout, _) = run(&["lee"], &offline, &[("HF_ENDPOINT", &dead)]);
+    let row = stdout.lines().find(|l| l.starts_with("test")).unwrap_or_default();
+    assert_eq!(row.split_whitespace().nth(1), Some("4"), "{stdout}");
+
+    // A column the files do not have: the file and the column named.
+    let mut cfg = small_cfg(files.path(), cache.path(), &[]);
+    cfg.data.source = liederiv::config::DataSource::Parquet;
+    cfg.data.parquet.repo = "someone/photos".into();
+    cfg.data.hub_cache_dir = cache.path().display().to_string();
+    cfg.data.offline = true;
+    cfg.data.parquet.label_column = "category".into();
+    let err = data::load_split(&cfg, "test").unwrap_err().to_string();
+    assert!(
+        err.contains("0000.parquet") && err.contains("no integer category column"),
+        "{err}"
+    );
+    // Not cached, offline: the Hub error with what to do.
+    cfg.data.parquet.label_column = "label".into();
+    cfg.data.parquet.repo = "someone/other".into();
+    let err = data::load_split(&cfg, "test").unwrap_err().to_string();
+    assert!(
+        err.contains("someone/other") && err.contains("huggingface-cli download"),
+        "{err}"
+    );
 }

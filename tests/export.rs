@@ -305,7 +305,7 @@ fn exports_hold_what_timm_and_transformers_write_and_load_to_our_logits() {
         if format == "hf" {
             // The processor of our preprocessor_config.json normalises as our data pipeline does.
             let px = (&io["pixels"] / 255.0).unwrap().unsqueeze(1).unwrap();
-            let ours_px = ((px - cfg.data.mean).unwrap() / cfg.data.std).unwrap();
+            let ours_px = ((px - cfg.data.mean.get(0)).unwrap() / cfg.data.std.get(0)).unwrap();
             let d = common::max_abs_diff(&ours_px, &io["pixel_values_hf"]);
             eprintln!("{name}: pixel values vs ViTImageProcessor: max |diff| {d:.2e}");
             assert!(d < 1e-5, "{name}: pixel values differ by {d:e}");

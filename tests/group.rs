@@ -22,7 +22,7 @@ fn measure(sets: &[&str], x: &Tensor) -> GroupReport {
 fn measure_cfg(cfg: &Config, x: &Tensor) -> GroupReport {
     let vm = VarMap::new();
     let model = build_with(cfg, &vm, DType::F32, &Device::Cpu).unwrap();
-    let mut acc = GroupAccumulator::new(-cfg.data.mean / cfg.data.std);
+    let mut acc = GroupAccumulator::new(cfg.data.blank());
     acc.push(model.as_ref(), x).unwrap();
     acc.finish()
 }

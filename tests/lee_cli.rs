@@ -53,18 +53,16 @@ fn lee_json(dir: &Path, sets: &[String], args: &[&str]) -> serde_json::Value {
 /// The test split as the model sees it, (pixels − mean) / std, and its labels.
 fn test_split(cfg: &Config) -> (Tensor, Tensor) {
     let s = liederiv::data::load_split(cfg, "test").unwrap();
-    let x = Tensor::from_slice(&s.images, (s.len(), 1, s.h, s.w), &Device::Cpu)
+    let liederiv::data::Images::Grey { pixels, h, w } = &s.images else {
+        panic!("a digit split")
+    };
+    let x = Tensor::from_slice(pixels, (s.len(), 1, *h, *w), &Device::Cpu)
         .unwrap()
-        .broadcast_sub(&Tensor::new(cfg.data.mean as f32, &Device::Cpu).unwrap())
+        .broadcast_sub(&Tensor::new(cfg.data.mean.get(0) as f32, &Device::Cpu).unwrap())
         .unwrap()
-        .broadcast_div(&Tensor::new(cfg.data.std as f32, &Device::Cpu).unwrap())
+        .broadcast_div(&Tensor::new(cfg.data.std.get(0) as f32, &Device::Cpu).unwrap())
         .unwrap();
-    let y = Tensor::from_vec(
-        s.labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
-        s.len(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let y = Tensor::from_vec(s.labels.clone(), s.len(), &Device::Cpu).unwrap();
     (x, y)
 }
 

@@ -145,7 +145,12 @@ fn max_abs(t: &Tensor) -> candle_core::Result<f32> {
 fn augmentation_off_is_identity_and_targets_are_smoothed() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let x = digits(4, &dev)?;
-    let aug = Augmenter::new(&AugmentConfig::default(), 10, 0.1, -0.42);
+    let aug = Augmenter::new(
+        &AugmentConfig::default(),
+        10,
+        0.1,
+        liederiv::transforms::Blank::uniform(-0.42),
+    );
     let out = aug.apply(&x, &[0, 3, 9, 3], &mut Rng::seed_from_u64(0))?;
     assert_eq!(max_abs(&(out.x - &x)?)?, 0.0);
     let t = out.targets.to_vec2::<f32>()?;
@@ -163,8 +168,9 @@ fn augmentation_is_seeded_mixes_soft_targets_and_keeps_blank_background() -> can
         mixup_alpha: 0.8,
         cutmix_alpha: 1.0,
         erase_prob: 0.5,
+        ..AugmentConfig::default()
     };
-    let aug = Augmenter::new(&cfg, 10, 0.0, -0.42);
+    let aug = Augmenter::new(&cfg, 10, 0.0, liederiv::transforms::Blank::uniform(-0.42));
     let x = digits(6, &dev)?;
     let labels = [0, 1, 2, 3, 4, 5];
     let a = aug.apply(&x, &labels, &mut Rng::seed_from_u64(3))?;
@@ -187,7 +193,7 @@ fn augmentation_is_seeded_mixes_soft_targets_and_keeps_blank_background() -> can
         rotate_deg: 180.0,
         ..AugmentConfig::default()
     };
-    let rot = Augmenter::new(&rot_cfg, 10, 0.0, -0.42);
+    let rot = Augmenter::new(&rot_cfg, 10, 0.0, liederiv::transforms::Blank::uniform(-0.42));
     let blank = Tensor::full(-0.42f32, (3, 1, 28, 28), &dev)?;
     let r = rot.apply(&blank, &[1, 2, 3], &mut Rng::seed_from_u64(1))?;
     assert!(max_abs(&(r.x + 0.42)?)? < 1e-6);

@@ -64,6 +64,12 @@ struct Args {
     /// the loss in f32.
     #[arg(long)]
     bf16: bool,
+    /// Time the photo loader alone instead: every image of FOLDER/train (an ImageFolder) decoded
+    /// and preprocessed to 224 px, `--batch` at a time, as evaluation (resize 256 bicubic, centre
+    /// crop) and as training (random resized crop, flip); `impl=ours model=loader_eval|loader_train
+    /// images_per_s=X` lines (the best of `--reps` passes after `--warmup`).
+    #[arg(long)]
+    loader: Option<std::path::PathBuf>,
 }
 
 /// The benchmark's config for a model name (defaults elsewhere: 28×28×1, 10 classes).
@@ -248,8 +254,61 @@ fn main() -> Result<()> {
     if args.kernels {
         return bench_kernels(&args);
     }
+    if let Some(folder) = &args.loader {
+        return bench_loader(folder, &args);
+    }
     for name in args.models.split(',') {
         bench_model(name.trim(), &args)?;
+    }
+    Ok(())
+}
+
+/// Images per second of the photo loader (`--loader`), evaluation and training transforms.
+fn bench_loader(folder: &std::path::Path, args: &Args) -> Result<()> {
+    let sets = [
+        "data.source=\"folder\"".to_string(),
+        format!("data.folder={:?}", folder.display().to_string()),
+        "data.image_size=224".into(),
+        "data.channels=3".into(),
+        "data.mean=[0.485, 0.456, 0.406]".into(),
+        "data.std=[0.229, 0.224, 0.225]".into(),
+        "data.ood=[]".into(),
+        "model.vit.patch_size=16".into(),
+        "eval.splits=[\"train\"]".into(),
+        "lee.splits=[\"train\"]".into(),
+        "augment.random_resized_crop=true".into(),
+        "augment.hflip=0.5".into(),
+    ];
+    let cfg = Config::resolve_str("", "<bench>", &sets)?;
+    let split = liederiv::data::load_split(&cfg, "train")?;
+    let device = Device::Cpu;
+    let mut rng = Rng::seed_from_u64(0);
+    for form in ["loader_eval", "loader_train"] {
+        let mut pass = || -> Result<f64> {
+            let t = Instant::now();
+            let order: Vec<usize> = (0..split.len()).collect();
+            for idx in order.chunks(args.batch.max(1)) {
+                let (x, _) = match form {
+                    "loader_eval" => liederiv::data::batch(&split, idx, &cfg.data, &device)?,
+                    _ => liederiv::data::train_batch(&split, idx, &cfg.data, &cfg.augment, &device, &mut rng)?,
+                };
+                std::hint::black_box(x);
+            }
+            Ok(split.len() as f64 / t.elapsed().as_secs_f64())
+        };
+        for _ in 0..args.warmup {
+            pass()?;
+        }
+        let mut best = 0f64;
+        for _ in 0..args.reps.max(1) {
+            best = best.max(pass()?);
+        }
+        println!(
+            "impl=ours model={form} images={} batch={} images_per_s={best:.1} threads={}",
+            split.len(),
+            args.batch,
+            rayon::current_num_threads()
+        );
     }
     Ok(())
 }

@@ -16,8 +16,8 @@ pub fn run(cfg: &Config, prepare: bool, json: bool) -> anyhow::Result<()> {
     for name in cfg.split_names() {
         let t0 = Instant::now();
         let s = data::load_split(cfg, &name).with_context(|| format!("building split {name}"))?;
-        let path = data::cache_path(cfg, &name).with_context(|| format!("locating split {name}"))?;
-        let (n, sha, counts) = (s.len(), s.sha256(), s.class_counts());
+        let path = data::location(cfg, &name).with_context(|| format!("locating split {name}"))?;
+        let (n, sha, counts) = (s.len(), s.sha256()?, s.class_counts());
         // Written by hand so the splits keep the config's order (train, val, test, ood_*).
         entries.push(format!(
             "{}: {{\"n\": {n}, \"sha256\": \"{sha}\", \"class_counts\": {}}}",
@@ -35,7 +35,7 @@ pub fn run(cfg: &Config, prepare: bool, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{:<14} {:>7}  {:<16}  {:>6}  {:<44}  file",
-        "split", "n", "sha256", "time", "class counts 0..9"
+        "split", "n", "sha256", "time", "class counts"
     );
     for (name, n, sha, counts, secs, path) in rows {
         let counts: Vec<String> = counts.iter().map(usize::to_string).collect();

@@ -82,8 +82,8 @@ pub fn run(args: &ExportArgs, cfg: &Config) -> anyhow::Result<()> {
         _ => println!(
             "load it: m = timm.create_model(\"vit_tiny_patch16_224\", pretrained=False, **json.load(open(\"{dir}/timm_args.json\"))); \
              m.load_state_dict(safetensors.torch.load_file(\"{dir}/model.safetensors\")) \
-             (inputs normalised by data.mean = {} / data.std = {})",
-            cfg.data.mean, cfg.data.std
+             (inputs normalised by data.mean = {:?} / data.std = {:?})",
+            cfg.data.mean.0, cfg.data.std.0
         ),
     }
     Ok(())

@@ -31,7 +31,7 @@ macro_rules! choice {
 }
 
 choice! {
-    /// `data.source`: where the MNIST digits come from.
+    /// `data.source`: where the images come from (MNIST's digits, or a folder of photos).
     DataSource {
         /// `.amat` files when `data.amat_dir` is set, else IDX under the data root when one is
         /// set, else the Hub.
@@ -39,6 +39,11 @@ choice! {
         Idx = "idx",
         Hub = "hub",
         Amat = "amat",
+        /// Photos in an image folder (`data.folder`: `train/`, `test/`, optional `val/`, one
+        /// subfolder per class, as torchvision's `ImageFolder`).
+        Folder = "folder",
+        /// Any Hub image-classification set in the `datasets` Parquet layout (`[data.parquet]`).
+        Parquet = "parquet",
     }
 }
 

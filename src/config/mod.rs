@@ -98,13 +98,60 @@ pub struct DataConfig {
     pub train_limit: usize,
     /// Out-of-distribution eval sets, each an IDX folder (relative to `root` or absolute).
     pub ood: Vec<OodConfig>,
-    /// Per-channel normalisation applied by the loader: (x - mean) / std, x in [0, 1].
-    pub mean: f64,
-    pub std: f64,
+    /// Per-channel normalisation applied by the loader: (x - mean) / std, x in [0, 1]. One
+    /// number for every channel, or one per channel (ImageNet's: [0.485, 0.456, 0.406] /
+    /// [0.229, 0.224, 0.225]).
+    pub mean: PerChannel,
+    pub std: PerChannel,
     /// Side of the images fed to the model in pixels (28 = native; 224 resizes bicubically).
     pub image_size: usize,
-    /// Input channels fed to the model (1, or 3 to replicate grey for RGB checkpoints).
+    /// Input channels fed to the model (1, or 3 to replicate grey for RGB checkpoints; photos
+    /// are converted to it as PIL's `convert("L" | "RGB")`).
     pub channels: usize,
+    /// `data.source = "folder"`: the folder holding `train/`, `test/` and optionally `val/`,
+    /// each with one subfolder of PNG / JPEG files per class (absolute, or relative to the
+    /// working directory).
+    pub folder: String,
+    /// Photos: the resampling filter of their resizes.
+    pub interpolation: Interpolation,
+    /// Photos, evaluation: resize the shorter side to ⌊image_size / crop_pct⌋, then centre-crop
+    /// image_size (timm's `crop_pct`; 1 = no margin).
+    pub crop_pct: f64,
+    /// `data.source = "parquet"`: the Hub data set (cached in `hub_cache_dir`, `offline` as MNIST).
+    pub parquet: ParquetConfig,
+}
+
+/// A Hub image-classification data set in the `datasets` Parquet layout (the dataset viewer's
+/// conversion, revision `refs/convert/parquet`: files `<config>/<split>/NNNN.parquet`, each row
+/// an Image feature `{bytes, path}` and an integer label).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParquetConfig {
+    /// `owner/name` of the dataset repo.
+    pub repo: String,
+    /// The dataset config (subset) name: the first folder of its Parquet files.
+    pub config: String,
+    /// The repo's split names read as train, val ("" = none) and test.
+    pub train: String,
+    pub val: String,
+    pub test: String,
+    /// The Image-feature column and the integer label column.
+    pub image_column: String,
+    pub label_column: String,
+}
+
+impl Default for ParquetConfig {
+    fn default() -> Self {
+        Self {
+            repo: String::new(),
+            config: "default".into(),
+            train: "train".into(),
+            val: String::new(),
+            test: "test".into(),
+            image_column: "image".into(),
+            label_column: "label".into(),
+        }
+    }
 }
 
 impl Default for DataConfig {
@@ -125,10 +172,70 @@ impl Default for DataConfig {
             train_on_val: true,
             train_limit: 0,
             ood: vec![OodConfig::default()],
-            mean: 0.1307,
-            std: 0.3081,
+            mean: PerChannel(vec![0.1307]),
+            std: PerChannel(vec![0.3081]),
             image_size: 28,
             channels: 1,
+            folder: String::new(),
+            interpolation: Interpolation::Bicubic,
+            crop_pct: 0.875,
+            parquet: ParquetConfig::default(),
+        }
+    }
+}
+
+impl DataConfig {
+    /// A blank (black) pixel in normalised units, −mean / std per channel: what warps of
+    /// normalised images fill their outside with.
+    pub fn blank(&self) -> crate::transforms::Blank {
+        match (self.mean.0.as_slice(), self.std.0.as_slice()) {
+            ([m], [s]) => crate::transforms::Blank::uniform(-m / s),
+            _ => crate::transforms::Blank::per_channel(
+                (0..self.channels)
+                    .map(|c| -self.mean.get(c) / self.std.get(c))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// A per-channel setting: one number for every channel, or a list with one per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerChannel(pub Vec<f64>);
+
+impl PerChannel {
+    /// The value of channel `c` (the single value for every channel).
+    pub fn get(&self, c: usize) -> f64 {
+        match self.0.as_slice() {
+            [v] => *v,
+            vs => vs[c],
+        }
+    }
+}
+
+impl Serialize for PerChannel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [v] => s.serialize_f64(*v),
+            vs => vs.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PerChannel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(f64),
+            Many(Vec<f64>),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::One(v)) => Ok(PerChannel(vec![v])),
+            Ok(Raw::Many(vs)) => Ok(PerChannel(vs)),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a number or a list of numbers (one per channel)",
+            )),
         }
     }
 }
@@ -471,6 +578,14 @@ pub struct AugmentConfig {
     pub cutmix_alpha: f64,
     /// Probability of random erasing per image (0 = off).
     pub erase_prob: f64,
+    /// Photos: torchvision's `RandomResizedCrop` to data.image_size (box area fraction in
+    /// `crop_scale`, aspect ratio log-uniform in `crop_ratio`) in place of evaluation's resize
+    /// and centre crop.
+    pub random_resized_crop: bool,
+    pub crop_scale: [f64; 2],
+    pub crop_ratio: [f64; 2],
+    /// Photos: probability of a horizontal flip per image (0 = off).
+    pub hflip: f64,
 }
 
 impl Default for AugmentConfig {
@@ -482,6 +597,10 @@ impl Default for AugmentConfig {
             mixup_alpha: 0.0,
             cutmix_alpha: 0.0,
             erase_prob: 0.0,
+            random_resized_crop: false,
+            crop_scale: [0.08, 1.0],
+            crop_ratio: [0.75, 4.0 / 3.0],
+            hflip: 0.0,
         }
     }
 }

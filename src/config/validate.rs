@@ -1,9 +1,9 @@
 //! Strict parsing (unknown keys and wrong types name the key, file and line), `--set` overrides,
 //! and the range checks every value must pass before any work starts.
 
-use super::{Config, InitWeights, LeeOutput, ModelKind, Objective, Precision};
+use super::{Config, DataSource, InitWeights, LeeOutput, ModelKind, Objective, Precision};
 use serde::de::DeserializeOwned;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -177,7 +177,38 @@ impl Config {
             pool,
             "train_size + val_size + test_size ≤ 70000 (the MNIST pool)",
         )?;
-        check(d.std > 0.0, "data.std", d.std, "> 0")?;
+        for (key, v) in [("data.mean", &d.mean), ("data.std", &d.std)] {
+            check(
+                v.0.len() == 1 || v.0.len() == d.channels,
+                key,
+                format!("{:?}", v.0),
+                &format!("one number, or one per channel (data.channels = {})", d.channels),
+            )?;
+        }
+        check(
+            d.std.0.iter().all(|&s| s > 0.0),
+            "data.std",
+            format!("{:?}", d.std.0),
+            "> 0",
+        )?;
+        check(
+            d.crop_pct > 0.0 && d.crop_pct <= 1.0,
+            "data.crop_pct",
+            d.crop_pct,
+            "in (0, 1]",
+        )?;
+        check(
+            d.source != DataSource::Parquet || d.parquet.repo.contains('/'),
+            "data.parquet.repo",
+            format!("{:?}", d.parquet.repo),
+            "a Hub dataset repo owner/name (data.source = \"parquet\")",
+        )?;
+        check(
+            d.source != DataSource::Folder || !d.folder.is_empty(),
+            "data.folder",
+            "\"\"",
+            "a folder holding train/ and test/ (data.source = \"folder\")",
+        )?;
         check(d.image_size >= 8, "data.image_size", d.image_size, "at least 8 pixels")?;
         check(
             d.channels == 1 || d.channels == 3,
@@ -389,6 +420,27 @@ impl Config {
             g.erase_prob,
             "in [0, 1]",
         )?;
+        check((0.0..=1.0).contains(&g.hflip), "augment.hflip", g.hflip, "in [0, 1]")?;
+        let [s0, s1] = g.crop_scale;
+        check(
+            0.0 < s0 && s0 <= s1 && s1 <= 1.0,
+            "augment.crop_scale",
+            format!("{:?}", g.crop_scale),
+            "[lo, hi] with 0 < lo ≤ hi ≤ 1 (fractions of the image's area)",
+        )?;
+        let [r0, r1] = g.crop_ratio;
+        check(
+            0.0 < r0 && r0 <= r1,
+            "augment.crop_ratio",
+            format!("{:?}", g.crop_ratio),
+            "[lo, hi] with 0 < lo ≤ hi (width / height)",
+        )?;
+        check(
+            !(g.random_resized_crop || g.hflip > 0.0) || matches!(self.data.source, DataSource::Folder | DataSource::Parquet),
+            "augment.random_resized_crop",
+            g.random_resized_crop,
+            "false unless data.source = \"folder\" or \"parquet\" (the photo transforms; digits are augmented by rotate_deg, translate and scale)",
+        )?;
 
         check(
             self.eval.batch_size > 0,
@@ -447,7 +499,15 @@ impl Config {
 
     /// Every split name this config defines: train, val, test and `ood_<name>` per OOD set.
     pub fn split_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = ["train", "val", "test"].iter().map(|s| s.to_string()).collect();
+        // A photo folder has val/ or not, a Parquet set a val split name or not; the digit pool
+        // always has a val split (maybe empty).
+        let val = match self.data.source {
+            DataSource::Folder => Path::new(&self.data.folder).join("val").is_dir(),
+            DataSource::Parquet => !self.data.parquet.val.is_empty(),
+            _ => true,
+        };
+        let main = ["train", "val", "test"].into_iter().filter(|&s| s != "val" || val);
+        let mut v: Vec<String> = main.map(String::from).collect();
         v.extend(self.data.ood.iter().map(|o| format!("ood_{}", o.name)));
         v
     }

@@ -3,17 +3,12 @@
 //! `<config>/<split>/0000.parquet`, where the config is the repo's name: `ylecun/mnist` →
 //! `mnist/train/0000.parquet`, `zalando-datasets/fashion_mnist` →
 //! `fashion_mnist/test/0000.parquet`). Each row is `{image: {bytes: PNG, path: string}, label:
-//! int64}` (the `datasets` Image feature); the PNGs are 8-bit greyscale 28×28. Decoded with the
-//! `parquet` crate's row API (no Arrow) and `png`.
+//! int64}` (the `datasets` Image feature); the PNGs are 8-bit greyscale 28×28. Rows are read by
+//! [`super::parquet`], the PNGs decoded with `png`.
 
 use super::{DataError, Digits};
 use crate::hub::{self, HubSource, RepoKind};
-use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::record::Field;
 use std::path::{Path, PathBuf};
-
-/// The Parquet conversion branch of a Hub dataset.
-pub const REVISION: &str = "refs/convert/parquet";
 
 /// The file of one split (`train` or `test`) of `repo` inside the repo.
 pub fn file_name(repo: &str, split: &str) -> String {
@@ -26,7 +21,7 @@ pub fn fetch(repo: &str, splits: &[&str], cache_dir: Option<&Path>, offline: boo
     let src = HubSource {
         repo,
         kind: RepoKind::Dataset,
-        revision: REVISION,
+        revision: super::parquet::REVISION,
         cache_dir,
         offline,
         endpoint: None,
@@ -58,38 +53,14 @@ pub fn read(path: &Path) -> Result<Digits, DataError> {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let reader = SerializedFileReader::new(file).map_err(|e| corrupt(format!("not a Parquet file: {e}")))?;
-    let rows = reader
-        .get_row_iter(None)
-        .map_err(|e| corrupt(format!("cannot read rows: {e}")))?;
+    let rows = super::parquet::read_rows(path, "image", "label")?;
     let mut out = Digits {
         images: Vec::new(),
         labels: Vec::new(),
         h: 0,
         w: 0,
     };
-    for (index, row) in rows.enumerate() {
-        let row = row.map_err(|e| corrupt(format!("row {index}: {e}")))?;
-        let (mut png_bytes, mut label) = (None, None);
-        for (name, field) in row.get_column_iter() {
-            match (name.as_str(), field) {
-                ("image", Field::Group(img)) => {
-                    png_bytes = img.get_column_iter().find_map(|(n, f)| match (n.as_str(), f) {
-                        ("bytes", Field::Bytes(b)) => Some(b.data().to_vec()),
-                        _ => None,
-                    })
-                }
-                ("label", Field::Long(v)) => label = Some(*v),
-                ("label", Field::Int(v)) => label = Some(*v as i64),
-                _ => {}
-            }
-        }
-        let png_bytes = png_bytes.ok_or_else(|| corrupt(format!("row {index} has no image.bytes column")))?;
-        let label = label.ok_or_else(|| corrupt(format!("row {index} has no integer label column")))?;
+    for (index, (png_bytes, label)) in rows.images.iter().zip(rows.labels).enumerate() {
         let label = u8::try_from(label)
             .ok()
             .filter(|l| *l <= 9)
@@ -98,7 +69,7 @@ pub fn read(path: &Path) -> Result<Digits, DataError> {
                 index,
                 label: label.clamp(0, 255) as u8,
             })?;
-        let (pixels, h, w) = decode_png(&png_bytes).map_err(|m| corrupt(format!("row {index}: PNG: {m}")))?;
+        let (pixels, h, w) = decode_png(png_bytes).map_err(|m| corrupt(format!("row {index}: PNG: {m}")))?;
         if index == 0 {
             (out.h, out.w) = (h, w);
         } else if (h, w) != (out.h, out.w) {

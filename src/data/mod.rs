@@ -7,33 +7,67 @@
 //! augmentation (`train`).
 
 pub mod amat;
+mod folder;
 pub mod hub_mnist;
 pub mod idx;
 mod loader;
+pub mod parquet;
+pub mod photos;
 pub mod preprocess;
 mod rot;
 
-pub use loader::{batch, epoch_order};
+pub use loader::{batch, epoch_order, rotated_batch, train_batch};
 pub use rot::{cache_path, mnist_pool, mnist_rot_draw, rotate_images};
 
-use crate::config::{Config, PretrainImages};
+/// Where split `name` is read from: a photo folder's split folder, else the cache file of the
+/// regenerated digit split.
+pub fn location(cfg: &Config, name: &str) -> Result<PathBuf, DataError> {
+    match cfg.data.source {
+        DataSource::Folder => folder::split_dir(cfg, name),
+        DataSource::Parquet => Ok(PathBuf::from(format!("hub:{}", cfg.data.parquet.repo))),
+        _ => cache_path(cfg, name),
+    }
+}
+
+use crate::config::{Config, DataSource, PretrainImages};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 /// Digit classes of MNIST and Fashion-MNIST.
 pub const NUM_CLASSES: usize = 10;
 
-/// One named set of images: `images` holds n·h·w floats in [0, 1] (row-major), `labels` n classes.
+/// One named set of images with their labels (class indices into `classes`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Split {
     pub name: String,
-    pub images: Vec<f32>,
-    pub labels: Vec<u8>,
-    pub h: usize,
-    pub w: usize,
+    pub images: Images,
+    pub labels: Vec<u32>,
+    /// Class names, by index: "0".."9" for digits, the sorted folder names for photos.
+    pub classes: Vec<String>,
+}
+
+/// Where a split's pixels are.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Images {
+    /// In memory: n·h·w grey values in [0, 1], row-major (MNIST and what is made from it),
+    /// resized and normalised per batch.
+    Grey { pixels: Vec<f32>, h: usize, w: usize },
+    /// Encoded photos, decoded and preprocessed per batch on the loader threads (files: only
+    /// their paths are held).
+    Photos(photos::Photos),
 }
 
 impl Split {
+    /// A split of digits 0..=9.
+    pub fn digits(name: &str, pixels: Vec<f32>, labels: &[u8], h: usize, w: usize) -> Self {
+        Split {
+            name: name.into(),
+            images: Images::Grey { pixels, h, w },
+            labels: labels.iter().map(|&l| l as u32).collect(),
+            classes: (0..NUM_CLASSES).map(|c| c.to_string()).collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -42,27 +76,72 @@ impl Split {
         self.labels.is_empty()
     }
 
-    /// SHA-256 (hex) over the image floats as little-endian bytes, then the label bytes: the
-    /// fingerprint `data info` prints, so determinism can be checked from outside.
-    pub fn sha256(&self) -> String {
+    /// SHA-256 (hex), the fingerprint `data info` prints so that determinism can be checked
+    /// from outside. Digits: the image floats as little-endian bytes, then one byte per label.
+    /// Photos: per image its path under the folder, a NUL, its file size and label (u64 / u32
+    /// LE) — the files themselves are not read.
+    pub fn sha256(&self) -> Result<String, DataError> {
         let mut h = Sha256::new();
-        for chunk in self.images.chunks(1 << 16) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-            h.update(&bytes);
+        match &self.images {
+            Images::Grey { pixels, .. } => {
+                for chunk in pixels.chunks(1 << 16) {
+                    let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    h.update(&bytes);
+                }
+                // Digit labels are < 10: one byte each, as the fingerprint always was.
+                h.update(self.labels.iter().map(|&l| l as u8).collect::<Vec<u8>>());
+            }
+            Images::Photos(p) => p.fingerprint(&self.labels, &mut h)?,
         }
-        h.update(&self.labels);
-        hex::encode(h.finalize())
+        Ok(hex::encode(h.finalize()))
     }
 
-    /// Images per class 0..=9.
+    /// Images per class.
     pub fn class_counts(&self) -> Vec<usize> {
-        let mut c = vec![0; NUM_CLASSES];
+        let mut c = vec![0; self.classes.len()];
         for &l in &self.labels {
             if let Some(slot) = c.get_mut(l as usize) {
                 *slot += 1;
             }
         }
         c
+    }
+
+    /// Its first `n` images.
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.len() {
+            return;
+        }
+        self.labels.truncate(n);
+        match &mut self.images {
+            Images::Grey { pixels, h, w } => pixels.truncate(n * *h * *w),
+            Images::Photos(p) => p.truncate(n),
+        }
+    }
+
+    /// `other`'s images after its own, named `name`.
+    fn extend(&mut self, other: Split, name: &str) -> Result<(), DataError> {
+        let mismatch = || DataError::Incompatible {
+            what: format!("{} and {}", self.name, other.name),
+        };
+        if self.classes != other.classes {
+            return Err(mismatch());
+        }
+        match (&mut self.images, other.images) {
+            (
+                Images::Grey { pixels, h, w },
+                Images::Grey {
+                    pixels: p2,
+                    h: h2,
+                    w: w2,
+                },
+            ) if (*h, *w) == (h2, w2) => pixels.extend_from_slice(&p2),
+            (Images::Photos(a), Images::Photos(b)) => a.append(b).ok_or_else(mismatch)?,
+            _ => return Err(mismatch()),
+        }
+        self.labels.extend_from_slice(&other.labels);
+        self.name = name.into();
+        Ok(())
     }
 }
 
@@ -142,6 +221,15 @@ pub enum DataError {
     UnknownSplit { name: String, known: Vec<String> },
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
+    #[error(
+        "OOD set {name:?}: with data.source = \"parquet\" an OOD set is another Hub repo in the same \
+         layout; set its hub_repo (its data.parquet.test split is read) and rotate = false"
+    )]
+    ParquetOod { name: String },
+    #[error("{what} cannot be joined: their classes or image kinds differ")]
+    Incompatible { what: String },
+    #[error(transparent)]
+    Photo(#[from] photos::PhotoError),
     #[error("rotating images: {0}")]
     Tensor(#[from] candle_core::Error),
 }
@@ -149,7 +237,11 @@ pub enum DataError {
 /// One split: "train", "val", "test" or "ood_<name>", from the cache when it is there (built
 /// and cached first otherwise).
 pub fn load_split(cfg: &Config, name: &str) -> Result<Split, DataError> {
-    rot::load(cfg, name)
+    match cfg.data.source {
+        DataSource::Folder => folder::load(cfg, name),
+        DataSource::Parquet => parquet::load(cfg, name),
+        _ => rot::load(cfg, name),
+    }
 }
 
 /// The images fine-tuning sees: train, plus val when `data.train_on_val`, cut to the first
@@ -169,16 +261,15 @@ pub fn pretraining_set(cfg: &Config) -> Result<Split, DataError> {
 
 fn train_images(cfg: &Config, with_val: bool) -> Result<Split, DataError> {
     let mut s = load_split(cfg, "train")?;
-    if with_val && cfg.data.val_size > 0 {
-        let v = load_split(cfg, "val")?;
-        s.images.extend_from_slice(&v.images);
-        s.labels.extend_from_slice(&v.labels);
-        s.name = "train+val".into();
+    let has_val = match cfg.data.source {
+        DataSource::Folder | DataSource::Parquet => cfg.split_names().iter().any(|n| n == "val"),
+        _ => cfg.data.val_size > 0,
+    };
+    if with_val && has_val {
+        s.extend(load_split(cfg, "val")?, "train+val")?;
     }
-    let limit = cfg.data.train_limit;
-    if limit > 0 && limit < s.len() {
-        s.images.truncate(limit * s.h * s.w);
-        s.labels.truncate(limit);
+    if cfg.data.train_limit > 0 {
+        s.truncate(cfg.data.train_limit);
     }
     Ok(s)
 }

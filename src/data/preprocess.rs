@@ -242,34 +242,76 @@ fn coefficients(n_in: usize, in0: f64, in1: f64, n_out: usize, interp: Interpola
         .collect()
 }
 
-fn clip8(acc: i64) -> u8 {
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// One resampling pass along x (`horizontal`) or y, Pillow's `ImagingResampleHorizontal_8bpc` /
-/// `ImagingResampleVertical_8bpc`.
+/// `ImagingResampleVertical_8bpc`, in its 32-bit integer arithmetic (255 · Σ|k| < 2³¹ for both
+/// filters, so nothing overflows there or here).
 fn pass(img: &Image8, coeffs: &[(usize, Vec<i32>)], horizontal: bool) -> Image8 {
-    let c = img.c;
-    let (w, h) = if horizontal {
-        (coeffs.len(), img.h)
-    } else {
-        (img.w, coeffs.len())
-    };
-    let mut data = vec![0u8; w * h * c];
-    for y in 0..h {
-        for x in 0..w {
-            let (first, k) = if horizontal { &coeffs[x] } else { &coeffs[y] };
-            for ch in 0..c {
-                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                for (t, &kt) in k.iter().enumerate() {
-                    let (sx, sy) = if horizontal { (first + t, y) } else { (x, first + t) };
-                    acc += img.data[(sy * img.w + sx) * c + ch] as i64 * kt as i64;
+    match horizontal {
+        true => pass_horizontal(img, coeffs),
+        false => pass_vertical(img, coeffs),
+    }
+}
+
+fn pass_horizontal(img: &Image8, coeffs: &[(usize, Vec<i32>)]) -> Image8 {
+    match img.c {
+        1 => pass_horizontal_c::<1>(img, coeffs),
+        3 => pass_horizontal_c::<3>(img, coeffs),
+        _ => pass_horizontal_c::<4>(img, coeffs),
+    }
+}
+
+/// The horizontal pass for `C` interleaved channels (a constant, so the tap loop unrolls).
+fn pass_horizontal_c<const C: usize>(img: &Image8, coeffs: &[(usize, Vec<i32>)]) -> Image8 {
+    let w = coeffs.len();
+    let mut data = vec![0u8; w * img.h * C];
+    for (src, dst) in img.data.chunks_exact(img.w * C).zip(data.chunks_exact_mut(w * C)) {
+        for ((first, k), out) in coeffs.iter().zip(dst.chunks_exact_mut(C)) {
+            let taps = &src[first * C..(first + k.len()) * C];
+            let mut acc = [1i32 << (PRECISION_BITS - 1); C];
+            for (px, &kt) in taps.chunks_exact(C).zip(k) {
+                for ch in 0..C {
+                    acc[ch] += px[ch] as i32 * kt;
                 }
-                data[(y * w + x) * c + ch] = clip8(acc);
+            }
+            for ch in 0..C {
+                out[ch] = clip8(acc[ch]);
             }
         }
     }
-    Image8 { w, h, c, data }
+    Image8 {
+        w,
+        h: img.h,
+        c: C,
+        data,
+    }
+}
+
+fn pass_vertical(img: &Image8, coeffs: &[(usize, Vec<i32>)]) -> Image8 {
+    let row = img.w * img.c;
+    let mut data = vec![0u8; row * coeffs.len()];
+    let mut acc = vec![0i32; row];
+    for ((first, k), dst) in coeffs.iter().zip(data.chunks_exact_mut(row)) {
+        acc.fill(1 << (PRECISION_BITS - 1));
+        for (t, &kt) in k.iter().enumerate() {
+            let src = &img.data[(first + t) * row..(first + t + 1) * row];
+            for (a, &v) in acc.iter_mut().zip(src) {
+                *a += v as i32 * kt;
+            }
+        }
+        for (o, &a) in dst.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    Image8 {
+        w: img.w,
+        h: coeffs.len(),
+        c: img.c,
+        data,
+    }
 }
 
 /// `Image.resize((w, h), resample)` of the region `box` = (x0, y0, x1, y1) of `img` (the whole
@@ -410,13 +452,17 @@ pub fn hflip(img: &Image8) -> Image8 {
     Image8 { data, ..img.clone() }
 }
 
-/// `ToTensor` then `Normalize(mean, std)`: channel-major `c·h·w` floats, (v/255 − mean) / std.
+/// `ToTensor` then `Normalize(mean, std)`: channel-major `c·h·w` floats, (v/255 − mean) / std
+/// (in f64, rounded once to f32: through a table of the 256 values per channel).
 pub fn to_chw(img: &Image8, mean: &[f64], std: &[f64]) -> Vec<f32> {
     let (c, n) = (img.c, img.w * img.h);
+    let lut: Vec<[f32; 256]> = (0..c)
+        .map(|ch| std::array::from_fn(|v| ((v as f64 / 255.0 - mean[ch]) / std[ch]) as f32))
+        .collect();
     let mut out = vec![0f32; c * n];
-    for (i, px) in img.data.chunks_exact(c).enumerate() {
-        for (ch, &v) in px.iter().enumerate() {
-            out[ch * n + i] = ((v as f64 / 255.0 - mean[ch]) / std[ch]) as f32;
+    for (ch, (plane, lut)) in out.chunks_exact_mut(n).zip(&lut).enumerate() {
+        for (o, px) in plane.iter_mut().zip(img.data.chunks_exact(c)) {
+            *o = lut[px[ch] as usize];
         }
     }
     out

@@ -13,7 +13,7 @@
 //! and the SHA-256 of the source files; a changed seed, size or source file gives a new key
 //! (a rebuild), an unchanged one reads the file back. Files are written atomically.
 
-use super::{amat, hub_mnist, idx, DataError, Digits, Split};
+use super::{amat, hub_mnist, idx, DataError, Digits, Images, Split};
 use crate::config::{Config, DataSource, OodConfig};
 use crate::progress::{self, Progress};
 use crate::transforms::{apply, Padding, Transform};
@@ -296,13 +296,7 @@ fn to_unit(pixels: &[u8]) -> Vec<f32> {
 }
 
 fn split_of(name: &str, images: Vec<f32>, labels: Vec<u8>, h: usize, w: usize) -> Split {
-    Split {
-        name: name.into(),
-        images,
-        labels,
-        h,
-        w,
-    }
+    Split::digits(name, images, &labels, h, w)
 }
 
 /// Build train, val and test from the configured source.
@@ -472,16 +466,20 @@ fn write_split(path: &Path, s: &Split) -> Result<(), DataError> {
         path: path.to_path_buf(),
         source,
     };
+    let Images::Grey { pixels, h, w } = &s.images else {
+        unreachable!("MNIST-rot builds digit splits only")
+    };
     let tmp = crate::runtime::temp_sibling(path, "");
-    let mut buf = Vec::with_capacity(32 + s.images.len() * 4 + s.labels.len());
+    let mut buf = Vec::with_capacity(32 + pixels.len() * 4 + s.labels.len());
     buf.extend_from_slice(MAGIC);
-    for v in [s.len(), s.h, s.w] {
+    for v in [s.len(), *h, *w] {
         buf.extend_from_slice(&(v as u64).to_le_bytes());
     }
-    for v in &s.images {
+    for v in pixels {
         buf.extend_from_slice(&v.to_le_bytes());
     }
-    buf.extend_from_slice(&s.labels);
+    // Digit labels (< 10): one byte each.
+    buf.extend(s.labels.iter().map(|&l| l as u8));
     // No fsync: the rename makes the file appear whole or not at all, and a file damaged by a
     // crash fails the length check in `read_split` and is rebuilt.
     std::fs::File::create(&tmp)

@@ -16,7 +16,7 @@
 use super::lee::MeanStderr;
 use crate::jvp::{Repr, Tape};
 use crate::models::Model;
-use crate::transforms::{apply, Padding, Transform};
+use crate::transforms::{apply, Blank, Padding, Transform};
 use candle_core::{DType, Result, Tensor};
 
 /// The group a model without group feature maps is checked under (exact pixel rotations).
@@ -44,29 +44,35 @@ pub struct GroupReport {
 #[derive(Clone, Debug)]
 pub struct GroupAccumulator {
     /// The normalised value of a black pixel: the fill of a rotated input.
-    background: f64,
+    background: Blank,
     order: Option<usize>,
     layers: Vec<GroupLayer>,
 }
 
-/// Rotate the grid (last two axes) of `y` by `theta`, filling with `fill` outside the frame.
-fn rotate(y: &Tensor, theta: f64, fill: f64) -> Result<Tensor> {
+/// Rotate the grid (last two axes) of `y` by `theta`; outside the frame, zero, or the input's
+/// blank pixel (`fill`, channels on axis 1).
+fn rotate(y: &Tensor, theta: f64, fill: Option<&Blank>) -> Result<Tensor> {
     let dims = y.dims().to_vec();
     let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let flat = y.reshape(((), 1, h, w))?;
-    let b = flat.dim(0)?;
-    let r = (apply(&(flat - fill)?, Transform::Rotate, &vec![theta; b], Padding::Zeros)? + fill)?;
-    r.reshape(dims)
+    let zero_filled = |y: &Tensor| {
+        let flat = y.reshape(((), 1, h, w))?;
+        let b = flat.dim(0)?;
+        apply(&flat, Transform::Rotate, &vec![theta; b], Padding::Zeros)?.reshape(dims.as_slice())
+    };
+    match fill {
+        Some(blank) => blank.around(y, zero_filled),
+        None => zero_filled(y),
+    }
 }
 
 /// ρ(g_k) on a step's output; `None` where the group has no action (tokens).
 fn act(y: &Tensor, repr: Repr, theta: f64, k: usize) -> Result<Option<Tensor>> {
     Ok(match repr {
         Repr::Invariant => Some(y.clone()),
-        Repr::Image => Some(rotate(y, theta, 0.0)?),
+        Repr::Image => Some(rotate(y, theta, None)?),
         // The lifting conv's channel r holds the filter rotated by r steps, so rotating the input
         // by k steps moves channel r's response to channel r + k.
-        Repr::Group => Some(rotate(y, theta, 0.0)?.roll(k as i32, 2)?),
+        Repr::Group => Some(rotate(y, theta, None)?.roll(k as i32, 2)?),
         Repr::Tokens { .. } => None,
     })
 }
@@ -82,7 +88,7 @@ fn relative_errors(moved: &Tensor, expected: &Tensor, base: &Tensor) -> Result<V
 }
 
 impl GroupAccumulator {
-    pub fn new(background: f64) -> Self {
+    pub fn new(background: Blank) -> Self {
         Self {
             background,
             order: None,
@@ -124,7 +130,7 @@ impl GroupAccumulator {
         }
         for k in 1..n {
             let theta = std::f64::consts::TAU * k as f64 / n as f64;
-            let moved = Self::steps(model, &rotate(x, theta, self.background)?, group.is_some())?;
+            let moved = Self::steps(model, &rotate(x, theta, Some(&self.background))?, group.is_some())?;
             let mut layer = self.layers.iter_mut();
             for ((name, repr, y), (_, _, y_g)) in base.iter().zip(&moved) {
                 let Some(expected) = act(y, *repr, theta, k)? else {

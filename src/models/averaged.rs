@@ -13,29 +13,28 @@
 
 use super::{Model, Readout, ReadoutJvp, Rng};
 use crate::jvp::{merge_tangent, Jvp, Tape};
-use crate::transforms::{apply, Padding, Transform};
+use crate::transforms::{apply, Blank, Padding, Transform};
 use candle_core::{Result, Tensor};
 
 pub struct RotationAveraged {
     inner: Box<dyn Model>,
     n: usize,
-    background: f64,
+    background: Blank,
 }
 
 impl RotationAveraged {
-    pub fn new(inner: Box<dyn Model>, n: usize, background: f64) -> Self {
+    pub fn new(inner: Box<dyn Model>, n: usize, background: Blank) -> Self {
         Self { inner, n, background }
     }
 
     /// `(B, C, H, W)` → `(N·B, C, H, W)`: the N rotations of every image, rotation-major.
-    /// `shift` is the background the fill stands for (the tangents' is 0).
-    fn rotations(&self, x: &Tensor, shift: f64) -> Result<Tensor> {
+    /// `fill` is the background outside the frame (the tangents' is 0).
+    fn rotations(&self, x: &Tensor, fill: &Blank) -> Result<Tensor> {
         let b = x.dim(0)?;
         let parts = (0..self.n)
             .map(|k| {
                 let theta = std::f64::consts::TAU * k as f64 / self.n as f64;
-                let shifted = (x - shift)?;
-                apply(&shifted, Transform::Rotate, &vec![theta; b], Padding::Zeros)? + shift
+                fill.around(x, |x| apply(x, Transform::Rotate, &vec![theta; b], Padding::Zeros))
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
@@ -57,11 +56,11 @@ impl Jvp for RotationAveraged {
 
 impl Model for RotationAveraged {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.average(&self.inner.forward(&self.rotations(x, self.background)?)?)
+        self.average(&self.inner.forward(&self.rotations(x, &self.background)?)?)
     }
 
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.average(&self.inner.forward_train(&self.rotations(x, self.background)?, rng)?)
+        self.average(&self.inner.forward_train(&self.rotations(x, &self.background)?, rng)?)
     }
 
     fn set_grad_checkpointing(&mut self, on: bool) -> Result<()> {
@@ -86,14 +85,14 @@ impl Model for RotationAveraged {
         let (t, b, c, h, w) = dx.dims5()?;
         let (merged, _) = merge_tangent(dx)?;
         let dxs = self
-            .rotations(&merged, 0.0)?
+            .rotations(&merged, &Blank::uniform(0.0))?
             .reshape((self.n, t, b, c, h, w))?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((t, self.n * b, c, h, w))?;
         let r = self
             .inner
-            .jvp_at(&self.rotations(x, self.background)?, &dxs, tape, at)?;
+            .jvp_at(&self.rotations(x, &self.background)?, &dxs, tape, at)?;
         let (_, nb, k) = r.dy.dims3()?;
         let dy = r.dy.reshape((t, self.n, nb / self.n, k))?.mean(1)?;
         Ok(ReadoutJvp {

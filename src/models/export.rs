@@ -190,8 +190,8 @@ pub fn hf_preprocessor(cfg: &Config) -> serde_json::Value {
         "do_rescale": true,
         "rescale_factor": 1.0 / 255.0,
         "do_normalize": true,
-        "image_mean": vec![cfg.data.mean; c],
-        "image_std": vec![cfg.data.std; c],
+        "image_mean": (0..c).map(|i| cfg.data.mean.get(i)).collect::<Vec<_>>(),
+        "image_std": (0..c).map(|i| cfg.data.std.get(i)).collect::<Vec<_>>(),
     })
 }
 

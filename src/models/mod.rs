@@ -130,7 +130,7 @@ fn build_from(cfg: &Config, vb: VarBuilder) -> Result<Box<dyn Model>> {
     };
     Ok(match m.average_rotations {
         0 | 1 => model,
-        n => Box::new(averaged::RotationAveraged::new(model, n, -d.mean / d.std)),
+        n => Box::new(averaged::RotationAveraged::new(model, n, d.blank())),
     })
 }
 

@@ -7,7 +7,7 @@
 
 use crate::config::AugmentConfig;
 use crate::models::Rng;
-use crate::transforms::{warp, Affine, Padding};
+use crate::transforms::{warp, Affine, Blank, Padding};
 use candle_core::{Device, Result, Tensor};
 use rand::Rng as _;
 use rand_distr::{Beta, Distribution, StandardNormal};
@@ -40,12 +40,12 @@ pub struct Augmenter {
     cfg: AugmentConfig,
     num_classes: usize,
     label_smoothing: f64,
-    /// Value of a blank pixel in normalised units (−mean/std): what geometric warps fill with.
-    fill: f64,
+    /// A blank pixel in normalised units (−mean/std): what geometric warps fill with.
+    fill: Blank,
 }
 
 impl Augmenter {
-    pub fn new(cfg: &AugmentConfig, num_classes: usize, label_smoothing: f64, fill: f64) -> Self {
+    pub fn new(cfg: &AugmentConfig, num_classes: usize, label_smoothing: f64, fill: Blank) -> Self {
         Self {
             cfg: cfg.clone(),
             num_classes,
@@ -94,8 +94,7 @@ impl Augmenter {
         let mut x = x.clone();
         if self.geometric() {
             let mats: Vec<Affine> = (0..b).map(|_| self.sample_matrix(rng)).collect();
-            // Warp (x − fill) with zero padding so the outside reads as a blank pixel.
-            x = warp(&x.affine(1.0, -self.fill)?, &mats, Padding::Zeros)?.affine(1.0, self.fill)?;
+            x = self.fill.around(&x, |x| warp(x, &mats, Padding::Zeros))?;
         }
         let mut targets = one_hot(labels, self.num_classes, self.label_smoothing);
         let mixing = self.cfg.mixup_alpha > 0.0 || self.cfg.cutmix_alpha > 0.0;

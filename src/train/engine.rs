@@ -14,7 +14,7 @@
 use super::checkpoint::{self, init_from_pretrain, CheckpointError, Meta, RngState};
 use super::error::TrainError;
 use super::evaluate::{cross_entropy, evaluate};
-use super::run_dir::{prepare_run_dir, Start, CHECKPOINT, PRETRAIN_DIR};
+use super::run_dir::{prepare_run_dir, Start, CHECKPOINT, CLASSES_FILE, PRETRAIN_DIR};
 use super::{AdamW, AdamWParams, Augmenter, Schedule};
 use crate::config::{Config, InitWeights, ModelKind, Objective, Precision};
 use crate::data::Split;
@@ -252,7 +252,7 @@ fn run_stage(
         let lr = stage.schedule.lr_at(step);
         for _ in 0..stage.accum {
             let idx = data.next();
-            let (x, y) = crate::data::batch(train, &idx, &cfg.data, device)?;
+            let (x, y) = crate::data::train_batch(train, &idx, &cfg.data, &cfg.augment, device, &mut rng)?;
             let labels = y.to_vec1::<u32>()?;
             let loss = loss_fn(&x, &labels, &mut rng)?;
             let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
@@ -445,6 +445,21 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
             )));
         }
     }
+    let classes = &train_set.classes;
+    if cfg.model.num_classes != classes.len() {
+        return Err(TrainError::Invalid(format!(
+            "model.num_classes = {} but the {} set has {} classes ({}); set model.num_classes = {}",
+            cfg.model.num_classes,
+            train_set.name,
+            classes.len(),
+            classes.join(", "),
+            classes.len()
+        )));
+    }
+    // The class index → name map, beside the checkpoints that predict it.
+    let doc = serde_json::json!({ "classes": classes });
+    crate::report::write_atomic(&run_dir.join(CLASSES_FILE), format!("{doc:#}\n").as_bytes())
+        .map_err(|e| TrainError::Invalid(format!("writing {}: {e}", run_dir.join(CLASSES_FILE).display())))?;
     eprintln!(
         "{}: {} training images, base lr {:.3e}, actual lr {:.3e} (× {} / 256), {} steps, device {:?}",
         cfg.name,
@@ -522,12 +537,7 @@ pub fn train(cfg: &Config, start: Start) -> Result<RunSummary, TrainError> {
         let optim = checkpoint::load_weights(&main_ckpt, &varmap, &device)?;
         opt.load_state(&optim, m.step)?;
     }
-    let augment = Augmenter::new(
-        &cfg.augment,
-        cfg.model.num_classes,
-        t.label_smoothing,
-        -cfg.data.mean / cfg.data.std,
-    );
+    let augment = Augmenter::new(&cfg.augment, cfg.model.num_classes, t.label_smoothing, cfg.data.blank());
     let lambda = t.lee_penalty;
     let penalty_images = t.lee_penalty_images;
     let model: &dyn Model = model.as_ref();

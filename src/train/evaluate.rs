@@ -49,12 +49,26 @@ pub fn logits_of(
     } else {
         limit.min(split.len())
     };
-    let bs = cfg.eval.batch_size.max(1);
+    logits_by(model, &split.name, n, cfg.eval.batch_size, |idx| {
+        crate::data::batch(split, idx, &cfg.data, device)
+    })
+}
+
+/// Eval-mode logits and labels of images `0..n` of the split `name`, `bs` at a time, each batch
+/// made by `load(indices)`.
+fn logits_by(
+    model: &dyn Model,
+    name: &str,
+    n: usize,
+    bs: usize,
+    load: impl Fn(&[usize]) -> Result<(Tensor, Tensor)>,
+) -> Result<(Tensor, Tensor)> {
+    let bs = bs.max(1);
     let mut logits = Vec::new();
     let mut labels = Vec::new();
     for start in (0..n).step_by(bs) {
         let idx: Vec<usize> = (start..(start + bs).min(n)).collect();
-        let (x, y) = crate::data::batch(split, &idx, &cfg.data, device)?;
+        let (x, y) = load(&idx)?;
         // Detached: each batch's logits would otherwise keep the whole forward graph (every
         // activation) alive until the concat is dropped; on the 50k test set that is ~20 GB for
         // the tiny ViT, and the final evaluation of a run was OOM-killed.
@@ -62,7 +76,7 @@ pub fn logits_of(
         labels.push(y);
     }
     if logits.is_empty() {
-        candle_core::bail!("split {} has no images to evaluate", split.name);
+        candle_core::bail!("split {name} has no images to evaluate");
     }
     Ok((Tensor::cat(&logits, 0)?, Tensor::cat(&labels, 0)?))
 }
@@ -177,9 +191,7 @@ pub fn measure_split(
     };
     let mut lee = LeeAccumulator::new(spec);
     let mut extra = MetricsAccumulator::new(metrics, cfg.lee.metric_draws);
-    let mut group = extras
-        .group
-        .then(|| GroupAccumulator::new(-cfg.data.mean / cfg.data.std));
+    let mut group = extras.group.then(|| GroupAccumulator::new(cfg.data.blank()));
     let mut lw: Vec<LayerwiseAccumulator> = match extras.layerwise {
         true => spec
             .transforms
@@ -213,8 +225,8 @@ pub fn measure_split(
 }
 
 /// Error and mean true-class probability of `model` on the first `limit` images of `split`
-/// (0 = all), each rotated by a further `degrees[i]` about its centre (the MNIST-rot warp:
-/// bilinear, black outside the frame), one point per angle.
+/// (0 = all), each rotated by a further `degrees[i]` about its centre (bilinear, black outside
+/// the frame: `data::rotated_batch`), one point per angle.
 pub fn angle_curve(
     model: &dyn Model,
     cfg: &Config,
@@ -228,19 +240,11 @@ pub fn angle_curve(
     } else {
         limit.min(split.len())
     };
-    let hw = split.h * split.w;
     let mut out = Vec::with_capacity(degrees.len());
     for &deg in degrees {
-        let theta = deg.to_radians();
-        let images = crate::data::rotate_images(&split.images[..n * hw], split.h, split.w, &vec![theta; n])?;
-        let rotated = Split {
-            name: split.name.clone(),
-            images,
-            labels: split.labels[..n].to_vec(),
-            h: split.h,
-            w: split.w,
-        };
-        let (logits, labels) = logits_of(model, &rotated, 0, cfg, device)?;
+        let (logits, labels) = logits_by(model, &split.name, n, cfg.eval.batch_size, |idx| {
+            crate::data::rotated_batch(split, idx, deg, &cfg.data, device)
+        })?;
         let (_, accuracy) = loss_accuracy(&logits, &labels)?;
         let p = crate::kernels::softmax(&logits.to_dtype(DType::F64)?)?;
         let true_p = p

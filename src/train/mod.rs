@@ -18,5 +18,5 @@ pub use engine::{train, RunSummary};
 pub use error::TrainError;
 pub use inference::{load_for_inference, Loaded};
 pub use optim::{group_for, layer_id, AdamW, AdamWParams, Group, StepStats};
-pub use run_dir::{Start, CHECKPOINT, CONFIG_FILE, PRETRAIN_DIR};
+pub use run_dir::{Start, CHECKPOINT, CLASSES_FILE, CONFIG_FILE, PRETRAIN_DIR};
 pub use schedule::Schedule;

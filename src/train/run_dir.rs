@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 /// File names inside a run directory.
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 pub const CONFIG_FILE: &str = "config.toml";
+/// The class names by index (`{"classes": [...]}`): digits "0".."9", or a photo folder's.
+pub const CLASSES_FILE: &str = "classes.json";
 /// The pretraining stage lives in its own sub-directory (checkpoint + metrics).
 pub const PRETRAIN_DIR: &str = "pretrain";
 

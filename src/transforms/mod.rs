@@ -10,7 +10,7 @@ mod stencil;
 mod warp;
 
 pub use stencil::{grid_derivative, image_lie_derivative, lie_derivative, Axis, Repr, Stencil};
-pub use warp::{apply, warp, Padding};
+pub use warp::{apply, warp, Blank, Padding};
 
 /// A 2×3 affine matrix acting on normalized coordinates `[u_x, u_y, 1]`.
 pub type Affine = [[f64; 3]; 2];

@@ -8,6 +8,40 @@
 use super::{coord, Affine, Transform};
 use candle_core::{Result, Tensor};
 
+/// A blank (black) pixel of normalised images `(B, C, H, W)`: one value for every channel, or
+/// one per channel (per-channel normalisation). A zero-padded warp of `x − blank`, plus `blank`,
+/// fills the outside with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Blank(Vec<f64>);
+
+impl Blank {
+    pub fn uniform(v: f64) -> Self {
+        Blank(vec![v])
+    }
+
+    pub fn per_channel(vs: Vec<f64>) -> Self {
+        Blank(vs)
+    }
+
+    /// `x − blank` (`sign` −1) or `x + blank` (`sign` 1), channels on axis 1.
+    fn shift(&self, x: &Tensor, sign: f64) -> Result<Tensor> {
+        match self.0.as_slice() {
+            [v] => x.affine(1.0, sign * v),
+            vs => {
+                let t = Tensor::new(vs, x.device())?.to_dtype(x.dtype())?;
+                let mut dims = vec![1; x.rank()];
+                dims[1] = vs.len();
+                x.broadcast_add(&(t.reshape(dims)? * sign)?)
+            }
+        }
+    }
+
+    /// `f(x − blank) + blank`: `f` (a zero-padded warp) with the outside reading as blank.
+    pub fn around(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        self.shift(&f(&self.shift(x, -1.0)?)?, 1.0)
+    }
+}
+
 /// What the warp reads outside the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Padding {

@@ -1,0 +1,138 @@
+//! `data.source = "folder"`: photos in torchvision's `ImageFolder` layout. `data.folder` holds
+//! `train/`, `test/` and optionally `val/`, each with one subfolder per class; the class index is
+//! the position of the folder name among train's sorted class folders (as `ImageFolder`), and
+//! the files of a class are every PNG / JPEG below its folder, in sorted path order. An OOD set
+//! (`[[data.ood]]`, `path` relative to `data.folder` or absolute) is one more such split folder.
+
+use super::photos::{PhotoError, Photos};
+use super::{DataError, Images, Split};
+use crate::config::Config;
+use std::path::{Path, PathBuf};
+
+/// The file endings read (what [`super::preprocess::decode`] decodes), lower case.
+const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// Split `name` ("train", "val", "test" or "ood_<name>") of the folder, its files listed (not read).
+pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
+    let base = PathBuf::from(&cfg.data.folder);
+    let dir = split_dir(cfg, name)?;
+    let found = class_folders(&dir)?;
+    let classes = class_folders(&base.join("train"))?;
+    let mut files = Vec::new();
+    let mut labels = Vec::new();
+    let mut ignored = Vec::new();
+    for class in found {
+        let Some(label) = classes.iter().position(|c| *c == class) else {
+            return Err(PhotoError::UnknownClass {
+                path: dir,
+                class,
+                train: classes,
+            }
+            .into());
+        };
+        let before = files.len();
+        walk(&dir.join(&class), &mut files, &mut ignored)?;
+        if files.len() == before {
+            return Err(PhotoError::EmptyClass { path: dir, class }.into());
+        }
+        labels.resize(files.len(), label as u32);
+    }
+    let files = files
+        .into_iter()
+        .map(|f| f.strip_prefix(&base).map(Path::to_path_buf).unwrap_or(f))
+        .collect::<Vec<_>>();
+    eprintln!(
+        "{name}: {} images in {} classes from {}{}",
+        files.len(),
+        classes.len(),
+        dir.display(),
+        match ignored.first() {
+            Some(f) => format!(
+                "; ignored {} files that are not PNG / JPEG (e.g. {})",
+                ignored.len(),
+                f.display()
+            ),
+            None => String::new(),
+        }
+    );
+    Ok(Split {
+        name: name.into(),
+        images: Images::Photos(Photos::Files { base, files }),
+        labels,
+        classes,
+    })
+}
+
+/// The sorted names of the subfolders of `dir` (hidden ones aside).
+fn class_folders(dir: &Path) -> Result<Vec<String>, PhotoError> {
+    if !dir.is_dir() {
+        return Err(PhotoError::MissingFolder { path: dir.into() });
+    }
+    let mut names: Vec<String> = entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    match names.is_empty() {
+        true => Err(PhotoError::NoClasses { path: dir.into() }),
+        false => Ok(names),
+    }
+}
+
+/// The entries of `dir`, sorted by path.
+fn entries(dir: &Path) -> Result<Vec<PathBuf>, PhotoError> {
+    let read = |source| PhotoError::Read {
+        path: dir.into(),
+        source,
+    };
+    let mut v = std::fs::read_dir(dir)
+        .map_err(read)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read)?;
+    v.sort();
+    Ok(v)
+}
+
+/// Every image file below `dir` (depth first, sorted) into `files`, other files into `ignored`.
+fn walk(dir: &Path, files: &mut Vec<PathBuf>, ignored: &mut Vec<PathBuf>) -> Result<(), PhotoError> {
+    for p in entries(dir)? {
+        let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        } else if p.is_dir() {
+            walk(&p, files, ignored)?;
+        } else if p
+            .extension()
+            .is_some_and(|e| EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
+        {
+            files.push(p);
+        } else {
+            ignored.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The folder of split `name`: `train/`, `val/`, `test/` under data.folder, or an OOD set's path.
+pub(super) fn split_dir(cfg: &Config, name: &str) -> Result<PathBuf, DataError> {
+    let base = Path::new(&cfg.data.folder);
+    Ok(match name {
+        "train" | "val" | "test" => base.join(name),
+        _ => {
+            let ood = cfg.data.ood.iter().find(|o| format!("ood_{}", o.name) == name);
+            let Some(o) = ood else {
+                return Err(DataError::UnknownSplit {
+                    name: name.into(),
+                    known: cfg.split_names(),
+                });
+            };
+            if o.rotate {
+                return Err(PhotoError::RotateOod { name: o.name.clone() }.into());
+            }
+            base.join(&o.path)
+        }
+    })
+}
