@@ -930,6 +930,23 @@ fn real_mnist_rot_splits() {
     ] {
         assert_eq!(s.sha256().unwrap(), want, "{} changed", s.name);
     }
+    // And what the loader makes of them (the loader now serves photos too; the digits' tensors
+    // must not move): the first 64 test digits at 28 px, normalised, and their labels, as f32 /
+    // u32 little-endian bytes. The same hash at commit 1dc96f8, before the photo sources.
+    let idx: Vec<usize> = (0..64).collect();
+    let (x, y) = data::batch(&test, &idx, &cfg.data, &candle_core::Device::Cpu).unwrap();
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    for v in x.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+        sha2::Digest::update(&mut h, v.to_le_bytes());
+    }
+    for l in y.to_vec1::<u32>().unwrap() {
+        sha2::Digest::update(&mut h, l.to_le_bytes());
+    }
+    assert_eq!(
+        hex::encode(sha2::Digest::finalize(h)),
+        "6b22f0cf05763a17d58ed0e05fc770782b8ef5389f28dfdd52492ebde1635fe0",
+        "the digits' batches changed"
+    );
     // The angles are U[0, 2π) radians: Kolmogorov–Smirnov distance to the uniform CDF below the
     // 99% critical value 1.63/√n (n = 62,000: 0.0065). Angles in [0, π) would give D = 0.5,
     // degrees read as radians D ≈ 1.

@@ -274,3 +274,58 @@ fn bad_folders_and_files_are_clear_errors() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_flat_folder_with_a_labels_csv_is_a_split() {
+    // train/ and test/ hold the photos directly; train.csv / test.csv name each file's class.
+    // Classes are train's sorted distinct labels; the batches equal the class-folder layout's.
+    let nested = tempfile::tempdir().unwrap();
+    photo_folder(nested.path());
+    let flat = tempfile::tempdir().unwrap();
+    for split in ["train", "test"] {
+        std::fs::create_dir_all(flat.path().join(split)).unwrap();
+        let mut csv = String::from("file,label\n");
+        for name in PHOTOS.iter().rev() {
+            let src = std::fs::read_dir(nested.path().join(split).join(name))
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path();
+            let file = format!("img_{name}.{}", src.extension().unwrap().to_string_lossy());
+            std::fs::copy(&src, flat.path().join(split).join(&file)).unwrap();
+            csv += &format!("{file},{name}\n");
+        }
+        std::fs::write(flat.path().join(format!("{split}.csv")), csv).unwrap();
+    }
+    let sets = ["data.image_size=32", "data.channels=3"];
+    let (a, b) = (folder_cfg(nested.path(), &sets), folder_cfg(flat.path(), &sets));
+    let (sa, sb) = (
+        data::load_split(&a, "test").unwrap(),
+        data::load_split(&b, "test").unwrap(),
+    );
+    assert_eq!(sb.classes, PHOTOS);
+    assert_eq!(
+        sb.labels,
+        [4, 3, 2, 1, 0],
+        "rows in the CSV's order, labels by class name"
+    );
+    let (xa, _) = data::batch(&sa, &[0, 1, 2, 3, 4], &a.data, &Device::Cpu).unwrap();
+    let (xb, _) = data::batch(&sb, &[4, 3, 2, 1, 0], &b.data, &Device::Cpu).unwrap();
+    assert_eq!(common::max_abs_diff(&xa, &xb), 0.0);
+
+    // A listed file that is not there, and a missing header: the CSV and its line named.
+    std::fs::write(
+        flat.path().join("test.csv"),
+        "file,label\nimg_rocket.jpg,rocket\nnope.jpg,cat\n",
+    )
+    .unwrap();
+    let err = data::load_split(&b, "test").unwrap_err().to_string();
+    assert!(
+        err.contains("test.csv:3") && err.contains("nope.jpg") && err.contains("does not exist"),
+        "{err}"
+    );
+    std::fs::write(flat.path().join("test.csv"), "img_rocket.jpg,rocket\n").unwrap();
+    let err = data::load_split(&b, "test").unwrap_err().to_string();
+    assert!(err.contains("test.csv:1") && err.contains("header file,label"), "{err}");
+}

@@ -1,7 +1,9 @@
 //! `data.source = "folder"`: photos in torchvision's `ImageFolder` layout. `data.folder` holds
 //! `train/`, `test/` and optionally `val/`, each with one subfolder per class; the class index is
 //! the position of the folder name among train's sorted class folders (as `ImageFolder`), and
-//! the files of a class are every PNG / JPEG below its folder, in sorted path order. An OOD set
+//! the files of a class are every PNG / JPEG below its folder, in sorted path order. Or a split
+//! is a flat folder with a labels CSV beside it (`train/` and `train.csv`: `file,label` rows),
+//! the classes then being train's sorted distinct labels. An OOD set
 //! (`[[data.ood]]`, `path` relative to `data.folder` or absolute) is one more such split folder.
 
 use super::photos::{PhotoError, Photos};
@@ -16,12 +18,14 @@ const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
     let base = PathBuf::from(&cfg.data.folder);
     let dir = split_dir(cfg, name)?;
-    let found = class_folders(&dir)?;
-    let classes = class_folders(&base.join("train"))?;
-    let mut files = Vec::new();
-    let mut labels = Vec::new();
-    let mut ignored = Vec::new();
-    for class in found {
+    let (listed, ignored) = list(&dir)?;
+    let classes = match name {
+        "train" => classes_of(&listed),
+        _ => classes_of(&list(&base.join("train"))?.0),
+    };
+    let mut files = Vec::with_capacity(listed.len());
+    let mut labels = Vec::with_capacity(listed.len());
+    for (file, class) in listed {
         let Some(label) = classes.iter().position(|c| *c == class) else {
             return Err(PhotoError::UnknownClass {
                 path: dir,
@@ -30,17 +34,9 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
             }
             .into());
         };
-        let before = files.len();
-        walk(&dir.join(&class), &mut files, &mut ignored)?;
-        if files.len() == before {
-            return Err(PhotoError::EmptyClass { path: dir, class }.into());
-        }
-        labels.resize(files.len(), label as u32);
+        files.push(file.strip_prefix(&base).map(Path::to_path_buf).unwrap_or(file));
+        labels.push(label as u32);
     }
-    let files = files
-        .into_iter()
-        .map(|f| f.strip_prefix(&base).map(Path::to_path_buf).unwrap_or(f))
-        .collect::<Vec<_>>();
     eprintln!(
         "{name}: {} images in {} classes from {}{}",
         files.len(),
@@ -61,6 +57,80 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
         labels,
         classes,
     })
+}
+
+/// A split's images, each with its class name.
+type Listing = Vec<(PathBuf, String)>;
+
+/// The sorted distinct classes of a listing.
+fn classes_of(listed: &[(PathBuf, String)]) -> Vec<String> {
+    let mut c: Vec<String> = listed.iter().map(|(_, class)| class.clone()).collect();
+    c.sort();
+    c.dedup();
+    c
+}
+
+/// Every image of split folder `dir` with its class name, and the files ignored: from
+/// `<dir>.csv` when it exists (a flat folder and a labels CSV), else the class subfolders.
+fn list(dir: &Path) -> Result<(Listing, Vec<PathBuf>), PhotoError> {
+    let csv = dir.with_extension("csv");
+    if csv.is_file() {
+        return Ok((read_csv(&csv, dir)?, Vec::new()));
+    }
+    let mut listed = Vec::new();
+    let mut ignored = Vec::new();
+    for class in class_folders(dir)? {
+        let mut files = Vec::new();
+        walk(&dir.join(&class), &mut files, &mut ignored)?;
+        if files.is_empty() {
+            return Err(PhotoError::EmptyClass {
+                path: dir.into(),
+                class,
+            });
+        }
+        listed.extend(files.into_iter().map(|f| (f, class.clone())));
+    }
+    Ok((listed, ignored))
+}
+
+/// `<split>.csv`: a header `file,label`, then one `file,label` row per image, the file relative
+/// to the split's folder and the label a class name (no quoting: the label is what follows the
+/// last comma). Every listed file must exist.
+fn read_csv(csv: &Path, dir: &Path) -> Result<Listing, PhotoError> {
+    let text = std::fs::read_to_string(csv).map_err(|source| PhotoError::Read {
+        path: csv.into(),
+        source,
+    })?;
+    let bad = |line: usize, message: String| PhotoError::Csv {
+        path: csv.into(),
+        line,
+        message,
+    };
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    match lines.next() {
+        Some((_, h)) if h.trim() == "file,label" => {}
+        other => {
+            return Err(bad(
+                other.map_or(1, |(i, _)| i + 1),
+                "the first line must be the header file,label".into(),
+            ))
+        }
+    }
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        let Some((file, label)) = line.trim().rsplit_once(',') else {
+            return Err(bad(i + 1, format!("{line:?} is not file,label")));
+        };
+        let path = dir.join(file.trim());
+        if !path.is_file() {
+            return Err(bad(i + 1, format!("{} does not exist", path.display())));
+        }
+        out.push((path, label.trim().to_string()));
+    }
+    match out.is_empty() {
+        true => Err(bad(1, "no rows: list one file,label per image".into())),
+        false => Ok(out),
+    }
 }
 
 /// The sorted names of the subfolders of `dir` (hidden ones aside).

@@ -66,6 +66,12 @@ pub enum PhotoError {
         class: String,
         train: Vec<String>,
     },
+    #[error("{path}:{line}: {message}")]
+    Csv {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("OOD set {name:?}: data.ood.rotate applies to digit sets only; set it to false for photos")]
     RotateOod { name: String },
 }

@@ -141,6 +141,15 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluOp)
 }
 
+/// `g·gelu'(x)`, GELU's backward, on operands that track no gradient: one fused pass on the CPU,
+/// composed elsewhere.
+pub(super) fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return g * gelu_erf_derivative_composed(x)?;
+    }
+    x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &GeluGrad)
+}
+
 /// gelu'(x) = Φ(x) + x·φ(x), elementwise, differentiable (the GELU JVP's factor).
 pub fn gelu_erf_derivative(x: &Tensor) -> Result<Tensor> {
     if !fusable(x) {
