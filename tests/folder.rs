@@ -139,6 +139,19 @@ fn training_crops_are_seeded_and_differ_from_evaluation() {
     assert!(common::max_abs_diff(&i2, &i3) > 0.1);
     let (eval, _) = data::batch(&train, &idx, &cfg.data, &Device::Cpu).unwrap();
     assert!(common::max_abs_diff(&a, &eval) > 0.1);
+
+    // An OOD set is one more folder of class folders (here test/ again, under another name);
+    // digits' seeded rotation does not apply to photos and is refused.
+    let ood = |rotate: bool| {
+        let set = format!("data.ood=[{{ name = \"again\", path = \"test\", rotate = {rotate} }}]");
+        let mut sets = vec!["data.image_size=32", "data.channels=3"];
+        sets.push(&set);
+        data::load_split(&folder_cfg(dir.path(), &sets), "ood_again")
+    };
+    let (again, test) = (ood(false).unwrap(), data::load_split(&cfg, "test").unwrap());
+    assert_eq!((again.name.as_str(), &again.labels), ("ood_again", &test.labels));
+    let err = ood(true).unwrap_err().to_string();
+    assert!(err.contains("rotate") && err.contains("digit"), "{err}");
 }
 
 #[test]

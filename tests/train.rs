@@ -197,6 +197,24 @@ fn augmentation_is_seeded_mixes_soft_targets_and_keeps_blank_background() -> can
     let blank = Tensor::full(-0.42f32, (3, 1, 28, 28), &dev)?;
     let r = rot.apply(&blank, &[1, 2, 3], &mut Rng::seed_from_u64(1))?;
     assert!(max_abs(&(r.x + 0.42)?)? < 1e-6);
+    // Per-channel normalisation (photos): each channel's blank is its own, and a rotated blank
+    // RGB image stays blank channel by channel (a uniform fill would leave corners of the wrong
+    // colour: checked to move by the difference of the fills).
+    let fills = [-2.1f32, -2.0, -1.8];
+    let rgb = Augmenter::new(
+        &rot_cfg,
+        10,
+        0.0,
+        liederiv::transforms::Blank::per_channel(fills.iter().map(|&f| f as f64).collect()),
+    );
+    let blank = Tensor::from_vec(fills.to_vec(), (1, 3, 1, 1), &dev)?
+        .broadcast_as((2, 3, 28, 28))?
+        .contiguous()?;
+    let r = rgb.apply(&blank, &[1, 2], &mut Rng::seed_from_u64(1))?;
+    assert!(max_abs(&(&r.x - &blank)?)? < 1e-6);
+    let wrong = Augmenter::new(&rot_cfg, 10, 0.0, liederiv::transforms::Blank::uniform(-2.1));
+    let w = wrong.apply(&blank, &[1, 2], &mut Rng::seed_from_u64(1))?;
+    assert!(max_abs(&(&w.x - &blank)?)? > 0.2);
     Ok(())
 }
 
