@@ -1323,8 +1323,20 @@ fn any_hub_parquet_image_set_trains_evaluates_and_measures_from_the_cli() {
         err.contains("0000.parquet") && err.contains("no integer category column"),
         "{err}"
     );
-    // Not cached, offline: the Hub error with what to do.
+    // An OOD set is another repo in the same layout (its test split): here the same one.
     cfg.data.parquet.label_column = "label".into();
+    cfg.data.ood = vec![liederiv::config::OodConfig {
+        name: "again".into(),
+        hub_repo: "someone/photos".into(),
+        rotate: false,
+        ..Default::default()
+    }];
+    let again = data::load_split(&cfg, "ood_again").unwrap();
+    assert_eq!((again.len(), again.classes.len()), (5, 5));
+    cfg.data.ood[0].rotate = true;
+    let err = data::load_split(&cfg, "ood_again").unwrap_err().to_string();
+    assert!(err.contains("rotate = false"), "{err}");
+    // Not cached, offline: the Hub error with what to do.
     cfg.data.parquet.repo = "someone/other".into();
     let err = data::load_split(&cfg, "test").unwrap_err().to_string();
     assert!(
