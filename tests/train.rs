@@ -578,6 +578,33 @@ fn resume_with_grad_checkpointing_is_bit_identical() -> anyhow::Result<()> {
     kill_and_resume("vit_ckpt", &common, "train")
 }
 
+#[test]
+fn resume_on_photos_is_bit_identical() -> anyhow::Result<()> {
+    // Photos from a folder with random resized crops and flips, drawn per batch from the run's
+    // random stream: a killed and resumed run draws the same crops.
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photo_folder");
+    let folder = format!("data.folder={:?}", folder.display().to_string());
+    let common = [
+        "data.source=\"folder\"",
+        &folder,
+        "data.ood=[]",
+        "data.image_size=32",
+        "data.channels=3",
+        "data.mean=[0.485, 0.456, 0.406]",
+        "data.std=[0.229, 0.224, 0.225]",
+        "model.num_classes=4",
+        "model.vit.patch_size=8",
+        "augment.random_resized_crop=true",
+        "augment.hflip=0.5",
+        "lee.splits=[\"test\"]",
+        "train.batch_size=8",
+        "train.steps=400",
+        "train.eval_every=100",
+        "train.checkpoint_every=20",
+    ];
+    kill_and_resume("photos", &common, "train")
+}
+
 /// Mixed precision: a quickstart-sized run (MAE pretraining, then fine-tuning) in bf16 ends near
 /// the same run in f32, and its checkpoints hold f32 weights and AdamW state.
 #[test]
