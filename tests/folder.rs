@@ -142,16 +142,67 @@ fn training_crops_are_seeded_and_differ_from_evaluation() {
 
     // An OOD set is one more folder of class folders (here test/ again, under another name);
     // digits' seeded rotation does not apply to photos and is refused.
-    let ood = |rotate: bool| {
-        let set = format!("data.ood=[{{ name = \"again\", path = \"test\", rotate = {rotate} }}]");
-        let mut sets = vec!["data.image_size=32", "data.channels=3"];
-        sets.push(&set);
-        data::load_split(&folder_cfg(dir.path(), &sets), "ood_again")
+    let ood = |rotate: bool, limit: usize| {
+        let set = format!("data.ood=[{{ name = \"again\", path = \"test\", rotate = {rotate}, limit = {limit} }}]");
+        let sets = [
+            "data.source=\"folder\"".to_string(),
+            format!("data.folder={:?}", dir.path().display().to_string()),
+            "model.num_classes=5".into(),
+            "model.vit.patch_size=8".into(),
+            "data.image_size=32".into(),
+            "eval.splits=[\"test\"]".into(),
+            "lee.splits=[\"test\"]".into(),
+            set,
+        ];
+        Config::resolve_str("", "<test>", &sets)
     };
-    let (again, test) = (ood(false).unwrap(), data::load_split(&cfg, "test").unwrap());
+    let again = data::load_split(&ood(false, 0).unwrap(), "ood_again").unwrap();
+    let test = data::load_split(&cfg, "test").unwrap();
     assert_eq!((again.name.as_str(), &again.labels), ("ood_again", &test.labels));
-    let err = ood(true).unwrap_err().to_string();
-    assert!(err.contains("rotate") && err.contains("digit"), "{err}");
+    let three = data::load_split(&ood(false, 3).unwrap(), "ood_again").unwrap();
+    assert_eq!(
+        three.labels,
+        [0, 1, 2],
+        "an OOD set's limit: its first images, one per class"
+    );
+    let err = ood(true, 0).unwrap_err().to_string();
+    assert!(err.contains("data.ood[0].rotate") && err.contains("digits"), "{err}");
+    // The default OOD set (rotated Fashion-MNIST) is refused for photos at once, with what to do.
+    let err = Config::resolve_str(
+        "",
+        "<test>",
+        &["data.source=\"folder\"".into(), "data.folder=\"x\"".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("data.ood = []"), "{err}");
+}
+
+#[test]
+fn the_first_images_of_a_photo_split_cover_every_class() {
+    // Folders list class by class; the split interleaves them, so eval.limit / lee.limit /
+    // train_limit subsets are spread over the classes (6 per class in the example's train/).
+    let cfg = Config::resolve_str(
+        "",
+        "<test>",
+        &[
+            "data.source=\"folder\"".into(),
+            format!(
+                "data.folder={:?}",
+                repo().join("tests/fixtures/photo_folder").display().to_string()
+            ),
+            "data.ood=[]".into(),
+            "eval.splits=[\"test\"]".into(),
+            "lee.splits=[\"test\"]".into(),
+            "model.num_classes=4".into(),
+        ],
+    )
+    .unwrap();
+    let train = data::load_split(&cfg, "train").unwrap();
+    assert_eq!(train.labels[..8], [0, 1, 2, 3, 0, 1, 2, 3]);
+    assert_eq!(train.class_counts(), [6, 6, 6, 6]);
+    let (items, labels) = data::interleave_classes(vec!['a', 'b', 'c', 'd', 'e'], vec![1, 1, 1, 0, 2]);
+    assert_eq!((items, labels), (vec!['d', 'a', 'e', 'b', 'c'], vec![0, 1, 2, 1, 1]));
 }
 
 #[test]
@@ -318,13 +369,9 @@ fn a_flat_folder_with_a_labels_csv_is_a_split() {
         data::load_split(&b, "test").unwrap(),
     );
     assert_eq!(sb.classes, PHOTOS);
-    assert_eq!(
-        sb.labels,
-        [4, 3, 2, 1, 0],
-        "rows in the CSV's order, labels by class name"
-    );
+    assert_eq!(sb.labels, [0, 1, 2, 3, 4], "labels by class name, classes interleaved");
     let (xa, _) = data::batch(&sa, &[0, 1, 2, 3, 4], &a.data, &Device::Cpu).unwrap();
-    let (xb, _) = data::batch(&sb, &[4, 3, 2, 1, 0], &b.data, &Device::Cpu).unwrap();
+    let (xb, _) = data::batch(&sb, &[0, 1, 2, 3, 4], &b.data, &Device::Cpu).unwrap();
     assert_eq!(common::max_abs_diff(&xa, &xb), 0.0);
 
     // A listed file that is not there, and a missing header: the CSV and its line named.
@@ -338,6 +385,10 @@ fn a_flat_folder_with_a_labels_csv_is_a_split() {
         err.contains("test.csv:3") && err.contains("nope.jpg") && err.contains("does not exist"),
         "{err}"
     );
+    // A byte-order mark (as spreadsheets write) before the header is fine.
+    let csv = std::fs::read_to_string(flat.path().join("train.csv")).unwrap();
+    std::fs::write(flat.path().join("train.csv"), format!("\u{feff}{csv}")).unwrap();
+    assert_eq!(data::load_split(&b, "train").unwrap().len(), 5);
     std::fs::write(flat.path().join("test.csv"), "img_rocket.jpg,rocket\n").unwrap();
     let err = data::load_split(&b, "test").unwrap_err().to_string();
     assert!(err.contains("test.csv:1") && err.contains("header file,label"), "{err}");

@@ -435,12 +435,24 @@ impl Config {
             format!("{:?}", g.crop_ratio),
             "[lo, hi] with 0 < lo ≤ hi (width / height)",
         )?;
+        let photos = matches!(self.data.source, DataSource::Folder | DataSource::Parquet);
+        let digits_only = "unset unless data.source = \"folder\" or \"parquet\" (a photo transform; digits are augmented by rotate_deg, translate and scale)";
         check(
-            !(g.random_resized_crop || g.hflip > 0.0) || matches!(self.data.source, DataSource::Folder | DataSource::Parquet),
+            !g.random_resized_crop || photos,
             "augment.random_resized_crop",
             g.random_resized_crop,
-            "false unless data.source = \"folder\" or \"parquet\" (the photo transforms; digits are augmented by rotate_deg, translate and scale)",
+            digits_only,
         )?;
+        check(g.hflip == 0.0 || photos, "augment.hflip", g.hflip, digits_only)?;
+        for (i, o) in self.data.ood.iter().enumerate() {
+            check(
+                !(photos && o.rotate),
+                &format!("data.ood[{i}].rotate"),
+                o.rotate,
+                "false for photos (the seeded rotation is MNIST-rot's, for digits): set data.ood = [] or \
+                 give each OOD set rotate = false and a folder of class folders (path) or a Hub repo (hub_repo)",
+            )?;
+        }
 
         check(
             self.eval.batch_size > 0,

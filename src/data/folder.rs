@@ -3,7 +3,9 @@
 //! the position of the folder name among train's sorted class folders (as `ImageFolder`), and
 //! the files of a class are every PNG / JPEG below its folder, in sorted path order. Or a split
 //! is a flat folder with a labels CSV beside it (`train/` and `train.csv`: `file,label` rows),
-//! the classes then being train's sorted distinct labels. An OOD set
+//! the classes then being train's sorted distinct labels. The images are listed with the classes
+//! interleaved ([`super::interleave_classes`]), so that the first N of a split (`eval.limit`,
+//! `lee.limit`, `data.train_limit`, an OOD set's `limit`) cover every class alike. An OOD set
 //! (`[[data.ood]]`, `path` relative to `data.folder` or absolute) is one more such split folder.
 
 use super::photos::{PhotoError, Photos};
@@ -21,7 +23,7 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
     let (listed, ignored) = list(&dir)?;
     let classes = match name {
         "train" => classes_of(&listed),
-        _ => classes_of(&list(&base.join("train"))?.0),
+        _ => train_classes(&base.join("train"))?,
     };
     let mut files = Vec::with_capacity(listed.len());
     let mut labels = Vec::with_capacity(listed.len());
@@ -36,6 +38,13 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
         };
         files.push(file.strip_prefix(&base).map(Path::to_path_buf).unwrap_or(file));
         labels.push(label as u32);
+    }
+    let (mut files, mut labels) = super::interleave_classes(files, labels);
+    if let Some(o) = cfg.data.ood.iter().find(|o| format!("ood_{}", o.name) == name) {
+        if o.limit > 0 {
+            files.truncate(o.limit);
+            labels.truncate(o.limit);
+        }
     }
     eprintln!(
         "{name}: {} images in {} classes from {}{}",
@@ -59,6 +68,23 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
     })
 }
 
+/// Train's sorted classes, without checking its files (the class folders, or the CSV's labels).
+fn train_classes(train: &Path) -> Result<Vec<String>, PhotoError> {
+    let csv = csv_of(train);
+    if !csv.is_file() {
+        return class_folders(train);
+    }
+    let labels = csv_rows(&csv)?.into_iter().map(|(_, _, label)| (PathBuf::new(), label));
+    Ok(classes_of(&labels.collect::<Vec<_>>()))
+}
+
+/// `<dir>.csv`, beside the split folder (`train` → `train.csv`, `cifar10.1` → `cifar10.1.csv`).
+fn csv_of(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".csv");
+    dir.with_file_name(name)
+}
+
 /// A split's images, each with its class name.
 type Listing = Vec<(PathBuf, String)>;
 
@@ -73,7 +99,7 @@ fn classes_of(listed: &[(PathBuf, String)]) -> Vec<String> {
 /// Every image of split folder `dir` with its class name, and the files ignored: from
 /// `<dir>.csv` when it exists (a flat folder and a labels CSV), else the class subfolders.
 fn list(dir: &Path) -> Result<(Listing, Vec<PathBuf>), PhotoError> {
-    let csv = dir.with_extension("csv");
+    let csv = csv_of(dir);
     if csv.is_file() {
         return Ok((read_csv(&csv, dir)?, Vec::new()));
     }
@@ -97,6 +123,24 @@ fn list(dir: &Path) -> Result<(Listing, Vec<PathBuf>), PhotoError> {
 /// to the split's folder and the label a class name (no quoting: the label is what follows the
 /// last comma). Every listed file must exist.
 fn read_csv(csv: &Path, dir: &Path) -> Result<Listing, PhotoError> {
+    let mut out = Vec::new();
+    for (line, file, label) in csv_rows(csv)? {
+        let path = dir.join(&file);
+        if !path.is_file() {
+            return Err(PhotoError::Csv {
+                path: csv.into(),
+                line,
+                message: format!("{} does not exist", path.display()),
+            });
+        }
+        out.push((path, label));
+    }
+    Ok(out)
+}
+
+/// The rows `(line number, file, label)` of a labels CSV (a leading byte-order mark, as
+/// spreadsheets write, is skipped).
+fn csv_rows(csv: &Path) -> Result<Vec<(usize, String, String)>, PhotoError> {
     let text = std::fs::read_to_string(csv).map_err(|source| PhotoError::Read {
         path: csv.into(),
         source,
@@ -106,6 +150,7 @@ fn read_csv(csv: &Path, dir: &Path) -> Result<Listing, PhotoError> {
         line,
         message,
     };
+    let text = text.trim_start_matches('\u{feff}');
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     match lines.next() {
         Some((_, h)) if h.trim() == "file,label" => {}
@@ -121,11 +166,7 @@ fn read_csv(csv: &Path, dir: &Path) -> Result<Listing, PhotoError> {
         let Some((file, label)) = line.trim().rsplit_once(',') else {
             return Err(bad(i + 1, format!("{line:?} is not file,label")));
         };
-        let path = dir.join(file.trim());
-        if !path.is_file() {
-            return Err(bad(i + 1, format!("{} does not exist", path.display())));
-        }
-        out.push((path, label.trim().to_string()));
+        out.push((i + 1, file.trim().to_string(), label.trim().to_string()));
     }
     match out.is_empty() {
         true => Err(bad(1, "no rows: list one file,label per image".into())),

@@ -145,6 +145,28 @@ impl Split {
     }
 }
 
+/// Items and their labels reordered round-robin over the classes (class 0's first, class 1's
+/// first, …, class 0's second, …; each class's own order kept), so that any first N are spread
+/// evenly over the classes: photo sets are listed (folders) or often stored (Parquet) class by
+/// class, where "the first N" would be a few classes only.
+pub fn interleave_classes<T>(items: Vec<T>, labels: Vec<u32>) -> (Vec<T>, Vec<u32>) {
+    let k = labels.iter().max().map_or(0, |&m| m as usize + 1);
+    let mut by_class: Vec<std::collections::VecDeque<T>> = (0..k).map(|_| Default::default()).collect();
+    for (item, &l) in items.into_iter().zip(&labels) {
+        by_class[l as usize].push_back(item);
+    }
+    let (mut out, mut out_labels) = (Vec::with_capacity(labels.len()), Vec::with_capacity(labels.len()));
+    while out.len() < labels.len() {
+        for (c, q) in by_class.iter_mut().enumerate() {
+            if let Some(item) = q.pop_front() {
+                out.push(item);
+                out_labels.push(c as u32);
+            }
+        }
+    }
+    (out, out_labels)
+}
+
 /// Raw 8-bit digits as the IDX and Hub sources hold them: `images` n·h·w in 0..=255.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Digits {

@@ -330,6 +330,9 @@ impl LinearResidual {
             let xc = x.narrow(0, start, len)?;
             let (da, dw, db) = (self.grads)(&super::gelu::gelu_erf(&xc)?, w, &g.narrow(0, start, len)?)?;
             dxs.push(super::gelu::gelu_backward(&xc, &da)?);
+            // Summed in f32 at least: a bf16 sum would round once per chunk.
+            let acc = at_least_f32(dw.dtype());
+            let (dw, db) = (dw.to_dtype(acc)?, db.to_dtype(acc)?);
             sums = Some(match sums {
                 None => (dw, db),
                 Some((sw, sb)) => ((sw + dw)?, (sb + db)?),
@@ -338,7 +341,7 @@ impl LinearResidual {
         let Some((dw, db)) = sums else {
             bail!("lean-linear-residual: an empty batch has no gradient")
         };
-        Ok((Tensor::cat(&dxs, 0)?, dw, db))
+        Ok((Tensor::cat(&dxs, 0)?, dw.to_dtype(w.dtype())?, db.to_dtype(w.dtype())?))
     }
 }
 
