@@ -39,13 +39,7 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
         files.push(file.strip_prefix(&base).map(Path::to_path_buf).unwrap_or(file));
         labels.push(label as u32);
     }
-    let (mut files, mut labels) = super::interleave_classes(files, labels);
-    if let Some(o) = cfg.data.ood.iter().find(|o| format!("ood_{}", o.name) == name) {
-        if o.limit > 0 {
-            files.truncate(o.limit);
-            labels.truncate(o.limit);
-        }
-    }
+    let (files, labels) = super::interleave_classes(files, labels);
     eprintln!(
         "{name}: {} images in {} classes from {}{}",
         files.len(),

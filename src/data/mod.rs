@@ -259,11 +259,18 @@ pub enum DataError {
 /// One split: "train", "val", "test" or "ood_<name>", from the cache when it is there (built
 /// and cached first otherwise).
 pub fn load_split(cfg: &Config, name: &str) -> Result<Split, DataError> {
-    match cfg.data.source {
-        DataSource::Folder => folder::load(cfg, name),
-        DataSource::Parquet => parquet::load(cfg, name),
-        _ => rot::load(cfg, name),
+    let mut photos = match cfg.data.source {
+        DataSource::Folder => folder::load(cfg, name)?,
+        DataSource::Parquet => parquet::load(cfg, name)?,
+        _ => return rot::load(cfg, name),
+    };
+    // A photo OOD set's `limit` (the digit sets apply theirs when they are built and cached).
+    if let Some(o) = cfg.data.ood.iter().find(|o| format!("ood_{}", o.name) == name) {
+        if o.limit > 0 {
+            photos.truncate(o.limit);
+        }
     }
+    Ok(photos)
 }
 
 /// The images fine-tuning sees: train, plus val when `data.train_on_val`, cut to the first

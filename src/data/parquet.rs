@@ -171,15 +171,8 @@ pub(super) fn load(cfg: &Config, name: &str) -> Result<Split, DataError> {
         files.len(),
         p.config
     );
-    let (named, mut labels) = super::interleave_classes(names.into_iter().zip(bytes).collect(), labels);
-    let (mut names, mut bytes): (Vec<String>, Vec<Arc<[u8]>>) = named.into_iter().unzip();
-    if let Some(o) = d.ood.iter().find(|o| format!("ood_{}", o.name) == name) {
-        if o.limit > 0 {
-            names.truncate(o.limit);
-            bytes.truncate(o.limit);
-            labels.truncate(o.limit);
-        }
-    }
+    let (named, labels) = super::interleave_classes(names.into_iter().zip(bytes).collect(), labels);
+    let (names, bytes): (Vec<String>, Vec<Arc<[u8]>>) = named.into_iter().unzip();
     Ok(Split {
         name: name.into(),
         images: Images::Photos(Photos::Encoded { names, bytes }),

@@ -112,46 +112,23 @@ fn decode_other(bytes: &[u8]) -> Result<(Image8, Conversion), DecodeError> {
     let img = image::load_from_memory(bytes)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let color = img.color();
-    let (src, conversion) = match color {
-        C::L8 | C::L16 => (
-            Image8 {
-                w,
-                h,
-                c: 1,
-                data: img.into_luma8().into_raw(),
-            },
-            Conversion::None,
-        ),
-        C::La8 | C::La16 => (
-            Image8 {
-                w,
-                h,
-                c: 1,
-                data: img.into_luma8().into_raw(),
-            },
-            Conversion::AlphaDropped,
-        ),
-        C::Rgb8 | C::Rgb16 => (
-            Image8 {
-                w,
-                h,
-                c: 3,
-                data: img.into_rgb8().into_raw(),
-            },
-            Conversion::None,
-        ),
-        C::Rgba8 | C::Rgba16 => (
-            Image8 {
-                w,
-                h,
-                c: 3,
-                data: img.into_rgb8().into_raw(),
-            },
-            Conversion::AlphaDropped,
-        ),
+    // Grey, grey + alpha, RGB, RGBA at 8 or 16 bits; alpha dropped as `convert` does.
+    let (grey, alpha) = match color {
+        C::L8 | C::L16 => (true, false),
+        C::La8 | C::La16 => (true, true),
+        C::Rgb8 | C::Rgb16 => (false, false),
+        C::Rgba8 | C::Rgba16 => (false, true),
         other => return Err(DecodeError::Layout(other)),
     };
-    Ok((src, conversion))
+    let (c, data) = match grey {
+        true => (1, img.into_luma8().into_raw()),
+        false => (3, img.into_rgb8().into_raw()),
+    };
+    let conversion = match alpha {
+        true => Conversion::AlphaDropped,
+        false => Conversion::None,
+    };
+    Ok((Image8 { w, h, c, data }, conversion))
 }
 
 /// `src` in `channels`, as `Image.convert("L" | "RGB")`.

@@ -423,8 +423,10 @@ impl CustomOp1 for Gelu {
         let mut parts = Vec::with_capacity(b.div_ceil(BWD_CHUNK_IMAGES));
         for start in (0..b).step_by(BWD_CHUNK_IMAGES) {
             let len = BWD_CHUNK_IMAGES.min(b - start);
-            let d = super::gelu::gelu_erf_derivative_composed(&x.narrow(0, start, len)?)?;
-            parts.push((g.narrow(0, start, len)? * d)?);
+            parts.push(super::gelu::gelu_backward(
+                &x.narrow(0, start, len)?,
+                &g.narrow(0, start, len)?,
+            )?);
         }
         Ok(Some(Tensor::cat(&parts, 0)?))
     }

@@ -317,10 +317,17 @@ fn training_residual<'a>(
     bias: Option<&'a Tensor>,
     residual: &Tensor,
 ) -> Result<Option<&'a Tensor>> {
+    let (fits, inference) = residual_fit(x, weight, bias, residual)?;
+    Ok(bias.filter(|_| fits && !inference))
+}
+
+/// Whether the residual has the output's shape, and whether the op runs without a graph on the
+/// CPU kernels ([`inference_only`]).
+fn residual_fit(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<(bool, bool)> {
     let mut out = x.dims().to_vec();
     *out.last_mut().expect("rank ≥ 1: checked") = weight.dim(0)?;
     let others: Vec<&Tensor> = [weight, residual].into_iter().chain(bias).collect();
-    Ok(bias.filter(|_| residual.dims() == out && !inference_only(x, &others)))
+    Ok((residual.dims() == out, inference_only(x, &others)))
 }
 
 /// The training node of [`linear_add`] / [`gelu_linear_add`]: fused or portable.
@@ -352,10 +359,7 @@ fn residual_node(x: &Tensor, (w, b): (&Tensor, &Tensor), r: &Tensor, gelu_first:
 /// `linear(x, weight, bias) + residual` outside the training node: one op on the CPU where
 /// nothing tracks a gradient and the shapes allow, else the two ops.
 fn residual_add(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-    let mut out = x.dims().to_vec();
-    *out.last_mut().expect("rank ≥ 1: checked") = weight.dim(0)?;
-    let others: Vec<&Tensor> = [weight, residual].into_iter().chain(bias).collect();
-    if residual.dims() != out || !inference_only(x, &others) {
+    if residual_fit(x, weight, bias, residual)? != (true, true) {
         return linear(x, weight, bias)? + residual;
     }
     let (x, w, r) = (x.contiguous()?, weight.contiguous()?, residual.contiguous()?);
