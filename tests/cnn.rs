@@ -11,7 +11,8 @@ use liederiv::config::{CnnConfig, GcnnConfig};
 use liederiv::jvp::{Jvp, Tape};
 use liederiv::models::cnn::Cnn;
 use liederiv::models::conv::{
-    AvgPool2d, BatchNorm, Conv2d, ConvSpec, Elu, GlobalAvgPool, Layer, Linear, MaxPool2d, PadMode, Relu,
+    AvgPool2d, BatchNorm, Conv2d, ConvSpec, DepthwiseConv2d, Elu, GlobalAvgPool, Layer, Linear, MaxPool2d, PadMode,
+    Relu,
 };
 use liederiv::models::gcnn::{rot90, Gcnn, GroupConv, GroupMaxPool};
 use liederiv::models::{Model, Rng};
@@ -121,7 +122,22 @@ fn conv_layers_jvp_match_finite_differences() {
     check_layer("elu", &Elu { alpha: 1.0 }, &x);
     check_layer("elu(0.5)", &Elu { alpha: 0.5 }, &x);
     check_layer("avg pool", &AvgPool2d { k: 2 }, &x);
-    check_layer("max pool", &MaxPool2d { k: 2 }, &x);
+    check_layer("max pool", &MaxPool2d::new(2), &x);
+    let stem_pool = MaxPool2d {
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    check_layer("max pool 3×3 stride 2 padding 1", &stem_pool, &x);
+    check_layer(
+        "max pool 3×3 stride 2 padding 1, odd side",
+        &stem_pool,
+        &noise(&[2, 3, 7, 7], 4, DType::F64),
+    );
+    for k in [3, 7] {
+        let dw = DepthwiseConv2d::load(3, k, vb.pp(format!("dw{k}"))).unwrap();
+        check_layer(&format!("depthwise conv {k}×{k}"), &dw, &x);
+    }
     check_layer("global avg pool", &GlobalAvgPool, &x);
     let lin = Linear::load(5, 3, vb.pp("lin")).unwrap();
     check_layer("linear", &lin, &noise(&[4, 5], 2, DType::F64));
@@ -145,9 +161,69 @@ fn max_pool_jvp_takes_the_argmax_tangent() {
         .unwrap()
         .reshape((1, 1, 1, 2, 2))
         .unwrap();
-    let (y, dy) = MaxPool2d { k: 2 }.jvp(&x, &dx, &mut Tape::off()).unwrap();
+    let (y, dy) = MaxPool2d::new(2).jvp(&x, &dx, &mut Tape::off()).unwrap();
     assert_eq!(y.flatten_all().unwrap().to_vec1::<f64>().unwrap(), vec![0.9]);
     assert_eq!(dy.flatten_all().unwrap().to_vec1::<f64>().unwrap(), vec![3.0]);
+}
+
+/// The padded stem pool (3×3, stride 2, padding 1) against a direct loop over its windows, with
+/// −∞ padding and ties broken by the first maximum in row-major window order (PyTorch's rule):
+/// an all-zero window (ReLU output) takes the tangent of its first element.
+#[test]
+fn padded_max_pool_matches_a_direct_loop_and_breaks_ties_first() {
+    let pool = MaxPool2d {
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let (h, w) = (7usize, 6usize);
+    let mut xv = noise(&[1, 1, h, w], 8, DType::F64)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    // Output (2, 2)'s window, rows and columns 3..6, all negative: zeros after the ReLU, a tie.
+    for i in 3..6 {
+        for j in 3..6 {
+            xv[i * w + j] = -1.0;
+        }
+    }
+    let x = Tensor::from_vec(xv.clone(), (1, 1, h, w), &DEV)
+        .unwrap()
+        .relu()
+        .unwrap();
+    let xr = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let dxv: Vec<f64> = (0..h * w).map(|i| i as f64 + 1.0).collect();
+    let dx = Tensor::from_vec(dxv.clone(), (1, 1, 1, h, w), &DEV).unwrap();
+    let (y, dy) = pool.jvp(&x, &dx, &mut Tape::off()).unwrap();
+    let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+    assert_eq!(y.dims(), &[1, 1, oh, ow]);
+    let (yv, dyv) = (
+        y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        dy.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+    );
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let mut best: Option<(f64, usize)> = None;
+            for i in 0..3 {
+                for j in 0..3 {
+                    let (iy, ix) = ((oy * 2 + i) as i64 - 1, (ox * 2 + j) as i64 - 1);
+                    if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
+                        continue;
+                    }
+                    let idx = iy as usize * w + ix as usize;
+                    if best.is_none_or(|(b, _)| xr[idx] > b) {
+                        best = Some((xr[idx], idx));
+                    }
+                }
+            }
+            let (v, idx) = best.unwrap();
+            assert_eq!(yv[oy * ow + ox], v, "value at ({oy}, {ox})");
+            assert_eq!(dyv[oy * ow + ox], dxv[idx], "tangent at ({oy}, {ox})");
+        }
+    }
+    // The all-zero window exists and took its first element.
+    assert!(yv.contains(&0.0));
 }
 
 #[test]

@@ -362,7 +362,7 @@ fn export_into_a_folder_that_holds_files_is_refused() {
     let before = listing(&first);
     assert_eq!(
         before.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(),
-        ["model.safetensors", "timm_args.json"]
+        ["config.json", "model.safetensors", "timm_args.json"]
     );
     for format in ["timm", "hf"] {
         let (ok, err) = export_cli(format, &first, &all);

@@ -176,9 +176,11 @@ fn hutchinson_converges_to_exact_values() {
     assert_eq!(hu.probes, 1000);
 }
 
-/// The sum check on the project's CNN and C_N G-CNN (small widths, f32, as built from a config).
+/// The sum check on the project's CNN and C_N G-CNN and on timm's ResNet (basic and bottleneck
+/// blocks, the padded max pool) and ConvNeXt (depthwise convs, channels-last norm and MLP, layer
+/// scale), small widths, f32, as built from a config.
 #[test]
-fn cnn_and_gcnn_contributions_sum_to_end_to_end_in_f32() {
+fn conv_net_contributions_sum_to_end_to_end_in_f32() {
     use liederiv::models::build_model;
     use liederiv::Config;
     let mut r = rng(28);
@@ -193,6 +195,24 @@ fn cnn_and_gcnn_contributions_sum_to_end_to_end_in_f32() {
             "model.kind=\"gcnn\"".to_string(),
             "model.gcnn.widths=[4, 4]".into(),
             "model.gcnn.group_order=4".into(),
+        ],
+        vec![
+            "model.kind=\"resnet\"".to_string(),
+            "model.resnet.layers=[1, 1]".into(),
+            "model.resnet.channels=[8, 12]".into(),
+        ],
+        vec![
+            "model.kind=\"resnet\"".to_string(),
+            "model.resnet.block=\"bottleneck\"".into(),
+            "model.resnet.layers=[1, 1]".into(),
+            "model.resnet.channels=[4, 6]".into(),
+        ],
+        vec![
+            "model.kind=\"convnext\"".to_string(),
+            "model.convnext.depths=[1, 1]".into(),
+            "model.convnext.dims=[8, 12]".into(),
+            "model.convnext.patch_size=2".into(),
+            "model.convnext.ls_init_value=0.5".into(),
         ],
     ];
     for o in cases {

@@ -1,6 +1,7 @@
 //! The gradient of the LEE penalty (the LEE-regularised training row of Table 1) on the real
 //! models, against f64 central differences: for every parameter tensor of a mean-pooled ViT, a
-//! CNN with batch norm in eval mode (random running statistics) and a C8 G-CNN, the directional
+//! CNN with batch norm in eval mode (random running statistics), a C8 G-CNN, timm's ResNet (basic
+//! and bottleneck blocks) and ConvNeXt, the directional
 //! derivative along a random direction, ⟨∇P, v⟩ from backprop through the JVP against
 //! (P(θ + εv) − P(θ − εv)) / 2ε. Also for the scale-free feature penalty (`features`), whose
 //! denominator is differentiated too.
@@ -16,6 +17,14 @@ use liederiv::transforms::{Stencil, Transform};
 use liederiv::Config;
 
 fn check(name: &str, cfg: &Config, output: LeeOutput) {
+    check_with(name, cfg, output, false)
+}
+
+/// `random_biases`: draw every bias (N(0, 0.3²)) instead of timm's zeros. A zero-initialised
+/// ConvNeXt stem maps a blank patch to equal channels, where its LayerNorm's variance is 0 and the
+/// penalty's curvature ~1/ε; a zero bias after a zero-initialised last norm puts a ResNet's ReLU
+/// exactly at its kink on blank pixels. Central differences need neither.
+fn check_with(name: &str, cfg: &Config, output: LeeOutput, random_biases: bool) {
     let vm = VarMap::new();
     let model = build_with(cfg, &vm, DType::F64, &Device::Cpu).unwrap();
     let mut r = rng(21);
@@ -27,6 +36,9 @@ fn check(name: &str, cfg: &Config, output: LeeOutput) {
     };
     // Eval-mode batch norm with statistics that are not the identity map.
     for (n, v) in &vars {
+        if random_biases && n.ends_with("bias") {
+            v.set(&randn(v.dims(), 0.3, DType::F64, &mut r)).unwrap();
+        }
         if n.ends_with("running_mean") {
             v.set(&randn(v.dims(), 0.3, DType::F64, &mut r)).unwrap();
         } else if n.ends_with("running_var") {
@@ -104,6 +116,35 @@ fn vit_mean_pool_penalty_gradient_matches_central_differences() {
 fn cnn_batch_norm_penalty_gradient_matches_central_differences() {
     let cfg = conv("cnn", &["model.cnn.widths=[4, 8]"]);
     check("cnn", &cfg, LeeOutput::Probs);
+}
+
+#[test]
+fn resnet_penalty_gradient_matches_central_differences() {
+    for block in ["basic", "bottleneck"] {
+        let cfg = conv(
+            "resnet",
+            &[
+                &format!("model.resnet.block=\"{block}\""),
+                "model.resnet.layers=[1, 1]",
+                "model.resnet.channels=[4, 4]",
+            ],
+        );
+        check_with(&format!("resnet {block}"), &cfg, LeeOutput::Probs, true);
+    }
+}
+
+#[test]
+fn convnext_penalty_gradient_matches_central_differences() {
+    let cfg = conv(
+        "convnext",
+        &[
+            "model.convnext.depths=[1, 1]",
+            "model.convnext.dims=[4, 8]",
+            "model.convnext.patch_size=4",
+            "model.convnext.ls_init_value=0.5",
+        ],
+    );
+    check_with("convnext", &cfg, LeeOutput::Probs, true);
 }
 
 #[test]

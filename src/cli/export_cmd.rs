@@ -2,7 +2,7 @@
 
 use super::{ExportArgs, ExportFormat};
 use crate::config::{Config, WeightFormat};
-use crate::models::export::{export_tensors, hf_config, hf_preprocessor, timm_args};
+use crate::models::export::{export_tensors, hf_config, hf_preprocessor, timm_args, timm_config, timm_model};
 use crate::report::write_atomic;
 use anyhow::{bail, Context};
 use std::path::Path;
@@ -65,7 +65,10 @@ pub fn run(args: &ExportArgs, cfg: &Config) -> anyhow::Result<()> {
             json("config.json", hf_config(cfg))?;
             json("preprocessor_config.json", hf_preprocessor(cfg))?;
         }
-        _ => json("timm_args.json", timm_args(cfg))?,
+        _ => {
+            json("config.json", timm_config(cfg))?;
+            json("timm_args.json", timm_args(cfg))?;
+        }
     }
     // Written last and atomically: a folder with model.safetensors is a complete export.
     let tmp = crate::runtime::temp_sibling(&weights, "");
@@ -80,10 +83,13 @@ pub fn run(args: &ExportArgs, cfg: &Config) -> anyhow::Result<()> {
              (inputs: pixels / 255, normalised by data.mean / data.std, as preprocessor_config.json says)"
         ),
         _ => println!(
-            "load it: m = timm.create_model(\"vit_tiny_patch16_224\", pretrained=False, **json.load(open(\"{dir}/timm_args.json\"))); \
+            "load it: m = timm.create_model(\"local-dir:{dir}\", pretrained=True) (timm 1.0.31 reads it), or \
+             m = timm.create_model(\"{}\", pretrained=False, **json.load(open(\"{dir}/timm_args.json\"))); \
              m.load_state_dict(safetensors.torch.load_file(\"{dir}/model.safetensors\")) \
              (inputs normalised by data.mean = {:?} / data.std = {:?})",
-            cfg.data.mean.0, cfg.data.std.0
+            timm_model(cfg).0,
+            cfg.data.mean.0,
+            cfg.data.std.0
         ),
     }
     Ok(())

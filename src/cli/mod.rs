@@ -1,4 +1,4 @@
-//! The command line: `liederiv train | eval | lee | data | report`. Parsing (clap) and config
+//! The command line: `liederiv train | eval | lee | data | export | zoo | report`. Parsing (clap) and config
 //! resolution live here; each command's body is in its own file. Errors from every command end
 //! up in [`main`], which prints the whole context chain once and sets the exit code.
 
@@ -8,6 +8,7 @@ pub mod export_cmd;
 pub mod lee_cmd;
 pub mod report_cmd;
 pub mod train_cmd;
+pub mod zoo_cmd;
 
 use crate::config::Config;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -69,6 +70,9 @@ pub enum Command {
     Data(DataArgs),
     /// Write a trained ViT in timm's or transformers' layout, loadable there without conversion.
     Export(ExportArgs),
+    /// Measure a zoo of models on the same images: error and LEE per model, tables, the paper's
+    /// Figure-1 view and layerwise bars; `--shard K/N` splits the work across processes.
+    Zoo(ZooArgs),
     /// Tables and plots from finished runs.
     Report(ReportArgs),
 }
@@ -233,6 +237,21 @@ pub struct ExportArgs {
     pub out: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct ZooArgs {
+    /// The zoo config (`[zoo]` with `[[zoo.models]]`; see configs/zoo_example.toml). `--set`
+    /// applies to every model, after its own overrides.
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Measure only shard K of N (1 ≤ K ≤ N) of the model × image units, writing them under
+    /// `<out>/units/`; merge with `--merge` once all shards have run.
+    #[arg(long, value_name = "K/N", conflicts_with = "merge")]
+    pub shard: Option<String>,
+    /// Merge the units every shard wrote into the results (no measuring).
+    #[arg(long)]
+    pub merge: bool,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ExportFormat {
     Timm,
@@ -340,6 +359,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             export_cmd::run(&a, &cfg)
+        }
+        Command::Zoo(a) => {
+            let cfg = a.cfg.resolve()?;
+            if dry_run(&a.cfg, &cfg) {
+                return Ok(());
+            }
+            zoo_cmd::run(&a, &cfg)
         }
         Command::Report(a) => report_cmd::run(&a),
     }

@@ -66,6 +66,20 @@ choice! {
         Vit = "vit",
         Cnn = "cnn",
         Gcnn = "gcnn",
+        /// timm's ResNet (`[model.resnet]`).
+        Resnet = "resnet",
+        /// timm's ConvNeXt (`[model.convnext]`).
+        Convnext = "convnext",
+    }
+}
+
+choice! {
+    /// `model.resnet.block`: timm's ResNet block.
+    ResnetBlock {
+        /// Two 3×3 convs (ResNet-18 / 34).
+        Basic = "basic",
+        /// 1×1 → 3×3 → 1×1 with 4× expansion (ResNet-50 / 101 / 152).
+        Bottleneck = "bottleneck",
     }
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use choices::{
     DataSource, InitWeights, Interpolation, Kernels, LeeOutput, ModelKind, Objective, Pool, PosEmbed, Precision,
-    PretrainImages, Statistic, WeightFormat,
+    PretrainImages, ResnetBlock, Statistic, WeightFormat,
 };
 pub use validate::ConfigError;
 
@@ -43,6 +43,9 @@ pub struct Config {
     pub lee: LeeConfig,
     pub output: OutputConfig,
     pub runtime: RuntimeConfig,
+    /// `liederiv zoo`'s models (absent from run configs).
+    #[serde(skip_serializing_if = "ZooConfig::is_unset")]
+    pub zoo: ZooConfig,
 }
 
 impl Default for Config {
@@ -61,8 +64,73 @@ impl Default for Config {
             lee: LeeConfig::default(),
             output: OutputConfig::default(),
             runtime: RuntimeConfig::default(),
+            zoo: ZooConfig::default(),
         }
     }
+}
+
+impl ConvnextConfig {
+    /// The stride of stage `s` (timm's rule): 2 for every stage but the first, and for the first
+    /// too when the stem's stride is 2 (a 2-pixel patch stem reaches stride 4 in stage 0).
+    pub fn stage_stride(&self, s: usize) -> usize {
+        if s > 0 || self.patch_size == 2 {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// `liederiv zoo`: several models measured on the same images, each built from this config with
+/// its own overrides (its architecture, weights and preprocessing). The measurements use `[lee]`
+/// (transforms, stencil, statistic, output, batch size).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZooConfig {
+    /// The split every model is measured on ("train", "val", "test" or an OOD set's name).
+    pub split: String,
+    /// The first N images of the split (0 = all).
+    pub limit: usize,
+    /// Transforms whose layerwise decomposition is written per model ([] = none).
+    pub layerwise: Vec<Transform>,
+    /// Output folder ("" = `<output.dir>/<name>`).
+    pub out: String,
+    pub models: Vec<ZooModel>,
+}
+
+impl Default for ZooConfig {
+    fn default() -> Self {
+        Self {
+            split: "test".into(),
+            limit: 256,
+            layerwise: Vec::new(),
+            out: String::new(),
+            models: Vec::new(),
+        }
+    }
+}
+
+impl ZooConfig {
+    /// Whether the section is absent (not written into run configs).
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One model of a zoo.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZooModel {
+    /// Its name in the tables and file names (no slashes).
+    pub name: String,
+    /// Its family (the colour in the error-vs-LEE figure), e.g. "resnet", "convnext", "vit".
+    pub family: String,
+    /// `--set` overrides of the zoo config that build this model: `model.*`, `init.*` (a timm
+    /// file or Hub repo), its preprocessing (`data.mean`, `data.std`, `data.image_size`,
+    /// `data.interpolation`, `data.crop_pct`).
+    pub set: Vec<String>,
+    /// A checkpoint of ours to measure instead of the initial weights ("" = none).
+    pub checkpoint: String,
 }
 
 /// Where the digits come from and how MNIST-rot is regenerated (DESIGN.md, "MNIST-rot").
@@ -285,7 +353,7 @@ impl OodConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// "vit" | "cnn" | "gcnn".
+    /// "vit" | "cnn" | "gcnn" | "resnet" | "convnext".
     pub kind: ModelKind,
     pub num_classes: usize,
     /// Average the logits over the N rotations of C_N (invariance by averaging; 0 = off). Its
@@ -295,6 +363,8 @@ pub struct ModelConfig {
     pub mae: MaeConfig,
     pub cnn: CnnConfig,
     pub gcnn: GcnnConfig,
+    pub resnet: ResnetConfig,
+    pub convnext: ConvnextConfig,
 }
 
 impl Default for ModelConfig {
@@ -307,6 +377,8 @@ impl Default for ModelConfig {
             mae: MaeConfig::default(),
             cnn: CnnConfig::default(),
             gcnn: GcnnConfig::default(),
+            resnet: ResnetConfig::default(),
+            convnext: ConvnextConfig::default(),
         }
     }
 }
@@ -410,6 +482,75 @@ impl Default for GcnnConfig {
             group_order: 8,
             widths: vec![8, 16, 16, 16],
             kernel_size: 5,
+        }
+    }
+}
+
+/// timm's `ResNet` (He et al. 2016; v1.5: the stride in the 3×3 conv), keys named as timm's
+/// arguments. Stem 7×7 stride-2 conv of width 64 (timm's plain stem: its `stem_width` sizes only
+/// the deep stems), 3×3 stride-2 max pool, then one stage per
+/// entry of `layers`; every stage but the first halves the grid. The default is ResNet-18.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResnetConfig {
+    /// "basic" | "bottleneck" (output width 4 × the stage's channels).
+    pub block: ResnetBlock,
+    /// Blocks per stage (ResNet-18: [2, 2, 2, 2]; ResNet-50: [3, 4, 6, 3]).
+    pub layers: Vec<usize>,
+    /// Width of each stage (timm's `channels`), as many as `layers`.
+    pub channels: Vec<usize>,
+    /// Stochastic depth rate at the last block (linear in the block index, as timm), in [0, 1).
+    pub drop_path_rate: f64,
+}
+
+impl Default for ResnetConfig {
+    fn default() -> Self {
+        Self {
+            block: ResnetBlock::Basic,
+            layers: vec![2, 2, 2, 2],
+            channels: vec![64, 128, 256, 512],
+            drop_path_rate: 0.0,
+        }
+    }
+}
+
+/// timm's `ConvNeXt` (Liu et al. 2022), keys named as timm's arguments: a `patch_size` stride
+/// patchify stem + LayerNorm, stages of blocks (k×k depthwise conv, channels-last LayerNorm,
+/// GELU MLP of 4× width, layer scale, residual), LayerNorm + 2×2 stride-2 conv between stages,
+/// global average pool, LayerNorm, linear head. The default is ConvNeXt-Atto.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConvnextConfig {
+    /// Blocks per stage (Atto: [2, 2, 6, 2]; Tiny: [3, 3, 9, 3]).
+    pub depths: Vec<usize>,
+    /// Width of each stage, as many as `depths` (Atto: [40, 80, 160, 320]; Tiny: [96, 192, 384, 768]).
+    pub dims: Vec<usize>,
+    /// Stem patch side (and stride) in pixels.
+    pub patch_size: usize,
+    /// Side of the depthwise filters (odd).
+    pub kernel_sizes: usize,
+    /// The MLP as 1×1 convs (timm's `conv_mlp`; Atto-Nano use it): the same maths, the weights
+    /// stored `(out, in, 1, 1)` in timm's files.
+    pub conv_mlp: bool,
+    /// Initial layer-scale value (`gamma`); 0 = no layer scale.
+    pub ls_init_value: f64,
+    /// LayerNorm epsilon.
+    pub norm_eps: f64,
+    /// Stochastic depth rate at the last block (linear in the block index), in [0, 1).
+    pub drop_path_rate: f64,
+}
+
+impl Default for ConvnextConfig {
+    fn default() -> Self {
+        Self {
+            depths: vec![2, 2, 6, 2],
+            dims: vec![40, 80, 160, 320],
+            patch_size: 4,
+            kernel_sizes: 7,
+            conv_mlp: true,
+            ls_init_value: 1e-6,
+            norm_eps: 1e-6,
+            drop_path_rate: 0.0,
         }
     }
 }

@@ -235,8 +235,10 @@ impl Config {
             "0 (off) or the order N ≤ 64 of the rotation group to average over",
         )?;
         let v = &m.vit;
+        // The ViT's patches must tile the image only when a ViT is built (the MAE stage too).
+        let vit_built = m.kind == ModelKind::Vit || self.pretrain.enabled;
         check(
-            v.patch_size > 0 && d.image_size.is_multiple_of(v.patch_size),
+            v.patch_size > 0 && (!vit_built || d.image_size.is_multiple_of(v.patch_size)),
             "model.vit.patch_size",
             v.patch_size,
             &format!("a divisor of data.image_size = {}", d.image_size),
@@ -294,6 +296,102 @@ impl Config {
             format!("{:?}", m.gcnn.widths),
             "a non-empty list of positive widths",
         )?;
+
+        let r = &m.resnet;
+        check(
+            !r.layers.is_empty() && r.layers.iter().all(|&l| l > 0),
+            "model.resnet.layers",
+            format!("{:?}", r.layers),
+            "a non-empty list of positive block counts",
+        )?;
+        check(
+            r.channels.len() == r.layers.len() && r.channels.iter().all(|&c| c > 0),
+            "model.resnet.channels",
+            format!("{:?}", r.channels),
+            &format!(
+                "{} positive widths, one per entry of model.resnet.layers",
+                r.layers.len()
+            ),
+        )?;
+        check(
+            (0.0..1.0).contains(&r.drop_path_rate),
+            "model.resnet.drop_path_rate",
+            r.drop_path_rate,
+            "in [0, 1)",
+        )?;
+        let c = &m.convnext;
+        check(
+            !c.depths.is_empty() && c.depths.iter().all(|&l| l > 0),
+            "model.convnext.depths",
+            format!("{:?}", c.depths),
+            "a non-empty list of positive block counts",
+        )?;
+        check(
+            c.dims.len() == c.depths.len() && c.dims.iter().all(|&d| d > 0),
+            "model.convnext.dims",
+            format!("{:?}", c.dims),
+            &format!(
+                "{} positive widths, one per entry of model.convnext.depths",
+                c.depths.len()
+            ),
+        )?;
+        check(
+            c.kernel_sizes % 2 == 1,
+            "model.convnext.kernel_sizes",
+            c.kernel_sizes,
+            "odd",
+        )?;
+        check(c.norm_eps > 0.0, "model.convnext.norm_eps", c.norm_eps, "> 0")?;
+        check(
+            c.ls_init_value >= 0.0,
+            "model.convnext.ls_init_value",
+            c.ls_init_value,
+            ">= 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&c.drop_path_rate),
+            "model.convnext.drop_path_rate",
+            c.drop_path_rate,
+            "in [0, 1)",
+        )?;
+        if m.kind == ModelKind::Convnext {
+            // The grid after each stage, as timm builds it (floor at each stride-2 conv), and
+            // timm's dilation past an output stride of 32, which we do not build.
+            let mut side = d.image_size / c.patch_size.max(1);
+            let mut stride = c.patch_size.max(1);
+            for s in 0..c.depths.len() {
+                let st = c.stage_stride(s);
+                check(
+                    !(stride >= 32 && st > 1),
+                    "model.convnext.patch_size",
+                    c.patch_size,
+                    "a patch size that keeps the total stride at most 32 (timm dilates the later stages instead)",
+                )?;
+                stride *= st;
+                side /= st;
+            }
+            check(
+                c.patch_size > 0 && side > 0,
+                "model.convnext.patch_size",
+                c.patch_size,
+                &format!(
+                    "a patch size that leaves at least one pixel after {} stages at data.image_size = {} \
+                     (the stem divides the side by patch_size, stage 0 halves it too when patch_size = 2, \
+                     every later stage halves it; e.g. patch_size = 1 at 28 px)",
+                    c.depths.len(),
+                    d.image_size
+                ),
+            )?;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for zm in &self.zoo.models {
+            check(
+                !zm.name.is_empty() && !zm.name.contains(['/', '\\']) && names.insert(zm.name.as_str()),
+                "zoo.models.name",
+                format!("{:?}", zm.name),
+                "a non-empty name without slashes, different for every model",
+            )?;
+        }
 
         let i = &self.init;
         check(

@@ -19,7 +19,7 @@ pub trait Jvp {
 }
 
 /// The kind of a network step, for the layerwise report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepKind {
     PatchEmbed,

@@ -27,11 +27,12 @@
 //! Files: [`fastmath`] (the float types, f32 exp / erf), [`driver`] (the row-parallel and gemm
 //! drivers every kernel shares), [`layer_norm`], [`softmax`], [`gelu`], [`attention`] (fused
 //! scaled-dot-product attention), [`linear`] (fused linear layer), [`im2col`] (convolution as
-//! one matmul), [`tangent`] (the tangent layout), [`simd`] (gemm's instruction set), [`lean`] (the portable forms, lean on every device), [`checkpoint`] (gradient checkpointing: a
+//! one matmul), [`depthwise`] (depthwise convolution), [`tangent`] (the tangent layout), [`simd`] (gemm's instruction set), [`lean`] (the portable forms, lean on every device), [`checkpoint`] (gradient checkpointing: a
 //! segment as one node that keeps only its input).
 
 pub mod attention;
 pub mod checkpoint;
+pub mod depthwise;
 mod driver;
 mod fastmath;
 pub mod gelu;
@@ -44,6 +45,7 @@ pub mod softmax;
 pub mod tangent;
 
 pub use attention::{attention, attention_composed, attention_jvp, attention_jvp_composed, merge_heads, split_heads};
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_composed};
 pub use driver::{fusable, set_portable};
 pub use gelu::{gelu_erf, gelu_erf_composed, gelu_erf_derivative, gelu_erf_derivative_composed, gelu_erf_jvp};
 pub use layer_norm::{layer_norm, layer_norm_composed, layer_norm_jvp, layer_norm_jvp_composed};

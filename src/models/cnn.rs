@@ -6,45 +6,12 @@
 //! channels on a large grid: a 16→16 3×3 conv on a 128×16×28×28 batch ran at ~1.6 GFLOP/s with a
 //! backward ~5× its forward (measured on the 2-core machine, under load).
 
-use super::conv::{head_readout, BatchNorm, Conv2d, ConvSpec, Flow, GlobalAvgPool, Layer, Linear, PadMode, Relu};
+use super::conv::{head_readout, ConvBn, Flow, GlobalAvgPool, Layer, Linear, Relu};
 use super::{Model, Readout, ReadoutJvp, Rng};
 use crate::config::CnnConfig;
-use crate::jvp::{add_tangents, Jvp, Repr, StepKind, Tape};
+use crate::jvp::{Jvp, Repr, StepKind, Tape};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-
-/// conv → BN (→ ReLU when part of the main path).
-#[derive(Clone, Debug)]
-struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
-}
-
-impl ConvBn {
-    fn load(in_c: usize, out_c: usize, k: usize, stride: usize, vb: VarBuilder, conv: &str, bn: &str) -> Result<Self> {
-        let spec = ConvSpec {
-            stride,
-            padding: k / 2,
-            pad_mode: PadMode::Zeros,
-        };
-        Ok(Self {
-            conv: Conv2d::load(in_c, out_c, k, spec, false, vb.pp(conv))?,
-            bn: BatchNorm::load(out_c, vb.pp(bn))?,
-        })
-    }
-
-    fn run(&self, f: &Flow, p: &str, conv: &str, bn: &str, train: bool, tape: &mut Tape) -> Result<Flow> {
-        let f = f.apply(
-            &self.conv,
-            &format!("{p}.{conv}"),
-            StepKind::Conv,
-            Repr::Image,
-            train,
-            tape,
-        )?;
-        f.apply(&self.bn, &format!("{p}.{bn}"), StepKind::Norm, Repr::Image, train, tape)
-    }
-}
 
 /// A basic residual block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)).
 #[derive(Clone, Debug)]
@@ -57,7 +24,7 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn run(&self, f: &Flow, p: &str, train: bool, tape: &mut Tape) -> Result<Flow> {
-        let h = self.a.run(f, p, "conv1", "bn1", train, tape)?;
+        let h = self.a.run(f, train, tape)?;
         let h = h.apply(
             &Relu,
             &format!("{p}.relu1"),
@@ -66,23 +33,12 @@ impl BasicBlock {
             train,
             tape,
         )?;
-        let h = self.b.run(&h, p, "conv2", "bn2", train, tape)?;
+        let h = self.b.run(&h, train, tape)?;
         let s = match &self.shortcut {
-            Some(sc) => sc.run(f, &format!("{p}.shortcut"), "conv", "bn", train, tape)?,
+            Some(sc) => sc.run(f, train, tape)?,
             None => f.clone(),
         };
-        let y = (&h.x + &s.x)?;
-        let dy = match (&h.dx, &s.dx) {
-            (Some(a), Some(b)) => Some(tape.step(
-                &format!("{p}.add"),
-                StepKind::Residual,
-                Repr::Image,
-                &y,
-                add_tangents(a, b)?,
-            )?),
-            _ => None,
-        };
-        Flow::new(y, dy).apply(
+        h.add(&s, &format!("{p}.add"), tape)?.apply(
             &Relu,
             &format!("{p}.relu2"),
             StepKind::Activation,
@@ -109,7 +65,7 @@ impl Cnn {
         if cfg.widths.is_empty() || cfg.blocks == 0 {
             candle_core::bail!("model.cnn needs at least one stage width and one block per stage");
         }
-        let stem = ConvBn::load(in_chans, cfg.widths[0], 3, 1, vb.pp("stem"), "conv", "bn")?;
+        let stem = ConvBn::load(in_chans, cfg.widths[0], 3, 1, &vb.pp("stem"), "conv", "bn", 1.0)?;
         let mut in_c = cfg.widths[0];
         let mut stages = Vec::with_capacity(cfg.widths.len());
         for (s, &w) in cfg.widths.iter().enumerate() {
@@ -119,13 +75,13 @@ impl Cnn {
                 let vb = vs.pp(format!("block{b}"));
                 let stride = if b == 0 { 2 } else { 1 };
                 let shortcut = if stride != 1 || in_c != w {
-                    Some(ConvBn::load(in_c, w, 1, stride, vb.pp("shortcut"), "conv", "bn")?)
+                    Some(ConvBn::load(in_c, w, 1, stride, &vb.pp("shortcut"), "conv", "bn", 1.0)?)
                 } else {
                     None
                 };
                 blocks.push(BasicBlock {
-                    a: ConvBn::load(in_c, w, 3, stride, vb.clone(), "conv1", "bn1")?,
-                    b: ConvBn::load(w, w, 3, 1, vb, "conv2", "bn2")?,
+                    a: ConvBn::load(in_c, w, 3, stride, &vb, "conv1", "bn1", 1.0)?,
+                    b: ConvBn::load(w, w, 3, 1, &vb, "conv2", "bn2", 1.0)?,
                     shortcut,
                 });
                 in_c = w;
@@ -139,7 +95,7 @@ impl Cnn {
     /// Everything before the head: the globally pooled features.
     fn body(&self, x: &Tensor, dx: Option<&Tensor>, train: bool, tape: &mut Tape) -> Result<Flow> {
         let f = Flow::new(x.clone(), dx.cloned());
-        let f = self.stem.run(&f, "stem", "conv", "bn", train, tape)?;
+        let f = self.stem.run(&f, train, tape)?;
         let mut f = f.apply(&Relu, "stem.relu", StepKind::Activation, Repr::Image, train, tape)?;
         for (s, blocks) in self.stages.iter().enumerate() {
             for (b, block) in blocks.iter().enumerate() {
@@ -164,7 +120,7 @@ impl Model for Cnn {
     }
 
     fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
-        head_readout(self.body(x, Some(dx), false, tape)?, &self.head, at, tape)
+        head_readout(self.body(x, Some(dx), false, tape)?, &self.head, at, "head", tape)
     }
 }
 

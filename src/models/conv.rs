@@ -10,8 +10,8 @@
 //! [`crate::models::build_model`] draw them from the run seed (see [`crate::models::init`]).
 
 use super::{Readout, ReadoutJvp};
-use crate::jvp::{merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
-use crate::kernels::{fusable, im2col};
+use crate::jvp::{add_tangents, merge_tangent, split_tangent, tangent_mul, Jvp, Repr, StepKind, Tape};
+use crate::kernels::{depthwise_conv2d, fusable, im2col};
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -55,14 +55,79 @@ impl Flow {
     }
 }
 
+impl Flow {
+    /// The residual sum `self + other` of two image flows; in a JVP pass the sum of their
+    /// tangents is recorded as step `name`.
+    pub fn add(&self, other: &Flow, name: &str, tape: &mut Tape) -> Result<Flow> {
+        let y = (&self.x + &other.x)?;
+        let dy = match (&self.dx, &other.dx) {
+            (Some(a), Some(b)) => Some(tape.step(name, StepKind::Residual, Repr::Image, &y, add_tangents(a, b)?)?),
+            _ => None,
+        };
+        Ok(Flow::new(y, dy))
+    }
+}
+
+/// `prefix.name`, or `name` at the root.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// conv → batch norm, each a step named by its parameters' path.
+#[derive(Clone, Debug)]
+pub struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+    conv_name: String,
+    bn_name: String,
+}
+
+impl ConvBn {
+    /// A bias-free k×k conv with `(k − 1)/2` zero padding at `vb.pp(conv)` and its batch norm
+    /// (weight initialised to `gamma`) at `vb.pp(bn)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        stride: usize,
+        vb: &VarBuilder,
+        conv: &str,
+        bn: &str,
+        gamma: f64,
+    ) -> Result<Self> {
+        let spec = ConvSpec {
+            stride,
+            padding: k / 2,
+            pad_mode: PadMode::Zeros,
+        };
+        Ok(Self {
+            conv: Conv2d::load(in_c, out_c, k, spec, false, vb.pp(conv))?,
+            bn: BatchNorm::load_init(out_c, gamma, vb.pp(bn))?,
+            conv_name: join(&vb.prefix(), conv),
+            bn_name: join(&vb.prefix(), bn),
+        })
+    }
+
+    pub fn run(&self, f: &Flow, train: bool, tape: &mut Tape) -> Result<Flow> {
+        let f = f.apply(&self.conv, &self.conv_name, StepKind::Conv, Repr::Image, train, tape)?;
+        f.apply(&self.bn, &self.bn_name, StepKind::Norm, Repr::Image, train, tape)
+    }
+}
+
 /// The end of a conv net's JVP at `at`, from its flow after global pooling (`features`, with a
 /// tangent): through the head for the logits, or the features themselves (the head then runs on
 /// the primal only, for the logits that come along).
-pub fn head_readout(features: Flow, head: &Linear, at: Readout, tape: &mut Tape) -> Result<ReadoutJvp> {
+/// `name` is the head's step name.
+pub fn head_readout(features: Flow, head: &Linear, at: Readout, name: &str, tape: &mut Tape) -> Result<ReadoutJvp> {
     let f = match at {
         Readout::Tokens => candle_core::bail!("a conv net has no tokens: measure its \"features\" or its outputs"),
         Readout::Features => features,
-        Readout::Logits => features.apply(head, "head", StepKind::Head, Repr::Invariant, false, tape)?,
+        Readout::Logits => features.apply(head, name, StepKind::Head, Repr::Invariant, false, tape)?,
     };
     let dy =
         f.dx.ok_or_else(|| candle_core::Error::Msg("a conv net's jvp lost its tangent".into()))?;
@@ -198,6 +263,41 @@ impl Jvp for Conv2d {
     }
 }
 
+/// Depthwise `y = w ⋆ x + b` (one k×k filter per channel, stride 1, same padding; ConvNeXt's
+/// `conv_dw`), `weight (C, 1, k, k)`, `bias (C)`. Linear in x: `dy = w ⋆ dx`.
+#[derive(Clone, Debug)]
+pub struct DepthwiseConv2d {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl DepthwiseConv2d {
+    /// timm's ConvNeXt initialisation: weight N(0, 0.02²) (truncated there), bias 0.
+    pub fn load(c: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: param(&vb, &[c, 1, k, k], "weight", ParamInit::Normal(0.02))?,
+            bias: param(&vb, &[c], "bias", ParamInit::Const(0.0))?,
+        })
+    }
+
+    fn conv(&self, x: &Tensor) -> Result<Tensor> {
+        depthwise_conv2d(x, &self.weight, self.weight.dim(2)? / 2)
+    }
+}
+
+impl Layer for DepthwiseConv2d {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        self.conv(x)?.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+impl Jvp for DepthwiseConv2d {
+    fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+        let (m, t) = merge_tangent(dx)?;
+        Ok((self.forward_t(x, false)?, split_tangent(&self.conv(&m)?, t)?))
+    }
+}
+
 /// Whether a variable is a batch-norm buffer (running statistics) rather than a parameter:
 /// written by train-mode passes, never by an optimiser.
 pub fn is_buffer(name: &str) -> bool {
@@ -225,8 +325,14 @@ pub struct BatchNorm {
 impl BatchNorm {
     /// Parameters `weight`, `bias` and buffers `running_mean`, `running_var`, each `(C)`.
     pub fn load(c: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load_init(c, 1.0, vb)
+    }
+
+    /// [`BatchNorm::load`] with `weight` initialised to `gamma` (0: timm's `zero_init_last`, a
+    /// residual block that starts as the identity).
+    pub fn load_init(c: usize, gamma: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: param(&vb, &[c], "weight", ParamInit::Const(1.0))?,
+            weight: param(&vb, &[c], "weight", ParamInit::Const(gamma))?,
             bias: param(&vb, &[c], "bias", ParamInit::Const(0.0))?,
             running_mean: param(&vb, &[c], "running_mean", ParamInit::Const(0.0))?,
             running_var: param(&vb, &[c], "running_var", ParamInit::Const(1.0))?,
@@ -383,42 +489,108 @@ pub fn max_along(x: &Tensor, dx: &Tensor, dim: usize) -> Result<(Tensor, Tensor)
     Ok((y, dx.gather(&idx, dim + 1)?.squeeze(dim + 1)?))
 }
 
-/// k×k max pooling with stride k on `(B, C, H, W)`; H and W must be multiples of k.
+/// k×k max pooling with stride `stride` and `pad` pixels of −∞ padding on `(B, C, H, W)`
+/// (PyTorch's `max_pool2d`, floor mode: ResNet's stem pool is k 3, stride 2, pad 1). The output
+/// is the window element at the arg-max, so the JVP (and the backward) follows that one element.
+/// Ties go to the first maximum in row-major window order, as PyTorch's CPU kernel picks them.
 #[derive(Clone, Copy, Debug)]
 pub struct MaxPool2d {
     pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
 }
 
 impl MaxPool2d {
-    /// `(.., C, H, W)` → `(.., C, H/k, W/k, k·k)`: each pooling window on the last axis.
-    fn windows(&self, x: &Tensor) -> Result<Tensor> {
+    /// k×k windows with stride k and no padding.
+    pub fn new(k: usize) -> Self {
+        Self { k, stride: k, pad: 0 }
+    }
+
+    fn out_len(&self, n: usize) -> Result<usize> {
+        if self.k == 0 || self.stride == 0 || self.pad * 2 > self.k || n + 2 * self.pad < self.k {
+            candle_core::bail!(
+                "max pool {k}×{k}, stride {s}, padding {p} does not fit a side of {n}",
+                k = self.k,
+                s = self.stride,
+                p = self.pad
+            );
+        }
+        Ok((n + 2 * self.pad - self.k) / self.stride + 1)
+    }
+
+    /// `(.., H, W)` → `(.., H', W', k·k)`: each pooling window on the last axis (row-major taps),
+    /// the padding filled with `fill`.
+    fn windows(&self, x: &Tensor, fill: f64) -> Result<Tensor> {
         let r = x.rank();
         let (h, w) = (x.dim(r - 2)?, x.dim(r - 1)?);
-        let k = self.k;
-        if h % k != 0 || w % k != 0 {
-            candle_core::bail!("max pool {k}×{k}: grid {h}×{w} is not a multiple of {k}");
+        let (oh, ow) = (self.out_len(h)?, self.out_len(w)?);
+        let s = self.stride;
+        // Pad so that every tap's strided run of `s·out` elements stays inside.
+        let mut x = x.clone();
+        for (axis, n, o) in [(r - 2, h, oh), (r - 1, w, ow)] {
+            let after = (self.k - 1 + s * o).saturating_sub(n + self.pad);
+            let mut parts = Vec::new();
+            for len in [self.pad, after] {
+                let mut shape = x.dims().to_vec();
+                shape[axis] = len;
+                parts.push(
+                    (len > 0)
+                        .then(|| Tensor::full(fill, shape, x.device())?.to_dtype(x.dtype()))
+                        .transpose()?,
+                );
+            }
+            let mut all: Vec<Tensor> = parts[0].iter().cloned().collect();
+            all.push(x.clone());
+            all.extend(parts[1].iter().cloned());
+            x = Tensor::cat(&all, axis)?;
         }
         let lead = x.dims()[..r - 2].to_vec();
-        let mut s = lead.clone();
-        s.extend_from_slice(&[h / k, k, w / k, k]);
-        let x = x.reshape(s)?; // (.., H/k, k, W/k, k)
-        let x = x.transpose(r - 1, r)?; // (.., H/k, W/k, k, k)
-        let mut s = lead;
-        s.extend_from_slice(&[h / k, w / k, k * k]);
-        x.contiguous()?.reshape(s)
+        let mut taps = Vec::with_capacity(self.k * self.k);
+        for i in 0..self.k {
+            // Rows i, i + s, …, i + s·(oh − 1): a run of s·oh rows viewed as (oh, s), column 0.
+            let mut rs = lead.clone();
+            rs.extend_from_slice(&[oh, s, x.dim(r - 1)?]);
+            let rows = x
+                .narrow(r - 2, i, s * oh)?
+                .reshape(rs)?
+                .narrow(r - 1, 0, 1)?
+                .squeeze(r - 1)?;
+            for j in 0..self.k {
+                let mut cs = lead.clone();
+                cs.extend_from_slice(&[oh, ow, s]);
+                let tap = rows.narrow(r - 1, j, s * ow)?.reshape(cs)?.narrow(r, 0, 1)?;
+                taps.push(tap);
+            }
+        }
+        Tensor::cat(&taps, r)
+    }
+
+    /// The pooled values and, given tangents `dx: (T, ..)`, the tangent at each window's arg-max.
+    fn pool(&self, x: &Tensor, dx: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        let xw = self.windows(x, f64::NEG_INFINITY)?;
+        let last = xw.rank() - 1;
+        let Some(dx) = dx else {
+            let idx = xw.argmax_keepdim(last)?;
+            return Ok((xw.gather(&idx, last)?.squeeze(last)?, None));
+        };
+        let (y, dy) = max_along(&xw, &self.windows(dx, 0.0)?, last)?;
+        Ok((y, Some(dy)))
     }
 }
 
 impl Layer for MaxPool2d {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        x.max_pool2d(self.k)
+        Ok(self.pool(x, None)?.0)
     }
 }
 
 impl Jvp for MaxPool2d {
     fn jvp(&self, x: &Tensor, dx: &Tensor, _tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let (_, dy) = max_along(&self.windows(x)?, &self.windows(dx)?, 4)?;
-        Ok((x.max_pool2d(self.k)?, dy))
+        let (y, dy) = self.pool(x, Some(dx))?;
+        Ok((
+            y,
+            dy.ok_or_else(|| candle_core::Error::Msg("max pool lost its tangent".into()))?,
+        ))
     }
 }
 

@@ -1,17 +1,20 @@
-//! A trained ViT back in the Python world: its weights in timm's or transformers' key layout,
+//! A trained model back in the Python world: its weights in timm's or transformers' key layout,
 //! with what each library needs beside them to rebuild the model without a conversion script of
-//! the user's own (timm: the `timm.create_model` arguments; transformers: a `config.json` that
+//! the user's own (timm: its own model folder `config.json`, which
+//! `timm.create_model("local-dir:<folder>", pretrained=True)` reads, and the `timm.create_model`
+//! arguments; transformers, ViTs only: a `config.json` that
 //! `ViTForImageClassification.from_pretrained` accepts, and a `preprocessor_config.json` with
 //! the input normalisation).
 //!
-//! Our variables already carry timm's names and shapes (`models::vit` follows timm's
-//! `vision_transformer.py`), so the timm export is the variables themselves; the transformers
+//! Our ViT, ResNet and ConvNeXt variables already carry timm's names and shapes, so the timm
+//! export is the variables themselves (a conv-MLP ConvNeXt's linear weights as the 1×1 convs timm
+//! stores); the transformers
 //! export is [`timm_to_hf`], the inverse of `weights::hf_to_timm`. A fixed sin-cos position
 //! embedding is no variable here but a parameter in both libraries: it is written out.
 
 use super::vit::sincos_pos_embed;
 use super::weights::{WeightsError, HF_BLOCK_MODULES, HF_ENCODER_KEYS, HF_ENCODER_PREFIXES, HF_QKV};
-use crate::config::{Config, ModelKind, Pool, PosEmbed, WeightFormat};
+use crate::config::{Config, ModelKind, Pool, PosEmbed, ResnetBlock, WeightFormat};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use std::collections::HashMap;
@@ -24,21 +27,32 @@ fn refuse(message: String) -> WeightsError {
     WeightsError::Export { message }
 }
 
-/// The model's tensors in `format`'s key layout (f32, CPU), checked exportable first: a ViT
-/// (the CNN and G-CNN have no layout outside this project), cls pooling for transformers (its
-/// `ViTForImageClassification` reads the cls token only), timm's LayerNorm epsilon for timm.
+/// The model's tensors in `format`'s key layout (f32, CPU), checked exportable first: a ViT,
+/// ResNet or ConvNeXt (the CNN and G-CNN have no layout outside this project), transformers for
+/// ViTs only, with cls pooling (its `ViTForImageClassification` reads the cls token only),
+/// timm's LayerNorm epsilon for a timm ViT.
 pub fn export_tensors(
     cfg: &Config,
     varmap: &VarMap,
     format: WeightFormat,
 ) -> Result<HashMap<String, Tensor>, WeightsError> {
     let v = &cfg.model.vit;
-    if cfg.model.kind != ModelKind::Vit {
-        return Err(refuse(format!(
-            "model.kind = \"{}\" has no layout outside liederiv (timm and transformers know ViTs only); \
-             its checkpoint (checkpoint.safetensors, our own layout, read with safetensors) is the export",
-            cfg.model.kind
-        )));
+    match cfg.model.kind {
+        ModelKind::Cnn | ModelKind::Gcnn => {
+            return Err(refuse(format!(
+                "model.kind = \"{}\" has no layout outside liederiv (timm knows our ViT, ResNet and ConvNeXt); \
+                 its checkpoint (checkpoint.safetensors, our own layout, read with safetensors) is the export",
+                cfg.model.kind
+            )))
+        }
+        ModelKind::Resnet | ModelKind::Convnext if format == WeightFormat::Hf => {
+            return Err(refuse(format!(
+                "model.kind = \"{}\" exports in timm's layout only (--format timm); transformers' ResNet / \
+                 ConvNeXt classes name and split their weights differently",
+                cfg.model.kind
+            )))
+        }
+        _ => {}
     }
     if cfg.model.average_rotations > 1 {
         return Err(refuse(format!(
@@ -57,7 +71,7 @@ pub fn export_tensors(
                     .into(),
             ))
         }
-        WeightFormat::Timm if (v.ln_eps - TIMM_LN_EPS).abs() > 1e-15 => {
+        WeightFormat::Timm if cfg.model.kind == ModelKind::Vit && (v.ln_eps - TIMM_LN_EPS).abs() > 1e-15 => {
             return Err(refuse(format!(
                 "timm.create_model builds LayerNorms with eps 1e-6 and this ViT uses model.vit.ln_eps = {:e}; \
                  export with --format hf (layer_norm_eps is a config field there)",
@@ -80,7 +94,15 @@ pub fn export_tensors(
         let t = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         tensors.insert(name.clone(), t);
     }
-    if v.pos_embed == PosEmbed::Sincos {
+    if cfg.model.kind == ModelKind::Convnext && cfg.model.convnext.conv_mlp {
+        // timm's ConvMlp keeps fc1 / fc2 as 1×1 convs: (out, in) → (out, in, 1, 1).
+        for (name, t) in tensors.iter_mut() {
+            if name.contains(".mlp.fc") && name.ends_with(".weight") {
+                *t = t.unsqueeze(2)?.unsqueeze(3)?;
+            }
+        }
+    }
+    if cfg.model.kind == ModelKind::Vit && v.pos_embed == PosEmbed::Sincos {
         let (g, _) = grid(cfg);
         tensors.insert(
             "pos_embed".into(),
@@ -195,21 +217,99 @@ pub fn hf_preprocessor(cfg: &Config) -> serde_json::Value {
     })
 }
 
-/// The keyword arguments of `timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)`
-/// that rebuild this model (the model name only supplies defaults these override).
+/// The timm model name and the keyword arguments of `timm.create_model(name, pretrained=False,
+/// **args)` that rebuild this model (the name only supplies defaults these override).
+pub fn timm_model(cfg: &Config) -> (&'static str, serde_json::Value) {
+    let (c, k) = (cfg.data.channels, cfg.model.num_classes);
+    match cfg.model.kind {
+        ModelKind::Resnet => {
+            let r = &cfg.model.resnet;
+            let name = match r.block {
+                ResnetBlock::Basic => "resnet18",
+                ResnetBlock::Bottleneck => "resnet50",
+            };
+            (
+                name,
+                serde_json::json!({
+                    "layers": r.layers,
+                    "channels": r.channels,
+                    "in_chans": c,
+                    "num_classes": k,
+                    "drop_path_rate": r.drop_path_rate,
+                }),
+            )
+        }
+        ModelKind::Convnext => {
+            let n = &cfg.model.convnext;
+            (
+                "convnext_atto",
+                serde_json::json!({
+                    "depths": n.depths,
+                    "dims": n.dims,
+                    "patch_size": n.patch_size,
+                    "kernel_sizes": n.kernel_sizes,
+                    "conv_mlp": n.conv_mlp,
+                    "ls_init_value": (n.ls_init_value > 0.0).then_some(n.ls_init_value),
+                    "norm_eps": n.norm_eps,
+                    "drop_path_rate": n.drop_path_rate,
+                    "in_chans": c,
+                    "num_classes": k,
+                }),
+            )
+        }
+        _ => {
+            let v = &cfg.model.vit;
+            (
+                "vit_tiny_patch16_224",
+                serde_json::json!({
+                    "img_size": cfg.data.image_size,
+                    "patch_size": v.patch_size,
+                    "in_chans": c,
+                    "num_classes": k,
+                    "embed_dim": v.dim,
+                    "depth": v.depth,
+                    "num_heads": v.heads,
+                    "mlp_ratio": v.mlp_ratio,
+                    "qkv_bias": v.qkv_bias,
+                    "class_token": true,
+                    "global_pool": match v.pool { Pool::Cls => "token", Pool::Mean => "avg" },
+                }),
+            )
+        }
+    }
+}
+
+/// The keyword arguments of [`timm_model`] (`timm_args.json`).
 pub fn timm_args(cfg: &Config) -> serde_json::Value {
-    let v = &cfg.model.vit;
+    timm_model(cfg).1
+}
+
+/// timm's own model-folder `config.json` (the layout `timm.models.push_to_hf_hub` writes):
+/// `architecture`, `num_classes`, `model_args` and a `pretrained_cfg` with the input size and
+/// normalisation, so that `timm.create_model("local-dir:<folder>", pretrained=True)` rebuilds
+/// the model and loads `model.safetensors` beside it, and `timm.data.resolve_data_config`
+/// preprocesses as we do.
+pub fn timm_config(cfg: &Config) -> serde_json::Value {
+    let (architecture, args) = timm_model(cfg);
+    let (c, k, size) = (cfg.data.channels, cfg.model.num_classes, cfg.data.image_size);
+    let (first_conv, classifier) = match cfg.model.kind {
+        ModelKind::Resnet => ("conv1", "fc"),
+        ModelKind::Convnext => ("stem.0", "head.fc"),
+        _ => ("patch_embed.proj", "head"),
+    };
     serde_json::json!({
-        "img_size": cfg.data.image_size,
-        "patch_size": v.patch_size,
-        "in_chans": cfg.data.channels,
-        "num_classes": cfg.model.num_classes,
-        "embed_dim": v.dim,
-        "depth": v.depth,
-        "num_heads": v.heads,
-        "mlp_ratio": v.mlp_ratio,
-        "qkv_bias": v.qkv_bias,
-        "class_token": true,
-        "global_pool": match v.pool { Pool::Cls => "token", Pool::Mean => "avg" },
+        "architecture": architecture,
+        "num_classes": k,
+        "model_args": args,
+        "pretrained_cfg": {
+            "input_size": [c, size, size],
+            "mean": (0..c).map(|i| cfg.data.mean.get(i)).collect::<Vec<_>>(),
+            "std": (0..c).map(|i| cfg.data.std.get(i)).collect::<Vec<_>>(),
+            "crop_pct": cfg.data.crop_pct,
+            "interpolation": cfg.data.interpolation.name(),
+            "num_classes": k,
+            "first_conv": first_conv,
+            "classifier": classifier,
+        },
     })
 }

@@ -312,7 +312,7 @@ impl Model for Gcnn {
     }
 
     fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
-        head_readout(self.body(x, Some(dx), false, tape)?, &self.head, at, tape)
+        head_readout(self.body(x, Some(dx), false, tape)?, &self.head, at, "head", tape)
     }
 
     fn group_order(&self) -> Option<usize> {

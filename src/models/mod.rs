@@ -1,15 +1,17 @@
-//! The model zoo of Table 1: our ViT (and its MAE pretraining wrapper), a ResNet-style CNN and a
-//! C_N group-equivariant CNN. Models know nothing of the trainer; every model implements the
+//! The model zoo: Table 1's models (our ViT and its MAE pretraining wrapper, a ResNet-style CNN,
+//! a C_N group-equivariant CNN) and timm's ResNet and ConvNeXt. Models know nothing of the trainer; every model implements the
 //! forward + [`Jvp`] contract that the LEE code needs.
 
 pub mod averaged;
 pub mod cnn;
 pub mod conv;
+pub mod convnext;
 pub mod export;
 pub mod gcnn;
 pub mod init;
 pub mod layers;
 pub mod mae;
+pub mod resnet;
 pub mod vit;
 pub mod weights;
 
@@ -127,11 +129,25 @@ fn build_from(cfg: &Config, vb: VarBuilder) -> Result<Box<dyn Model>> {
         ModelKind::Vit => Box::new(vit::Vit::new(&m.vit, d.image_size, d.channels, m.num_classes, vb)?),
         ModelKind::Cnn => Box::new(cnn::Cnn::new(&m.cnn, d.channels, m.num_classes, vb)?),
         ModelKind::Gcnn => Box::new(gcnn::Gcnn::new(&m.gcnn, d.channels, m.num_classes, vb)?),
+        ModelKind::Resnet => Box::new(resnet::Resnet::new(&m.resnet, d.channels, m.num_classes, vb)?),
+        ModelKind::Convnext => Box::new(convnext::Convnext::new(&m.convnext, d.channels, m.num_classes, vb)?),
     };
     Ok(match m.average_rotations {
         0 | 1 => model,
         n => Box::new(averaged::RotationAveraged::new(model, n, d.blank())),
     })
+}
+
+/// The name and shape of every variable of the model `cfg` describes, read off a dry construction
+/// (so the layout a checkpoint is checked against is the model's own, by construction).
+pub fn parameter_shapes(cfg: &Config) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    let vm = VarMap::new();
+    build_from(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the variable map's lock is poisoned".into()))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect())
 }
 
 /// The model as the config initialises it (f32), with its variables: pretrained ViT weights from
@@ -140,16 +156,17 @@ fn build_from(cfg: &Config, vb: VarBuilder) -> Result<Box<dyn Model>> {
 pub fn build_model(cfg: &Config, device: &Device) -> Result<(VarMap, Box<dyn Model>)> {
     let varmap = VarMap::new();
     if matches!(cfg.init.weights, InitWeights::Hub | InitWeights::File) {
-        if cfg.model.kind != ModelKind::Vit {
-            candle_core::bail!(
-                "init.weights = \"{}\" loads ViT checkpoints only; model.kind is \"{}\" (use init.weights = \"random\")",
-                cfg.init.weights,
-                cfg.model.kind
-            );
-        }
         let (m, d) = (&cfg.model, &cfg.data);
-        let pre = weights::load_pretrained(&cfg.init, &m.vit, d.image_size, d.channels, m.num_classes)
-            .map_err(candle_core::Error::wrap)?;
+        let pre = match m.kind {
+            ModelKind::Vit => weights::load_pretrained(&cfg.init, &m.vit, d.image_size, d.channels, m.num_classes),
+            ModelKind::Resnet | ModelKind::Convnext => weights::load_timm(&cfg.init, &parameter_shapes(cfg)?),
+            ModelKind::Cnn | ModelKind::Gcnn => candle_core::bail!(
+                "init.weights = \"{}\" loads ViT, ResNet and ConvNeXt checkpoints; model.kind is \"{}\" (use init.weights = \"random\")",
+                cfg.init.weights,
+                m.kind
+            ),
+        }
+        .map_err(candle_core::Error::wrap)?;
         for note in &pre.notes {
             eprintln!("weights: {note}");
         }

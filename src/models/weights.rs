@@ -27,6 +27,40 @@ use std::path::{Path, PathBuf};
 /// `assert set(msg.missing_keys) == {'head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias'}`).
 const NEW_KEYS: [&str; 4] = ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"];
 
+/// What differs between the architectures a pretrained checkpoint can be for: the input layer
+/// (adapted to the model's channels) and the classifier (fresh when its shape differs), named
+/// as timm names them.
+struct Family {
+    input: &'static str,
+    /// Prefix of the classifier's keys.
+    head: &'static str,
+    /// Keys the model may create fresh.
+    fresh: &'static [&'static str],
+}
+
+/// The family of a model, read off its own parameter names.
+fn family(expected: &BTreeMap<String, Vec<usize>>) -> Family {
+    if expected.contains_key("conv1.weight") {
+        Family {
+            input: "conv1.weight",
+            head: "fc.",
+            fresh: &["fc.weight", "fc.bias"],
+        }
+    } else if expected.contains_key("stem.0.weight") {
+        Family {
+            input: "stem.0.weight",
+            head: "head.fc.",
+            fresh: &["head.fc.weight", "head.fc.bias"],
+        }
+    } else {
+        Family {
+            input: "patch_embed.proj.weight",
+            head: "head.",
+            fresh: &NEW_KEYS,
+        }
+    }
+}
+
 /// Everything that can go wrong turning a checkpoint into our model's tensors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -51,6 +85,8 @@ pub enum WeightsError {
     Export { message: String },
     #[error("init.weights = {weights:?} does not name pretrained weights (use \"hub\" or \"file\")")]
     NotPretrained { weights: String },
+    #[error("init.format = {format:?}: ResNet and ConvNeXt weights load from timm state dicts only; set init.format = \"timm\" (transformers' ResNet / ConvNeXt layouts are not read)")]
+    TimmOnly { format: String },
     #[error("init.format = {format:?} is not a pretrained-ViT layout here (\"hf\" or \"timm\"); our own checkpoints load through the checkpoint module")]
     Format { format: String },
     #[error("Hugging Face repo {repo:?} has neither model.safetensors ({safetensors}) nor pytorch_model.bin ({bin})")]
@@ -397,8 +433,9 @@ fn square_grid(dims: &[usize]) -> Option<usize> {
 ///
 /// Each change adds a note. What still does not fit is left for [`check`] to report.
 pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Result<Pretrained, WeightsError> {
-    const PATCH: &str = "patch_embed.proj.weight";
-    if let (Some(w), Some(want)) = (pre.tensors.get(PATCH), expected.get(PATCH)) {
+    let fam = family(expected);
+    let input = fam.input;
+    if let (Some(w), Some(want)) = (pre.tensors.get(input), expected.get(input)) {
         let (have_c, want_c) = (w.dim(1)?, want[1]);
         let adapted = match (have_c, want_c) {
             // (D, 3, p, p) -> (D, 1, p, p)
@@ -409,8 +446,8 @@ pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Re
         };
         if let Some(a) = adapted {
             pre.notes
-                .push(format!("{PATCH}: adapted from {have_c} to {want_c} input channels"));
-            pre.tensors.insert(PATCH.into(), a);
+                .push(format!("{input}: adapted from {have_c} to {want_c} input channels"));
+            pre.tensors.insert(input.into(), a);
         }
     }
     // (1, 1 + g_old², D) -> (1, 1 + g_new², D): bicubic, the cls slot kept (MAE's fine-tuning).
@@ -425,17 +462,50 @@ pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Re
             }
         }
     }
+    // PyTorch's batch counters: no meaning for the model (momentum is fixed).
+    let counters: Vec<String> = pre
+        .tensors
+        .keys()
+        .filter(|k| k.ends_with("num_batches_tracked"))
+        .cloned()
+        .collect();
+    if !counters.is_empty() {
+        counters.iter().for_each(|k| {
+            pre.tensors.remove(k);
+        });
+        pre.notes.push(format!(
+            "dropped {} num_batches_tracked counters (PyTorch's batch-norm step counts; not used)",
+            counters.len()
+        ));
+    }
+    // 1×1 conv weights (out, in, 1, 1) of a linear layer (timm's ConvNeXt with conv_mlp).
+    let mut squeezed = 0;
+    for (key, want) in expected {
+        if let Some(t) = pre.tensors.get(key) {
+            let d = t.dims();
+            if want.len() == 2 && d.len() == 4 && d[0] == want[0] && d[1] == want[1] && d[2] == 1 && d[3] == 1 {
+                let t = t.reshape((want[0], want[1]))?;
+                pre.tensors.insert(key.clone(), t);
+                squeezed += 1;
+            }
+        }
+    }
+    if squeezed > 0 {
+        pre.notes
+            .push(format!("read {squeezed} 1×1 conv weights as linear layers (conv_mlp)"));
+    }
+    let head_weight = format!("{}weight", fam.head);
     let head_fits = pre
         .tensors
-        .get("head.weight")
-        .is_some_and(|w| expected.get("head.weight").is_some_and(|e| w.dims() == e));
+        .get(&head_weight)
+        .is_some_and(|w| expected.get(&head_weight).is_some_and(|e| w.dims() == e));
     let mut keys: Vec<String> = pre.tensors.keys().cloned().collect();
     keys.sort();
     for key in keys {
-        if expected.contains_key(&key) && (head_fits || !key.starts_with("head.")) {
+        if expected.contains_key(&key) && (head_fits || !key.starts_with(fam.head)) {
             continue;
         }
-        let why = if key.starts_with("head.") {
+        let why = if key.starts_with(fam.head) {
             "fresh head for the model's classes"
         } else if key.starts_with("decoder_") || key == "mask_token" {
             "MAE decoder, not used by the classifier"
@@ -457,6 +527,7 @@ pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Re
 /// (`name: checkpoint [..] vs model [..]`), every missing key other than the new head / fc_norm,
 /// and every key the model does not have.
 pub fn check(tensors: &HashMap<String, Tensor>, expected: &BTreeMap<String, Vec<usize>>) -> Result<(), WeightsError> {
+    let fresh = family(expected).fresh;
     let mut mismatches = Vec::new();
     let mut missing = Vec::new();
     for (name, shape) in expected {
@@ -465,7 +536,7 @@ pub fn check(tensors: &HashMap<String, Tensor>, expected: &BTreeMap<String, Vec<
                 mismatches.push(format!("{name}: checkpoint {:?} vs model {shape:?}", t.dims()))
             }
             Some(_) => {}
-            None if NEW_KEYS.contains(&name.as_str()) => {}
+            None if fresh.contains(&name.as_str()) => {}
             None => missing.push(name.clone()),
         }
     }
@@ -549,20 +620,7 @@ pub fn load_pretrained(
     num_classes: usize,
 ) -> Result<Pretrained, WeightsError> {
     let layout = Layout::of(init.format)?;
-    let (weights, config) = match init.weights {
-        InitWeights::Hub => fetch_hub_files(&hub_source(init), layout)?,
-        InitWeights::File => {
-            let file = PathBuf::from(&init.file);
-            let beside = file.with_file_name("config.json");
-            let config = (layout == Layout::Hf && beside.is_file()).then_some(beside);
-            (file, config)
-        }
-        other => {
-            return Err(WeightsError::NotPretrained {
-                weights: other.name().into(),
-            })
-        }
-    };
+    let (weights, config) = checkpoint_files(init, layout)?;
     if let Some(path) = config {
         let mismatches = HfVitConfig::read(&path)?.mismatches(vit);
         if !mismatches.is_empty() {
@@ -571,4 +629,41 @@ pub fn load_pretrained(
     }
     let ckpt = read_checkpoint(&weights)?;
     convert(ckpt, layout, vit, image_size, in_chans, num_classes)
+}
+
+/// The weights file `init` names (`init.weights = "hub"`: fetched from `init.hub_repo`;
+/// `"file"`: `init.file`) and, for the HF layout, its `config.json` when there is one.
+fn checkpoint_files(init: &InitConfig, layout: Layout) -> Result<(PathBuf, Option<PathBuf>), WeightsError> {
+    match init.weights {
+        InitWeights::Hub => fetch_hub_files(&hub_source(init), layout),
+        InitWeights::File => {
+            let file = PathBuf::from(&init.file);
+            let beside = file.with_file_name("config.json");
+            let config = (layout == Layout::Hf && beside.is_file()).then_some(beside);
+            Ok((file, config))
+        }
+        other => Err(WeightsError::NotPretrained {
+            weights: other.name().into(),
+        }),
+    }
+}
+
+/// A timm ResNet / ConvNeXt state dict (`init.format = "timm"`, a file or a Hub repo such as
+/// `timm/resnet18.a1_in1k`) for the model whose parameter shapes are `expected`
+/// ([`crate::models::parameter_shapes`]): adapted (input channels, a fresh head for other
+/// classes, batch counters dropped, conv-MLP weights read as linear) and checked.
+pub fn load_timm(init: &InitConfig, expected: &BTreeMap<String, Vec<usize>>) -> Result<Pretrained, WeightsError> {
+    if init.format != WeightFormat::Timm {
+        return Err(WeightsError::TimmOnly {
+            format: init.format.name().into(),
+        });
+    }
+    let (weights, _) = checkpoint_files(init, Layout::Timm)?;
+    let pre = Pretrained {
+        tensors: read_checkpoint(&weights)?,
+        notes: Vec::new(),
+    };
+    let pre = adapt(pre, expected)?;
+    check(&pre.tensors, expected)?;
+    Ok(pre)
 }

@@ -13,6 +13,7 @@ pub mod plot;
 pub mod stats;
 pub mod table;
 pub mod tensorboard;
+pub mod zoo;
 
 pub use log::{
     eval_heading, eval_table, read_jsonl, EvalRecord, MeanStderr, MetricsLog, SplitMetrics, METRICS_CSV, METRICS_JSONL,

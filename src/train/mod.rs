@@ -11,6 +11,7 @@ pub mod inference;
 pub mod optim;
 mod run_dir;
 pub mod schedule;
+pub mod zoo;
 
 pub use augment::{soft_targets, Augmented, Augmenter};
 pub use checkpoint::init_from_pretrain;

@@ -13,7 +13,10 @@
 mod paper;
 mod seeds;
 
-pub use paper::{plot_angles, plot_error_vs_lee, plot_layerwise, plot_rows_error_vs_lee, RowPoint, ScatterPoint};
+pub use paper::{
+    plot_angles, plot_error_vs_lee, plot_family_error_vs_lee, plot_layerwise, plot_layerwise_bars,
+    plot_rows_error_vs_lee, RowPoint, ScatterPoint,
+};
 pub use seeds::plot_row_lee;
 
 use super::{split_rank, EvalRecord, ReportError};

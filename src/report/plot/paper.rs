@@ -8,6 +8,8 @@ use crate::report::angles::AngleSeries;
 struct LayerwiseFigure<'a> {
     transforms: &'a [(String, Vec<f64>)],
     step_names: &'a [String],
+    /// One bar per step (its own share) instead of the cumulative line, under this title.
+    bars: Option<&'a str>,
 }
 
 impl Figure for LayerwiseFigure<'_> {
@@ -22,18 +24,40 @@ impl Figure for LayerwiseFigure<'_> {
         root.fill(&WHITE)?;
         let n = self.step_names.len();
         let names = self.step_names;
+        let caption = self
+            .bars
+            .unwrap_or("Layerwise LEE: cumulative share by step (paper Fig. 4)");
+        let y_desc = if self.bars.is_some() {
+            "share of Σ contributions (%)"
+        } else {
+            "cumulative share of Σ contributions (%)"
+        };
+        let ymax = match self.bars {
+            // Bars: up to the largest share.
+            Some(_) => {
+                self.transforms
+                    .iter()
+                    .flat_map(|(_, c)| {
+                        let total: f64 = c.iter().sum();
+                        c.iter().map(move |v| if total > 0.0 { 100.0 * v / total } else { 0.0 })
+                    })
+                    .fold(1.0f64, f64::max)
+                    * 1.1
+            }
+            None => 102.0,
+        };
         let mut chart = ChartBuilder::on(root)
-            .caption("Layerwise LEE: cumulative share by step (paper Fig. 4)", text(26))
+            .caption(caption, text(26))
             .margin(20)
             .x_label_area_size(230)
             .y_label_area_size(80)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0f64..102.0)?;
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0f64..ymax)?;
         chart
             .configure_mesh()
             .x_labels(0)
             .y_label_style(text(14))
             .x_desc("network step (input → output)")
-            .y_desc("cumulative share of Σ contributions (%)")
+            .y_desc(y_desc)
             .y_label_formatter(&tick)
             .axis_desc_style(text(18))
             .disable_x_mesh()
@@ -51,6 +75,19 @@ impl Figure for LayerwiseFigure<'_> {
         for (k, (name, contrib)) in self.transforms.iter().enumerate() {
             let c = PALETTE[k % PALETTE.len()];
             let total: f64 = contrib.iter().sum();
+            if self.bars.is_some() {
+                let w = 0.4 / self.transforms.len() as f64;
+                let off = (2 * k + 1) as f64 * w - 0.4;
+                chart
+                    .draw_series(contrib.iter().enumerate().map(|(i, v)| {
+                        let share = if total > 0.0 { 100.0 * v / total } else { 0.0 };
+                        let x = i as f64 + off;
+                        Rectangle::new([(x - w, 0.0), (x + w, share)], c.filled())
+                    }))?
+                    .label(format!("{name} (Σ = {total:.2e})"))
+                    .legend(legend_line(c));
+                continue;
+            }
             let mut acc = 0.0;
             let pts: Vec<(f64, f64)> = contrib
                 .iter()
@@ -80,6 +117,42 @@ pub fn plot_layerwise(
     transforms: &[(String, Vec<f64>)],
     step_names: &[String],
 ) -> Result<(), ReportError> {
+    check_layerwise(path_stem, transforms, step_names)?;
+    render(
+        path_stem,
+        &LayerwiseFigure {
+            transforms,
+            step_names,
+            bars: None,
+        },
+    )
+}
+
+/// One model's layerwise decomposition as bars: each step's share (%) of the summed
+/// contributions, one bar per step and transform, under `title`.
+pub fn plot_layerwise_bars(
+    path_stem: &Path,
+    title: &str,
+    transforms: &[(String, Vec<f64>)],
+    step_names: &[String],
+) -> Result<(), ReportError> {
+    check_layerwise(path_stem, transforms, step_names)?;
+    render(
+        path_stem,
+        &LayerwiseFigure {
+            transforms,
+            step_names,
+            bars: Some(title),
+        },
+    )
+}
+
+/// Refuse a layerwise plot whose contributions do not fit its steps or are not squared norms.
+fn check_layerwise(
+    path_stem: &Path,
+    transforms: &[(String, Vec<f64>)],
+    step_names: &[String],
+) -> Result<(), ReportError> {
     let bad = |message: String| ReportError::Invalid {
         what: format!("layerwise plot {}", path_stem.display()),
         message,
@@ -101,7 +174,7 @@ pub fn plot_layerwise(
             )));
         }
     }
-    render(path_stem, &LayerwiseFigure { transforms, step_names })
+    Ok(())
 }
 
 /// One run in the error-vs-LEE scatter.
@@ -131,6 +204,8 @@ pub struct RowPoint {
 /// A marker with its half-widths on each axis.
 struct Marker {
     label: String,
+    /// Colour index (PALETTE).
+    colour: usize,
     x: f64,
     x_bar: f64,
     y: f64,
@@ -145,6 +220,8 @@ struct ScatterFigure {
     /// Name the markers in a legend beside the plot instead of a label beside each point (which
     /// collide once there are many runs).
     legend: bool,
+    /// The names of the colours (a family per colour), listed in the plot's corner.
+    families: Vec<String>,
 }
 
 /// Width of the scatter's plot, and of the legend column beside it when there is one.
@@ -190,8 +267,8 @@ impl Figure for ScatterFigure {
             .axis_desc_style(text(18))
             .label_style(text(14))
             .draw()?;
-        for (k, m) in self.markers.iter().enumerate() {
-            let c = PALETTE[k % PALETTE.len()];
+        for m in &self.markers {
+            let c = PALETTE[m.colour % PALETTE.len()];
             let bar = c.stroke_width(2);
             let (x, y) = (m.x.max(xlo), m.y);
             // Caps are in pixels, so they look the same anywhere on the log axis; an end clamped
@@ -222,10 +299,16 @@ impl Figure for ScatterFigure {
                 ))?;
             }
         }
+        for (k, family) in self.families.iter().enumerate() {
+            let c = PALETTE[k % PALETTE.len()];
+            let y = 90 + 26 * k as i32;
+            plot.draw(&Circle::new((120, y), 6, c.filled()))?;
+            plot.draw(&Text::new(family.clone(), (134, y - 8), text(16)))?;
+        }
         if let Some(side) = side {
             side.draw(&Text::new("rows", (10, 70), text(18)))?;
             for (k, m) in self.markers.iter().enumerate() {
-                let c = PALETTE[k % PALETTE.len()];
+                let c = PALETTE[m.colour % PALETTE.len()];
                 let y = 110 + 34 * k as i32;
                 side.draw(&Circle::new((22, y), 7, c.filled()))?;
                 side.draw(&Text::new(m.label.clone(), (40, y - 9), text(16)))?;
@@ -261,8 +344,10 @@ pub fn plot_error_vs_lee(path_stem: &Path, transform: &str, points: &[ScatterPoi
     )?;
     let markers = points
         .iter()
-        .map(|p| Marker {
+        .enumerate()
+        .map(|(k, p)| Marker {
             label: p.label.clone(),
+            colour: k,
             x: p.lee,
             x_bar: p.lee_stderr,
             y: p.test_error_pct,
@@ -275,6 +360,50 @@ pub fn plot_error_vs_lee(path_stem: &Path, transform: &str, points: &[ScatterPoi
         y_desc: "test error (%)",
         markers,
         legend: false,
+        families: Vec::new(),
+    };
+    render(path_stem, &figure)
+}
+
+/// The paper's Figure-1 view of a model zoo: error (%) against LEE for `transform` (log x), one
+/// labelled point per model with a ±1 s.e. bar, one colour per family (`points[i].1`), the
+/// families named in the corner.
+pub fn plot_family_error_vs_lee(
+    path_stem: &Path,
+    transform: &str,
+    split: &str,
+    points: &[(ScatterPoint, String)],
+) -> Result<(), ReportError> {
+    check_finite(
+        path_stem,
+        points
+            .iter()
+            .map(|(p, _)| (p.label.as_str(), [p.test_error_pct, p.lee, p.lee_stderr])),
+    )?;
+    let mut families: Vec<String> = Vec::new();
+    for (_, f) in points {
+        if !families.contains(f) {
+            families.push(f.clone());
+        }
+    }
+    let markers = points
+        .iter()
+        .map(|(p, f)| Marker {
+            label: p.label.clone(),
+            colour: families.iter().position(|g| g == f).unwrap_or(0),
+            x: p.lee,
+            x_bar: p.lee_stderr,
+            y: p.test_error_pct,
+            y_bar: 0.0,
+        })
+        .collect();
+    let figure = ScatterFigure {
+        title: format!("Error vs LEE ({transform}) on {split}, one point per model (paper Fig. 1)"),
+        x_desc: format!("{split} LEE, {transform} (log scale), bar ±1 s.e."),
+        y_desc: "error (%)",
+        markers,
+        legend: false,
+        families,
     };
     render(path_stem, &figure)
 }
@@ -290,7 +419,9 @@ pub fn plot_rows_error_vs_lee(path_stem: &Path, transform: &str, rows: &[RowPoin
     )?;
     let markers = rows
         .iter()
-        .map(|r| Marker {
+        .enumerate()
+        .map(|(k, r)| Marker {
+            colour: k,
             label: format!(
                 "{} ({} {})",
                 r.row,
@@ -309,6 +440,7 @@ pub fn plot_rows_error_vs_lee(path_stem: &Path, transform: &str, rows: &[RowPoin
         y_desc: "test error (%), mean, bar ±1 sample std over seeds",
         markers,
         legend: true,
+        families: Vec::new(),
     };
     render(path_stem, &figure)
 }

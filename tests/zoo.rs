@@ -1,0 +1,298 @@
+//! timm's ResNet and ConvNeXt against independent oracles: the depthwise conv against candle's
+//! grouped conv2d and its composed form (gradients included); random-init timm models saved by
+//! timm itself (`scripts/fixtures/make_timm_zoo_fixture.py`, tests/fixtures/timm_zoo/), loaded
+//! through the config path: their logits, their LEE against `torch.func.jvp` and the layerwise sum.
+
+mod common;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use common::{fixture, max_abs, max_abs_diff, norm, randn, rel_err, rng};
+use liederiv::kernels::{depthwise_conv2d, depthwise_conv2d_composed};
+use liederiv::lie::layerwise::decompose;
+use liederiv::lie::{lee_per_image, LeeOutput, Statistic};
+use liederiv::models::weights::load_timm;
+use liederiv::models::{build_model, build_with, Model};
+use liederiv::transforms::{Stencil, Transform};
+use liederiv::Config;
+use std::collections::HashMap;
+
+const DEV: Device = Device::Cpu;
+
+/// The fused depthwise conv equals candle's grouped conv2d (C groups) and its composed form, and
+/// its input and weight gradients equal the composed form's (candle autograd), in f64 and f32.
+#[test]
+fn depthwise_conv_and_its_gradients_match_grouped_conv2d() {
+    let mut r = rng(3);
+    for dtype in [DType::F64, DType::F32] {
+        let tol = if dtype == DType::F64 { 1e-13 } else { 2e-6 };
+        for (c, h, w, k) in [(3usize, 9usize, 7usize, 7usize), (5, 6, 6, 3), (2, 4, 5, 5)] {
+            let x = Var::from_tensor(&randn(&[2, c, h, w], 1.0, dtype, &mut r)).unwrap();
+            let wt = Var::from_tensor(&randn(&[c, 1, k, k], 0.3, dtype, &mut r)).unwrap();
+            let g = randn(&[2, c, h, w], 1.0, dtype, &mut r);
+            let fused = depthwise_conv2d(x.as_tensor(), wt.as_tensor(), k / 2).unwrap();
+            let composed = depthwise_conv2d_composed(x.as_tensor(), wt.as_tensor(), k / 2).unwrap();
+            let candle = x.as_tensor().conv2d(wt.as_tensor(), k / 2, 1, 1, c).unwrap();
+            assert_eq!(fused.dims(), candle.dims());
+            let (e1, e2) = (rel_err(&fused, &candle), rel_err(&composed, &candle));
+            assert!(
+                e1 < tol && e2 < tol,
+                "{dtype:?} {c}×{h}×{w} k{k}: fused {e1:e}, composed {e2:e}"
+            );
+            let grads = |y: &Tensor| {
+                let gr = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    gr.get(x.as_tensor()).unwrap().clone(),
+                    gr.get(wt.as_tensor()).unwrap().clone(),
+                )
+            };
+            let ((fx, fw), (cx, cw)) = (grads(&fused), grads(&composed));
+            let (ex, ew) = (rel_err(&fx, &cx), rel_err(&fw, &cw));
+            println!("{dtype:?} {c}×{h}×{w} k{k}: forward {e1:.1e}, dx {ex:.1e}, dw {ew:.1e}");
+            assert!(ex < tol && ew < tol, "{dtype:?} {c}×{h}×{w} k{k}: dx {ex:e}, dw {ew:e}");
+        }
+    }
+}
+
+/// The `--set` overrides that build a fixture's model from its `args.json`: each timm keyword
+/// argument under the same name in `[model.resnet]` / `[model.convnext]` (the config keys are
+/// timm's argument names), plus the data shape and the timm state dict as `init.file`.
+fn fixture_config(case: &str) -> (Config, serde_json::Value) {
+    let dir = fixture(&format!("timm_zoo/{case}"));
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("args.json")).unwrap()).unwrap();
+    let kind = if case.starts_with("resnet") {
+        "resnet"
+    } else {
+        "convnext"
+    };
+    let mut sets = vec![
+        format!("model.kind=\"{kind}\""),
+        format!("data.image_size={}", args["img_size"]),
+        format!("data.channels={}", args["in_chans"]),
+        format!(
+            "data.mean={}",
+            if args["in_chans"] == 3 {
+                "[0.5, 0.5, 0.5]"
+            } else {
+                "0.5"
+            }
+        ),
+        format!(
+            "data.std={}",
+            if args["in_chans"] == 3 {
+                "[0.5, 0.5, 0.5]"
+            } else {
+                "0.5"
+            }
+        ),
+        format!("model.num_classes={}", args["num_classes"]),
+        "init.weights=\"file\"".into(),
+        format!("init.file=\"{}\"", dir.join("model.safetensors").display()),
+        "init.format=\"timm\"".into(),
+    ];
+    let mut named = 0;
+    for (key, value) in args["kwargs"].as_object().unwrap() {
+        // timm's plain 7×7 stem is 64 wide whatever `stem_width` says (it sizes deep stems).
+        if ["in_chans", "num_classes", "stem_width"].contains(&key.as_str()) {
+            continue;
+        }
+        sets.push(format!("model.{kind}.{key}={value}"));
+        named += 1;
+    }
+    // The block type is in the model name (resnet18 / resnet50); the script records it too.
+    if let Some(block) = args["class_kwargs"].get("block") {
+        sets.push(format!("model.resnet.block={block}"));
+    }
+    assert!(named >= 2, "{case}: {:?}", args["kwargs"]);
+    (Config::resolve_str("", "<test>", &sets).unwrap(), args)
+}
+
+/// The fixture's model built from its config with the timm weights loaded, in `dtype`.
+fn fixture_model(case: &str, dtype: DType) -> (Box<dyn Model>, HashMap<String, Tensor>, Vec<String>) {
+    let (cfg, _) = fixture_config(case);
+    let (vm, _) = build_model(&cfg, &DEV).unwrap();
+    let notes = {
+        let shapes = liederiv::models::parameter_shapes(&cfg).unwrap();
+        let pre = load_timm(&cfg.init, &shapes).unwrap();
+        pre.notes
+    };
+    // The loaded variables in `dtype` (f64 for the LEE oracle).
+    let vm64 = VarMap::new();
+    {
+        let src = vm.data().lock().unwrap();
+        let mut dst = vm64.data().lock().unwrap();
+        for (k, v) in src.iter() {
+            dst.insert(
+                k.clone(),
+                Var::from_tensor(&v.as_tensor().to_dtype(dtype).unwrap()).unwrap(),
+            );
+        }
+    }
+    let model = build_with(&cfg, &vm64, dtype, &DEV).unwrap();
+    let io = candle_core::safetensors::load(fixture(&format!("timm_zoo/{case}/io.safetensors")), &DEV)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(dtype).unwrap()))
+        .collect();
+    (model, io, notes)
+}
+
+const CASES: [&str; 5] = [
+    "resnet_basic_28_c1",
+    "resnet_bottleneck_64_c3",
+    "convnext_28_c1",
+    "convnext_p2_32_c1",
+    "convnext_64_c3",
+];
+
+/// Logits of random-init timm models (perturbed weights and batch-norm statistics), loaded from
+/// timm's own state dicts through the config path, equal timm's to 1e-5 relative in f32.
+#[test]
+fn timm_resnet_and_convnext_logits() {
+    for case in CASES {
+        let (model, io, notes) = fixture_model(case, DType::F32);
+        println!("{case}: {notes:?}");
+        let logits = model.forward(&io["x"]).unwrap();
+        let err = max_abs_diff(&logits, &io["logits"]) / max_abs(&io["logits"]);
+        println!("{case}: logits max |ours − timm| / max |timm| = {err:.2e}");
+        assert!(err < 1e-5, "{case}: logits relative error {err:e}");
+    }
+}
+
+/// LEE of rotate / translate_x / scale per image against `torch.func.jvp` through timm's model in
+/// f64, and the layerwise contributions summing to the end-to-end Lie derivative.
+#[test]
+fn timm_resnet_and_convnext_lee_f64() {
+    let trs = [Transform::Rotate, Transform::TranslateX, Transform::Scale];
+    for case in CASES {
+        let (model, io, _) = fixture_model(case, DType::F64);
+        let logits = model.forward(&io["x"]).unwrap();
+        let err = max_abs_diff(&logits, &io["logits64"]) / max_abs(&io["logits64"]);
+        assert!(err < 1e-12, "{case}: f64 logits relative error {err:e}");
+        let ours = lee_per_image(
+            model.as_ref(),
+            &io["x"],
+            &trs,
+            Stencil::Central,
+            Statistic::Sq,
+            LeeOutput::Probs,
+        )
+        .unwrap();
+        for (t, tr) in trs.iter().enumerate() {
+            let want: Vec<f64> = io[&format!("lee_{}", tr.name())].to_vec1().unwrap();
+            for (a, b) in ours[t].iter().zip(&want) {
+                let rel = (a - b).abs() / b.abs();
+                println!("{case} LEE {tr}: ours {a:e} timm {b:e} rel {rel:.1e}");
+                assert!(rel < 1e-12, "{case} {tr}: ours {a:e}, timm {b:e}");
+            }
+            let d = decompose(model.as_ref(), &io["x"], *tr, Stencil::Central, LeeOutput::Probs).unwrap();
+            let sum = d.contributions.sum(0).unwrap();
+            let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
+            assert!(rel < 1e-10, "{case} {tr}: layerwise sum relative error {rel:e}");
+        }
+    }
+}
+
+/// Loading notes say what was adapted: PyTorch's batch counters dropped, a conv-MLP's 1×1 weights
+/// read as linear layers; a head of another class count is dropped for a fresh one.
+#[test]
+fn timm_loading_notes_and_fresh_head() {
+    let (_, _, notes) = fixture_model("resnet_basic_28_c1", DType::F32);
+    assert!(notes.iter().any(|n| n.contains("num_batches_tracked")), "{notes:?}");
+    let (_, _, notes) = fixture_model("convnext_64_c3", DType::F32);
+    assert!(notes.iter().any(|n| n.contains("1×1 conv weights")), "{notes:?}");
+    let (mut cfg, _) = fixture_config("resnet_basic_28_c1");
+    cfg.model.num_classes = 7;
+    let pre = load_timm(&cfg.init, &liederiv::models::parameter_shapes(&cfg).unwrap()).unwrap();
+    assert!(!pre.tensors.contains_key("fc.weight"));
+    assert!(
+        pre.notes.iter().any(|n| n.contains("dropped fc.weight")),
+        "{:?}",
+        pre.notes
+    );
+    // A state dict of another architecture is refused naming what does not fit.
+    let (mut cfg, _) = fixture_config("resnet_basic_28_c1");
+    cfg.model.resnet.channels = vec![8, 16, 24, 40];
+    let err = load_timm(&cfg.init, &liederiv::models::parameter_shapes(&cfg).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer4.0.conv1.weight"), "{err}");
+}
+
+/// Every file of a zoo's results, as bytes, by path relative to `dir` (the unit files aside).
+fn results_of(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for sub in ["", "models"] {
+        for e in std::fs::read_dir(dir.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() && !p.extension().is_some_and(|x| x == "png" || x == "svg") {
+                out.insert(
+                    format!("{sub}/{}", p.file_name().unwrap().to_string_lossy()),
+                    std::fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `liederiv zoo --config configs/zoo_example.toml` as is (five models, real MNIST-rot digits),
+/// and the same zoo in two shards merged: the results are the same files to the byte. A shard
+/// run again measures nothing; a merge with a shard missing names what is missing; a bad
+/// `--shard` is refused.
+#[test]
+fn zoo_example_sharded_in_two_and_merged_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let base = |out: &std::path::Path| {
+        vec![
+            format!("zoo.out=\"{}\"", out.display()),
+            "zoo.limit=40".into(), // 3 units of 16 per model: 15 units, shards of 8 and 7
+            "output.progress=false".into(),
+        ]
+    };
+    let zoo = ["zoo", "--config", "configs/zoo_example.toml"];
+    let (ok, stdout, stderr) = common::liederiv(&zoo, &base(&one));
+    assert!(ok, "{stderr}");
+    for model in ["resnet_timm", "convnext_timm", "vit_timm", "cnn", "gcnn_c4"] {
+        assert!(stdout.contains(&format!("| {model} |")), "{stdout}");
+        assert!(one.join(format!("models/{model}_layerwise.png")).is_file());
+    }
+    assert!(one.join("error_vs_lee_rotate.png").is_file());
+
+    // The second shard alone, then a merge that cannot happen yet.
+    let shard = |k: &str| {
+        let mut args = zoo.to_vec();
+        args.extend(["--shard", k]);
+        common::liederiv(&args, &base(&two))
+    };
+    let (ok, _, stderr) = shard("2/2");
+    assert!(ok, "{stderr}");
+    let mut merge = zoo.to_vec();
+    merge.push("--merge");
+    let (ok, _, stderr) = common::liederiv(&merge, &base(&two));
+    assert!(
+        !ok && stderr.contains("8 of 15 units have not been measured"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = shard("1/2");
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = shard("1/2");
+    assert!(
+        ok && stderr.contains("measured 0 units (8 were already there)"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = common::liederiv(&merge, &base(&two));
+    assert!(ok, "{stderr}");
+    let (a, b) = (results_of(&one), results_of(&two));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(a.len() >= 12, "{:?}", a.keys());
+    for (name, bytes) in &a {
+        assert!(bytes == &b[name], "{name} differs between one process and two shards");
+    }
+
+    for bad in ["3/2", "0/2", "2", "a/b"] {
+        let (ok, _, stderr) = shard(bad);
+        assert!(!ok && stderr.contains("expected K/N"), "{bad}: {stderr}");
+    }
+}
