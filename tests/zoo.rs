@@ -56,7 +56,7 @@ fn depthwise_conv_and_its_gradients_match_grouped_conv2d() {
 /// The `--set` overrides that build a fixture's model from its `args.json`: each timm keyword
 /// argument under the same name in `[model.resnet]` / `[model.convnext]` (the config keys are
 /// timm's argument names), plus the data shape and the timm state dict as `init.file`.
-fn fixture_config(case: &str) -> (Config, serde_json::Value) {
+fn fixture_sets(case: &str) -> Vec<String> {
     let dir = fixture(&format!("timm_zoo/{case}"));
     let args: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("args.json")).unwrap()).unwrap();
@@ -65,26 +65,19 @@ fn fixture_config(case: &str) -> (Config, serde_json::Value) {
     } else {
         "convnext"
     };
+    let norm = if args["in_chans"] == 3 {
+        "[0.5, 0.5, 0.5]"
+    } else {
+        "0.5"
+    };
     let mut sets = vec![
         format!("model.kind=\"{kind}\""),
         format!("data.image_size={}", args["img_size"]),
         format!("data.channels={}", args["in_chans"]),
-        format!(
-            "data.mean={}",
-            if args["in_chans"] == 3 {
-                "[0.5, 0.5, 0.5]"
-            } else {
-                "0.5"
-            }
-        ),
-        format!(
-            "data.std={}",
-            if args["in_chans"] == 3 {
-                "[0.5, 0.5, 0.5]"
-            } else {
-                "0.5"
-            }
-        ),
+        format!("data.mean={norm}"),
+        format!("data.std={norm}"),
+        "data.ood=[]".into(),
+        "lee.splits=[\"test\"]".into(),
         format!("model.num_classes={}", args["num_classes"]),
         "init.weights=\"file\"".into(),
         format!("init.file=\"{}\"", dir.join("model.safetensors").display()),
@@ -104,7 +97,15 @@ fn fixture_config(case: &str) -> (Config, serde_json::Value) {
         sets.push(format!("model.resnet.block={block}"));
     }
     assert!(named >= 2, "{case}: {:?}", args["kwargs"]);
-    (Config::resolve_str("", "<test>", &sets).unwrap(), args)
+    sets
+}
+
+fn fixture_config(case: &str) -> (Config, serde_json::Value) {
+    let args = std::fs::read_to_string(fixture(&format!("timm_zoo/{case}/args.json"))).unwrap();
+    (
+        Config::resolve_str("", "<test>", &fixture_sets(case)).unwrap(),
+        serde_json::from_str(&args).unwrap(),
+    )
 }
 
 /// The fixture's model built from its config with the timm weights loaded, in `dtype`.
@@ -294,5 +295,65 @@ fn zoo_example_sharded_in_two_and_merged_equals_one_process() {
     for bad in ["3/2", "0/2", "2", "a/b"] {
         let (ok, _, stderr) = shard(bad);
         assert!(!ok && stderr.contains("expected K/N"), "{bad}: {stderr}");
+    }
+}
+
+/// `export --format timm` of a timm model loaded from its state dict writes that state dict back,
+/// every tensor equal to the bit (the batch counters aside: PyTorch fills them in), in timm's
+/// shapes (a conv-MLP's 1×1 convs), with timm's own `config.json` naming the architecture and its
+/// arguments; timm builds each export from that file with equal logits
+/// (scripts/fixtures/check_timm_zoo_export.py, its output beside it).
+#[test]
+fn exports_of_timm_models_are_their_state_dicts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in CASES {
+        let (cfg, args) = fixture_config(case);
+        let out = tmp.path().join(case);
+        let mut sets: Vec<String> = fixture_sets(case);
+        sets.extend([
+            format!("name=\"export_{case}\""),
+            format!("output.dir=\"{}\"", tmp.path().display()),
+        ]);
+        let (ok, stdout, stderr) =
+            common::liederiv(&["export", "--format", "timm", "--out", out.to_str().unwrap()], &sets);
+        assert!(ok, "{case}: {stderr}");
+        assert!(stdout.contains(&format!("local-dir:{}", out.display())), "{stdout}");
+        let ours = candle_core::safetensors::load(out.join("model.safetensors"), &DEV).unwrap();
+        let theirs =
+            candle_core::safetensors::load(fixture(&format!("timm_zoo/{case}/model.safetensors")), &DEV).unwrap();
+        let mut expected: Vec<&String> = theirs.keys().filter(|k| !k.ends_with("num_batches_tracked")).collect();
+        expected.sort();
+        let mut got: Vec<&String> = ours.keys().collect();
+        got.sort();
+        assert_eq!(got, expected, "{case}: keys");
+        for k in expected {
+            let (a, b) = (&ours[k], &theirs[k]);
+            assert_eq!(a.dims(), b.dims(), "{case} {k}");
+            assert_eq!(max_abs_diff(a, b), 0.0, "{case} {k}");
+        }
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        // The name only supplies defaults that model_args override (timm's own fixture used
+        // convnext_tiny where our export names convnext_atto): the family must agree.
+        let family = |v: &serde_json::Value| {
+            v.as_str()
+                .unwrap()
+                .split('_')
+                .next()
+                .unwrap()
+                .trim_end_matches(char::is_numeric)
+                .to_string()
+        };
+        assert_eq!(family(&config["architecture"]), family(&args["model"]), "{case}");
+        for (key, value) in args["kwargs"].as_object().unwrap() {
+            if key != "stem_width" {
+                assert_eq!(&config["model_args"][key], value, "{case}: model_args.{key}");
+            }
+        }
+        assert_eq!(
+            config["pretrained_cfg"]["input_size"],
+            serde_json::json!([args["in_chans"], args["img_size"], args["img_size"]])
+        );
+        assert_eq!(cfg.model.num_classes as u64, config["num_classes"].as_u64().unwrap());
     }
 }
