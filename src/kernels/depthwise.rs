@@ -61,17 +61,23 @@ fn taps<T: WithDType>(g: Geometry, src: &[T], w: &[T], forward: bool) -> Vec<T> 
             for j in 0..g.k {
                 let wv = w[(c * g.k + i) * g.k + j];
                 let (x0, x1) = g.valid(j, g.w, ow);
+                if x1 <= x0 {
+                    continue;
+                }
+                // Output columns x0..x1 read input columns x0 + j − pad ..: one slice each way.
+                let (ix0, len) = (x0 + j - g.pad, x1 - x0);
                 for oy in y0..y1 {
-                    let iy = oy + i - g.pad;
-                    let (o_row, i_row) = (oy * ow, iy * g.w);
-                    let shift = j as isize - g.pad as isize;
-                    for ox in x0..x1 {
-                        let ix = (ox as isize + shift) as usize;
-                        if forward {
-                            dst[o_row + ox] += wv * s[i_row + ix];
-                        } else {
-                            dst[i_row + ix] += wv * s[o_row + ox];
-                        }
+                    let (o_row, i_row) = (oy * ow, (oy + i - g.pad) * g.w);
+                    if forward {
+                        let d = &mut dst[o_row + x0..][..len];
+                        d.iter_mut()
+                            .zip(&s[i_row + ix0..][..len])
+                            .for_each(|(d, &v)| *d += wv * v);
+                    } else {
+                        let d = &mut dst[i_row + ix0..][..len];
+                        d.iter_mut()
+                            .zip(&s[o_row + x0..][..len])
+                            .for_each(|(d, &v)| *d += wv * v);
                     }
                 }
             }
@@ -174,12 +180,17 @@ fn weight_grad<T: WithDType>(
                 let (y0, y1) = g.valid(i, g.h, oh);
                 for j in 0..g.k {
                     let (x0, x1) = g.valid(j, g.w, ow);
+                    if x1 <= x0 {
+                        continue;
+                    }
+                    let (ix0, len) = (x0 + j - g.pad, x1 - x0);
                     let mut acc = T::zero();
                     for oy in y0..y1 {
                         let (o_row, i_row) = (oy * ow, (oy + i - g.pad) * g.w);
-                        for ox in x0..x1 {
-                            acc += gp[o_row + ox] * s[i_row + ox + j - g.pad];
-                        }
+                        acc += gp[o_row + x0..][..len]
+                            .iter()
+                            .zip(&s[i_row + ix0..][..len])
+                            .fold(T::zero(), |a, (&u, &v)| a + u * v);
                     }
                     dw[i * g.k + j] += acc;
                 }

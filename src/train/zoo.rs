@@ -199,8 +199,17 @@ pub fn run_shard(plan: &Plan, shard: Shard, device: &Device, show_progress: bool
         let Some(l) = current.as_ref() else {
             unreachable!("a model was just loaded")
         };
-        let unit = measure_unit(plan, entry, l.model.as_ref(), &l.split, c, &l.source, l.parameters, device)
-            .with_context(|| format!("zoo model {:?}, images from {}", entry.spec.name, c * plan.batch))?;
+        let unit = measure_unit(
+            plan,
+            entry,
+            l.model.as_ref(),
+            &l.split,
+            c,
+            &l.source,
+            l.parameters,
+            device,
+        )
+        .with_context(|| format!("zoo model {:?}, images from {}", entry.spec.name, c * plan.batch))?;
         images += unit.labels.len();
         let path = plan.unit_path(m, c);
         if let Some(dir) = path.parent() {
