@@ -357,3 +357,122 @@ fn exports_of_timm_models_are_their_state_dicts() {
         assert_eq!(cfg.model.num_classes as u64, config["num_classes"].as_u64().unwrap());
     }
 }
+
+/// The config of a timm ViT fixture: timm's keyword arguments under our names (`embed_dim` →
+/// `dim`, `num_heads` → `heads`, `global_pool` token / avg → `pool` cls / mean; the options keep
+/// timm's names), DeiT's distilled class as `distilled = true`.
+fn vit_fixture_config(case: &str) -> Config {
+    let dir = fixture(&format!("timm_zoo/{case}"));
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("args.json")).unwrap()).unwrap();
+    let norm = if args["in_chans"] == 3 {
+        "[0.5, 0.5, 0.5]"
+    } else {
+        "0.5"
+    };
+    let mut sets = vec![
+        "model.kind=\"vit\"".to_string(),
+        format!("data.mean={norm}"),
+        format!("data.std={norm}"),
+        "data.ood=[]".into(),
+        "lee.splits=[\"test\"]".into(),
+        "init.weights=\"file\"".into(),
+        format!("init.file=\"{}\"", dir.join("model.safetensors").display()),
+        "init.format=\"timm\"".into(),
+    ];
+    if args["model"].as_str().unwrap().contains("distilled") {
+        sets.push("model.vit.distilled=true".into());
+    }
+    for (key, value) in args["kwargs"].as_object().unwrap() {
+        sets.push(match key.as_str() {
+            "img_size" => format!("data.image_size={value}"),
+            "in_chans" => format!("data.channels={value}"),
+            "num_classes" => format!("model.num_classes={value}"),
+            "embed_dim" => format!("model.vit.dim={value}"),
+            "num_heads" => format!("model.vit.heads={value}"),
+            "global_pool" if value == "avg" => "model.vit.pool=\"mean\"".into(),
+            "global_pool" => "model.vit.pool=\"cls\"".into(),
+            _ => format!("model.vit.{key}={value}"),
+        });
+    }
+    Config::resolve_str("", "<test>", &sets).unwrap()
+}
+
+const VIT_CASES: [&str; 3] = [
+    "vit_distilled_28_c1",
+    "vit_ls_reg_noembed_28_c1",
+    "vit_normpre_nocls_64_c3",
+];
+
+/// timm's ViT options against timm itself: DeiT's distillation token and head (the mean of the
+/// two heads), layer scale with register tokens and `no_embed_class`, `norm_pre` without a class
+/// token (mean pooling): logits in f32, LEE against `torch.func.jvp` in f64, the layerwise sum,
+/// and the export back to timm equal to timm's state dict with the options in its arguments.
+#[test]
+fn timm_vit_options_logits_lee_and_export() {
+    let trs = [Transform::Rotate, Transform::TranslateX, Transform::Scale];
+    for case in VIT_CASES {
+        let cfg = vit_fixture_config(case);
+        let (vm, model) = build_model(&cfg, &DEV).unwrap();
+        let io32 = candle_core::safetensors::load(fixture(&format!("timm_zoo/{case}/io.safetensors")), &DEV).unwrap();
+        let logits = model.forward(&io32["x"]).unwrap();
+        let err = max_abs_diff(&logits, &io32["logits"]) / max_abs(&io32["logits"]);
+        println!("{case}: logits max |ours − timm| / max |timm| = {err:.2e}");
+        assert!(err < 1e-5, "{case}: logits relative error {err:e}");
+
+        let vm64 = VarMap::new();
+        {
+            let src = vm.data().lock().unwrap();
+            let mut dst = vm64.data().lock().unwrap();
+            for (k, v) in src.iter() {
+                dst.insert(
+                    k.clone(),
+                    Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap(),
+                );
+            }
+        }
+        let m64 = build_with(&cfg, &vm64, DType::F64, &DEV).unwrap();
+        let x = io32["x"].to_dtype(DType::F64).unwrap();
+        let ours = lee_per_image(
+            m64.as_ref(),
+            &x,
+            &trs,
+            Stencil::Central,
+            Statistic::Sq,
+            LeeOutput::Probs,
+        )
+        .unwrap();
+        for (t, tr) in trs.iter().enumerate() {
+            let want: Vec<f64> = io32[&format!("lee_{}", tr.name())].to_vec1().unwrap();
+            for (a, b) in ours[t].iter().zip(&want) {
+                let rel = (a - b).abs() / b.abs();
+                println!("{case} LEE {tr}: ours {a:e} timm {b:e} rel {rel:.1e}");
+                assert!(rel < 1e-10, "{case} {tr}: ours {a:e}, timm {b:e}");
+            }
+            let d = decompose(m64.as_ref(), &x, *tr, Stencil::Central, LeeOutput::Probs).unwrap();
+            let sum = d.contributions.sum(0).unwrap();
+            let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
+            assert!(rel < 1e-10, "{case} {tr}: layerwise sum relative error {rel:e}");
+        }
+
+        let export = liederiv::models::export::export_tensors(&cfg, &vm, liederiv::config::WeightFormat::Timm).unwrap();
+        let theirs =
+            candle_core::safetensors::load(fixture(&format!("timm_zoo/{case}/model.safetensors")), &DEV).unwrap();
+        let mut keys: Vec<_> = export.keys().collect();
+        keys.sort();
+        let mut want: Vec<_> = theirs.keys().collect();
+        want.sort();
+        assert_eq!(keys, want, "{case}");
+        for k in want {
+            assert_eq!(max_abs_diff(&export[k], &theirs[k]), 0.0, "{case} {k}");
+        }
+        let args: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(&format!("timm_zoo/{case}/args.json"))).unwrap())
+                .unwrap();
+        let (name, ours) = liederiv::models::export::timm_model(&cfg);
+        assert_eq!(name, args["model"], "{case}");
+        for (key, value) in args["kwargs"].as_object().unwrap() {
+            assert_eq!(&ours[key], value, "{case}: timm argument {key}");
+        }
+    }
+}

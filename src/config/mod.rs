@@ -69,6 +69,13 @@ impl Default for Config {
     }
 }
 
+impl VitConfig {
+    /// Tokens before the patch tokens: the class token, the distillation token, the registers.
+    pub fn prefix_tokens(&self) -> usize {
+        usize::from(self.class_token) + usize::from(self.distilled) + self.reg_tokens
+    }
+}
+
 impl ConvnextConfig {
     /// The stride of stage `s` (timm's rule): 2 for every stage but the first, and for the first
     /// too when the stem's stride is 2 (a 2-pixel patch stem reaches stride 4 in stage 0).
@@ -403,6 +410,23 @@ pub struct VitConfig {
     /// Stochastic depth rate at the last block (linear in depth), in [0, 1).
     pub drop_path: f64,
     pub ln_eps: f64,
+    /// A class token (timm's `class_token`); without one the head reads the mean of the patch
+    /// tokens (`pool = "mean"`).
+    pub class_token: bool,
+    /// Register tokens after the class token (Darcet et al. 2024; timm's `reg_tokens`).
+    pub reg_tokens: usize,
+    /// The position embedding covers the patch tokens only and is added before the class /
+    /// register tokens join (timm's `no_embed_class`).
+    pub no_embed_class: bool,
+    /// A LayerNorm `norm_pre` before the blocks, and no patch-embedding bias (CLIP; timm's
+    /// `pre_norm`).
+    pub pre_norm: bool,
+    /// Layer scale: each residual branch times a learned per-channel `ls1` / `ls2` gamma that
+    /// starts at this value (CaiT / DINOv2; timm's `init_values`; 0 = off).
+    pub init_values: f64,
+    /// DeiT's distillation token and its head `head_dist` (timm's `VisionTransformerDistilled`):
+    /// the logits are the mean of the two heads' (timm's eval-mode output).
+    pub distilled: bool,
 }
 
 impl Default for VitConfig {
@@ -418,6 +442,12 @@ impl Default for VitConfig {
             pos_embed: PosEmbed::Learned,
             drop_path: 0.0,
             ln_eps: 1e-6,
+            class_token: true,
+            reg_tokens: 0,
+            no_embed_class: false,
+            pre_norm: false,
+            init_values: 0.0,
+            distilled: false,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Strict parsing (unknown keys and wrong types name the key, file and line), `--set` overrides,
 //! and the range checks every value must pass before any work starts.
 
-use super::{Config, DataSource, InitWeights, LeeOutput, ModelKind, Objective, Precision};
+use super::{Config, DataSource, InitWeights, LeeOutput, ModelKind, Objective, Pool, Precision};
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
@@ -258,6 +258,31 @@ impl Config {
             "in [0, 1)",
         )?;
         check(v.ln_eps > 0.0, "model.vit.ln_eps", v.ln_eps, "> 0")?;
+        check(
+            v.class_token || v.pool == Pool::Mean,
+            "model.vit.class_token",
+            "false",
+            "true with pool = \"cls\" (without a class token the head reads the mean of the patch tokens: pool = \"mean\")",
+        )?;
+        check(
+            !v.distilled || (v.class_token && v.reg_tokens == 0 && v.pool == Pool::Cls),
+            "model.vit.distilled",
+            "true",
+            "true only with class_token = true, pool = \"cls\" and no reg_tokens (DeiT's layout, as timm's VisionTransformerDistilled)",
+        )?;
+        check(
+            v.init_values >= 0.0,
+            "model.vit.init_values",
+            v.init_values,
+            ">= 0 (0 = no layer scale)",
+        )?;
+        let standard = v.class_token && v.reg_tokens == 0 && !v.no_embed_class && !v.pre_norm && !v.distilled;
+        check(
+            standard || !self.pretrain.enabled,
+            "pretrain.enabled",
+            "true",
+            "false with model.vit's class_token = false, reg_tokens, no_embed_class, pre_norm or distilled (the MAE encoder is the standard ViT)",
+        )?;
         let a = &m.mae;
         check(
             a.mask_ratio > 0.0 && a.mask_ratio < 1.0,

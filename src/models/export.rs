@@ -62,7 +62,15 @@ pub fn export_tensors(
             cfg.model.average_rotations
         )));
     }
+    let standard = v.class_token && v.reg_tokens == 0 && !v.no_embed_class && !v.pre_norm && !v.distilled;
     match format {
+        WeightFormat::Hf if cfg.model.kind == ModelKind::Vit && (!standard || v.init_values > 0.0) => {
+            return Err(refuse(
+                "transformers' ViTForImageClassification has no register or distillation tokens, layer scale, \
+                 pre-norm or position embedding without the class slot; export this ViT with --format timm"
+                    .into(),
+            ))
+        }
         WeightFormat::Hf if v.pool == Pool::Mean => {
             return Err(refuse(
                 "transformers' ViTForImageClassification classifies from the cls token only, and this ViT \
@@ -103,11 +111,13 @@ pub fn export_tensors(
         }
     }
     if cfg.model.kind == ModelKind::Vit && v.pos_embed == PosEmbed::Sincos {
-        let (g, _) = grid(cfg);
-        tensors.insert(
-            "pos_embed".into(),
-            sincos_pos_embed(v.dim, g, g, DType::F32, &Device::Cpu)?,
-        );
+        // The fixed table with zero slots for the prefix tokens it covers (none with
+        // no_embed_class), as `models::vit::pos_embed` builds it.
+        let (g, n) = grid(cfg);
+        let embedded = if v.no_embed_class { 0 } else { v.prefix_tokens() };
+        let patches = sincos_pos_embed(v.dim, g, g, DType::F32, &Device::Cpu)?.narrow(1, 1, n)?;
+        let zeros = Tensor::zeros((1, embedded, v.dim), DType::F32, &Device::Cpu)?;
+        tensors.insert("pos_embed".into(), Tensor::cat(&[&zeros, &patches], 1)?);
     }
     match format {
         WeightFormat::Hf => timm_to_hf(tensors),
@@ -259,9 +269,12 @@ pub fn timm_model(cfg: &Config) -> (&'static str, serde_json::Value) {
         }
         _ => {
             let v = &cfg.model.vit;
-            (
-                "vit_tiny_patch16_224",
-                serde_json::json!({
+            let name = if v.distilled {
+                "deit_tiny_distilled_patch16_224"
+            } else {
+                "vit_tiny_patch16_224"
+            };
+            let mut args = serde_json::json!({
                     "img_size": cfg.data.image_size,
                     "patch_size": v.patch_size,
                     "in_chans": c,
@@ -271,10 +284,22 @@ pub fn timm_model(cfg: &Config) -> (&'static str, serde_json::Value) {
                     "num_heads": v.heads,
                     "mlp_ratio": v.mlp_ratio,
                     "qkv_bias": v.qkv_bias,
-                    "class_token": true,
+                    "class_token": v.class_token,
                     "global_pool": match v.pool { Pool::Cls => "token", Pool::Mean => "avg" },
-                }),
-            )
+            });
+            // timm's options only where they are on: the plain layout keeps its old arguments.
+            let options = [
+                ("reg_tokens", v.reg_tokens > 0, serde_json::json!(v.reg_tokens)),
+                ("no_embed_class", v.no_embed_class, serde_json::json!(true)),
+                ("pre_norm", v.pre_norm, serde_json::json!(true)),
+                ("init_values", v.init_values > 0.0, serde_json::json!(v.init_values)),
+            ];
+            for (key, on, value) in options {
+                if on {
+                    args[key] = value;
+                }
+            }
+            (name, args)
         }
     }
 }

@@ -273,15 +273,18 @@ pub struct PatchEmbed {
     patch: usize,
 }
 
-pub fn patch_embed(in_chans: usize, dim: usize, patch: usize, vb: VarBuilder) -> Result<PatchEmbed> {
+/// `bias = false`: no `proj.bias` (timm's `pre_norm` ViTs).
+pub fn patch_embed(in_chans: usize, dim: usize, patch: usize, bias: bool, vb: VarBuilder) -> Result<PatchEmbed> {
     let vb = vb.pp("proj");
     let k = in_chans * patch * patch;
     // MAE initialises the conv as a linear layer: Xavier-uniform on the (D, C·p·p) view.
     let a = (6.0 / (k + dim) as f64).sqrt();
     let weight = vb.get_with_hints((dim, in_chans, patch, patch), "weight", Init::Uniform { lo: -a, up: a })?;
-    let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+    let bias = bias
+        .then(|| vb.get_with_hints(dim, "bias", Init::Const(0.0)))
+        .transpose()?;
     Ok(PatchEmbed {
-        proj: Linear::new(weight.reshape((dim, k))?, Some(bias)),
+        proj: Linear::new(weight.reshape((dim, k))?, bias),
         patch,
     })
 }

@@ -89,6 +89,7 @@ impl Mae {
         // MAE's decoder shares the encoder's MLP ratio, qkv bias and LayerNorm eps, no drop path.
         let dec_cfg = VitConfig {
             drop_path: 0.0,
+            init_values: 0.0,
             ..vit.clone()
         };
         let decoder_blocks = (0..mae.decoder_depth)
@@ -110,9 +111,9 @@ impl Mae {
         }
         let p = vit.patch_size;
         Ok(Self {
-            patch_embed: patch_embed(in_chans, vit.dim, p, vb.pp("patch_embed"))?,
+            patch_embed: patch_embed(in_chans, vit.dim, p, true, vb.pp("patch_embed"))?,
             cls_token: vb.get_with_hints((1, 1, vit.dim), "cls_token", Init::Randn { mean: 0.0, stdev: 0.02 })?,
-            pos_embed: pos_embed(vit.pos_embed, vit.dim, grid, &vb)?,
+            pos_embed: pos_embed(vit.pos_embed, vit.dim, grid, 1, &vb)?,
             blocks: blocks(vit, vb.clone())?,
             norm: layer_norm(vit.dim, vit.ln_eps, vb.pp("norm"))?,
             decoder_embed: linear(vit.dim, mae.decoder_dim, true, vb.pp("decoder_embed"))?,

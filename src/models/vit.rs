@@ -2,6 +2,9 @@
 //! timm / MAE checkpoints load by name: patch embedding (patchify + matmul), cls token, learned or
 //! fixed 2-D sin-cos position embedding (MAE's `get_2d_sincos_pos_embed`), pre-norm blocks with
 //! drop path, and cls pooling (`norm`) or mean pooling of the patch tokens (`fc_norm`), then `head`.
+//! timm's options: no class token, register tokens (`reg_token`), DeiT's distillation token and
+//! head (`dist_token`, `head_dist`), `no_embed_class`, `norm_pre` (CLIP) and layer scale
+//! (`ls1` / `ls2`).
 //!
 //! The JVP names every operation as a step of the layerwise decomposition (paper Eq. 6), including
 //! the cls concat, position-embedding add and pooling that the reference code leaves out, so the
@@ -68,13 +71,25 @@ pub fn sincos_pos_embed(dim: usize, h: usize, w: usize, dtype: DType, device: &D
     Tensor::from_vec(data, (1, 1 + h * w, dim), device)?.to_dtype(dtype)
 }
 
-/// The position embedding `(1, 1 + h·w, dim)` (cls slot included): a trainable `pos_embed` for
-/// `"learned"`, a fixed sin-cos buffer (not in the VarMap) for `"sincos"`.
-pub(crate) fn pos_embed(kind: PosEmbed, dim: usize, grid: (usize, usize), vb: &VarBuilder) -> Result<Tensor> {
-    let n = 1 + grid.0 * grid.1;
+/// The position embedding `(1, prefix + h·w, dim)` with `prefix` slots for the class /
+/// distillation / register tokens (1 in MAE's layout, 0 with `no_embed_class`): a trainable
+/// `pos_embed` for `"learned"`, a fixed sin-cos buffer (not in the VarMap; zero prefix slots) for
+/// `"sincos"`.
+pub(crate) fn pos_embed(
+    kind: PosEmbed,
+    dim: usize,
+    grid: (usize, usize),
+    prefix: usize,
+    vb: &VarBuilder,
+) -> Result<Tensor> {
+    let n = prefix + grid.0 * grid.1;
     match kind {
         PosEmbed::Learned => vb.get_with_hints((1, n, dim), "pos_embed", Init::Randn { mean: 0.0, stdev: 0.02 }),
-        PosEmbed::Sincos => sincos_pos_embed(dim, grid.0, grid.1, vb.dtype(), vb.device()),
+        PosEmbed::Sincos => {
+            let patches = sincos_pos_embed(dim, grid.0, grid.1, vb.dtype(), vb.device())?.narrow(1, 1, n - prefix)?;
+            let zeros = Tensor::zeros((1, prefix, dim), vb.dtype(), vb.device())?;
+            Tensor::cat(&[&zeros, &patches], 1)
+        }
     }
 }
 
@@ -143,6 +158,8 @@ pub struct Block {
     name: String,
     norm1: LayerNorm,
     attn: Attention,
+    /// Layer scale of each branch (`ls1.gamma`, `ls2.gamma`), when `init_values` > 0.
+    ls: Option<(Tensor, Tensor)>,
     norm2: LayerNorm,
     mlp: Mlp,
     drop_path: DropPath,
@@ -150,10 +167,17 @@ pub struct Block {
 
 pub fn block(dim: usize, heads: usize, cfg: &VitConfig, drop_path: f64, vb: VarBuilder) -> Result<Block> {
     let hidden = (dim as f64 * cfg.mlp_ratio) as usize; // int(dim * mlp_ratio), as timm
+    let gamma = |name: &str| vb.pp(name).get_with_hints(dim, "gamma", Init::Const(cfg.init_values));
+    let ls = if cfg.init_values > 0.0 {
+        Some((gamma("ls1")?, gamma("ls2")?))
+    } else {
+        None
+    };
     Ok(Block {
         name: vb.prefix(),
         norm1: layer_norm(dim, cfg.ln_eps, vb.pp("norm1"))?,
         attn: attention(dim, heads, cfg.qkv_bias, vb.pp("attn"))?,
+        ls,
         norm2: layer_norm(dim, cfg.ln_eps, vb.pp("norm2"))?,
         mlp: mlp(dim, hidden, vb.pp("mlp"))?,
         drop_path: DropPath { rate: drop_path },
@@ -163,6 +187,12 @@ pub fn block(dim: usize, heads: usize, cfg: &VitConfig, drop_path: f64, vb: VarB
 impl Block {
     /// `x: (B, N, D)`; `rng = None` is eval mode (no drop path).
     pub fn forward(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        if let Some((ls1, ls2)) = &self.ls {
+            let h = self.attn.forward(&self.norm1.forward(x)?)?.broadcast_mul(ls1)?;
+            let x = (x + self.drop_path.forward(&h, rng.as_deref_mut())?)?;
+            let h = self.mlp.forward(&self.norm2.forward(&x)?)?.broadcast_mul(ls2)?;
+            return &x + self.drop_path.forward(&h, rng)?;
+        }
         // Without drop path the residual adds ride in the output projections (one op each where
         // nothing tracks a gradient).
         let direct = self.drop_path.is_identity(rng.is_some());
@@ -199,7 +229,7 @@ impl Block {
     /// JVP recording one tape step per operation; `repr` is the token layout of `x`.
     pub fn jvp_steps(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, repr: Repr) -> Result<(Tensor, Tensor)> {
         let name = |s: &str| format!("{}.{s}", self.name);
-        if !tape.is_layerwise() {
+        if !tape.is_layerwise() && self.ls.is_none() {
             // Nothing to record: the residual adds ride in the output projections, the same
             // values to the bit as the steps below.
             let (h, dh) = self.norm1.jvp(x, dx, tape)?;
@@ -211,6 +241,7 @@ impl Block {
         let dh = tape.step(&name("norm1"), StepKind::Norm, repr, &h, dh)?;
         let (a, da) = self.attn.jvp(&h, &dh, tape)?;
         let da = tape.step(&name("attn"), StepKind::Attention, repr, &a, da)?;
+        let (a, da) = self.scale(0, a, da, &name("ls1"), repr, tape)?;
         let x = (x + a)?;
         let dx = tape.step(
             &name("attn_residual"),
@@ -228,6 +259,7 @@ impl Block {
         let dh = tape.step(&name("mlp.act"), StepKind::Activation, repr, &h, dh)?;
         let (m, dm) = self.mlp.fc2.jvp(&h, &dh, tape)?;
         let dm = tape.step(&name("mlp.fc2"), StepKind::Linear, repr, &m, dm)?;
+        let (m, dm) = self.scale(1, m, dm, &name("ls2"), repr, tape)?;
         let y = (x + m)?;
         let dy = tape.step(
             &name("mlp_residual"),
@@ -236,6 +268,25 @@ impl Block {
             &y,
             add_tangents(&dx, &dm)?,
         )?;
+        Ok((y, dy))
+    }
+}
+
+impl Block {
+    /// Branch `i`'s layer scale (a step of its own), or the branch unchanged without one.
+    fn scale(
+        &self,
+        i: usize,
+        a: Tensor,
+        da: Tensor,
+        name: &str,
+        repr: Repr,
+        tape: &mut Tape,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(ls) = &self.ls else { return Ok((a, da)) };
+        let g = if i == 0 { &ls.0 } else { &ls.1 };
+        let y = a.broadcast_mul(g)?;
+        let dy = tape.step(name, StepKind::Linear, repr, &y, da.broadcast_mul(g)?)?;
         Ok((y, dy))
     }
 }
@@ -266,13 +317,19 @@ pub(crate) fn token_grid(image_size: usize, patch: usize) -> Result<(usize, usiz
 #[derive(Clone, Debug)]
 pub struct Vit {
     patch_embed: PatchEmbed,
-    cls_token: Tensor,
+    /// The class, distillation and register tokens, in that order, each `(1, n, D)`.
+    prefix: Vec<Tensor>,
+    /// `(1, P + h·w, D)`, or `(1, h·w, D)` with `no_embed_class`.
     pos_embed: Tensor,
+    no_embed_class: bool,
+    norm_pre: Option<LayerNorm>,
     blocks: Vec<Block>,
     /// `norm` for cls pooling, `fc_norm` for mean pooling.
     norm: LayerNorm,
     pool: Pool,
     head: Linear,
+    /// DeiT's distillation head, reading the distillation token.
+    head_dist: Option<Linear>,
     grid: (usize, usize),
     /// Recompute each block in the backward instead of keeping its activations.
     grad_checkpointing: bool,
@@ -292,14 +349,36 @@ impl Vit {
             Pool::Cls => "norm",
             Pool::Mean => "fc_norm",
         };
+        let token =
+            |name: &str, n: usize| vb.get_with_hints((1, n, cfg.dim), name, Init::Randn { mean: 0.0, stdev: 0.02 });
+        let mut prefix = Vec::new();
+        if cfg.class_token {
+            prefix.push(token("cls_token", 1)?);
+        }
+        if cfg.distilled {
+            prefix.push(token("dist_token", 1)?);
+        }
+        if cfg.reg_tokens > 0 {
+            prefix.push(token("reg_token", cfg.reg_tokens)?);
+        }
+        let embedded = if cfg.no_embed_class { 0 } else { cfg.prefix_tokens() };
         Ok(Self {
-            patch_embed: patch_embed(in_chans, cfg.dim, cfg.patch_size, vb.pp("patch_embed"))?,
-            cls_token: vb.get_with_hints((1, 1, cfg.dim), "cls_token", Init::Randn { mean: 0.0, stdev: 0.02 })?,
-            pos_embed: pos_embed(cfg.pos_embed, cfg.dim, grid, &vb)?,
+            patch_embed: patch_embed(in_chans, cfg.dim, cfg.patch_size, !cfg.pre_norm, vb.pp("patch_embed"))?,
+            prefix,
+            pos_embed: pos_embed(cfg.pos_embed, cfg.dim, grid, embedded, &vb)?,
+            no_embed_class: cfg.no_embed_class,
+            norm_pre: cfg
+                .pre_norm
+                .then(|| layer_norm(cfg.dim, cfg.ln_eps, vb.pp("norm_pre")))
+                .transpose()?,
             blocks: blocks(cfg, vb.clone())?,
             norm: layer_norm(cfg.dim, cfg.ln_eps, vb.pp(norm_name))?,
             pool,
             head: linear(cfg.dim, num_classes, true, vb.pp("head"))?,
+            head_dist: cfg
+                .distilled
+                .then(|| linear(cfg.dim, num_classes, true, vb.pp("head_dist")))
+                .transpose()?,
             grid,
             grad_checkpointing: false,
         })
@@ -308,6 +387,11 @@ impl Vit {
     /// The token grid (h, w) this model was built for.
     pub fn grid(&self) -> (usize, usize) {
         self.grid
+    }
+
+    /// Tokens before the patch tokens.
+    fn n_prefix(&self) -> usize {
+        self.prefix.iter().map(|t| t.dim(1).unwrap_or(0)).sum()
     }
 
     /// The position embedding is laid out for one token grid: say so instead of a shape error.
@@ -322,27 +406,72 @@ impl Vit {
         Ok(())
     }
 
-    /// Tokens after the blocks, `(B, 1 + N, D)`; `rng = None` is eval mode.
-    fn tokens(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
-        let t = self.patch_embed.forward(x)?; // (B, N, D)
-        let (b, n, d) = t.dims3()?;
+    /// The prefix tokens for a batch of `b`, `(B, P, D)` (none: `None`).
+    fn prefix_tokens(&self, b: usize) -> Result<Option<Tensor>> {
+        if self.prefix.is_empty() {
+            return Ok(None);
+        }
+        let parts = self
+            .prefix
+            .iter()
+            .map(|t| {
+                let (_, n, d) = t.dims3()?;
+                t.broadcast_as((b, n, d))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 1)?))
+    }
+
+    /// Patch tokens `(B, N, D)` → the blocks' input: position embedding and prefix tokens (in
+    /// timm's order for `no_embed_class`), then `norm_pre`.
+    fn embed(&self, t: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = t.dims3()?;
         self.check_grid(n)?;
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
-        let mut t = Tensor::cat(&[&cls, &t], 1)?.broadcast_add(&self.pos_embed)?;
+        let with_prefix = |t: Tensor| -> Result<Tensor> {
+            match self.prefix_tokens(b)? {
+                Some(p) => Tensor::cat(&[&p, &t], 1),
+                None => Ok(t),
+            }
+        };
+        let t = if self.no_embed_class {
+            with_prefix(t.broadcast_add(&self.pos_embed)?)?
+        } else {
+            with_prefix(t.clone())?.broadcast_add(&self.pos_embed)?
+        };
+        match &self.norm_pre {
+            Some(norm) => norm.forward(&t),
+            None => Ok(t),
+        }
+    }
+
+    /// Tokens after the blocks, `(B, P + N, D)`; `rng = None` is eval mode.
+    fn tokens(&self, x: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let mut t = self.embed(&self.patch_embed.forward(x)?)?;
         for blk in &self.blocks {
             t = blk.forward_maybe_checkpointed(&t, rng.as_deref_mut(), self.grad_checkpointing)?;
         }
         Ok(t)
     }
 
-    /// `(B, 1 + N, D)` → pooled, normalised features `(B, D)`.
+    /// `(B, P + N, D)` → what the head(s) read: `(B, D)`, or `(B, 2, D)` (class and
+    /// distillation tokens) for a distilled ViT.
     fn pool(&self, t: &Tensor) -> Result<Tensor> {
         match self.pool {
+            Pool::Cls if self.head_dist.is_some() => self.norm.forward(t)?.narrow(1, 0, 2),
             Pool::Cls => self.norm.forward(t)?.get_on_dim(1, 0),
             Pool::Mean => {
-                let n = t.dim(1)? - 1;
-                self.norm.forward(&t.narrow(1, 1, n)?.mean(1)?)
+                let p = self.n_prefix();
+                let n = t.dim(1)? - p;
+                self.norm.forward(&t.narrow(1, p, n)?.mean(1)?)
             }
+        }
+    }
+
+    /// The logits of pooled features; a distilled ViT averages its two heads (timm's eval mode).
+    fn logits(&self, f: &Tensor) -> Result<Tensor> {
+        match &self.head_dist {
+            Some(hd) => (self.head.forward(&f.get_on_dim(1, 0)?)? + hd.forward(&f.get_on_dim(1, 1)?)?)? / 2.0,
+            None => self.head.forward(f),
         }
     }
 }
@@ -356,11 +485,11 @@ impl Jvp for Vit {
 
 impl Model for Vit {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.head.forward(&self.pool(&self.tokens(x, None)?)?)
+        self.logits(&self.pool(&self.tokens(x, None)?)?)
     }
 
     fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.head.forward(&self.pool(&self.tokens(x, Some(rng))?)?)
+        self.logits(&self.pool(&self.tokens(x, Some(rng))?)?)
     }
 
     fn set_grad_checkpointing(&mut self, on: bool) -> Result<()> {
@@ -370,38 +499,50 @@ impl Model for Vit {
 
     fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
         let (h, w) = self.grid;
-        let tokens = Repr::Tokens { h, w, cls: true };
+        let p = self.n_prefix();
+        let tokens = Repr::Tokens { h, w, prefix: p };
+        let patches = Repr::Tokens { h, w, prefix: 0 };
         let (y, dy) = self.patch_embed.jvp(x, dx, tape)?; // (B, N, D), (T, B, N, D)
         self.check_grid(y.dim(1)?)?;
-        let dy = tape.step(
-            "patch_embed",
-            StepKind::PatchEmbed,
-            Repr::Tokens { h, w, cls: false },
-            &y,
-            dy,
-        )?;
+        let mut dy = tape.step("patch_embed", StepKind::PatchEmbed, patches, &y, dy)?;
+        let mut y = y;
 
-        let (b, _, d) = y.dims3()?;
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
-        let y = Tensor::cat(&[&cls, &y], 1)?;
-        let dcls = zero_tangent(dy.dim(0)?, &cls)?; // the cls token is a constant
-        let dy = Tensor::cat(&[&dcls, &dy], 2)?;
-        let dy = tape.step("cls_token", StepKind::ClsToken, tokens, &y, dy)?;
+        let b = y.dim(0)?;
+        // The prefix tokens are constants: zero tangents.
+        let prefix_step = |y: Tensor, dy: Tensor, tape: &mut Tape| -> Result<(Tensor, Tensor)> {
+            let Some(pt) = self.prefix_tokens(b)? else {
+                return Ok((y, dy));
+            };
+            let y = Tensor::cat(&[&pt, &y], 1)?;
+            let dy = Tensor::cat(&[&zero_tangent(dy.dim(0)?, &pt)?, &dy], 2)?;
+            let dy = tape.step("cls_token", StepKind::ClsToken, tokens, &y, dy)?;
+            Ok((y, dy))
+        };
+        if self.no_embed_class {
+            y = y.broadcast_add(&self.pos_embed)?;
+            dy = tape.step("pos_embed", StepKind::PosEmbed, patches, &y, dy)?;
+            (y, dy) = prefix_step(y, dy, tape)?;
+        } else {
+            (y, dy) = prefix_step(y, dy, tape)?;
+            y = y.broadcast_add(&self.pos_embed)?;
+            dy = tape.step("pos_embed", StepKind::PosEmbed, tokens, &y, dy)?;
+        }
+        if let Some(norm) = &self.norm_pre {
+            let (z, dz) = norm.jvp(&y, &dy, tape)?;
+            dy = tape.step("norm_pre", StepKind::Norm, tokens, &z, dz)?;
+            y = z;
+        }
 
-        let y = y.broadcast_add(&self.pos_embed)?;
-        let dy = tape.step("pos_embed", StepKind::PosEmbed, tokens, &y, dy)?;
-
-        let (mut y, mut dy) = (y, dy);
         for blk in &self.blocks {
             (y, dy) = blk.jvp_steps(&y, &dy, tape, tokens)?;
         }
         if at == Readout::Tokens {
-            let n = y.dim(1)? - 1;
-            let logits = self.head.forward(&self.pool(&y)?)?;
+            let n = y.dim(1)? - p;
+            let logits = self.logits(&self.pool(&y)?)?;
             return Ok(ReadoutJvp {
                 logits,
-                y: y.narrow(1, 1, n)?,
-                dy: dy.narrow(2, 1, n)?,
+                y: y.narrow(1, p, n)?,
+                dy: dy.narrow(2, p, n)?,
             });
         }
 
@@ -409,30 +550,47 @@ impl Model for Vit {
             Pool::Cls => {
                 let (z, dz) = self.norm.jvp(&y, &dy, tape)?;
                 let dz = tape.step("norm", StepKind::Norm, tokens, &z, dz)?;
-                let f = z.get_on_dim(1, 0)?;
-                let df = tape.step("pool", StepKind::Pool, Repr::Invariant, &f, dz.get_on_dim(2, 0)?)?;
+                // The class token, or the class and distillation tokens (B, 2, D).
+                let (f, df) = if self.head_dist.is_some() {
+                    (z.narrow(1, 0, 2)?, dz.narrow(2, 0, 2)?)
+                } else {
+                    (z.get_on_dim(1, 0)?, dz.get_on_dim(2, 0)?)
+                };
+                let df = tape.step("pool", StepKind::Pool, Repr::Invariant, &f, df)?;
                 (f, df)
             }
             Pool::Mean => {
-                let n = y.dim(1)? - 1;
-                let p = y.narrow(1, 1, n)?.mean(1)?;
-                let dp = tape.step(
+                let n = y.dim(1)? - p;
+                let m = y.narrow(1, p, n)?.mean(1)?;
+                let dm = tape.step(
                     "pool",
                     StepKind::Pool,
                     Repr::Invariant,
-                    &p,
-                    dy.narrow(2, 1, n)?.mean(2)?,
+                    &m,
+                    dy.narrow(2, p, n)?.mean(2)?,
                 )?;
-                let (f, df) = self.norm.jvp(&p, &dp, tape)?;
+                let (f, df) = self.norm.jvp(&m, &dm, tape)?;
                 let df = tape.step("fc_norm", StepKind::Norm, Repr::Invariant, &f, df)?;
                 (f, df)
             }
         };
         if at == Readout::Features {
-            let logits = self.head.forward(&f)?;
-            return Ok(ReadoutJvp { logits, y: f, dy: df });
+            let logits = self.logits(&f)?;
+            // A distilled ViT's features are the mean of its two tokens (timm's pre_logits).
+            let (y, dy) = match self.head_dist {
+                Some(_) => (f.mean(1)?, df.mean(2)?),
+                None => (f, df),
+            };
+            return Ok(ReadoutJvp { logits, y, dy });
         }
-        let (logits, dlogits) = self.head.jvp(&f, &df, tape)?;
+        let (logits, dlogits) = match &self.head_dist {
+            Some(hd) => {
+                let (a, da) = self.head.jvp(&f.get_on_dim(1, 0)?, &df.get_on_dim(2, 0)?, tape)?;
+                let (b, db) = hd.jvp(&f.get_on_dim(1, 1)?, &df.get_on_dim(2, 1)?, tape)?;
+                (((a + b)? / 2.0)?, ((da + db)? / 2.0)?)
+            }
+            None => self.head.jvp(&f, &df, tape)?,
+        };
         let dlogits = tape.step("head", StepKind::Head, Repr::Invariant, &logits, dlogits)?;
         Ok(ReadoutJvp {
             y: logits.clone(),

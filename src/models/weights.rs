@@ -25,15 +25,22 @@ use std::path::{Path, PathBuf};
 
 /// Parameters the fine-tuning model creates fresh when the checkpoint lacks them (MAE's
 /// `assert set(msg.missing_keys) == {'head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias'}`).
-const NEW_KEYS: [&str; 4] = ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"];
+const NEW_KEYS: [&str; 6] = [
+    "head.weight",
+    "head.bias",
+    "fc_norm.weight",
+    "fc_norm.bias",
+    "head_dist.weight",
+    "head_dist.bias",
+];
 
 /// What differs between the architectures a pretrained checkpoint can be for: the input layer
 /// (adapted to the model's channels) and the classifier (fresh when its shape differs), named
 /// as timm names them.
 struct Family {
     input: &'static str,
-    /// Prefix of the classifier's keys.
-    head: &'static str,
+    /// Prefixes of the classifiers' keys.
+    heads: &'static [&'static str],
     /// Keys the model may create fresh.
     fresh: &'static [&'static str],
 }
@@ -43,19 +50,19 @@ fn family(expected: &BTreeMap<String, Vec<usize>>) -> Family {
     if expected.contains_key("conv1.weight") {
         Family {
             input: "conv1.weight",
-            head: "fc.",
+            heads: &["fc."],
             fresh: &["fc.weight", "fc.bias"],
         }
     } else if expected.contains_key("stem.0.weight") {
         Family {
             input: "stem.0.weight",
-            head: "head.fc.",
+            heads: &["head.fc."],
             fresh: &["head.fc.weight", "head.fc.bias"],
         }
     } else {
         Family {
             input: "patch_embed.proj.weight",
-            head: "head.",
+            heads: &["head.", "head_dist."],
             fresh: &NEW_KEYS,
         }
     }
@@ -494,18 +501,24 @@ pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Re
         pre.notes
             .push(format!("read {squeezed} 1×1 conv weights as linear layers (conv_mlp)"));
     }
-    let head_weight = format!("{}weight", fam.head);
-    let head_fits = pre
-        .tensors
-        .get(&head_weight)
-        .is_some_and(|w| expected.get(&head_weight).is_some_and(|e| w.dims() == e));
+    // A classifier whose shape differs is dropped for a fresh one (each head on its own).
+    let fits = |head: &str| {
+        let w = format!("{head}weight");
+        pre.tensors
+            .get(&w)
+            .is_some_and(|t| expected.get(&w).is_some_and(|e| t.dims() == e))
+    };
+    let unfit: Vec<&str> = fam.heads.iter().copied().filter(|h| !fits(h)).collect();
+    let head_of = |key: &str| fam.heads.iter().any(|h| key.starts_with(h));
     let mut keys: Vec<String> = pre.tensors.keys().cloned().collect();
     keys.sort();
     for key in keys {
-        if expected.contains_key(&key) && (head_fits || !key.starts_with(fam.head)) {
+        if expected.contains_key(&key) && !unfit.iter().any(|h| key.starts_with(h)) {
             continue;
         }
-        let why = if key.starts_with(fam.head) {
+        let why = if head_of(&key) && !expected.contains_key(&key) {
+            "the model has no such head (e.g. DeiT's head_dist in a ViT that is not distilled)"
+        } else if head_of(&key) {
             "fresh head for the model's classes"
         } else if key.starts_with("decoder_") || key == "mask_token" {
             "MAE decoder, not used by the classifier"

@@ -9,9 +9,9 @@ use candle_core::{Result, Tensor};
 pub enum Repr {
     /// `(B, C, H, W)` feature map on an H×W grid.
     Image,
-    /// `(B, [1 +] h·w, C)` tokens on an h×w grid, with an optional leading cls token
-    /// (the cls token is not spatial: its Lie derivative is zero).
-    Tokens { h: usize, w: usize, cls: bool },
+    /// `(B, prefix + h·w, C)` tokens on an h×w grid after `prefix` non-spatial tokens (class,
+    /// distillation, register tokens: their Lie derivative is zero).
+    Tokens { h: usize, w: usize, prefix: usize },
     /// `(B, C, N, H, W)` C_N group feature map: the grid derivative acts on the last two axes;
     /// the orientation axis has no infinitesimal generator for a finite group and is left alone.
     Group,
@@ -151,12 +151,12 @@ pub fn lie_derivative(y: &Tensor, repr: Repr, transform: Transform, stencil: Ste
             // (B, C, N, H, W) -> (B, C·N, H, W): the orientation axis is carried as channels.
             image_lie_derivative(&y.reshape((b, c * n, h, w))?, transform, stencil)?.reshape((b, c, n, h, w))
         }
-        Repr::Tokens { h, w, cls } => {
+        Repr::Tokens { h, w, prefix } => {
             let (b, n, c) = y.dims3()?;
-            let start = usize::from(cls);
+            let start = prefix;
             if n != start + h * w {
                 candle_core::bail!(
-                    "tokens of shape {:?} do not match a {h}×{w} grid (cls: {cls})",
+                    "tokens of shape {:?} do not match {prefix} prefix tokens and a {h}×{w} grid",
                     y.dims()
                 );
             }
@@ -165,8 +165,8 @@ pub fn lie_derivative(y: &Tensor, repr: Repr, transform: Transform, stencil: Ste
             let d = image_lie_derivative(&grid, transform, stencil)?;
             // (B, C, h, w) -> (B, h·w, C)
             let d = d.reshape((b, c, h * w))?.transpose(1, 2)?;
-            if cls {
-                Tensor::cat(&[Tensor::zeros((b, 1, c), y.dtype(), y.device())?, d], 1)?.contiguous()
+            if prefix > 0 {
+                Tensor::cat(&[Tensor::zeros((b, prefix, c), y.dtype(), y.device())?, d], 1)?.contiguous()
             } else {
                 d.contiguous()
             }

@@ -77,7 +77,7 @@ fn tokens_leave_cls_untouched_and_match_image_derivative() {
     let toks = Tensor::cat(&[cls, toks], 1).unwrap();
     let d = lie_derivative(
         &toks,
-        super::Repr::Tokens { h: 4, w: 4, cls: true },
+        super::Repr::Tokens { h: 4, w: 4, prefix: 1 },
         Transform::Rotate,
         Stencil::Central,
     )

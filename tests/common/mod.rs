@@ -401,6 +401,7 @@ pub fn tiny_fixture_vit(
         pos_embed,
         drop_path: 0.0,
         ln_eps: 1e-6,
+        ..Default::default()
     }
 }
 
