@@ -130,7 +130,7 @@ fn mlp_jvp_matches_finite_differences() {
 #[test]
 fn patch_embed_jvp_matches_finite_differences_and_equals_strided_conv() {
     let vm = VarMap::new();
-    let pe = patch_embed(2, 5, 3, vb(&vm)).unwrap();
+    let pe = patch_embed(2, 5, 3, true, vb(&vm)).unwrap();
     let mut r = rng(7);
     let x = randn(&[2, 2, 6, 9], &mut r);
     check_jvp(|x| pe.forward(x), &pe, &x, &randn(&[2, 2, 2, 6, 9], &mut r));
