@@ -476,3 +476,68 @@ fn timm_vit_options_logits_lee_and_export() {
         }
     }
 }
+
+/// scripts/zoo_slurm.sh submits N shard tasks and a merge that waits for them: run with a
+/// stand-in `sbatch` that runs each task at once (array tasks in turn, SLURM_ARRAY_TASK_ID set),
+/// it leaves the results one process writes.
+#[test]
+fn slurm_example_runs_the_shards_and_merges_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let sbatch = bin.join("sbatch");
+    std::fs::write(
+        &sbatch,
+        r#"#!/usr/bin/env bash
+array=""; wrap=""; deps=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --array=*) array=${1#--array=};;
+    --dependency=*) deps=${1#--dependency=};;
+    --wrap) wrap=$2; shift;;
+  esac; shift
+done
+echo "sbatch array=$array deps=$deps" >> "$FAKE_SLURM_LOG"
+if [[ -n $array ]]; then
+  for k in $(seq ${array%-*} ${array#*-}); do SLURM_ARRAY_TASK_ID=$k bash -c "$wrap" >&2 || exit 1; done
+else
+  bash -c "$wrap" >&2 || exit 1
+fi
+echo 4242
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&sbatch, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (one, slurm) = (tmp.path().join("one"), tmp.path().join("slurm"));
+    // The zoo config with its output folder and a smaller image count (--set is not passed
+    // through the script: the config is the script's input).
+    let text = std::fs::read_to_string("configs/zoo_example.toml").unwrap();
+    let zoo_for = |out: &std::path::Path| {
+        let path = tmp
+            .path()
+            .join(format!("{}.toml", out.file_name().unwrap().to_string_lossy()));
+        let t = text.replace("limit = 64", &format!("limit = 24\nout = \"{}\"", out.display()));
+        std::fs::write(&path, t).unwrap();
+        path
+    };
+    let (ok, _, stderr) = common::liederiv(
+        &["zoo", "--config", zoo_for(&one).to_str().unwrap()],
+        &["output.progress=false".into()],
+    );
+    assert!(ok, "{stderr}");
+    let log = tmp.path().join("sbatch.log");
+    let out = std::process::Command::new("bash")
+        .args(["scripts/zoo_slurm.sh", zoo_for(&slurm).to_str().unwrap(), "3"])
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+        .env("LIEDERIV", env!("CARGO_BIN_EXE_liederiv"))
+        .env("FAKE_SLURM_LOG", &log)
+        .env("LOG_DIR", tmp.path().join("logs"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(calls, "sbatch array=1-3 deps=\nsbatch array= deps=afterok:4242\n");
+    assert_eq!(results_of(&one), results_of(&slurm));
+}
