@@ -4,13 +4,40 @@
 
 use super::plot::{plot_family_error_vs_lee, plot_layerwise_bars, ScatterPoint};
 use super::{write_atomic, ReportError};
-use crate::train::zoo::ModelResult;
+use crate::jvp::StepKind;
+use crate::lie::MeanStderr;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-fn mean_stderr(m: &crate::lie::MeanStderr) -> serde_json::Value {
+fn mean_stderr(m: &MeanStderr) -> serde_json::Value {
     json!({"mean": m.mean(), "stderr": m.stderr()})
+}
+
+/// One model's results over all its images.
+#[derive(Debug)]
+pub struct ModelResult {
+    pub name: String,
+    pub family: String,
+    pub kind: String,
+    pub source: String,
+    pub parameters: usize,
+    pub split: String,
+    pub n: usize,
+    pub error_pct: f64,
+    /// Per transform: mean and standard error over images.
+    pub lee: Vec<(String, MeanStderr)>,
+    pub layerwise: Vec<LayerwiseResult>,
+    /// Per image: label, prediction and the LEE per transform (the CSV).
+    pub images: Vec<(u32, u32, Vec<f64>)>,
+}
+
+/// A model's layerwise decomposition of one transform over its images.
+#[derive(Debug)]
+pub struct LayerwiseResult {
+    pub transform: String,
+    pub end_to_end: MeanStderr,
+    pub steps: Vec<(String, StepKind, MeanStderr)>,
 }
 
 /// A model's results as its JSON document.

@@ -16,6 +16,7 @@ use crate::lie::{lee_per_image, MeanStderr};
 use crate::models::frozen;
 use crate::progress::{self, Progress};
 use crate::report::write_atomic;
+use crate::report::zoo::{LayerwiseResult, ModelResult};
 use crate::train::load_for_inference;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, D};
@@ -294,32 +295,6 @@ fn measure_unit(
         lee: l.transforms.iter().map(|t| t.name().to_string()).zip(lee).collect(),
         layerwise,
     })
-}
-
-/// One model's results over all its images.
-#[derive(Debug)]
-pub struct ModelResult {
-    pub name: String,
-    pub family: String,
-    pub kind: String,
-    pub source: String,
-    pub parameters: usize,
-    pub split: String,
-    pub n: usize,
-    pub error_pct: f64,
-    /// Per transform: mean and standard error over images.
-    pub lee: Vec<(String, MeanStderr)>,
-    pub layerwise: Vec<LayerwiseResult>,
-    /// Per image: label, prediction and the LEE per transform (the CSV).
-    pub images: Vec<(u32, u32, Vec<f64>)>,
-}
-
-/// A model's layerwise decomposition of one transform over its images.
-#[derive(Debug)]
-pub struct LayerwiseResult {
-    pub transform: String,
-    pub end_to_end: MeanStderr,
-    pub steps: Vec<(String, StepKind, MeanStderr)>,
 }
 
 /// Read every unit of every model (in image order) and reduce them. A missing unit is an error
