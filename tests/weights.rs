@@ -9,7 +9,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::max_abs_diff;
-use common::{fixture, tiny_fixture_vit};
+use common::{fixture, populated_cache, tiny_fixture_vit, HUB_COMMIT};
 use liederiv::config::{InitConfig, InitWeights, Pool, PosEmbed, VitConfig, WeightFormat};
 use liederiv::hub::HubError;
 use liederiv::models::vit::Vit;
@@ -19,8 +19,6 @@ use liederiv::models::weights::{
 use liederiv::models::Model;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// The fixtures' encoder with cls pooling.
 fn tiny() -> VitConfig {
@@ -68,19 +66,6 @@ fn file_init(path: &Path, format: &str) -> InitConfig {
 }
 
 /// A Hub cache laid out as `huggingface-cli download --cache-dir` leaves it.
-fn populated_cache(repo: &str, files: &[(&str, PathBuf)]) -> tempfile::TempDir {
-    let cache = tempfile::tempdir().unwrap();
-    let dir = cache.path().join(format!("models--{}", repo.replace('/', "--")));
-    std::fs::create_dir_all(dir.join("refs")).unwrap();
-    std::fs::write(dir.join("refs/main"), COMMIT).unwrap();
-    let snap = dir.join("snapshots").join(COMMIT);
-    std::fs::create_dir_all(&snap).unwrap();
-    for (name, src) in files {
-        std::fs::copy(src, snap.join(name)).unwrap();
-    }
-    cache
-}
-
 fn hub_init(repo: &str, cache: &Path) -> InitConfig {
     InitConfig {
         weights: InitWeights::Hub,

@@ -541,3 +541,35 @@ echo 4242
     assert_eq!(calls, "sbatch array=1-3 deps=\nsbatch array= deps=afterok:4242\n");
     assert_eq!(results_of(&one), results_of(&slurm));
 }
+
+/// A timm model by Hub repo name (`init.weights = "hub"`, `init.format = "timm"`), from an
+/// offline cache as a download leaves it: the same logits as from the file; without the repo in
+/// the cache, an error naming it and the remedy.
+#[test]
+fn timm_resnet_from_the_hub_cache() {
+    let case = "resnet_basic_28_c1";
+    let cache = common::populated_cache(
+        "timm/resnet_fixture",
+        &[(
+            "model.safetensors",
+            fixture(&format!("timm_zoo/{case}/model.safetensors")),
+        )],
+    );
+    let mut sets = fixture_sets(case);
+    sets.extend([
+        "init.weights=\"hub\"".to_string(),
+        "init.hub_repo=\"timm/resnet_fixture\"".into(),
+        format!("init.hub_cache_dir=\"{}\"", cache.path().display()),
+        "init.offline=true".into(),
+    ]);
+    let cfg = Config::resolve_str("", "<test>", &sets).unwrap();
+    let (_, model) = build_model(&cfg, &DEV).unwrap();
+    let io = candle_core::safetensors::load(fixture(&format!("timm_zoo/{case}/io.safetensors")), &DEV).unwrap();
+    let logits = model.forward(&io["x"]).unwrap();
+    assert!(max_abs_diff(&logits, &io["logits"]) < 1e-5 * max_abs(&io["logits"]));
+
+    let mut cfg = cfg;
+    cfg.init.hub_repo = "timm/not_cached".into();
+    let err = format!("{:#}", build_model(&cfg, &DEV).err().unwrap());
+    assert!(err.contains("timm/not_cached"), "{err}");
+}

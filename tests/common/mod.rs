@@ -474,3 +474,21 @@ pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// The commit hash of the repos [`populated_cache`] makes.
+pub const HUB_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A hf-hub cache folder holding `repo` at one commit with `files` (name, source path) in its
+/// snapshot, as a download would leave it (offline loading reads it).
+pub fn populated_cache(repo: &str, files: &[(&str, std::path::PathBuf)]) -> tempfile::TempDir {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    std::fs::write(dir.join("refs/main"), HUB_COMMIT).unwrap();
+    let snap = dir.join("snapshots").join(HUB_COMMIT);
+    std::fs::create_dir_all(&snap).unwrap();
+    for (name, src) in files {
+        std::fs::copy(src, snap.join(name)).unwrap();
+    }
+    cache
+}
