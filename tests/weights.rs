@@ -9,7 +9,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::max_abs_diff;
-use common::{fixture, populated_cache, tiny_fixture_vit, HUB_COMMIT};
+use common::{fixture, populated_cache, tiny_fixture_vit};
 use liederiv::config::{InitConfig, InitWeights, Pool, PosEmbed, VitConfig, WeightFormat};
 use liederiv::hub::HubError;
 use liederiv::models::vit::Vit;
@@ -18,7 +18,7 @@ use liederiv::models::weights::{
 };
 use liederiv::models::Model;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The fixtures' encoder with cls pooling.
 fn tiny() -> VitConfig {
