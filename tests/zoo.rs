@@ -7,11 +7,12 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use common::{fixture, max_abs, max_abs_diff, norm, randn, rel_err, rng};
+use liederiv::jvp::Tape;
 use liederiv::kernels::{depthwise_conv2d, depthwise_conv2d_composed};
 use liederiv::lie::layerwise::decompose;
 use liederiv::lie::{lee_per_image, LeeOutput, Statistic};
 use liederiv::models::weights::load_timm;
-use liederiv::models::{build_model, build_with, Model};
+use liederiv::models::{build_model, build_with, Model, Readout};
 use liederiv::transforms::{Stencil, Transform};
 use liederiv::Config;
 use std::collections::HashMap;
@@ -572,4 +573,69 @@ fn timm_resnet_from_the_hub_cache() {
     cfg.init.hub_repo = "timm/not_cached".into();
     let err = format!("{:#}", build_model(&cfg, &DEV).err().unwrap());
     assert!(err.contains("timm/not_cached"), "{err}");
+}
+
+/// transformers' DeiT (with its teacher head) and DINOv2 (with and without registers) load from
+/// their `save_pretrained` folders (init.format = "hf", config.json checked) into our ViT with
+/// timm's options: DeiT's logits (the mean of its two classifiers), DINOv2's pooled output
+/// (LayerNorm of the class token: our features) equal transformers' own
+/// (scripts/fixtures/make_transformers_zoo_fixture.py).
+#[test]
+fn transformers_deit_and_dinov2_load() {
+    let dx = |x: &Tensor| x.zeros_like().unwrap().unsqueeze(0).unwrap();
+    for (case, extra, readout) in [
+        ("deit_distilled", vec!["model.vit.distilled=true"], "logits"),
+        ("dinov2", vec!["model.vit.init_values=1e-5"], "pooler_output"),
+        (
+            "dinov2_registers",
+            vec![
+                "model.vit.init_values=1e-5",
+                "model.vit.reg_tokens=4",
+                "model.vit.no_embed_class=true",
+            ],
+            "pooler_output",
+        ),
+    ] {
+        let dir = fixture(&format!("transformers_zoo/{case}"));
+        let mut sets: Vec<String> = [
+            "model.kind=\"vit\"",
+            "model.vit.patch_size=7",
+            "model.vit.dim=32",
+            "model.vit.depth=2",
+            "model.vit.heads=2",
+            "data.ood=[]",
+            "lee.splits=[\"test\"]",
+            "init.weights=\"file\"",
+            "init.format=\"hf\"",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
+        sets.push(format!("init.file=\"{}\"", dir.join("model.safetensors").display()));
+        let cfg = Config::resolve_str("", "<test>", &sets).unwrap();
+        let (_, model) = build_model(&cfg, &DEV).unwrap();
+        let io = candle_core::safetensors::load(dir.join("io.safetensors"), &DEV).unwrap();
+        let x = &io["x"];
+        let ours = match readout {
+            "logits" => model.forward(x).unwrap(),
+            _ => model.jvp_at(x, &dx(x), &mut Tape::off(), Readout::Features).unwrap().y,
+        };
+        let err = max_abs_diff(&ours, &io[readout]) / max_abs(&io[readout]);
+        println!("{case}: {readout} max |ours − transformers| / max = {err:.2e}");
+        assert!(err < 1e-5, "{case}: {readout} relative error {err:e}");
+
+        // The config is checked against config.json: a DeiT needs its distillation token, a
+        // DINOv2 its layer scale.
+        let mut wrong = cfg.clone();
+        wrong.model.vit.distilled = false;
+        wrong.model.vit.init_values = 0.0;
+        let err = format!("{:#}", build_model(&wrong, &DEV).err().unwrap());
+        let want = if case == "deit_distilled" {
+            "distilled"
+        } else {
+            "init_values"
+        };
+        assert!(err.contains(want), "{case}: {err}");
+    }
 }

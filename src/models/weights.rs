@@ -201,6 +201,25 @@ pub const HF_ENCODER_KEYS: [(&str, &str); 2] = [
     ("embeddings.cls_token", "cls_token"),
     ("embeddings.position_embeddings", "pos_embed"),
 ];
+/// DeiT's and DINOv2's further tensors and modules (loading only): the distillation token and
+/// its classifier, register tokens, and DINOv2's block modules (timm's names there already, plus
+/// its layer scale `layer_scale{1,2}.lambda1`).
+const HF_DEIT_DINOV2_KEYS: [(&str, &str); 2] = [
+    ("embeddings.distillation_token", "dist_token"),
+    ("embeddings.register_tokens", "reg_token"),
+];
+const HF_DEIT_DINOV2_PREFIXES: [(&str, &str); 2] =
+    [("cls_classifier.", "head."), ("distillation_classifier.", "head_dist.")];
+const HF_DINOV2_BLOCK_MODULES: [(&str, &str); 6] = [
+    ("norm1", "norm1"),
+    ("norm2", "norm2"),
+    ("mlp.fc1", "mlp.fc1"),
+    ("mlp.fc2", "mlp.fc2"),
+    ("layer_scale1", "ls1"),
+    ("layer_scale2", "ls2"),
+];
+/// The prefixes of a transformers classifier's encoder: ViT, DeiT, DINOv2.
+const HF_MODEL_PREFIXES: [&str; 3] = ["vit.", "deit.", "dinov2."];
 /// Encoder modules outside the blocks, as name prefixes: (transformers without `vit.`, ours).
 pub const HF_ENCODER_PREFIXES: [(&str, &str); 3] = [
     ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
@@ -213,8 +232,10 @@ pub const HF_ENCODER_PREFIXES: [(&str, &str); 3] = [
 /// `decoder.decoder_encoder.layer.N`; both hold the same modules.
 pub const HF_DECODER_LAYERS: [&str; 2] = ["decoder.decoder_layers.", "decoder.decoder_encoder.layer."];
 
-/// Rename a Hugging Face ViT / ViTMAE checkpoint to our names. Encoder keys may carry the `vit.`
-/// prefix or not; `decoder.*` (ViTMAEForPreTraining) maps to `decoder_embed`, `mask_token`,
+/// Rename a Hugging Face ViT / ViTMAE / DeiT / DINOv2 checkpoint to our names. Encoder keys may
+/// carry the `vit.` (`deit.`, `dinov2.`) prefix or not; DeiT's distillation token and classifiers
+/// map to `dist_token`, `head`, `head_dist`, DINOv2's register tokens to `reg_token` and its
+/// layer scale to `ls1` / `ls2` `gamma`; `decoder.*` (ViTMAEForPreTraining) maps to `decoder_embed`, `mask_token`,
 /// `decoder_pos_embed`, `decoder_blocks.{i}.*` (from either of [`HF_DECODER_LAYERS`]), `decoder_norm`, `decoder_pred`; `classifier` maps
 /// to `head`. The pooler and a ViTModel's `embeddings.mask_token` are dropped (with a note).
 pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsError> {
@@ -224,7 +245,10 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
     // (our block prefix, "weight" | "bias") -> [q, k, v]
     let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
     for (key, t) in ckpt {
-        let k = key.strip_prefix("vit.").unwrap_or(&key);
+        let k = HF_MODEL_PREFIXES
+            .iter()
+            .find_map(|p| key.strip_prefix(p))
+            .unwrap_or(&key);
         let block = |rest: &str, ours: String| -> Option<(String, Option<(usize, String)>)> {
             // (name in our layout, or a q/k/v part: (index, param) under `ours`)
             let (head, param) = rest.rsplit_once('.')?;
@@ -234,7 +258,12 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
             {
                 return Some((ours, Some((i, param.to_string()))));
             }
-            let (_, renamed) = HF_BLOCK_MODULES.iter().find(|(hf, _)| *hf == head)?;
+            if let Some((_, renamed)) = HF_BLOCK_MODULES.iter().find(|(hf, _)| *hf == head) {
+                return Some((format!("{ours}.{renamed}.{param}"), None));
+            }
+            let (_, renamed) = HF_DINOV2_BLOCK_MODULES.iter().find(|(hf, _)| *hf == head)?;
+            // DINOv2's layer scale is `lambda1`, timm's `gamma`.
+            let param = if param == "lambda1" { "gamma" } else { param };
             Some((format!("{ours}.{renamed}.{param}"), None))
         };
         let mapped: Option<(String, Option<(usize, String)>)> = if let Some(rest) = k.strip_prefix("encoder.layer.") {
@@ -246,11 +275,11 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
             notes.push(format!("dropped {key}: not used by ViT"));
             continue;
         } else {
-            let keys = HF_ENCODER_KEYS.iter().chain(&[
+            let keys = HF_ENCODER_KEYS.iter().chain(&HF_DEIT_DINOV2_KEYS).chain(&[
                 ("decoder.mask_token", "mask_token"),
                 ("decoder.decoder_pos_embed", "decoder_pos_embed"),
             ]);
-            let prefixes = HF_ENCODER_PREFIXES.iter().chain(&[
+            let prefixes = HF_ENCODER_PREFIXES.iter().chain(&HF_DEIT_DINOV2_PREFIXES).chain(&[
                 ("decoder.decoder_embed.", "decoder_embed."),
                 ("decoder.decoder_norm.", "decoder_norm."),
                 ("decoder.decoder_pred.", "decoder_pred."),
@@ -308,6 +337,8 @@ pub fn hf_to_timm(ckpt: HashMap<String, Tensor>) -> Result<Pretrained, WeightsEr
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct HfVitConfig {
+    /// "vit", "vit_mae", "deit", "dinov2", "dinov2_with_registers".
+    pub model_type: String,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
@@ -318,11 +349,18 @@ pub struct HfVitConfig {
     pub qkv_bias: bool,
     pub layer_norm_eps: f64,
     pub hidden_act: String,
+    /// DINOv2 gives the MLP width as a ratio instead of `intermediate_size`.
+    pub mlp_ratio: Option<f64>,
+    /// DINOv2's SwiGLU MLP (the giant models), which our ViT does not build.
+    pub use_swiglu_ffn: bool,
+    /// DINOv2 with registers.
+    pub num_register_tokens: usize,
 }
 
 impl Default for HfVitConfig {
     fn default() -> Self {
         Self {
+            model_type: "vit".into(),
             hidden_size: 768,
             num_hidden_layers: 12,
             num_attention_heads: 12,
@@ -333,6 +371,9 @@ impl Default for HfVitConfig {
             qkv_bias: true,
             layer_norm_eps: 1e-12,
             hidden_act: "gelu".into(),
+            mlp_ratio: None,
+            use_swiglu_ffn: false,
+            num_register_tokens: 0,
         }
     }
 }
@@ -356,7 +397,9 @@ impl HfVitConfig {
             dim: self.hidden_size,
             depth: self.num_hidden_layers,
             heads: self.num_attention_heads,
-            mlp_ratio: self.intermediate_size as f64 / self.hidden_size as f64,
+            mlp_ratio: self
+                .mlp_ratio
+                .unwrap_or(self.intermediate_size as f64 / self.hidden_size as f64),
             qkv_bias: self.qkv_bias,
             ln_eps: self.layer_norm_eps,
             ..base.clone()
@@ -391,6 +434,28 @@ impl HfVitConfig {
                 "model.vit.ln_eps = {:e}, checkpoint has {:e}",
                 vit.ln_eps, self.layer_norm_eps
             ));
+        }
+        let dinov2 = self.model_type.starts_with("dinov2");
+        if self.model_type == "deit" && !vit.distilled {
+            out.push(
+                "model.vit.distilled = false, checkpoint is a DeiT with a distillation token (set distilled = true)"
+                    .into(),
+            );
+        }
+        if dinov2 && vit.init_values <= 0.0 {
+            out.push(
+                "model.vit.init_values = 0, checkpoint is a DINOv2 with layer scale (set init_values > 0, e.g. 1e-5)"
+                    .into(),
+            );
+        }
+        if dinov2 && vit.reg_tokens != self.num_register_tokens {
+            out.push(format!(
+                "model.vit.reg_tokens = {}, checkpoint has {} register tokens",
+                vit.reg_tokens, self.num_register_tokens
+            ));
+        }
+        if self.use_swiglu_ffn {
+            out.push("use_swiglu_ffn: checkpoint has a SwiGLU MLP, which liederiv's ViT does not build".into());
         }
         if !self.hidden_act.starts_with("gelu") {
             out.push(format!(
@@ -455,6 +520,24 @@ pub fn adapt(mut pre: Pretrained, expected: &BTreeMap<String, Vec<usize>>) -> Re
             pre.notes
                 .push(format!("{input}: adapted from {have_c} to {want_c} input channels"));
             pre.tensors.insert(input.into(), a);
+        }
+    }
+    // A class slot in the checkpoint's table that the model's (no_embed_class) lacks: folded into
+    // the class token, as timm converts DINOv2 (its registers get no position either).
+    if let (Some(pos), Some(cls), Some(want)) = (
+        pre.tensors.get("pos_embed"),
+        pre.tensors.get("cls_token"),
+        expected.get("pos_embed"),
+    ) {
+        if want.len() == 3 && pos.dims()[1] == want[1] + 1 && square_grid(pos.dims()).is_some() {
+            let folded = (cls + pos.narrow(1, 0, 1)?)?;
+            let rest = pos.narrow(1, 1, want[1])?;
+            pre.tensors.insert("cls_token".into(), folded);
+            pre.tensors.insert("pos_embed".into(), rest);
+            pre.notes.push(
+                "pos_embed: its class slot added to cls_token (the model embeds the patches only: no_embed_class)"
+                    .into(),
+            );
         }
     }
     // (1, 1 + g_old², D) -> (1, 1 + g_new², D): bicubic, the cls slot kept (MAE's fine-tuning).
