@@ -297,6 +297,25 @@ fn zoo_example_sharded_in_two_and_merged_equals_one_process() {
         let (ok, _, stderr) = shard(bad);
         assert!(!ok && stderr.contains("expected K/N"), "{bad}: {stderr}");
     }
+
+    // Units of another configuration are never merged: with fewer images every unit is
+    // measured again (its fingerprint names the images), and the table counts 24.
+    let mut sets = base(&one);
+    sets[1] = "zoo.limit=24".into();
+    let (ok, stdout, stderr) = common::liederiv(&zoo, &sets);
+    assert!(
+        ok && stderr.contains("measured 10 units (0 were already there)"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("| cnn | cnn | ") && stdout.contains(" | 24 | "),
+        "{stdout}"
+    );
+    // A model's own overrides may not change what all models share.
+    let mut sets = base(&two);
+    sets.push("zoo.models=[{name = \"a\", set = [\"lee.batch_size=4\"]}]".into());
+    let (ok, _, stderr) = common::liederiv(&zoo, &sets);
+    assert!(!ok && stderr.contains("changes what every model shares"), "{stderr}");
 }
 
 /// `export --format timm` of a timm model loaded from its state dict writes that state dict back,

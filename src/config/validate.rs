@@ -410,11 +410,16 @@ impl Config {
         }
         let mut names = std::collections::BTreeSet::new();
         for zm in &self.zoo.models {
+            // A folder and file name on every file system: no case-only differences either.
+            let ok = !zm.name.is_empty()
+                && !zm.name.starts_with('.')
+                && zm.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+                && names.insert(zm.name.to_ascii_lowercase());
             check(
-                !zm.name.is_empty() && !zm.name.contains(['/', '\\']) && names.insert(zm.name.as_str()),
+                ok,
                 "zoo.models.name",
                 format!("{:?}", zm.name),
-                "a non-empty name without slashes, different for every model",
+                "letters, digits, `_`, `-` and `.` (not first), different for every model (ignoring case)",
             )?;
         }
 

@@ -318,9 +318,10 @@ pub fn timm_config(cfg: &Config) -> serde_json::Value {
     let (architecture, args) = timm_model(cfg);
     let (c, k, size) = (cfg.data.channels, cfg.model.num_classes, cfg.data.image_size);
     let (first_conv, classifier) = match cfg.model.kind {
-        ModelKind::Resnet => ("conv1", "fc"),
-        ModelKind::Convnext => ("stem.0", "head.fc"),
-        _ => ("patch_embed.proj", "head"),
+        ModelKind::Resnet => ("conv1", serde_json::json!("fc")),
+        ModelKind::Convnext => ("stem.0", serde_json::json!("head.fc")),
+        _ if cfg.model.vit.distilled => ("patch_embed.proj", serde_json::json!(["head", "head_dist"])),
+        _ => ("patch_embed.proj", serde_json::json!("head")),
     };
     serde_json::json!({
         "architecture": architecture,

@@ -61,8 +61,9 @@ pub struct Group {
     pub weight_decay: f64,
 }
 
-/// Names MAE exempts from weight decay besides 1-D tensors (`no_weight_decay_list`).
-const NO_DECAY: [&str; 3] = ["pos_embed", "cls_token", "dist_token"];
+/// Names MAE exempts from weight decay besides 1-D tensors (`no_weight_decay_list`), and the
+/// register tokens, which timm groups with them (layer 0).
+const NO_DECAY: [&str; 4] = ["pos_embed", "cls_token", "dist_token", "reg_token"];
 
 /// MAE's `get_layer_id_for_vit`: 0 for the embeddings, i+1 for `blocks.i`, depth+1 for the rest.
 pub fn layer_id(name: &str, depth: usize) -> usize {

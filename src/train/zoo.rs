@@ -80,6 +80,31 @@ pub fn plan(zoo: &Config, path: &Path, overrides: &[String]) -> anyhow::Result<P
     }
     let mut entries = Vec::with_capacity(z.models.len());
     for m in &z.models {
+        // Every model sees the zoo's images and measurements: its own overrides may shape the
+        // model, its weights and its preprocessing only.
+        if let Some(bad) = m.set.iter().find(|s| {
+            let key = s.split('=').next().unwrap_or("").trim();
+            ![
+                "model.",
+                "init.",
+                "data.mean",
+                "data.std",
+                "data.image_size",
+                "data.channels",
+                "data.interpolation",
+                "data.crop_pct",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                && key != "seed"
+        }) {
+            bail!(
+                "zoo model {:?}: `set` entry {bad:?} changes what every model shares; a model's overrides \
+                 may set model.*, init.*, seed and its preprocessing (data.mean, data.std, data.image_size, \
+                 data.channels, data.interpolation, data.crop_pct); put the rest in the zoo config itself",
+                m.name
+            );
+        }
         let mut sets = m.set.clone();
         sets.extend_from_slice(overrides);
         let cfg = Config::resolve(Some(path), &sets).with_context(|| format!("zoo model {:?}", m.name))?;
@@ -92,6 +117,9 @@ pub fn plan(zoo: &Config, path: &Path, overrides: &[String]) -> anyhow::Result<P
     } else {
         z.limit.min(split.len())
     };
+    if n_images == 0 {
+        bail!("zoo: split {:?} has no images to measure", z.split);
+    }
     let out = if z.out.is_empty() {
         zoo.run_dir()
     } else {
@@ -117,6 +145,53 @@ impl Plan {
         (0..self.entries.len() * chunks).map(move |u| (u, u / chunks, u % chunks))
     }
 
+    /// A digest of everything a unit of `model` depends on: the model's resolved config (its
+    /// architecture, weights, preprocessing, the split, the measurements), its checkpoint file
+    /// (path, size, modification time), the images per unit and the images measured.
+    fn fingerprint(&self, model: usize) -> String {
+        use sha2::Digest;
+        let entry = &self.entries[model];
+        let mut cfg = entry.cfg.clone();
+        cfg.zoo.models.clear();
+        cfg.zoo.out.clear();
+        let ckpt = &entry.spec.checkpoint;
+        let stamp = std::fs::metadata(ckpt)
+            .ok()
+            .map(|m| format!("{} {:?}", m.len(), m.modified().ok()))
+            .unwrap_or_default();
+        let text = format!(
+            "{}\ncheckpoint {ckpt} {stamp}\nbatch {} images {}",
+            cfg.to_toml(),
+            self.batch,
+            self.n_images
+        );
+        hex::encode(sha2::Sha256::digest(text.as_bytes()))
+    }
+
+    /// The unit's file, if it exists and was measured for this plan.
+    fn read_unit(&self, model: usize, chunk: usize, fingerprint: &str) -> anyhow::Result<Option<Unit>> {
+        let path = self.unit_path(model, chunk);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let unit: Unit = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a zoo unit (delete it and run its shard again)",
+                path.display()
+            )
+        })?;
+        let start = chunk * self.batch;
+        let n = self.batch.min(self.n_images - start);
+        let fits = unit.fingerprint == fingerprint
+            && unit.start == start
+            && unit.labels.len() == n
+            && unit.predictions.len() == n
+            && unit.lee.iter().all(|(_, v)| v.len() == n)
+            && unit.layerwise.iter().all(|l| l.end_to_end.len() == n);
+        Ok(fits.then_some(unit))
+    }
+
     fn unit_path(&self, model: usize, chunk: usize) -> PathBuf {
         self.out
             .join("units")
@@ -129,6 +204,12 @@ impl Plan {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Unit {
     pub model: String,
+    /// What the unit was measured for ([`Plan::fingerprint`]): a unit of another configuration
+    /// is measured again, never merged.
+    pub fingerprint: String,
+    /// The device and instruction set that measured it (units merge bit-identically only across
+    /// machines of one kind).
+    pub machine: String,
     /// Index of the first image in the split.
     pub start: usize,
     /// What was measured ("checkpoint …", "the config's initial weights …").
@@ -160,13 +241,18 @@ struct Loaded {
     parameters: usize,
 }
 
-/// Measure this shard's units that have no file yet. Returns (measured, already there).
+/// Measure this shard's units that have no file for this configuration yet. Returns (measured,
+/// already there).
 pub fn run_shard(plan: &Plan, shard: Shard, device: &Device, show_progress: bool) -> anyhow::Result<(usize, usize)> {
     let mine: Vec<(usize, usize, usize)> = plan.units().filter(|(u, _, _)| shard.owns(*u)).collect();
-    let todo: Vec<&(usize, usize, usize)> = mine
-        .iter()
-        .filter(|(_, m, c)| !plan.unit_path(*m, *c).exists())
-        .collect();
+    let prints: Vec<String> = (0..plan.entries.len()).map(|m| plan.fingerprint(m)).collect();
+    let mut todo = Vec::new();
+    for unit @ (_, m, c) in &mine {
+        // A unit of another configuration (or a damaged file) is measured again.
+        if !matches!(plan.read_unit(*m, *c, &prints[*m]), Ok(Some(_))) {
+            todo.push(unit);
+        }
+    }
     let done = mine.len() - todo.len();
     let bar = Progress::new(
         progress::Mode::detect(show_progress),
@@ -184,7 +270,16 @@ pub fn run_shard(plan: &Plan, shard: Shard, device: &Device, show_progress: bool
         if current.as_ref().is_none_or(|l| l.index != m) {
             let cfg = &entry.cfg;
             let (varmap, source) = load(entry, device).with_context(|| format!("zoo model {:?}", entry.spec.name))?;
-            let parameters = varmap.all_vars().iter().map(|v| v.as_tensor().elem_count()).sum();
+            let parameters = {
+                let data = varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the variable map's lock is poisoned"))?;
+                data.iter()
+                    .filter(|(name, _)| !crate::models::conv::is_buffer(name))
+                    .map(|(_, v)| v.as_tensor().elem_count())
+                    .sum()
+            };
             let model = frozen(cfg, &varmap, device)?;
             let split =
                 data::load_split(cfg, &cfg.zoo.split).with_context(|| format!("loading split {}", cfg.zoo.split))?;
@@ -206,7 +301,7 @@ pub fn run_shard(plan: &Plan, shard: Shard, device: &Device, show_progress: bool
             l.model.as_ref(),
             &l.split,
             c,
-            &l.source,
+            (&l.source, &prints[m]),
             l.parameters,
             device,
         )
@@ -258,7 +353,7 @@ fn measure_unit(
     model: &dyn crate::models::Model,
     split: &data::Split,
     chunk: usize,
-    source: &str,
+    (source, fingerprint): (&str, &str),
     parameters: usize,
     device: &Device,
 ) -> anyhow::Result<Unit> {
@@ -285,8 +380,21 @@ fn measure_unit(
                 .to_vec1()?,
         });
     }
+    // JSON has no NaN / ∞: a unit holding one could never be merged.
+    let finite = lee.iter().flatten().all(|v| v.is_finite())
+        && layerwise.iter().all(|l| {
+            l.end_to_end
+                .iter()
+                .chain(l.contributions.iter().flatten())
+                .all(|v| v.is_finite())
+        });
+    if !finite {
+        bail!("the LEE is not finite (NaN or ∞) on these images: the model's outputs overflow (try runtime.precision f32)");
+    }
     Ok(Unit {
         model: entry.spec.name.clone(),
+        fingerprint: fingerprint.to_string(),
+        machine: format!("{:?} {}", device, crate::kernels::isa()),
         start,
         source: source.to_string(),
         parameters,
@@ -301,21 +409,29 @@ fn measure_unit(
 /// naming it: run its shard (again) first.
 pub fn merge(plan: &Plan) -> anyhow::Result<Vec<ModelResult>> {
     let chunks = plan.chunks();
-    let missing: Vec<String> = plan
-        .units()
-        .filter(|(_, m, c)| !plan.unit_path(*m, *c).exists())
-        .map(|(u, m, c)| {
-            format!(
-                "{} images from {} (unit {u})",
-                plan.entries[m].spec.name,
-                c * plan.batch
-            )
-        })
-        .collect();
+    let mut all = Vec::with_capacity(plan.entries.len());
+    let mut missing = Vec::new();
+    for (m, entry) in plan.entries.iter().enumerate() {
+        let print = plan.fingerprint(m);
+        let mut units = Vec::with_capacity(chunks);
+        for c in 0..chunks {
+            match plan.read_unit(m, c, &print)? {
+                Some(u) => units.push(u),
+                None => missing.push(format!(
+                    "{} images from {} (unit {})",
+                    entry.spec.name,
+                    c * plan.batch,
+                    m * chunks + c
+                )),
+            }
+        }
+        all.push(units);
+    }
     if !missing.is_empty() {
         bail!(
-            "cannot merge {}: {} of {} units have not been measured ({}{}); run the shards that own them \
-             (unit u belongs to shard (u mod N) + 1 of N) and merge again",
+            "cannot merge {}: {} of {} units have not been measured for this configuration ({}{}); run the \
+             shards that own them (unit u belongs to shard (u mod N) + 1 of N; a unit measured for another \
+             configuration is measured again) and merge again",
             plan.out.display(),
             missing.len(),
             plan.entries.len() * chunks,
@@ -323,23 +439,19 @@ pub fn merge(plan: &Plan) -> anyhow::Result<Vec<ModelResult>> {
             if missing.len() > 3 { ", …" } else { "" }
         );
     }
-    let mut results = Vec::with_capacity(plan.entries.len());
-    for (m, entry) in plan.entries.iter().enumerate() {
-        let mut units = Vec::with_capacity(chunks);
-        for c in 0..chunks {
-            let path = plan.unit_path(m, c);
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let unit: Unit = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is not a zoo unit (delete it and run its shard again)",
-                    path.display()
-                )
-            })?;
-            units.push(unit);
-        }
-        results.push(reduce(entry, &units)?);
+    let machines: std::collections::BTreeSet<&str> = all.iter().flatten().map(|u| u.machine.as_str()).collect();
+    if machines.len() > 1 {
+        eprintln!(
+            "zoo: warning: the units were measured on different kinds of machine ({}); the numbers agree only \
+             to rounding, not to the bit",
+            machines.into_iter().collect::<Vec<_>>().join(", ")
+        );
     }
-    Ok(results)
+    plan.entries
+        .iter()
+        .zip(&all)
+        .map(|(entry, units)| reduce(entry, units))
+        .collect()
 }
 
 fn reduce(entry: &ZooEntry, units: &[Unit]) -> anyhow::Result<ModelResult> {
@@ -360,7 +472,12 @@ fn reduce(entry: &ZooEntry, units: &[Unit]) -> anyhow::Result<ModelResult> {
         .collect();
     let (mut wrong, mut images) = (0usize, Vec::new());
     for u in units {
-        if u.lee.len() != lee.len() || u.layerwise.len() != layerwise.len() {
+        let same = u.lee.iter().map(|(t, _)| t).eq(lee.iter().map(|(t, _)| t))
+            && u.layerwise
+                .iter()
+                .map(|l| &l.transform)
+                .eq(layerwise.iter().map(|l| &l.transform));
+        if !same {
             bail!(
                 "zoo model {:?}: its units were measured with different transforms (images from {}); \
                  delete its units folder and measure again",
