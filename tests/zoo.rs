@@ -109,6 +109,42 @@ fn fixture_config(case: &str) -> (Config, serde_json::Value) {
     )
 }
 
+/// A copy of `vm`'s variables in `dtype`.
+fn varmap_in(vm: &VarMap, dtype: DType) -> VarMap {
+    let out = VarMap::new();
+    {
+        let src = vm.data().lock().unwrap();
+        let mut dst = out.data().lock().unwrap();
+        for (k, v) in src.iter() {
+            dst.insert(
+                k.clone(),
+                Var::from_tensor(&v.as_tensor().to_dtype(dtype).unwrap()).unwrap(),
+            );
+        }
+    }
+    out
+}
+
+/// LEE of rotate / translate_x / scale per image of `x` (f64) equal to the fixture's
+/// `torch.func.jvp` values `io["lee_<t>"]` within `tol` relative, and the layerwise contributions
+/// summing to the end-to-end Lie derivative within 1e-10.
+fn assert_lee_matches_timm(case: &str, model: &dyn Model, x: &Tensor, io: &HashMap<String, Tensor>, tol: f64) {
+    let trs = [Transform::Rotate, Transform::TranslateX, Transform::Scale];
+    let ours = lee_per_image(model, x, &trs, Stencil::Central, Statistic::Sq, LeeOutput::Probs).unwrap();
+    for (t, tr) in trs.iter().enumerate() {
+        let want: Vec<f64> = io[&format!("lee_{}", tr.name())].to_vec1().unwrap();
+        for (a, b) in ours[t].iter().zip(&want) {
+            let rel = (a - b).abs() / b.abs();
+            println!("{case} LEE {tr}: ours {a:e} timm {b:e} rel {rel:.1e}");
+            assert!(rel < tol, "{case} {tr}: ours {a:e}, timm {b:e}");
+        }
+        let d = decompose(model, x, *tr, Stencil::Central, LeeOutput::Probs).unwrap();
+        let sum = d.contributions.sum(0).unwrap();
+        let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
+        assert!(rel < 1e-10, "{case} {tr}: layerwise sum relative error {rel:e}");
+    }
+}
+
 /// The fixture's model built from its config with the timm weights loaded, in `dtype`.
 fn fixture_model(case: &str, dtype: DType) -> (Box<dyn Model>, HashMap<String, Tensor>, Vec<String>) {
     let (cfg, _) = fixture_config(case);
@@ -119,18 +155,7 @@ fn fixture_model(case: &str, dtype: DType) -> (Box<dyn Model>, HashMap<String, T
         pre.notes
     };
     // The loaded variables in `dtype` (f64 for the LEE oracle).
-    let vm64 = VarMap::new();
-    {
-        let src = vm.data().lock().unwrap();
-        let mut dst = vm64.data().lock().unwrap();
-        for (k, v) in src.iter() {
-            dst.insert(
-                k.clone(),
-                Var::from_tensor(&v.as_tensor().to_dtype(dtype).unwrap()).unwrap(),
-            );
-        }
-    }
-    let model = build_with(&cfg, &vm64, dtype, &DEV).unwrap();
+    let model = build_with(&cfg, &varmap_in(&vm, dtype), dtype, &DEV).unwrap();
     let io = candle_core::safetensors::load(fixture(&format!("timm_zoo/{case}/io.safetensors")), &DEV)
         .unwrap()
         .into_iter()
@@ -165,33 +190,12 @@ fn timm_resnet_and_convnext_logits() {
 /// f64, and the layerwise contributions summing to the end-to-end Lie derivative.
 #[test]
 fn timm_resnet_and_convnext_lee_f64() {
-    let trs = [Transform::Rotate, Transform::TranslateX, Transform::Scale];
     for case in CASES {
         let (model, io, _) = fixture_model(case, DType::F64);
         let logits = model.forward(&io["x"]).unwrap();
         let err = max_abs_diff(&logits, &io["logits64"]) / max_abs(&io["logits64"]);
         assert!(err < 1e-12, "{case}: f64 logits relative error {err:e}");
-        let ours = lee_per_image(
-            model.as_ref(),
-            &io["x"],
-            &trs,
-            Stencil::Central,
-            Statistic::Sq,
-            LeeOutput::Probs,
-        )
-        .unwrap();
-        for (t, tr) in trs.iter().enumerate() {
-            let want: Vec<f64> = io[&format!("lee_{}", tr.name())].to_vec1().unwrap();
-            for (a, b) in ours[t].iter().zip(&want) {
-                let rel = (a - b).abs() / b.abs();
-                println!("{case} LEE {tr}: ours {a:e} timm {b:e} rel {rel:.1e}");
-                assert!(rel < 1e-12, "{case} {tr}: ours {a:e}, timm {b:e}");
-            }
-            let d = decompose(model.as_ref(), &io["x"], *tr, Stencil::Central, LeeOutput::Probs).unwrap();
-            let sum = d.contributions.sum(0).unwrap();
-            let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
-            assert!(rel < 1e-10, "{case} {tr}: layerwise sum relative error {rel:e}");
-        }
+        assert_lee_matches_timm(case, model.as_ref(), &io["x"], &io, 1e-12);
     }
 }
 
@@ -430,7 +434,6 @@ const VIT_CASES: [&str; 3] = [
 /// and the export back to timm equal to timm's state dict with the options in its arguments.
 #[test]
 fn timm_vit_options_logits_lee_and_export() {
-    let trs = [Transform::Rotate, Transform::TranslateX, Transform::Scale];
     for case in VIT_CASES {
         let cfg = vit_fixture_config(case);
         let (vm, model) = build_model(&cfg, &DEV).unwrap();
@@ -440,40 +443,9 @@ fn timm_vit_options_logits_lee_and_export() {
         println!("{case}: logits max |ours − timm| / max |timm| = {err:.2e}");
         assert!(err < 1e-5, "{case}: logits relative error {err:e}");
 
-        let vm64 = VarMap::new();
-        {
-            let src = vm.data().lock().unwrap();
-            let mut dst = vm64.data().lock().unwrap();
-            for (k, v) in src.iter() {
-                dst.insert(
-                    k.clone(),
-                    Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap(),
-                );
-            }
-        }
-        let m64 = build_with(&cfg, &vm64, DType::F64, &DEV).unwrap();
+        let m64 = build_with(&cfg, &varmap_in(&vm, DType::F64), DType::F64, &DEV).unwrap();
         let x = io32["x"].to_dtype(DType::F64).unwrap();
-        let ours = lee_per_image(
-            m64.as_ref(),
-            &x,
-            &trs,
-            Stencil::Central,
-            Statistic::Sq,
-            LeeOutput::Probs,
-        )
-        .unwrap();
-        for (t, tr) in trs.iter().enumerate() {
-            let want: Vec<f64> = io32[&format!("lee_{}", tr.name())].to_vec1().unwrap();
-            for (a, b) in ours[t].iter().zip(&want) {
-                let rel = (a - b).abs() / b.abs();
-                println!("{case} LEE {tr}: ours {a:e} timm {b:e} rel {rel:.1e}");
-                assert!(rel < 1e-10, "{case} {tr}: ours {a:e}, timm {b:e}");
-            }
-            let d = decompose(m64.as_ref(), &x, *tr, Stencil::Central, LeeOutput::Probs).unwrap();
-            let sum = d.contributions.sum(0).unwrap();
-            let rel = norm(&(&sum - &d.end_to_end).unwrap()) / norm(&d.end_to_end);
-            assert!(rel < 1e-10, "{case} {tr}: layerwise sum relative error {rel:e}");
-        }
+        assert_lee_matches_timm(case, m64.as_ref(), &x, &io32, 1e-10);
 
         let export = liederiv::models::export::export_tensors(&cfg, &vm, liederiv::config::WeightFormat::Timm).unwrap();
         let theirs =

@@ -138,6 +138,42 @@ pub fn head_readout(features: Flow, head: &Linear, at: Readout, name: &str, tape
     Ok(ReadoutJvp { logits, y: f.x, dy })
 }
 
+/// `Model` and `Jvp` for a conv net whose `body(x, dx, rng, tape)` ends at its pooled features
+/// (a [`Flow`]) and whose field `fc` is the linear head, its step named `$head`.
+macro_rules! pooled_net_model {
+    ($ty:ty, $head:literal) => {
+        impl $crate::models::Model for $ty {
+            fn forward(&self, x: &Tensor) -> Result<Tensor> {
+                self.fc
+                    .forward_t(&self.body(x, None, None, &mut Tape::off())?.x, false)
+            }
+
+            fn forward_train(&self, x: &Tensor, rng: &mut $crate::models::Rng) -> Result<Tensor> {
+                self.fc
+                    .forward_t(&self.body(x, None, Some(rng), &mut Tape::off())?.x, true)
+            }
+
+            fn jvp_at(
+                &self,
+                x: &Tensor,
+                dx: &Tensor,
+                tape: &mut Tape,
+                at: $crate::models::Readout,
+            ) -> Result<$crate::models::ReadoutJvp> {
+                $crate::models::conv::head_readout(self.body(x, Some(dx), None, tape)?, &self.fc, at, $head, tape)
+            }
+        }
+
+        impl Jvp for $ty {
+            fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
+                let r = $crate::models::Model::jvp_at(self, x, dx, tape, $crate::models::Readout::Logits)?;
+                Ok((r.y, r.dy))
+            }
+        }
+    };
+}
+pub(crate) use pooled_net_model;
+
 /// How a parameter is initialised when the VarBuilder does not already hold it.
 #[derive(Clone, Copy, Debug)]
 pub enum ParamInit {

@@ -7,9 +7,11 @@
 //! channels-last, `(B, H, W, C)`, on the same row kernels as the ViT's. Every op is a step of the
 //! layerwise decomposition, recorded in the image layout the tape reads.
 
-use super::conv::{head_readout, join, Conv2d, ConvSpec, DepthwiseConv2d, Flow, GlobalAvgPool, Layer, Linear, PadMode};
+use super::conv::{
+    join, pooled_net_model, Conv2d, ConvSpec, DepthwiseConv2d, Flow, GlobalAvgPool, Layer, Linear, PadMode,
+};
 use super::layers::{layer_norm, mlp, DropPath, LayerNorm, Mlp, ResidualBranch};
-use super::{Model, Readout, ReadoutJvp, Rng};
+use super::Rng;
 use crate::config::ConvnextConfig;
 use crate::jvp::{Jvp, Repr, StepKind, Tape};
 use candle_core::{Result, Tensor};
@@ -236,24 +238,4 @@ impl Convnext {
     }
 }
 
-impl Model for Convnext {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc.forward_t(&self.body(x, None, None, &mut Tape::off())?.x, false)
-    }
-
-    fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.fc
-            .forward_t(&self.body(x, None, Some(rng), &mut Tape::off())?.x, true)
-    }
-
-    fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
-        head_readout(self.body(x, Some(dx), None, tape)?, &self.fc, at, "head.fc", tape)
-    }
-}
-
-impl Jvp for Convnext {
-    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let r = self.jvp_at(x, dx, tape, Readout::Logits)?;
-        Ok((r.y, r.dy))
-    }
-}
+pooled_net_model!(Convnext, "head.fc");

@@ -8,9 +8,9 @@
 //! The max pool's tangent is the one of the window's arg-max element (first in row-major order on
 //! ties); ReLU's tangent at 0 is 0.
 
-use super::conv::{head_readout, ConvBn, Flow, GlobalAvgPool, Layer, Linear, MaxPool2d, Relu};
+use super::conv::{pooled_net_model, ConvBn, Flow, GlobalAvgPool, Layer, Linear, MaxPool2d, Relu};
 use super::layers::DropPath;
-use super::{Model, Readout, ReadoutJvp, Rng};
+use super::Rng;
 use crate::config::{ResnetBlock, ResnetConfig};
 use crate::jvp::{Jvp, Repr, StepKind, Tape};
 use candle_core::{Result, Tensor};
@@ -172,24 +172,4 @@ impl Resnet {
     }
 }
 
-impl Model for Resnet {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc.forward_t(&self.body(x, None, None, &mut Tape::off())?.x, false)
-    }
-
-    fn forward_train(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.fc
-            .forward_t(&self.body(x, None, Some(rng), &mut Tape::off())?.x, true)
-    }
-
-    fn jvp_at(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape, at: Readout) -> Result<ReadoutJvp> {
-        head_readout(self.body(x, Some(dx), None, tape)?, &self.fc, at, "fc", tape)
-    }
-}
-
-impl Jvp for Resnet {
-    fn jvp(&self, x: &Tensor, dx: &Tensor, tape: &mut Tape) -> Result<(Tensor, Tensor)> {
-        let r = self.jvp_at(x, dx, tape, Readout::Logits)?;
-        Ok((r.y, r.dy))
-    }
-}
+pooled_net_model!(Resnet, "fc");
